@@ -1,0 +1,312 @@
+"""Decode and display-normalize: stored DICOM pixels -> a 2-D float32 picture in [0, 1].
+
+Decoding uses pydicom's pixel backends only (with the pylibjpeg, pyjpegls and Pillow plugins
+installed by batchscan); no codec is written here. Which transfer syntaxes work is whatever
+``pydicom.pixels.decoders.base.get_decoder(uid).is_available`` says on this install;
+anything else is ``failed: unsupported_transfer_syntax:<uid>``.
+
+Display normalization turns stored values into what a radiologist's viewer would show,
+because the training pictures were display images (exported JPEGs):
+
+1. pydicom's decoder already masks the bits above BitsStored and sign-extends signed pixels.
+2. Modality LUT (Rescale Slope/Intercept or the Modality LUT Sequence), by pydicom.
+3. VOI LUT, by pydicom: the VOI LUT Sequence if present, else the *first* window
+   (Window Center/Width, with the VOI LUT Function). **Fallback** when neither exists or the
+   window is invalid: a linear window from the 0.5th to the 99.5th percentile of the
+   image's non-padding pixels (robust to burnt-in labels and dead pixels).
+4. Scaling of the VOI output range to [0, 1]; MONOCHROME1 is inverted (1 - x), so 0 is
+   always black.
+5. Pixel padding (Pixel Padding Value, up to Pixel Padding Range Limit) is left out of the
+   percentile window and shown black.
+
+For integer images steps 2-5 are computed once per distinct stored value and applied as one
+table lookup: the same result as applying them pixel by pixel, at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.decoders.base import get_decoder
+
+from batchscan.header import (
+    HEAD_BYTES,
+    StageOptions,
+    declared_pixel_bytes,
+    looks_like_dicom,
+)
+from batchscan.records import ImageRecord
+
+#: Percentiles of the fallback window (used when the file has no VOI LUT and no window).
+FALLBACK_PERCENTILES: Final = (0.5, 99.5)
+#: Integer images whose value range exceeds this use the direct (non-LUT) path.
+_MAX_LUT_ENTRIES: Final = 1 << 20
+
+
+class DecodeError(Exception):
+    """A file's pixels could not be turned into a display image.
+
+    Attributes
+    ----------
+    reason:
+        The machine-readable reason recorded in the report.
+    """
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class DisplayImage:
+    """A display-normalized picture: float32 in [0, 1], 0 = black, and how it was windowed."""
+
+    pixels: np.ndarray
+    voi_source: str
+
+
+def read_dataset(path: str) -> Dataset:
+    """Read a whole DICOM file (header and pixels); raw datasets without preamble too."""
+    with open(path, "rb") as handle:
+        kind = looks_like_dicom(handle.read(HEAD_BYTES))
+        if kind is False:
+            raise DecodeError("not_dicom")
+        handle.seek(0)
+        return pydicom.dcmread(handle, force=kind is None)
+
+
+def check_decodable(ds: Dataset) -> None:
+    """Refuse, before decoding, what cannot or must not be decoded.
+
+    Raises
+    ------
+    DecodeError
+        ``no_pixel_data``, ``unsupported:float_pixel_data``,
+        ``unsupported_transfer_syntax:<uid>``, ``bad_header:geometry``.
+    """
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise DecodeError("unsupported:float_pixel_data")
+        raise DecodeError("no_pixel_data")
+    meta = getattr(ds, "file_meta", None)
+    uid = str(meta.get("TransferSyntaxUID", "") if meta is not None else "") or None
+    if uid is None:
+        # A raw dataset without file meta: pydicom guessed the encoding while reading.
+        uid = (
+            pydicom.uid.ImplicitVRLittleEndian
+            if ds.original_encoding[0]
+            else pydicom.uid.ExplicitVRLittleEndian
+        )
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = uid
+    try:
+        decoder = get_decoder(uid)
+    except (NotImplementedError, ValueError) as exc:
+        raise DecodeError(f"unsupported_transfer_syntax:{uid}", str(exc)) from exc
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies)
+        raise DecodeError(f"unsupported_transfer_syntax:{uid}", f"no decoder plugin: {missing}")
+    if declared_pixel_bytes(ds) is None:
+        raise DecodeError("bad_header:geometry")
+
+
+def _decode_failure_reason(exc: Exception) -> str:
+    """A precise reason for the common decode failures, the exception type otherwise."""
+    message = str(exc)
+    if "less than expected" in message or "doesn't match the expected length" in message:
+        return "truncated_pixel_data"
+    if "exceptions were raised by all available plugins" in message:
+        return "decode_error:codec"
+    return f"decode_error:{type(exc).__name__}"
+
+
+def decode_pixels(ds: Dataset) -> np.ndarray:
+    """The stored pixel values of a single-frame grayscale image, as pydicom decodes them.
+
+    Raises
+    ------
+    DecodeError
+        ``decode_error:<Exception>`` when the backend fails (truncated or corrupt data),
+        ``decode_error:shape`` when the result is not one 2-D frame.
+    """
+    check_decodable(ds)
+    try:
+        arr = ds.pixel_array
+    except DecodeError:
+        raise
+    except Exception as exc:  # backends raise ValueError, RuntimeError, OSError...
+        raise DecodeError(_decode_failure_reason(exc), str(exc)) from exc
+    if arr.ndim != 2:
+        raise DecodeError("decode_error:shape", f"decoded shape {arr.shape}, expected 2-D")
+    return arr
+
+
+def _padding_values(ds: Dataset) -> tuple[float, float] | None:
+    """The closed range of stored values marked as padding, or None."""
+    value = ds.get("PixelPaddingValue")
+    if value is None or isinstance(value, bytes | bytearray):
+        return None
+    limit = ds.get("PixelPaddingRangeLimit", value)
+    if isinstance(limit, bytes | bytearray):
+        limit = value
+    low, high = sorted((float(value), float(limit)))
+    return low, high
+
+
+def _voi_range(ds: Dataset) -> tuple[float, float, str] | None:
+    """Output range and name of the VOI transform pydicom will apply, or None if none."""
+    sequence = ds.get("VOILUTSequence")
+    if sequence:
+        item = sequence[0]
+        bits = int(item.LUTDescriptor[2])
+        data = np.asarray(item.LUTData if "LUTData" in item else [], dtype=np.float64)
+        top = float(2**bits - 1)
+        if data.size and data.max() > top:  # descriptors that understate the LUT's depth
+            top = float(2 ** int(data.max()).bit_length() - 1)
+        return 0.0, top, "voi_lut"
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        with np.errstate(over="ignore"):
+            probe = apply_voi_lut(np.array([-1e12, 1e12]), ds, index=0, prefer_lut=True)
+        low, high = float(probe[0]), float(probe[1])
+        if not high > low:
+            return None
+        return low, high, "window"
+    return None
+
+
+def _display_lut(
+    values: np.ndarray, counts: np.ndarray | None, padding: np.ndarray, ds: Dataset
+) -> tuple[np.ndarray, str]:
+    """Display value in [0, 1] for each stored value in `values` (same shape).
+
+    `counts` (how often each value occurs; None for the direct path, where `values` are the
+    pixels themselves) drives the fallback percentile window.
+    """
+    modality = np.asarray(apply_modality_lut(values, ds), dtype=np.float64)
+    voi = None
+    try:
+        voi = _voi_range(ds)
+        if voi is not None:
+            out = np.asarray(apply_voi_lut(modality, ds, index=0, prefer_lut=True), np.float64)
+            low, high, source = voi
+            display = (out - low) / (high - low)
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+        voi = None  # an invalid window or LUT: fall back as documented
+    if voi is None:
+        keep = ~padding
+        if counts is None:
+            kept = modality[keep]
+            low, high = np.percentile(kept, FALLBACK_PERCENTILES) if kept.size else (0.0, 1.0)
+        else:
+            weights = np.where(keep, counts, 0).astype(np.float64)
+            total = weights.sum()
+            if total == 0:
+                low, high = float(modality.min()), float(modality.max())
+            else:
+                order = np.argsort(modality, kind="stable")
+                cumulative = np.cumsum(weights[order]) / total
+                pick = np.searchsorted(cumulative, np.asarray(FALLBACK_PERCENTILES) / 100.0)
+                low, high = modality[order][np.minimum(pick, order.size - 1)]
+        width = float(high - low) or 1.0
+        display = (modality - low) / width
+        source = "percentile"
+    display = np.clip(display, 0.0, 1.0)
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+        display = 1.0 - display
+    display[padding] = 0.0
+    return display.astype(np.float32), source
+
+
+def normalize(arr: np.ndarray, ds: Dataset) -> DisplayImage:
+    """Apply modality LUT, VOI LUT, MONOCHROME1 inversion and padding (see module doc).
+
+    Parameters
+    ----------
+    arr:
+        Stored pixel values of one frame, as :func:`decode_pixels` returns them.
+    ds:
+        The image's dataset (its Modality LUT, VOI LUT and Image Pixel modules).
+
+    Returns
+    -------
+    DisplayImage
+    """
+    pad = _padding_values(ds)
+    if arr.dtype.kind in "iu" and arr.size:
+        low, high = int(arr.min()), int(arr.max())
+        if high - low < _MAX_LUT_ENTRIES:
+            values = np.arange(low, high + 1, dtype=np.int64)
+            index = np.subtract(arr, low, dtype=np.int64 if arr.dtype.itemsize > 2 else np.int32)
+            counts = np.bincount(index.ravel(), minlength=values.size)
+            padding = (
+                (values >= pad[0]) & (values <= pad[1]) if pad else np.zeros(values.size, bool)
+            )
+            lut, source = _display_lut(values, counts, padding, ds)
+            return DisplayImage(pixels=lut[index], voi_source=source)
+    values = arr.astype(np.float64)
+    padding = (values >= pad[0]) & (values <= pad[1]) if pad else np.zeros(values.shape, bool)
+    pixels, source = _display_lut(values, None, padding, ds)
+    return DisplayImage(pixels=pixels, voi_source=source)
+
+
+def display_image_of(ds: Dataset) -> DisplayImage:
+    """Decode and normalize one dataset (raises :class:`DecodeError`)."""
+    arr = decode_pixels(ds)
+    try:
+        return normalize(arr, ds)
+    except Exception as exc:  # a LUT or value that pydicom cannot apply
+        raise DecodeError(f"normalize_error:{type(exc).__name__}", str(exc)) from exc
+
+
+def read_display_image(path: str) -> np.ndarray:
+    """Read a DICOM file and return its display picture (for training on DICOM folders).
+
+    Raises
+    ------
+    DecodeError
+        With the same reasons the scan job records.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = read_dataset(str(path))
+        except DecodeError:
+            raise
+        except Exception as exc:
+            raise DecodeError(f"read_error:{type(exc).__name__}", str(exc)) from exc
+        return display_image_of(ds).pixels
+
+
+def decode_record(record: ImageRecord, options: StageOptions) -> DisplayImage | None:
+    """Decode stage for one eligible record; on failure the record says why and None returns.
+
+    The declared size is checked again on the full dataset before any pixel is decoded.
+    """
+    if not record.pending:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = read_dataset(record.abs_path)
+            declared = declared_pixel_bytes(ds)
+            if declared is not None and declared > options.max_pixel_bytes:
+                raise DecodeError("too_large", f"declares {declared} bytes of pixels")
+            image = display_image_of(ds)
+        except DecodeError as exc:
+            record.fail(exc.reason, exc.detail)
+            return None
+        except OSError as exc:
+            record.fail("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}")
+            return None
+        except Exception as exc:  # anything pydicom raises on a broken file
+            record.fail(f"read_error:{type(exc).__name__}", str(exc))
+            return None
+    record.voi_source = image.voi_source
+    return image

@@ -1,0 +1,333 @@
+"""Header pass: read each candidate's DICOM header (never its pixels) and decide eligibility.
+
+Most files in a hospital archive are not chest radiographs (CT slices, MR, reports, key
+objects), so deciding from the header alone, with ``stop_before_pixels``, keeps the pixels of
+skipped files unread. Every decision is a value on the record:
+
+=====================  ==================================================================
+reason                 meaning
+=====================  ==================================================================
+``not_dicom``          no DICOM preamble and no recognisable DICOM start
+``dicomdir``           a DICOMDIR media index, not an image
+``not_an_image``       a DICOM object without an image (SR, KO, PR, RT plan...)
+``modality:<M>``       default mode: modality is not CR or DX (``unknown`` when absent)
+``body_part:<B>``      default mode: not a chest (``unknown`` when neither BodyPartExamined
+                       nor any description names the chest)
+``view:<V>``           default mode: not a frontal view (``LL``, ``RL``, ``LAT``...)
+``color:<P>``          not a grayscale image (Photometric Interpretation P)
+``multiframe:<n>``     n > 1 frames: a cine or volume, not one radiograph
+``for_processing``     default mode: a DX "for processing" (raw detector) image
+``header_error:<E>``   (failed) the header could not be parsed (exception E)
+``bad_header:<what>``  (failed) absurd geometry or bit depth, or an image SOP class
+                       without its image module (a file cut off inside its header)
+``too_large``          (failed) declared pixel data above the cap (``max_pixel_bytes``)
+=====================  ==================================================================
+
+The rules for ``--all-modalities`` (``StageOptions.all_modalities``): every single-frame
+grayscale image (MONOCHROME1/2, one sample per pixel) of any modality is eligible, views
+included; colour images (RGB, YBR, PALETTE COLOR) and multi-frame objects are skipped because
+they cannot be the 2-D grayscale picture the model was trained on.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any, Final
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from batchscan.records import ImageRecord
+
+#: Media Storage Directory Storage: the SOP class of a DICOMDIR.
+DICOMDIR_SOP_CLASS: Final = "1.2.840.10008.1.3.10"
+#: Modality by SOP class, for files that lack (0008,0060) Modality.
+SOP_CLASS_MODALITY: Final = {
+    "1.2.840.10008.5.1.4.1.1.1": "CR",
+    "1.2.840.10008.5.1.4.1.1.1.1": "DX",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "DX",
+    "1.2.840.10008.5.1.4.1.1.1.2": "MG",
+    "1.2.840.10008.5.1.4.1.1.1.2.1": "MG",
+    "1.2.840.10008.5.1.4.1.1.2": "CT",
+    "1.2.840.10008.5.1.4.1.1.4": "MR",
+    "1.2.840.10008.5.1.4.1.1.6.1": "US",
+}
+#: DX "for processing" SOP class: raw detector data that is not meant to be looked at.
+FOR_PROCESSING_SOP_CLASSES: Final = frozenset({"1.2.840.10008.5.1.4.1.1.1.1.1"})
+RADIOGRAPH_MODALITIES: Final = frozenset({"CR", "DX"})
+FRONTAL_VIEWS: Final = frozenset({"PA", "AP"})
+GRAYSCALE: Final = frozenset({"MONOCHROME1", "MONOCHROME2"})
+
+#: Words that name the chest in BodyPartExamined or a description, in the languages met in
+#: European and American archives.
+_CHEST_WORDS: Final = re.compile(r"CHEST|THORA|THX|LUNG|CXR|T[OÓ]RAX|TORACE|PULMO|POUMON|BRUST")
+#: View words in free-text descriptions; order matters (lateral words before ``AP``/``PA``).
+_VIEW_WORDS: Final = (
+    (re.compile(r"\b(LATERAL|LAT|SEITLICH)\b"), "LAT"),
+    (re.compile(r"\bLL\b"), "LL"),
+    (re.compile(r"\bRL\b"), "RL"),
+    (re.compile(r"\b(PA|P\.A\.|POSTERO-?ANTERIOR)\b"), "PA"),
+    (re.compile(r"\b(AP|A\.P\.|ANTERO-?POSTERIOR)\b"), "AP"),
+)
+_CODE_MEANING_VIEWS: Final = (
+    ("POSTERO-ANTERIOR", "PA"),
+    ("POSTEROANTERIOR", "PA"),
+    ("ANTERO-POSTERIOR", "AP"),
+    ("ANTEROPOSTERIOR", "AP"),
+    ("LEFT LATERAL", "LL"),
+    ("RIGHT LATERAL", "RL"),
+    ("LATERAL", "LAT"),
+)
+_DESCRIPTIONS: Final = (
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+    "RequestedProcedureDescription",
+    "PerformedProcedureStepDescription",
+)
+_TOKEN: Final = re.compile(r"[^A-Z0-9_.\-]+")
+
+#: Default cap on declared pixel bytes (rows x columns x frames x samples x bytes): 512 MiB.
+DEFAULT_MAX_PIXEL_BYTES: Final = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class StageOptions:
+    """Options of the per-file stages (header, decode), passed as one typed object.
+
+    Attributes
+    ----------
+    all_modalities:
+        Score every single-frame grayscale image, not only frontal chest radiographs.
+    max_pixel_bytes:
+        Refuse (``failed: too_large``) any image whose declared pixel data is larger.
+    """
+
+    all_modalities: bool = False
+    max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES
+
+
+def token(value: Any, default: str = "unknown", limit: int = 24) -> str:
+    """A reason-safe token from a header value: upper case, no spaces, bounded length."""
+    text = _TOKEN.sub("_", str(value).strip().upper()).strip("_") if value is not None else ""
+    return text[:limit] or default
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """A header string value, '' when absent or unreadable."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a malformed value that pydicom cannot convert
+        return ""
+    if value is None:
+        return ""
+    if isinstance(value, pydicom.multival.MultiValue):
+        value = "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+#: Elements of which a forced read (no preamble) must find at least one to count as DICOM.
+_IDENTITY_KEYWORDS: Final = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "Modality")
+#: Bytes read to recognise a file.
+HEAD_BYTES: Final = 1024
+
+
+def looks_like_dicom(head: bytes) -> bool | None:
+    """True for a Part 10 file (``DICM`` at 128), None for a possible raw dataset, else False.
+
+    Old ACR-NEMA style files have no preamble: they start with a group 0x0002 or 0x0008
+    element (either byte order) or carry the DICOM UID root early. Those are read with
+    ``force=True`` and must then show DICOM identity elements; anything else is not DICOM,
+    without pydicom ever parsing it.
+    """
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return True
+    if len(head) >= 8 and (
+        head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+        or b"1.2.840.10008." in head
+    ):
+        return None
+    return False
+
+
+def read_dataset_header(path: str) -> Dataset:
+    """Read a file's header without its pixels.
+
+    Raises
+    ------
+    pydicom.errors.InvalidDicomError
+        If the file is not DICOM.
+    Exception
+        Whatever pydicom raises for a broken header (callers record it).
+    """
+    with open(path, "rb") as handle:
+        kind = looks_like_dicom(handle.read(HEAD_BYTES))
+        if kind is False:
+            raise InvalidDicomError("no DICOM preamble and no DICOM element at the start")
+        handle.seek(0)
+        if kind:
+            return pydicom.dcmread(handle, stop_before_pixels=True)
+        try:
+            ds = pydicom.dcmread(handle, stop_before_pixels=True, force=True)
+        except Exception as exc:  # not parseable without a preamble: not DICOM
+            raise InvalidDicomError(f"no preamble and unreadable as a dataset: {exc}") from exc
+        if not any(keyword in ds for keyword in _IDENTITY_KEYWORDS):
+            raise InvalidDicomError("no preamble and no DICOM identity elements")
+        return ds
+
+
+def view_of(ds: Dataset) -> tuple[str, str | None]:
+    """The projection of a radiograph and where it was read from.
+
+    ViewPosition first, then the View Code Sequence, then the descriptions; ``unknown``
+    (source None) when none of them says.
+    """
+    position = token(_text(ds, "ViewPosition"), default="")
+    if position:
+        return position, "ViewPosition"
+    try:
+        codes = ds.get("ViewCodeSequence") or []
+        for item in codes:
+            meaning = str(item.get("CodeMeaning", "")).upper()
+            for words, view in _CODE_MEANING_VIEWS:
+                if words in meaning:
+                    return view, "ViewCodeSequence"
+    except Exception:  # a broken sequence is just no information
+        pass
+    description = " ".join(
+        _text(ds, k) for k in ("SeriesDescription", "ProtocolName", "StudyDescription")
+    ).upper()
+    for pattern, view in _VIEW_WORDS:
+        if pattern.search(description):
+            return view, "description"
+    return "unknown", None
+
+
+def is_chest(ds: Dataset, body_part: str) -> bool | None:
+    """True/False from BodyPartExamined; when it is absent, from the descriptions (or None)."""
+    if body_part:
+        return bool(_CHEST_WORDS.search(body_part.upper()))
+    text = " ".join(_text(ds, k) for k in _DESCRIPTIONS).upper()
+    return True if _CHEST_WORDS.search(text) else None
+
+
+def _fill_identity(record: ImageRecord, ds: Dataset) -> None:
+    """Copy the UIDs and study facts the reports need (no patient identifiers)."""
+    record.study_instance_uid = _text(ds, "StudyInstanceUID") or None
+    record.series_instance_uid = _text(ds, "SeriesInstanceUID") or None
+    record.sop_instance_uid = _text(ds, "SOPInstanceUID") or None
+    meta = getattr(ds, "file_meta", None)
+    sop_class = _text(ds, "SOPClassUID") or (meta and _text(meta, "MediaStorageSOPClassUID"))
+    record.sop_class_uid = sop_class or None
+    record.transfer_syntax_uid = (meta and _text(meta, "TransferSyntaxUID")) or None
+    record.accession_number = _text(ds, "AccessionNumber") or None
+    record.study_date = _text(ds, "StudyDate") or None
+    record.modality = token(_text(ds, "Modality"), default="") or SOP_CLASS_MODALITY.get(
+        sop_class or "", None
+    )
+    record.body_part = token(_text(ds, "BodyPartExamined"), default="") or None
+
+
+def _int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
+    try:
+        value = ds.get(keyword, default)
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def declared_pixel_bytes(ds: Dataset) -> int | None:
+    """Rows x Columns x frames x samples x bytes per sample, or None if absurd/missing."""
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    frames = _int(ds, "NumberOfFrames", 1) or 1
+    samples = _int(ds, "SamplesPerPixel", 1) or 1
+    bits = _int(ds, "BitsAllocated")
+    if rows is None or cols is None or bits is None:
+        return None
+    if rows <= 0 or cols <= 0 or frames <= 0 or samples <= 0 or bits <= 0:
+        return None
+    return rows * cols * frames * samples * max(bits // 8, 1)
+
+
+def classify(record: ImageRecord, ds: Dataset, options: StageOptions) -> ImageRecord:
+    """Decide eligibility of one parsed header; the record stays ``pending`` when eligible."""
+    _fill_identity(record, ds)
+    meta = getattr(ds, "file_meta", None)
+    if (meta is not None and _text(meta, "MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS) or (
+        "DirectoryRecordSequence" in ds
+    ):
+        return record.skip("dicomdir")
+    if "Rows" not in ds or "Columns" not in ds:
+        name = UID(record.sop_class_uid).name if record.sop_class_uid else ""
+        if "Image Storage" in name:  # an image object without its image: cut off or broken
+            return record.fail("bad_header:no_image_module", f"{name} without Rows/Columns")
+        return record.skip("not_an_image", name or None)
+
+    record.rows, record.columns = _int(ds, "Rows"), _int(ds, "Columns")
+    record.view, record.view_source = view_of(ds)
+    if not options.all_modalities:
+        modality = record.modality or "unknown"
+        if modality not in RADIOGRAPH_MODALITIES:
+            return record.skip(f"modality:{modality}")
+        if record.sop_class_uid in FOR_PROCESSING_SOP_CLASSES:
+            return record.skip("for_processing")
+        chest = is_chest(ds, record.body_part or "")
+        if not chest:
+            return record.skip(f"body_part:{record.body_part or 'unknown'}")
+
+    photometric = token(_text(ds, "PhotometricInterpretation"))
+    samples = _int(ds, "SamplesPerPixel", 1)
+    if photometric not in GRAYSCALE or samples != 1:
+        return record.skip(f"color:{photometric}")
+    frames = _int(ds, "NumberOfFrames", 1)
+    if frames is not None and frames > 1:
+        return record.skip(f"multiframe:{frames}")
+    if not options.all_modalities and record.view not in FRONTAL_VIEWS | {"unknown"}:
+        return record.skip(f"view:{record.view}")
+
+    declared = declared_pixel_bytes(ds)
+    if declared is None:
+        return record.fail("bad_header:geometry", "Rows, Columns or BitsAllocated absent or <= 0")
+    bits_allocated = _int(ds, "BitsAllocated")
+    bits_stored = _int(ds, "BitsStored", bits_allocated)
+    if bits_allocated not in (1, 8, 16, 32) or not bits_stored or bits_stored > bits_allocated:
+        return record.fail(
+            "bad_header:bits", f"BitsAllocated {bits_allocated}, BitsStored {bits_stored}"
+        )
+    if declared > options.max_pixel_bytes:
+        return record.fail(
+            "too_large", f"declares {declared} bytes of pixels, cap {options.max_pixel_bytes}"
+        )
+    return record
+
+
+def read_header(record: ImageRecord, options: StageOptions) -> ImageRecord:
+    """Header stage for one record: parse the header and classify it; never raises.
+
+    Records that an earlier stage already decided pass through unchanged.
+    """
+    if not record.pending:
+        return record
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns on every odd value; cron mails output
+        try:
+            ds = read_dataset_header(record.abs_path)
+        except InvalidDicomError:
+            return record.skip("not_dicom")
+        except OSError as exc:
+            return record.fail("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}")
+        except Exception as exc:  # pydicom raises many types for broken headers
+            return record.fail(f"header_error:{type(exc).__name__}", str(exc))
+        try:
+            return classify(record, ds, options)
+        except Exception as exc:  # a value that only breaks when used
+            return record.fail(f"header_error:{type(exc).__name__}", str(exc))
+
+
+def read_headers(batch: list[ImageRecord], options: StageOptions) -> list[ImageRecord]:
+    """The header stage over a batch of records (the shape a batch engine calls)."""
+    return [read_header(record, options) for record in batch]

@@ -1,0 +1,151 @@
+"""Held-out metrics and calibration for a binary scorer, in plain numpy.
+
+Training, the evaluation job and the tests all report the same numbers, so they are computed
+here once. The AUC is the exact rank statistic (Mann-Whitney U with ties averaged), not the
+binned approximation of ``keras.metrics.AUC``, because the card quotes it to three decimals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Final
+
+import numpy as np
+
+#: Bins of the expected calibration error (equal width on [0, 1]).
+ECE_BINS: Final = 15
+
+
+def _as_arrays(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels).reshape(-1).astype(bool)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if y.shape != s.shape:
+        raise ValueError(f"labels {y.shape} and scores {s.shape} differ in length")
+    return y, s
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Exact area under the ROC curve.
+
+    Raises
+    ------
+    ValueError
+        If only one class is present (the AUC is undefined).
+    """
+    y, s = _as_arrays(labels, scores)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUC needs both classes")
+    order = np.argsort(s, kind="mergesort")
+    sorted_scores = s[order]
+    ranks = np.empty(s.size, dtype=np.float64)
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    average = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(average, counts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def bootstrap_auc_interval(
+    labels: np.ndarray, scores: np.ndarray, *, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of the AUC (cases resampled with replacement)."""
+    y, s = _as_arrays(labels, scores)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        idx = rng.integers(0, y.size, y.size)
+        if y[idx].all() or not y[idx].any():
+            continue
+        values.append(roc_auc(y[idx], s[idx]))
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def expected_calibration_error(
+    labels: np.ndarray, scores: np.ndarray, bins: int = ECE_BINS
+) -> float:
+    """ECE: bin-weighted mean gap between the mean score and the positive rate."""
+    y, s = _as_arrays(labels, scores)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(s, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            total += mask.mean() * abs(s[mask].mean() - y[mask].mean())
+    return float(total)
+
+
+def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The score threshold maximising sensitivity + specificity - 1 (Youden's J).
+
+    A case is positive when ``score >= threshold``. Ties are broken towards the higher
+    sensitivity (the lower threshold), the safer side for a triage flag.
+    """
+    y, s = _as_arrays(labels, scores)
+    candidates = np.unique(s)
+    best_j, best_t = -np.inf, float(candidates[0])
+    n_pos, n_neg = y.sum(), (~y).sum()
+    for t in candidates:
+        predicted = s >= t
+        j = (predicted & y).sum() / n_pos + (~predicted & ~y).sum() / n_neg - 1.0
+        if j > best_j:
+            best_j, best_t = j, float(t)
+    return best_t
+
+
+def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
+    """Temperature T minimising the log loss of ``sigmoid(logit / T)`` (grid on log T).
+
+    Temperature scaling keeps the ranking (so the AUC) and only makes the scores honest
+    probabilities; it is fitted on the validation split.
+    """
+    y, z = _as_arrays(labels, logits)
+    temperatures = np.exp(np.linspace(np.log(0.05), np.log(20.0), 2001))
+    scaled = z[np.newaxis, :] / temperatures[:, np.newaxis]
+    # log loss of sigmoid(scaled), computed stably with logaddexp
+    loss = np.where(y, np.logaddexp(0.0, -scaled), np.logaddexp(0.0, scaled)).mean(axis=1)
+    return float(temperatures[int(np.argmin(loss))])
+
+
+@dataclass(frozen=True, slots=True)
+class SplitMetrics:
+    """Metrics of one split at one operating threshold."""
+
+    n: int
+    n_positive: int
+    auc: float
+    auc_ci95: tuple[float, float]
+    accuracy: float
+    sensitivity: float
+    specificity: float
+    ece: float
+
+    def as_dict(self, prefix: str) -> dict[str, float | int | list[float]]:
+        """Flat dict with keys like ``test_auc`` (the names the model card uses)."""
+        out: dict[str, float | int | list[float]] = {}
+        for key, value in asdict(self).items():
+            out[f"{prefix}_{key}"] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def split_metrics(
+    labels: np.ndarray, scores: np.ndarray, threshold: float, *, seed: int = 0
+) -> SplitMetrics:
+    """All card metrics of one split at `threshold` (positive when score >= threshold)."""
+    y, s = _as_arrays(labels, scores)
+    predicted = s >= threshold
+    n_pos = int(y.sum())
+    n_neg = int(y.size - n_pos)
+    return SplitMetrics(
+        n=int(y.size),
+        n_positive=n_pos,
+        auc=roc_auc(y, s),
+        auc_ci95=bootstrap_auc_interval(y, s, seed=seed),
+        accuracy=float((predicted == y).mean()),
+        sensitivity=float((predicted & y).sum() / n_pos) if n_pos else float("nan"),
+        specificity=float((~predicted & ~y).sum() / n_neg) if n_neg else float("nan"),
+        ece=expected_calibration_error(y, s),
+    )

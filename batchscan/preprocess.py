@@ -1,0 +1,147 @@
+"""Canonical preprocessing: one display-normalized 2-D image -> one model input.
+
+Why one function: the CNN only ever saw PneumoniaMNIST images, which were made by
+centre-cropping the source radiograph to its short edge and resizing it to 28 x 28 uint8.
+If inference on a 2000-px radiograph took any other route (another crop, another filter, no
+8-bit quantization) the model would see pictures unlike those it was trained on. So the
+training job and the scan job both call :func:`preprocess`, and the steps are written down
+as :data:`PREPROCESSING_SPEC`, which the model card records and inference checks.
+
+A 28 x 28 uint8 training image enters the very same function: its crop is a no-op, its
+resize to 28 x 28 is the identity and its quantization returns the same bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import numpy as np
+from PIL import Image
+
+#: Side of the intermediate square picture (the resolution of the training data).
+SOURCE_SIZE: Final = 28
+#: Side of the model input.
+INPUT_SIZE: Final = 64
+#: Channels of the model input (the grayscale picture repeated).
+CHANNELS: Final = 3
+
+#: The versioned description of :func:`preprocess`. The model card stores it; a model whose
+#: card names another spec is refused, because its scores would be meaningless here.
+PREPROCESSING_SPEC: Final[dict[str, Any]] = {
+    "name": "batchscan-cxr",
+    "version": 1,
+    "input": "2-D display image, float in [0, 1], 0 = black (MONOCHROME2 sense)",
+    "steps": [
+        "centre-crop to the short edge (square)",
+        f"resize to {SOURCE_SIZE}x{SOURCE_SIZE} with Pillow BICUBIC (antialiased when reducing)",
+        "quantize to uint8: round(x * 255), clipped to [0, 255]",
+        f"resize to {INPUT_SIZE}x{INPUT_SIZE} with Pillow BILINEAR on x / 255 (float32)",
+        f"repeat the channel {CHANNELS} times",
+    ],
+    "source_size": SOURCE_SIZE,
+    "input_size": INPUT_SIZE,
+    "channels": CHANNELS,
+    "dtype": "float32",
+    "range": [0.0, 1.0],
+}
+
+
+def spec_is_supported(spec: object) -> bool:
+    """Return whether `spec` (from a model card) describes exactly what :func:`preprocess` does.
+
+    Parameters
+    ----------
+    spec:
+        The ``preprocessing`` entry of a model card.
+
+    Returns
+    -------
+    bool
+        True only for the same name and version as :data:`PREPROCESSING_SPEC`.
+    """
+    return (
+        isinstance(spec, dict)
+        and spec.get("name") == PREPROCESSING_SPEC["name"]
+        and spec.get("version") == PREPROCESSING_SPEC["version"]
+    )
+
+
+def centre_square(image: np.ndarray) -> np.ndarray:
+    """Return the centred square view of `image` whose side is the short edge (no copy)."""
+    rows, cols = image.shape
+    side = min(rows, cols)
+    top = (rows - side) // 2
+    left = (cols - side) // 2
+    return image[top : top + side, left : left + side]
+
+
+def to_source_uint8(display: np.ndarray) -> np.ndarray:
+    """Steps 1-3 of the spec: crop, reduce to 28 x 28 and quantize like the training data.
+
+    Parameters
+    ----------
+    display:
+        2-D array, float in [0, 1] (any float dtype) with 0 = black.
+
+    Returns
+    -------
+    numpy.ndarray
+        (28, 28) uint8, the picture as the training data stores it.
+
+    Raises
+    ------
+    ValueError
+        If `display` is not a non-empty 2-D array.
+    """
+    if display.ndim != 2 or min(display.shape) < 1:
+        raise ValueError(f"expected a non-empty 2-D image, got shape {display.shape}")
+    square = np.ascontiguousarray(centre_square(display), dtype=np.float32)
+    picture = Image.fromarray(square, mode="F")
+    if picture.size != (SOURCE_SIZE, SOURCE_SIZE):
+        picture = picture.resize((SOURCE_SIZE, SOURCE_SIZE), Image.Resampling.BICUBIC)
+    small = np.asarray(picture, dtype=np.float32)
+    return np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8)
+
+
+def source_to_input(source: np.ndarray) -> np.ndarray:
+    """Steps 4-5 of the spec: a (28, 28) uint8 picture -> (64, 64, 3) float32 in [0, 1]."""
+    picture = Image.fromarray(source.astype(np.float32) / 255.0, mode="F")
+    large = np.asarray(
+        picture.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR), dtype=np.float32
+    )
+    large = np.clip(large, 0.0, 1.0)
+    return np.repeat(large[:, :, np.newaxis], CHANNELS, axis=2)
+
+
+def preprocess(display: np.ndarray) -> np.ndarray:
+    """Turn one display-normalized image into the model input, as :data:`PREPROCESSING_SPEC`.
+
+    This is the only route from pixels to model input, for training and inference alike.
+
+    Parameters
+    ----------
+    display:
+        2-D array, float in [0, 1], 0 = black; or a (28, 28) uint8 training picture, which
+        is taken as ``display / 255``.
+
+    Returns
+    -------
+    numpy.ndarray
+        (64, 64, 3) float32 in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        If `display` is not a non-empty 2-D array.
+    """
+    if display.dtype == np.uint8:
+        display = display.astype(np.float32) / 255.0
+    return source_to_input(to_source_uint8(display))
+
+
+def preprocess_many(images: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """Apply :func:`preprocess` to each image; returns (N, 64, 64, 3) float32."""
+    out = np.empty((len(images), INPUT_SIZE, INPUT_SIZE, CHANNELS), dtype=np.float32)
+    for i, image in enumerate(images):
+        out[i] = preprocess(image)
+    return out

@@ -1,0 +1,90 @@
+"""The record that flows through every stage: one per file found in the archive.
+
+Every skip or failure is a value on the record (``status`` + ``reason``), not an exception
+escaping a stage, so each file ends up as exactly one report row whatever happened to it.
+Records are plain slotted dataclasses so they pickle cheaply between processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal
+
+Status = Literal["pending", "scored", "skipped", "failed"]
+
+SCORED: Final = "scored"
+SKIPPED: Final = "skipped"
+FAILED: Final = "failed"
+PENDING: Final = "pending"
+
+
+@dataclass(slots=True)
+class ImageRecord:
+    """What batchscan knows about one file.
+
+    Attributes
+    ----------
+    path:
+        Path relative to the archive root, ``/``-separated (the report key).
+    abs_path:
+        Absolute path used to open the file (never written to a report).
+    size, mtime_ns:
+        From the directory walk; let later runs see whether the file changed.
+    status:
+        ``pending`` until a stage decides; then ``scored``, ``skipped`` or ``failed``.
+    reason:
+        Short machine-readable reason for ``skipped``/``failed`` (``modality:CT``,
+        ``decode_error:ValueError``...); None when scored.
+    detail:
+        Human-readable explanation of a failure (an exception message), or None.
+    view:
+        ``PA``, ``AP``, ``LL``... or ``unknown`` (an unknown view is scored and marked).
+    view_source:
+        Where the view came from: ``ViewPosition``, ``ViewCodeSequence``, ``description``.
+    """
+
+    path: str
+    abs_path: str
+    size: int = -1
+    mtime_ns: int = -1
+    status: str = PENDING
+    reason: str | None = None
+    detail: str | None = None
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+    sop_class_uid: str | None = None
+    modality: str | None = None
+    body_part: str | None = None
+    view: str | None = None
+    view_source: str | None = None
+    transfer_syntax_uid: str | None = None
+    rows: int | None = None
+    columns: int | None = None
+    accession_number: str | None = None
+    study_date: str | None = None
+    voi_source: str | None = None
+    score: float | None = None
+
+    def skip(self, reason: str, detail: str | None = None) -> ImageRecord:
+        """Mark as skipped (not an eligible image) and return self."""
+        self.status, self.reason, self.detail = SKIPPED, reason, detail
+        return self
+
+    def fail(self, reason: str, detail: str | None = None) -> ImageRecord:
+        """Mark as failed (eligible or unknown, but could not be read) and return self."""
+        self.status, self.reason, self.detail = FAILED, reason, _shorten(detail)
+        return self
+
+    @property
+    def pending(self) -> bool:
+        """True while no stage has decided this record's fate."""
+        return self.status == PENDING
+
+
+def _shorten(text: str | None, limit: int = 200) -> str | None:
+    """Keep failure details to one short line (they land in reports and cron mail)."""
+    if text is None:
+        return None
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."

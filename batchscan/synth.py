@@ -1,0 +1,264 @@
+"""Synthetic DICOM radiographs for the tests, the demo archive and the benchmark.
+
+The pictures are chest-like phantoms (body, two lungs, mediastinum, ribs, an optional
+pneumonia-like opacity), written as real DICOM with pydicom in any transfer syntax this
+install can encode: explicit/implicit little endian, explicit big endian, deflated, RLE,
+JPEG-LS lossless and near-lossless, JPEG 2000 lossless and lossy (pydicom's encoders), and
+JPEG baseline 8-bit (Pillow's encoder, encapsulated with pydicom). The headers look like a
+hospital's: CR or DX (or CT to be skipped), PA or lateral, MONOCHROME1 or 2, 12/15/16 bits,
+patient name and birth date present (so tests can prove they never reach a report).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    generate_uid,
+)
+
+#: Syntaxes whose pixels come back bit-identical.
+LOSSLESS_SYNTAXES: Final = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+    RLELossless,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+)
+LOSSY_SYNTAXES: Final = (JPEGLSNearLossless, JPEG2000, JPEGBaseline8Bit)
+ALL_SYNTAXES: Final = LOSSLESS_SYNTAXES + LOSSY_SYNTAXES
+_NATIVE: Final = {
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+}
+SOP_CLASS: Final = {
+    "CR": UID("1.2.840.10008.5.1.4.1.1.1"),
+    "DX": UID("1.2.840.10008.5.1.4.1.1.1.1"),
+    "CT": UID("1.2.840.10008.5.1.4.1.1.2"),
+}
+
+
+def chest_phantom(
+    size: int | tuple[int, int] = 512, *, seed: int = 0, opacity: float = 0.0
+) -> np.ndarray:
+    """A chest-radiograph-like picture, float32 in [0, 1], 0 = black (display sense).
+
+    Parameters
+    ----------
+    size:
+        Side (or (rows, columns)) in pixels.
+    seed:
+        Varies anatomy slightly and the noise.
+    opacity:
+        0 for clear lungs; up to 1 for a dense pneumonia-like consolidation in one lung.
+    """
+    rows, cols = (size, size) if isinstance(size, int) else size
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    y, x = y / rows - 0.5, x / cols - 0.5
+    jitter = rng.uniform(-0.02, 0.02, 4).astype(np.float32)
+    body = ((x / (0.42 + jitter[0])) ** 2 + (y / 0.55) ** 2) < 1.0
+    img = np.where(body, 0.62, 0.04).astype(np.float32)
+    for side in (-1, 1):
+        lung = ((x - side * (0.18 + jitter[1])) / 0.14) ** 2 + ((y + 0.02) / (0.3 + jitter[2])) ** 2
+        img = np.where(lung < 1.0, 0.22 + 0.05 * (y + 0.3), img)
+    ribs = 0.08 * (np.sin((y * 26 + np.abs(x) * 6) * np.pi) > 0.6) * (np.abs(x) < 0.34)
+    img = img + ribs * body
+    mediastinum = (np.abs(x + 0.02) < 0.07 + 0.09 * (y > 0.05)) & (np.abs(y) < 0.32)
+    img = np.where(mediastinum, 0.75, img)
+    img = np.where((np.abs(x) < 0.025) & body, 0.85, img)  # spine
+    if opacity > 0:
+        cy, cx = rng.uniform(-0.05, 0.15), rng.choice([-0.18, 0.18])
+        blob = np.exp(-(((x - cx) / 0.08) ** 2 + ((y - cy) / 0.11) ** 2))
+        img = img + opacity * 0.45 * blob * body
+    img = img + rng.normal(0.0, 0.015, img.shape).astype(np.float32)
+    return np.clip(img, 0.0, 1.0).astype(np.float32)
+
+
+@dataclass(slots=True)
+class RadiographSpec:
+    """Header and encoding choices of one synthetic file."""
+
+    modality: str = "CR"
+    view: str | None = "PA"
+    body_part: str | None = "CHEST"
+    photometric: str = "MONOCHROME2"
+    bits_stored: int = 12
+    transfer_syntax: str = ExplicitVRLittleEndian
+    study_uid: str = field(default_factory=generate_uid)
+    series_uid: str = field(default_factory=generate_uid)
+    sop_uid: str = field(default_factory=generate_uid)
+    accession: str = "ACC0001"
+    study_date: str = "20260115"
+    study_description: str = "CHEST 2 VIEWS"
+    patient_name: str = "DOE^JANE"
+    patient_birth_date: str = "19700101"
+    patient_id: str = "PAT0001"
+    window: tuple[float, float] | None = None  # (center, width) in stored values
+    padding_value: int | None = None
+
+
+def stored_values(display: np.ndarray, spec: RadiographSpec) -> np.ndarray:
+    """Map a display picture to stored values as a detector would (MONOCHROME1 inverted)."""
+    if spec.transfer_syntax == JPEGBaseline8Bit:
+        spec.bits_stored = 8
+    top = 2**spec.bits_stored - 1
+    picture = 1.0 - display if spec.photometric == "MONOCHROME1" else display
+    dtype = np.uint8 if spec.bits_stored <= 8 else np.uint16
+    return np.rint(picture * top).astype(dtype)
+
+
+def build_dataset(pixels: np.ndarray, spec: RadiographSpec) -> Dataset:
+    """A complete uncompressed dataset for `pixels` (stored values) as described by `spec`."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    sop_class = SOP_CLASS[spec.modality]
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = spec.sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.10.1234.1")
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = spec.sop_uid
+    ds.StudyInstanceUID = spec.study_uid
+    ds.SeriesInstanceUID = spec.series_uid
+    ds.Modality = spec.modality
+    ds.PatientName = spec.patient_name
+    ds.PatientBirthDate = spec.patient_birth_date
+    ds.PatientID = spec.patient_id
+    ds.AccessionNumber = spec.accession
+    ds.StudyDate = spec.study_date
+    ds.StudyTime = "101500"
+    ds.StudyDescription = spec.study_description
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    if spec.body_part is not None:
+        ds.BodyPartExamined = spec.body_part
+    if spec.view is not None:
+        ds.ViewPosition = spec.view
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = spec.photometric
+    ds.BitsAllocated = 8 if pixels.dtype == np.uint8 else 16
+    ds.BitsStored = spec.bits_stored
+    ds.HighBit = spec.bits_stored - 1
+    ds.PixelRepresentation = 0
+    if spec.window is not None:
+        ds.WindowCenter, ds.WindowWidth = spec.window
+    if spec.padding_value is not None:
+        ds.PixelPaddingValue = spec.padding_value
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def encode(ds: Dataset, pixels: np.ndarray, transfer_syntax: str) -> Dataset:
+    """Re-encode `ds` in `transfer_syntax` (compressed ones through pydicom's encoders)."""
+    uid = UID(transfer_syntax)
+    if uid in _NATIVE:
+        ds.file_meta.TransferSyntaxUID = uid
+        if uid == ExplicitVRBigEndian:
+            ds.PixelData = pixels.astype(pixels.dtype.newbyteorder(">")).tobytes()
+        return ds
+    if uid == JPEGBaseline8Bit:
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8), mode="L").save(buffer, "JPEG", quality=92)
+        ds.PixelData = encapsulate([buffer.getvalue()])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = uid
+        ds.LossyImageCompression = "01"
+        return ds
+    kwargs: dict[str, object] = {}
+    if uid == JPEG2000:
+        kwargs["j2k_cr"] = [20]
+    elif uid == JPEGLSNearLossless:
+        kwargs["jls_error"] = 2
+    ds.compress(uid, pixels, encoding_plugin="", **kwargs)
+    return ds
+
+
+def write_radiograph(path: Path | str, display: np.ndarray, spec: RadiographSpec) -> Path:
+    """Write `display` (float [0, 1]) as a DICOM file at `path`; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = stored_values(display, spec)
+    ds = encode(build_dataset(pixels, spec), pixels, spec.transfer_syntax)
+    little = ds.file_meta.TransferSyntaxUID != ExplicitVRBigEndian
+    implicit = ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True, little_endian=little, implicit_vr=implicit)
+    return path
+
+
+def write_demo_archive(root: Path | str, *, size: int = 1024, studies: int = 6) -> list[Path]:
+    """A small realistic archive: what ``batchscan demo`` writes.
+
+    Per study a PA (or AP) and a lateral, CR or DX, in rotating transfer syntaxes, nested as
+    ``<year>/<accession>/<series>/<file>``; plus a CT slice (skipped), a DICOMDIR-free
+    report text file (not DICOM), a truncated radiograph (failed) and a nested empty file.
+    Half of the studies carry a pneumonia-like opacity.
+    """
+    root = Path(root)
+    written: list[Path] = []
+    syntaxes = [s for s in ALL_SYNTAXES if s != JPEGLSNearLossless]
+    for i in range(studies):
+        accession = f"ACC{1000 + i}"
+        study_uid = generate_uid()
+        modality = "CR" if i % 2 == 0 else "DX"
+        photometric = "MONOCHROME1" if i % 3 == 0 else "MONOCHROME2"
+        bits = (12, 15, 16)[i % 3]
+        opacity = 0.9 if i % 2 == 1 else 0.0
+        for j, view in enumerate(("PA" if i != 4 else "AP", "LL")):
+            syntax = syntaxes[(2 * i + j) % len(syntaxes)]
+            spec = RadiographSpec(
+                modality=modality,
+                view=view,
+                photometric=photometric,
+                bits_stored=bits,
+                transfer_syntax=syntax,
+                study_uid=study_uid,
+                accession=accession,
+                study_date=f"2026{1 + i % 12:02d}{10 + i:02d}",
+                patient_name=f"DEMO^PATIENT{i}",
+                patient_id=f"DEMO{i:04d}",
+                window=(2 ** (bits - 1), 2**bits) if i % 2 == 0 else None,
+            )
+            picture = chest_phantom(size, seed=100 * i + j, opacity=opacity)
+            name = f"{2025 + i % 2}/{accession}/{j + 1}/IM{j:04d}"
+            written.append(write_radiograph(root / name, picture, spec))
+    ct = RadiographSpec(
+        modality="CT", view=None, body_part="CHEST", bits_stored=12, study_description="CT THORAX"
+    )
+    written.append(write_radiograph(root / "2026/CT/slice001.dcm", chest_phantom(256), ct))
+    broken = write_radiograph(
+        root / "2026/broken/IM0001",
+        chest_phantom(512, seed=7),
+        RadiographSpec(study_description="CHEST PA"),
+    )
+    data = broken.read_bytes()
+    broken.write_bytes(data[: len(data) // 2])  # an interrupted transfer
+    written.append(broken)
+    notes = root / "2026/README.txt"
+    notes.write_text("Export from PACS, not DICOM.\n")
+    written.append(notes)
+    return written

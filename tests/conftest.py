@@ -1,0 +1,42 @@
+"""Shared fixtures: generated archives and the real files of pydicom and pydicom-data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydicom.data import get_testdata_file
+
+SHARED_DATA = Path(
+    os.environ.get("BATCHSCAN_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+)
+NPZ = SHARED_DATA / "pneumoniamnist_28_full.npz"
+
+
+def real_file(name: str) -> Path:
+    """A file shipped by pydicom or pydicom-data (skips the test when it is not installed)."""
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (pip install pydicom-data)")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def pydicom_test_files() -> Path:
+    """pydicom's own test_files folder (about 90 files, many syntaxes, broken ones)."""
+    return real_file("CT_small.dcm").parent
+
+
+@pytest.fixture(scope="session")
+def pydicom_data_files() -> Path:
+    """pydicom-data's folder (RG1, RG3, MR, CT, US, palette...)."""
+    return real_file("RG1_UNCR.dcm").parent
+
+
+@pytest.fixture(scope="session")
+def npz_path() -> Path:
+    """The PneumoniaMNIST npz, or a visible skip when ../shared/data is absent."""
+    if not NPZ.is_file():
+        pytest.skip(f"needs the training data at {NPZ} (set BATCHSCAN_DATA); CI has it")
+    return NPZ

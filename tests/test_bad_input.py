@@ -1,0 +1,59 @@
+"""Broken input: every case a recorded reason, never an exception out of a stage."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from batchscan.dicom import decode_record
+from batchscan.discover import iter_files
+from batchscan.header import StageOptions, read_header
+from batchscan.synth import RadiographSpec, chest_phantom, write_radiograph
+from tests.conftest import real_file
+
+
+def _run(root: Path) -> dict[str, tuple[str, str | None]]:
+    out = {}
+    for record in iter_files(root):
+        read_header(record, StageOptions())
+        if decode_record(record, StageOptions()) is not None:
+            record.status = "scored"
+        out[record.path] = (record.status, record.reason)
+    return out
+
+
+def test_broken_files_are_recorded(tmp_path: Path) -> None:
+    good = write_radiograph(tmp_path / "good", chest_phantom(128), RadiographSpec())
+    data = good.read_bytes()
+    (tmp_path / "truncated_in_pixels").write_bytes(data[: len(data) - 2000])
+    (tmp_path / "truncated_in_header").write_bytes(data[:300])
+    (tmp_path / "garbage").write_bytes(os.urandom(4096))
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "text.txt").write_text("hello")
+    rg1 = real_file("RG1_J2KR.dcm").read_bytes()
+    (tmp_path / "rg1_truncated").write_bytes(rg1[: len(rg1) // 2])
+    result = _run(tmp_path)
+    assert result["good"] == ("scored", None)
+    assert result["truncated_in_pixels"] == ("failed", "truncated_pixel_data")
+    assert result["truncated_in_header"][0] == "failed"
+    assert result["garbage"] == ("skipped", "not_dicom")
+    assert result["empty"] == ("skipped", "empty_file")
+    assert result["text.txt"] == ("skipped", "not_dicom")
+    assert result["rg1_truncated"][0] == "failed"
+
+
+def test_file_deleted_after_listing(tmp_path: Path) -> None:
+    path = write_radiograph(tmp_path / "gone", chest_phantom(64), RadiographSpec())
+    records = list(iter_files(tmp_path))
+    path.unlink()
+    read_header(records[0], StageOptions())
+    assert (records[0].status, records[0].reason) == ("failed", "unreadable")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read mode-000 files")
+def test_unreadable_file(tmp_path: Path) -> None:
+    path = write_radiograph(tmp_path / "locked", chest_phantom(64), RadiographSpec())
+    path.chmod(0)
+    assert _run(tmp_path)["locked"] == ("failed", "unreadable")
