@@ -96,18 +96,42 @@ def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     return best_t
 
 
-def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
-    """Temperature T minimising the log loss of ``sigmoid(logit / T)`` (grid on log T).
+def fit_platt(labels: np.ndarray, logits: np.ndarray, iterations: int = 50) -> tuple[float, float]:
+    """Scale `a` and bias `c` minimising the log loss of ``sigmoid(a * logit + c)`` (Newton).
 
-    Temperature scaling keeps the ranking (so the AUC) and only makes the scores honest
-    probabilities; it is fitted on the validation split.
+    Platt scaling generalises temperature scaling (``a = 1 / T``, ``c = 0``) with a bias,
+    which also corrects the shift that class weighting puts into the scores. With a > 0 the
+    ranking (so the AUC) is unchanged. Fitted on the validation split.
     """
     y, z = _as_arrays(labels, logits)
-    temperatures = np.exp(np.linspace(np.log(0.05), np.log(20.0), 2001))
-    scaled = z[np.newaxis, :] / temperatures[:, np.newaxis]
-    # log loss of sigmoid(scaled), computed stably with logaddexp
-    loss = np.where(y, np.logaddexp(0.0, -scaled), np.logaddexp(0.0, scaled)).mean(axis=1)
-    return float(temperatures[int(np.argmin(loss))])
+    target = y.astype(np.float64)
+    features = np.stack([z, np.ones_like(z)], axis=1)
+
+    def loss(params: np.ndarray) -> float:
+        t = features @ params
+        return float(np.where(y, np.logaddexp(0.0, -t), np.logaddexp(0.0, t)).mean())
+
+    params = np.array([1.0, 0.0])
+    current = loss(params)
+    for _ in range(iterations):
+        p = np.exp(-np.logaddexp(0.0, -(features @ params)))
+        gradient = features.T @ (p - target)
+        hessian = (features * (p * (1 - p))[:, None]).T @ features + 1e-9 * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        # damped Newton: halve the step until the loss goes down (plain Newton overshoots
+        # from a far start with large logits)
+        for _ in range(40):
+            candidate = params - step
+            value = loss(candidate)
+            if value <= current:
+                break
+            step = step / 2.0
+        else:
+            break
+        params, improvement, current = candidate, current - value, value
+        if improvement < 1e-12:
+            break
+    return float(params[0]), float(params[1])
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -31,6 +35,39 @@ REQUIRED_CARD_KEYS: Final = (
     "training_data",
     "metrics",
 )
+
+
+@contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the block (Python exceptions still raise).
+
+    TensorFlow's C++ layer prints start-up lines (oneDNN, CUDA probing) straight to fd 2,
+    ignoring TF_CPP_MIN_LOG_LEVEL; from cron each run would mail them. They are hidden while
+    TensorFlow is imported and its devices are listed, and only then.
+    """
+    if os.environ.get("BATCHSCAN_TF_LOGS"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def import_keras() -> Any:
+    """Import Keras (and TensorFlow) quietly, and list devices once so CUDA probing is done."""
+    with native_stderr_silenced():
+        import keras
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")
+    return keras
 
 
 class ModelError(ValueError):
@@ -180,8 +217,7 @@ def load_model(model_path: Path | None = None) -> LoadedModel:
     """
     path = Path(model_path) if model_path is not None else default_model_path()
     card = read_card(path)
-    import keras
-
+    keras = import_keras()
     try:
         keras_model = keras.saving.load_model(path, compile=False)
     except Exception as exc:  # Keras raises many types for a corrupt or foreign file

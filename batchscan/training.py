@@ -6,9 +6,9 @@ Rules kept here, because the card's numbers are only honest if they hold:
 * early stopping, model selection, calibration and the threshold use the **val** split only;
 * the **test** split is scored once, after everything is fixed, for the card.
 
-Calibration is temperature scaling folded into the last Dense layer (its kernel and bias are
-divided by T), so the shipped file is still exactly the seed architecture and its sigmoid
-output is already the calibrated probability.
+Calibration is Platt scaling (``sigmoid(a * z + c)`` on the logit z, fitted on val) folded
+into the last Dense layer (kernel * a, bias * a + c), so the shipped file is still exactly the
+seed architecture and its sigmoid output is already the calibrated probability.
 """
 
 from __future__ import annotations
@@ -106,14 +106,44 @@ def load_npz(path: Path) -> Dataset:
     return Dataset(x=x, y=y, name=path.name, sha256=sha256_of(path), source=str(path))
 
 
+def read_image_file(path: Path) -> np.ndarray:
+    """A display image from a DICOM file (the scan job's decode + normalize) or PNG/JPEG.
+
+    Raises
+    ------
+    ValueError
+        If the file is neither (or cannot be decoded).
+    """
+    from batchscan.dicom import DecodeError, read_display_image
+    from batchscan.header import HEAD_BYTES, looks_like_dicom
+
+    with open(path, "rb") as handle:
+        head = handle.read(HEAD_BYTES)
+    if looks_like_dicom(head) is not False:
+        try:
+            return read_display_image(str(path))
+        except DecodeError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as picture:
+            return np.asarray(picture.convert("L"), dtype=np.float32) / 255.0
+    except UnidentifiedImageError as exc:
+        raise ValueError(f"{path}: neither DICOM nor an image Pillow reads") from exc
+
+
 def load_folder(
-    root: Path, read_display: Callable[[Path], np.ndarray], *, seed: int = 1234
+    root: Path,
+    read_display: Callable[[Path], np.ndarray] = read_image_file,
+    *,
+    seed: int = 1234,
 ) -> Dataset:
     """Load ``NORMAL/`` and ``PNEUMONIA/`` folders (optionally under ``train/ val/ test/``).
 
-    Each file is turned into a display image by `read_display` (the scan job's DICOM
-    decode for DICOM files, Pillow for PNG/JPEG) and then preprocessed like any scan. Without
-    split folders the files are split 80/10/10 by a seeded shuffle.
+    Each file is turned into a display image by `read_display` (by default DICOM through the
+    scan job's decode, PNG/JPEG through Pillow) and then preprocessed like any scan. Without
+    split folders the files are split 80/10/10 within each class by a seeded shuffle.
     """
 
     def collect(folder: Path) -> tuple[list[Path], list[int]]:
@@ -137,11 +167,18 @@ def load_folder(
             x[split], y[split] = to_inputs(paths), np.asarray(labels, dtype=np.int64)
     else:
         paths, labels = collect(root)
-        if len(paths) < 10:
-            raise ValueError(f"{root}: need NORMAL/ and PNEUMONIA/ with at least 10 files")
-        order = np.random.default_rng(seed).permutation(len(paths))
-        cut1, cut2 = int(0.8 * len(order)), int(0.9 * len(order))
-        for split, idx in zip(SPLITS, np.split(order, [cut1, cut2]), strict=True):
+        by_label = [np.flatnonzero(np.asarray(labels) == c) for c in (0, 1)]
+        if min(len(idx) for idx in by_label) < 5:
+            raise ValueError(f"{root}: need at least 5 files in each of NORMAL/ and PNEUMONIA/")
+        rng = np.random.default_rng(seed)
+        parts: list[list[np.ndarray]] = [[], [], []]
+        for idx in by_label:  # stratified: every split gets both classes
+            idx = rng.permutation(idx)
+            cut1, cut2 = int(0.8 * len(idx)), int(0.9 * len(idx))
+            for part, piece in zip(parts, np.split(idx, [cut1, cut2]), strict=True):
+                part.append(piece)
+        for split, part in zip(SPLITS, parts, strict=True):
+            idx = np.concatenate(part)
             x[split] = to_inputs([paths[i] for i in idx])
             y[split] = np.asarray([labels[i] for i in idx], dtype=np.int64)
     return Dataset(x=x, y=y, name=root.name, sha256=None, source=str(root))
@@ -179,11 +216,11 @@ def logits_of(model: Any, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     return (h @ kernel + bias).reshape(-1).astype(np.float64)
 
 
-def fold_temperature(model: Any, temperature: float) -> None:
-    """Divide the last layer's kernel and bias by `temperature`: sigmoid(z / T) in the model."""
+def fold_calibration(model: Any, scale: float, shift: float) -> None:
+    """Make the last layer compute ``sigmoid(scale * z + shift)`` instead of ``sigmoid(z)``."""
     layer = model.get_layer("score")
     kernel, bias = layer.get_weights()
-    layer.set_weights([kernel / temperature, bias / temperature])
+    layer.set_weights([kernel * scale, bias * scale + shift])
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -197,7 +234,7 @@ def train(dataset: Dataset, config: TrainConfig) -> tuple[Any, dict[str, Any]]:
     Returns
     -------
     (keras.Model, dict)
-        The calibrated model and a report (history, temperature, threshold, val metrics).
+        The calibrated model and a report (history, calibration, threshold, val metrics).
     """
     import keras
     import tensorflow as tf
@@ -258,9 +295,11 @@ def train(dataset: Dataset, config: TrainConfig) -> tuple[Any, dict[str, Any]]:
     best_epoch = int(np.argmax(val_auc_history)) + 1
 
     val_logits = logits_of(model, x_val)
-    temperature = m.fit_temperature(y_val, val_logits)
+    scale, shift = m.fit_platt(y_val, val_logits)
+    if scale <= 0:  # would invert the ranking: keep the raw scores
+        scale, shift = 1.0, 0.0
     ece_before = m.expected_calibration_error(y_val, sigmoid(val_logits))
-    fold_temperature(model, temperature)
+    fold_calibration(model, scale, shift)
     val_scores = predict_scores(model, x_val)
     threshold = m.youden_threshold(y_val, val_scores)
     report = {
@@ -270,7 +309,8 @@ def train(dataset: Dataset, config: TrainConfig) -> tuple[Any, dict[str, Any]]:
         "class_weight": class_weight,
         "n_train": len(x_train),
         "val_auc_history": [round(v, 4) for v in val_auc_history],
-        "temperature": temperature,
+        "platt_scale": scale,
+        "platt_shift": shift,
         "val_ece_before_calibration": ece_before,
         "val_ece_after_calibration": m.expected_calibration_error(y_val, val_scores),
         "threshold": threshold,
@@ -302,6 +342,7 @@ def write_model(
     dataset: Dataset,
     config: TrainConfig,
     out_path: Path,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Save `model` as `out_path` (.keras), score val and test once, write the card beside it.
 
@@ -314,7 +355,10 @@ def write_model(
     import tensorflow as tf
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(out_path)
+    shipped = build_seed_model()  # uncompiled: the file carries weights, not optimizer state
+    shipped.set_weights(model.get_weights())
+    shipped.save(out_path)
+    model = shipped
     threshold = float(report["threshold"])
     card_metrics: dict[str, Any] = {}
     for split in ("val", "test"):
@@ -331,7 +375,7 @@ def write_model(
             "layers": architecture_summary(model),
             "parameters": int(model.count_params()),
             "input_shape": [64, 64, 3],
-            "output": "sigmoid probability of pneumonia (temperature-calibrated)",
+            "output": "sigmoid probability of pneumonia (Platt-calibrated on val)",
         },
         "preprocessing": PREPROCESSING_SPEC,
         "training_data": {
@@ -350,11 +394,14 @@ def write_model(
             "augmentation": config.augmentation if config.augment else None,
             "class_weighting": report["class_weight"],
             "seed": config.seed,
+            "command": command,
             **{k: report[k] for k in ("epochs_run", "best_epoch", "train_seconds", "n_train")},
         },
         "calibration": {
-            "method": "temperature scaling on val, folded into the last Dense layer",
-            "temperature": report["temperature"],
+            "method": "Platt scaling sigmoid(a * logit + c) fitted on val, folded into the "
+            "last Dense layer",
+            "a": report["platt_scale"],
+            "c": report["platt_shift"],
             "val_ece_before": report["val_ece_before_calibration"],
             "val_ece_after": report["val_ece_after_calibration"],
         },

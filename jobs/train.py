@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.folder is not None:
-        from batchscan.dicom import read_display_image
-
-        dataset = load_folder(args.folder, read_display_image, seed=args.seed)
+        if not args.folder.is_dir():
+            parser.exit(2, f"train: folder not found: {args.folder}\n")
+        dataset = load_folder(args.folder, seed=args.seed)
     else:
         path = args.data or default_data()
         if not path.is_file():
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         verbose=2 if not sys.stderr.isatty() else "auto",
     )
     model, report = train(dataset, config)
-    card = write_model(model, report, dataset, config, args.out)
+    command = "python jobs/train.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    card = write_model(model, report, dataset, config, args.out, command=command.strip())
     keys = [
         "val_auc",
         "test_auc",
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "model": str(args.out),
                 "threshold": card["threshold"],
-                "temperature": card["calibration"]["temperature"],
+                "calibration": card["calibration"],
                 **{k: card["metrics"][k] for k in keys},
                 "epochs_run": card["training"]["epochs_run"],
                 "train_seconds": card["training"]["train_seconds"],

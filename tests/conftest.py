@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from pydicom.data import get_testdata_file
@@ -12,6 +14,16 @@ SHARED_DATA = Path(
     os.environ.get("BATCHSCAN_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
 )
 NPZ = SHARED_DATA / "pneumoniamnist_28_full.npz"
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+def load_job(name: str) -> ModuleType:
+    """Import a script of jobs/ (they are thin scripts, not a package) by its file path."""
+    spec = importlib.util.spec_from_file_location(f"jobs_{name}", JOBS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def real_file(name: str) -> Path:
