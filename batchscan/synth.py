@@ -230,18 +230,19 @@ def write_demo_archive(root: Path | str, *, size: int = 1024, studies: int = 6) 
         opacity = 0.9 if i % 2 == 1 else 0.0
         for j, view in enumerate(("PA" if i != 4 else "AP", "LL")):
             syntax = syntaxes[(2 * i + j) % len(syntaxes)]
+            depth = 8 if syntax == JPEGBaseline8Bit else bits
             spec = RadiographSpec(
                 modality=modality,
                 view=view,
                 photometric=photometric,
-                bits_stored=bits,
+                bits_stored=depth,
                 transfer_syntax=syntax,
                 study_uid=study_uid,
                 accession=accession,
                 study_date=f"2026{1 + i % 12:02d}{10 + i:02d}",
                 patient_name=f"DEMO^PATIENT{i}",
                 patient_id=f"DEMO{i:04d}",
-                window=(2 ** (bits - 1), 2**bits) if i % 2 == 0 else None,
+                window=(2 ** (depth - 1), 2**depth) if i % 2 == 0 else None,
             )
             picture = chest_phantom(size, seed=100 * i + j, opacity=opacity)
             name = f"{2025 + i % 2}/{accession}/{j + 1}/IM{j:04d}"

@@ -1,0 +1,94 @@
+"""Per-study aggregation: one pneumonia score per study from its images' scores.
+
+Rule: the study score is the **maximum** over its scored frontal (PA/AP) images. Pneumonia
+seen on any frontal image makes the study positive, and a triage flag should not be diluted
+by a second, clearer frontal image (a mean would do that); laterals are not scored by
+default, and the model was trained on frontal views only. When a study has no scored
+frontal image (only images of unknown view, or laterals under ``--all-modalities``), the
+maximum over all its scored images is used and ``score_basis`` says so.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import numpy as np
+import pandas as pd
+
+FRONTAL: Final = ("PA", "AP")
+
+
+def aggregate_studies(images: pd.DataFrame, threshold: float, model_version: str) -> pd.DataFrame:
+    """One row per study with at least one scored image.
+
+    Parameters
+    ----------
+    images:
+        The image rows (columns of ``images.parquet``): ``study_instance_uid``, ``status``,
+        ``score``, ``view``, ``accession_number``, ``study_date``.
+    threshold:
+        The model card's operating threshold; ``flag`` is ``score >= threshold``.
+    model_version:
+        Written on every row.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``study_instance_uid``, ``score``, ``flag``, ``score_basis``,
+        ``n_images_scored``, ``n_images_total``, ``views``, ``accession_number``,
+        ``study_date``, ``model_version``; sorted by study UID.
+    """
+    columns = [
+        "study_instance_uid",
+        "score",
+        "flag",
+        "score_basis",
+        "n_images_scored",
+        "n_images_total",
+        "views",
+        "accession_number",
+        "study_date",
+        "model_version",
+    ]
+    known = images[images["study_instance_uid"].notna()]
+    scored = known[known["status"] == "scored"]
+    if scored.empty:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+    frontal = scored[scored["view"].isin(FRONTAL)]
+    frontal_max = frontal.groupby("study_instance_uid")["score"].max()
+    any_max = scored.groupby("study_instance_uid")["score"].max()
+    score = frontal_max.reindex(any_max.index)
+    basis = np.where(score.notna(), "frontal", "all_scored")
+    score = score.fillna(any_max)
+
+    def first(series: pd.Series) -> object:
+        values = series.dropna()
+        return values.iloc[0] if len(values) else None
+
+    grouped = known.groupby("study_instance_uid")
+    facts = pd.DataFrame(
+        {
+            "n_images_total": grouped.size(),
+            "views": grouped["view"].agg(lambda v: ",".join(sorted({x for x in v.dropna()}))),
+            "accession_number": grouped["accession_number"].agg(first),
+            "study_date": grouped["study_date"].agg(first),
+        }
+    ).reindex(any_max.index)
+    out = pd.DataFrame(
+        {
+            "study_instance_uid": any_max.index.astype(str),
+            "score": score.to_numpy(dtype=np.float64),
+            "flag": score.to_numpy(dtype=np.float64) >= threshold,
+            "score_basis": basis,
+            "n_images_scored": scored.groupby("study_instance_uid")
+            .size()
+            .reindex(any_max.index)
+            .to_numpy(dtype=np.int64),
+            "n_images_total": facts["n_images_total"].to_numpy(dtype=np.int64),
+            "views": facts["views"].to_numpy(dtype=object),
+            "accession_number": facts["accession_number"].to_numpy(dtype=object),
+            "study_date": facts["study_date"].to_numpy(dtype=object),
+            "model_version": model_version,
+        }
+    )
+    return out[columns].sort_values("study_instance_uid", ignore_index=True)

@@ -1,0 +1,179 @@
+"""The ``batchscan`` command line (thin: parsing, exit codes, messages).
+
+Exit status (docs/interface.md): 0 the run finished; 2 bad arguments or configuration, or
+ARCHIVE_DIR missing or unreadable; 3 another run holds REPORT_DIR; 1 anything else.
+Errors are one line on stderr, because cron mails what a job prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from batchscan import __version__
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"batchscan: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    from batchscan.header import DEFAULT_MAX_PIXEL_BYTES
+    from batchscan.pipeline import default_workers
+
+    parser = _Parser(
+        prog="batchscan",
+        description="Score the chest radiographs of a DICOM "
+        "archive with a pneumonia CNN and write Parquet/CSV reports.",
+    )
+    parser.add_argument("--version", action="version", version=f"batchscan {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    scan = commands.add_parser("scan", help="score an archive folder")
+    scan.add_argument("archive", type=Path, metavar="ARCHIVE_DIR")
+    scan.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR")
+    scan.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="a .keras model with its .json card (default: the bundled model)",
+    )
+    scan.add_argument("--batch-size", type=_positive_int, default=256, metavar="N")
+    scan.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        default=default_workers(),
+        metavar="N",
+        help="decode processes (default: all cores; 0: in-process)",
+    )
+    scan.add_argument("--engine", choices=("local", "ray"), default="local")
+    scan.add_argument("--no-progress", action="store_true", help="no progress bars")
+    scan.add_argument(
+        "--all-modalities",
+        action="store_true",
+        help="score every single-frame grayscale image, not only chest radiographs",
+    )
+    scan.add_argument(
+        "--max-pixel-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_PIXEL_BYTES,
+        metavar="N",
+        help="refuse images declaring more pixel data than this",
+    )
+    scan.add_argument(
+        "--precision",
+        choices=("auto", "float32", "mixed"),
+        default="auto",
+        help="inference precision (auto: mixed on a GPU, float32 on a CPU)",
+    )
+    scan.add_argument("--no-xla", action="store_true", help="do not XLA-compile inference")
+
+    demo = commands.add_parser("demo", help="write a small synthetic demo archive")
+    demo.add_argument("directory", type=Path, metavar="DIR")
+    demo.add_argument("--size", type=_positive_int, default=1024, help="image side in pixels")
+    demo.add_argument("--studies", type=_positive_int, default=6)
+    return parser
+
+
+def _scan(args: argparse.Namespace) -> int:
+    from batchscan.pipeline import ScanConfig
+    from batchscan.runlock import LockHeldError
+    from batchscan.scan import UsageError, run_scan
+
+    if args.engine == "ray":
+        print(
+            "batchscan: error: --engine ray is not available in this version; use --engine local",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    config = ScanConfig(
+        archive=args.archive,
+        out=args.out,
+        model_path=args.model,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        all_modalities=args.all_modalities,
+        max_pixel_bytes=args.max_pixel_bytes,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        jit_compile=not args.no_xla,
+        precision=args.precision,
+    )
+    try:
+        result = run_scan(config)
+    except UsageError as exc:
+        print(f"batchscan: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LockHeldError as exc:
+        print(f"batchscan: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    print(result.summary)
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from batchscan.synth import write_demo_archive
+
+    target: Path = args.directory
+    if target.exists() and any(target.iterdir()):
+        print(f"batchscan: error: {target} exists and is not empty", file=sys.stderr)
+        return EXIT_USAGE
+    written = write_demo_archive(target, size=args.size, studies=args.studies)
+    print(f"wrote a demo archive of {len(written)} files to {target}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``batchscan`` console script."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    logging.getLogger("batchscan").setLevel(logging.INFO)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "scan":
+            return _scan(args)
+        return _demo(args)
+    except KeyboardInterrupt:
+        print("batchscan: interrupted; previous reports left as they were", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # exit 1 with one line; the traceback is no use in cron mail
+        print(f"batchscan: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""The README commands, .ci/run and the Dockerfile install the same way pyproject says."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```(?:sh|bash)\n(.*?)```", text, flags=re.S)
+
+
+def test_ci_runs_exactly_readmes_test_command() -> None:
+    ci_lines = [
+        line
+        for line in (ROOT / ".ci/run").read_text().splitlines()
+        if line and not line.startswith(("#", "set ", "cd "))
+    ]
+    assert len(ci_lines) == 1
+    assert any(ci_lines[0] in block for block in _readme_commands())
+    assert "pytest" in ci_lines[0] and ".[test]" in ci_lines[0]
+
+
+def test_readme_first_command_installs_and_runs_the_demo() -> None:
+    first = _readme_commands()[0]
+    assert "pip install ." in first
+    assert "batchscan demo" in first and "batchscan scan" in first
+
+
+def test_dockerfile_matches_pyproject() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    docker = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^FROM python:(\d+\.\d+)", docker, flags=re.M)
+    assert base is not None
+    minimum = re.search(r">=\s*(\d+\.\d+)", project["requires-python"]).group(1)
+    assert tuple(map(int, base.group(1).split("."))) >= tuple(map(int, minimum.split(".")))
+    installs = re.findall(r"pip install '\.\[([a-z,]+)\]'", docker)
+    assert installs, "the image installs the project with pip install '.[extra]'"
+    for extra in installs[0].split(","):
+        assert extra in project["optional-dependencies"]
+    assert 'ENTRYPOINT ["batchscan"]' in docker and "batchscan" in project["scripts"]
+    assert re.search(r"^USER (?!root)\w+", docker, flags=re.M), "runs as a non-root user"
+    assert ":ro" in docker, "documents the archive mounted read-only"
+    for copied in re.findall(r"^COPY (.+) \./", docker, flags=re.M):
+        for name in copied.split():
+            assert (ROOT / name).exists(), name
+
+
+def test_model_ships_as_package_data() -> None:
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "*.keras" in data["package-data"]["batchscan.models"]
+    assert (ROOT / "batchscan" / "models" / "__init__.py").is_file()

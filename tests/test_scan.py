@@ -1,0 +1,241 @@
+"""The scan job end to end on a generated archive: accounting, scores, reports, exit codes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from batchscan.cli import main
+from batchscan.dicom import read_display_image
+from batchscan.model import load_model
+from batchscan.preprocess import preprocess
+from batchscan.runlock import report_dir_lock
+from batchscan.synth import write_demo_archive
+
+EXPECTED = {  # demo archive, default mode: per study one frontal scored, the lateral skipped
+    "scored": 6,
+    "skipped": 8,
+    "failed": 1,
+}
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
+    return {
+        str(p.relative_to(root)): (
+            p.stat().st_size,
+            p.stat().st_mtime_ns,
+            hashlib.sha256(p.read_bytes()).hexdigest(),
+        )
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("archive")
+    write_demo_archive(root, size=384)
+    return root
+
+
+@pytest.fixture(scope="module")
+def scanned(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    before = _snapshot(demo)
+    out = tmp_path_factory.mktemp("reports")
+    assert (
+        main(
+            [
+                "scan",
+                str(demo),
+                "--out",
+                str(out),
+                "--workers",
+                "2",
+                "--batch-size",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert _snapshot(demo) == before, "the archive must never be written to"
+    return demo, out, before
+
+
+def test_every_file_accounted(scanned) -> None:
+    demo, out, _ = scanned
+    images = pd.read_parquet(out / "images.parquet")
+    files = sorted(str(p.relative_to(demo)) for p in demo.rglob("*") if p.is_file())
+    assert sorted(images["path"]) == files
+    assert images["status"].value_counts().to_dict() == EXPECTED
+    reasons = images.set_index("path")["reason"]
+    assert reasons["2026/CT/slice001.dcm"] == "modality:CT"
+    assert reasons["2026/broken/IM0001"] == "truncated_pixel_data"
+    assert reasons["2026/README.txt"] == "not_dicom"
+    assert set(images.loc[images["view"] == "LL", "reason"]) == {"view:LL"}
+    scored = images[images["status"] == "scored"]
+    assert scored["reason"].isna().all()
+    assert scored["score"].between(0.0, 1.0).all()
+    assert images.loc[images["status"] != "scored", "score"].isna().all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts_by_status"] == EXPECTED
+    assert manifest["files_found"] == len(files)
+
+
+def test_written_score_equals_model_on_preprocessed_image(scanned) -> None:
+    demo, out, _ = scanned
+    images = pd.read_parquet(out / "images.parquet")
+    scored = images[images["status"] == "scored"]
+    model = load_model()
+    inputs = np.stack([preprocess(read_display_image(str(demo / p))) for p in scored["path"]])
+    direct = model.keras_model.predict(inputs, verbose=0).reshape(-1)
+    assert np.allclose(scored["score"].to_numpy(), direct, atol=1e-5)
+    assert (images["model_version"] == model.version).all()
+
+
+def test_studies_aggregate_their_images(scanned) -> None:
+    _, out, _ = scanned
+    images = pd.read_parquet(out / "images.parquet")
+    studies = pd.read_parquet(out / "studies.parquet")
+    csv = pd.read_csv(out / "studies.csv", dtype={"study_date": str})
+    assert len(studies) == 6 and list(csv["study_instance_uid"]) == list(
+        studies["study_instance_uid"]
+    )
+    threshold = load_model().threshold
+    for row in studies.itertuples():
+        mine = images[
+            (images["study_instance_uid"] == row.study_instance_uid)
+            & (images["status"] == "scored")
+        ]
+        assert row.score == pytest.approx(mine["score"].max())
+        assert row.flag == (row.score >= threshold)
+        assert row.n_images_scored == len(mine) == 1
+        assert row.n_images_total == 2
+        assert row.accession_number.startswith("ACC")
+    assert np.allclose(csv["score"], studies["score"])
+
+
+def test_report_types(scanned) -> None:
+    _, out, _ = scanned
+    images = pq.read_schema(out / "images.parquet")
+    assert str(images.field("score").type) == "double"
+    assert str(images.field("path").type) == "string"
+    studies = pq.read_schema(out / "studies.parquet")
+    expected = {
+        "study_instance_uid": "string",
+        "score": "double",
+        "flag": "bool",
+        "n_images_scored": "int64",
+        "accession_number": "string",
+        "study_date": "string",
+        "model_version": "string",
+    }
+    for name, kind in expected.items():
+        assert str(studies.field(name).type) == kind, name
+    frame = pd.read_parquet(out / "studies.parquet")
+    assert frame["flag"].dtype == bool and frame["score"].dtype == np.float64
+
+
+def test_no_patient_identifiers_in_any_output(scanned, capsys) -> None:
+    _, out, _ = scanned
+    texts = [(out / "studies.csv").read_text(), (out / "manifest.json").read_text()]
+    for name in ("images.parquet", "studies.parquet"):
+        frame = pd.read_parquet(out / name)
+        texts.append(frame.astype(str).to_csv())
+    blob = "\n".join(texts)
+    for secret in ("DEMO^PATIENT", "PATIENT0", "19700101", "DEMO0000"):
+        assert secret not in blob
+
+
+def test_no_temporary_files_left(scanned) -> None:
+    _, out, _ = scanned
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".batchscan.lock",
+        "images.parquet",
+        "manifest.json",
+        "studies.csv",
+        "studies.parquet",
+    ]
+
+
+def test_in_process_decoding_gives_same_reports(scanned, tmp_path: Path) -> None:
+    demo, out, _ = scanned
+    assert main(["scan", str(demo), "--out", str(tmp_path), "--workers", "0", "--no-progress"]) == 0
+    key = ["path", "status", "reason", "score"]
+    a = pd.read_parquet(out / "images.parquet")[key].sort_values("path", ignore_index=True)
+    b = pd.read_parquet(tmp_path / "images.parquet")[key].sort_values("path", ignore_index=True)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-6)
+
+
+def test_usage_errors_exit_2(tmp_path: Path, demo: Path, capsys) -> None:
+    assert main(["scan", str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
+    assert "archive folder not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["scan", str(demo), "--out", str(tmp_path / "r"), "--batch-size", "0"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "batch-size" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["scan", str(demo)])  # --out missing
+    assert exc.value.code == 2
+    assert main(["scan", str(demo), "--out", str(demo / "reports")]) == 2
+    assert not (demo / "reports").exists()
+    assert (
+        main(
+            [
+                "scan",
+                str(demo),
+                "--out",
+                str(tmp_path / "r2"),
+                "--model",
+                str(tmp_path / "none.keras"),
+            ]
+        )
+        == 2
+    )
+
+
+def test_locked_report_dir_exits_3(tmp_path: Path, demo: Path, capsys) -> None:
+    out = tmp_path / "r"
+    out.mkdir()
+    with report_dir_lock(out):
+        assert main(["scan", str(demo), "--out", str(out), "--no-progress"]) == 3
+    assert f"pid {os.getpid()}" in capsys.readouterr().err
+
+
+def test_workers_never_import_tensorflow(demo: Path) -> None:
+    code = (
+        "import sys\n"
+        "from batchscan.discover import iter_files\n"
+        "from batchscan.header import StageOptions\n"
+        "from batchscan.pipeline import prepare_batch\n"
+        f"batch = prepare_batch(list(iter_files({str(demo)!r})), StageOptions())\n"
+        "assert len(batch.inputs) == 6, len(batch.inputs)\n"
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False False"
+
+
+def test_console_script_runs(demo: Path, tmp_path: Path) -> None:
+    """The installed command, as cron calls it: exit 0, a one-paragraph summary, quiet."""
+    result = subprocess.run(
+        [sys.executable, "-m", "batchscan.cli", "scan", str(demo), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\n") == 1 and "scored 6" in result.stdout
+    assert result.stderr == ""
