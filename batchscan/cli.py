@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -26,24 +27,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"batchscan: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum`, with a one-line message otherwise."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}: {text}")
+        return value
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more: {text}")
-    return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="a .keras model with its .json card (default: the bundled model)",
     )
-    scan.add_argument("--batch-size", type=_positive_int, default=256, metavar="N")
+    scan.add_argument("--batch-size", type=_int_at_least(1), default=256, metavar="N")
     scan.add_argument(
         "--workers",
-        type=_non_negative_int,
+        type=_int_at_least(0),
         default=default_workers(),
         metavar="N",
         help="decode processes (default: all cores; 0: in-process)",
@@ -86,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scan.add_argument(
         "--max-pixel-bytes",
-        type=_positive_int,
+        type=_int_at_least(1),
         default=DEFAULT_MAX_PIXEL_BYTES,
         metavar="N",
         help="refuse images declaring more pixel data than this",
@@ -101,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="write a small synthetic demo archive")
     demo.add_argument("directory", type=Path, metavar="DIR")
-    demo.add_argument("--size", type=_positive_int, default=1024, help="image side in pixels")
-    demo.add_argument("--studies", type=_positive_int, default=6)
+    demo.add_argument("--size", type=_int_at_least(1), default=1024, help="image side in pixels")
+    demo.add_argument("--studies", type=_int_at_least(1), default=6)
     return parser
 
 

@@ -14,6 +14,7 @@ seed architecture and its sigmoid output is already the calibrated probability.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -29,6 +30,9 @@ from batchscan.model import build_seed_model, sha256_of
 from batchscan.preprocess import PREPROCESSING_SPEC, preprocess_many
 
 SPLITS = ("train", "val", "test")
+#: Environment variable naming the folder that holds the training data.
+DATA_ENV = "BATCHSCAN_DATA"
+NPZ_NAME = "pneumoniamnist_28_full.npz"
 THRESHOLD_RULE = (
     "Youden's J on the calibrated val scores: the threshold maximising "
     "sensitivity + specificity - 1; positive when score >= threshold"
@@ -46,6 +50,13 @@ LIMITS = [
     "The test split comes from another time than train/val; scores on local data may differ "
     "and the threshold should be checked against local outcomes before use.",
 ]
+
+
+def default_npz_path(repository: Path) -> Path:
+    """The PneumoniaMNIST npz: in $BATCHSCAN_DATA, else in ``../shared/data`` beside the
+    repository (where it lies on every developer machine and in CI)."""
+    folder = os.environ.get(DATA_ENV) or str(repository / ".." / "shared" / "data")
+    return Path(folder) / NPZ_NAME
 
 
 @dataclass(slots=True)

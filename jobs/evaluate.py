@@ -12,7 +12,6 @@ and ECE next to the published MedMNIST v2 results (../shared/data/README.md).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 from batchscan.metrics import split_metrics
 from batchscan.model import ModelError, load_model
 from batchscan.preprocess import preprocess_many
+from batchscan.training import default_npz_path
 
 #: MedMNIST v2 (Yang et al., Scientific Data 2023), PneumoniaMNIST test split: (AUC, ACC).
 PUBLISHED = [
@@ -32,19 +32,12 @@ PUBLISHED = [
 ]
 
 
-def default_data() -> Path:
-    """The npz in $BATCHSCAN_DATA, or ../shared/data beside the repository."""
-    here = Path(__file__).resolve().parents[1]
-    root = os.environ.get("BATCHSCAN_DATA", str(here / ".." / "shared" / "data"))
-    return Path(root) / "pneumoniamnist_28_full.npz"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="default: the bundled model")
     parser.add_argument("--data", type=Path, default=None)
     args = parser.parse_args(argv)
-    data = args.data or default_data()
+    data = args.data or default_npz_path(Path(__file__).resolve().parents[1])
     if not data.is_file():
         parser.exit(2, f"evaluate: data file not found: {data} (set --data or BATCHSCAN_DATA)\n")
     try:

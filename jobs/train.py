@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from batchscan.training import TrainConfig, load_folder, load_npz, train, write_model
-
-
-def default_data() -> Path:
-    """The npz in $BATCHSCAN_DATA, or ../shared/data beside the repository."""
-    here = Path(__file__).resolve().parents[1]
-    root = os.environ.get("BATCHSCAN_DATA", str(here / ".." / "shared" / "data"))
-    return Path(root) / "pneumoniamnist_28_full.npz"
+from batchscan.training import (
+    TrainConfig,
+    default_npz_path,
+    load_folder,
+    load_npz,
+    train,
+    write_model,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(2, f"train: folder not found: {args.folder}\n")
         dataset = load_folder(args.folder, seed=args.seed)
     else:
-        path = args.data or default_data()
+        path = args.data or default_npz_path(Path(__file__).resolve().parents[1])
         if not path.is_file():
             parser.exit(2, f"train: data file not found: {path} (set --data or BATCHSCAN_DATA)\n")
         dataset = load_npz(path)

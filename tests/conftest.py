@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 from pydicom.data import get_testdata_file
 
-SHARED_DATA = Path(
-    os.environ.get("BATCHSCAN_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
-)
-NPZ = SHARED_DATA / "pneumoniamnist_28_full.npz"
-JOBS = Path(__file__).resolve().parents[1] / "jobs"
+from batchscan.training import default_npz_path
+
+ROOT = Path(__file__).resolve().parents[1]
+NPZ = default_npz_path(ROOT)
+JOBS = ROOT / "jobs"
 
 
 def load_job(name: str) -> ModuleType:
