@@ -42,10 +42,22 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from batchscan.header import DEFAULT_MAX_PIXEL_BYTES
     from batchscan.pipeline import default_workers
+    from batchscan.workers import DEFAULT_FILE_TIMEOUT
 
     parser = _Parser(
         prog="batchscan",
@@ -88,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse images declaring more pixel data than this",
     )
     scan.add_argument(
+        "--file-timeout",
+        type=_seconds,
+        default=DEFAULT_FILE_TIMEOUT,
+        metavar="SECONDS",
+        help="seconds one file may take in a decode process before it fails as timeout",
+    )
+    scan.add_argument(
         "--precision",
         choices=("auto", "float32", "mixed"),
         default="auto",
@@ -124,6 +143,7 @@ def _scan(args: argparse.Namespace) -> int:
         progress=not args.no_progress and sys.stderr.isatty(),
         jit_compile=not args.no_xla,
         precision=args.precision,
+        file_timeout=args.file_timeout,
     )
     try:
         result = run_scan(config)

@@ -39,9 +39,10 @@ from batchscan.header import (
     HEAD_BYTES,
     StageOptions,
     declared_pixel_bytes,
+    header_problem,
     looks_like_dicom,
 )
-from batchscan.records import ImageRecord
+from batchscan.records import INTERPRETER_EXITS, ImageRecord
 
 #: Percentiles of the fallback window (used when the file has no VOI LUT and no window).
 FALLBACK_PERCENTILES: Final = (0.5, 99.5)
@@ -89,7 +90,7 @@ def check_decodable(ds: Dataset) -> None:
     ------
     DecodeError
         ``no_pixel_data``, ``unsupported:float_pixel_data``,
-        ``unsupported_transfer_syntax:<uid>``, ``bad_header:geometry``.
+        ``unsupported_transfer_syntax:<uid>``, ``bad_header:<field>``.
     """
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
@@ -113,11 +114,12 @@ def check_decodable(ds: Dataset) -> None:
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies)
         raise DecodeError(f"unsupported_transfer_syntax:{uid}", f"no decoder plugin: {missing}")
-    if declared_pixel_bytes(ds) is None:
-        raise DecodeError("bad_header:geometry")
+    problem = header_problem(ds)
+    if problem is not None:
+        raise DecodeError(*problem)
 
 
-def _decode_failure_reason(exc: Exception) -> str:
+def _decode_failure_reason(exc: BaseException) -> str:
     """A precise reason for the common decode failures, the exception type otherwise."""
     message = str(exc)
     if "less than expected" in message or "doesn't match the expected length" in message:
@@ -141,7 +143,9 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
         arr = ds.pixel_array
     except DecodeError:
         raise
-    except Exception as exc:  # backends raise ValueError, RuntimeError, OSError...
+    except INTERPRETER_EXITS:
+        raise
+    except BaseException as exc:  # ValueError, RuntimeError, OSError, a Rust codec's panic...
         raise DecodeError(_decode_failure_reason(exc), str(exc)) from exc
     if arr.ndim != 2:
         raise DecodeError("decode_error:shape", f"decoded shape {arr.shape}, expected 2-D")

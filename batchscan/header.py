@@ -18,8 +18,10 @@ reason                 meaning
 ``multiframe:<n>``     n > 1 frames: a cine or volume, not one radiograph
 ``for_processing``     default mode: a DX "for processing" (raw detector) image
 ``header_error:<E>``   (failed) the header could not be parsed (exception E)
-``bad_header:<what>``  (failed) absurd geometry or bit depth, or an image SOP class
-                       without its image module (a file cut off inside its header)
+``bad_header:<what>``  (failed) ``rows_columns``, ``frames``, ``bits_allocated``,
+                       ``bits_stored``, ``photometric``, ``samples_per_pixel``: values no
+                       real image has; ``no_image_module``:
+                       an image SOP class without Rows/Columns (cut off in its header)
 ``too_large``          (failed) declared pixel data above the cap (``max_pixel_bytes``)
 =====================  ==================================================================
 
@@ -61,6 +63,23 @@ FOR_PROCESSING_SOP_CLASSES: Final = frozenset({"1.2.840.10008.5.1.4.1.1.1.1.1"})
 RADIOGRAPH_MODALITIES: Final = frozenset({"CR", "DX"})
 FRONTAL_VIEWS: Final = frozenset({"PA", "AP"})
 GRAYSCALE: Final = frozenset({"MONOCHROME1", "MONOCHROME2"})
+#: Photometric Interpretation values the standard defines (PS3.3 C.7.6.3.1.2), as tokens.
+PHOTOMETRIC: Final = GRAYSCALE | frozenset(
+    {
+        "PALETTE_COLOR",
+        "RGB",
+        "HSV",
+        "ARGB",
+        "CMYK",
+        "YBR_FULL",
+        "YBR_FULL_422",
+        "YBR_PARTIAL_422",
+        "YBR_PARTIAL_420",
+        "YBR_ICT",
+        "YBR_RCT",
+        "XYB",
+    }
+)
 
 #: Words that name the chest in BodyPartExamined or a description, in the languages met in
 #: European and American archives.
@@ -253,6 +272,26 @@ def declared_pixel_bytes(ds: Dataset) -> int | None:
     return rows * cols * frames * samples * max(bits // 8, 1)
 
 
+def header_problem(ds: Dataset) -> tuple[str, str] | None:
+    """(reason, detail) for an image header that cannot describe a real image, else None.
+
+    Checked before any pixel is read, so that absurd values never reach a decoder.
+    """
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    if rows is None or cols is None or rows <= 0 or cols <= 0:
+        return "bad_header:rows_columns", f"Rows {ds.get('Rows')!r}, Columns {ds.get('Columns')!r}"
+    frames = _int(ds, "NumberOfFrames", 1)
+    if frames is None or frames <= 0:
+        return "bad_header:frames", f"NumberOfFrames {ds.get('NumberOfFrames')!r}"
+    allocated = _int(ds, "BitsAllocated")
+    if allocated not in (1, 8, 16, 32, 64):
+        return "bad_header:bits_allocated", f"BitsAllocated {ds.get('BitsAllocated')!r}"
+    stored = _int(ds, "BitsStored", allocated)
+    if stored is None or not 0 < stored <= allocated:
+        return "bad_header:bits_stored", f"BitsStored {stored} with BitsAllocated {allocated}"
+    return None
+
+
 def classify(record: ImageRecord, ds: Dataset, options: StageOptions) -> ImageRecord:
     """Decide eligibility of one parsed header; the record stays ``pending`` when eligible."""
     _fill_identity(record, ds)
@@ -280,24 +319,23 @@ def classify(record: ImageRecord, ds: Dataset, options: StageOptions) -> ImageRe
             return record.skip(f"body_part:{record.body_part or 'unknown'}")
 
     photometric = token(_text(ds, "PhotometricInterpretation"))
+    if photometric not in PHOTOMETRIC:
+        return record.fail("bad_header:photometric", f"Photometric Interpretation {photometric}")
     samples = _int(ds, "SamplesPerPixel", 1)
-    if photometric not in GRAYSCALE or samples != 1:
+    if photometric not in GRAYSCALE:
         return record.skip(f"color:{photometric}")
+    if samples != 1:
+        return record.fail("bad_header:samples_per_pixel", f"{photometric} with {samples} samples")
     frames = _int(ds, "NumberOfFrames", 1)
     if frames is not None and frames > 1:
         return record.skip(f"multiframe:{frames}")
     if not options.all_modalities and record.view not in FRONTAL_VIEWS | {"unknown"}:
         return record.skip(f"view:{record.view}")
 
-    declared = declared_pixel_bytes(ds)
-    if declared is None:
-        return record.fail("bad_header:geometry", "Rows, Columns or BitsAllocated absent or <= 0")
-    bits_allocated = _int(ds, "BitsAllocated")
-    bits_stored = _int(ds, "BitsStored", bits_allocated)
-    if bits_allocated not in (1, 8, 16, 32) or not bits_stored or bits_stored > bits_allocated:
-        return record.fail(
-            "bad_header:bits", f"BitsAllocated {bits_allocated}, BitsStored {bits_stored}"
-        )
+    problem = header_problem(ds)
+    if problem is not None:
+        return record.fail(*problem)
+    declared = declared_pixel_bytes(ds) or 0
     if declared > options.max_pixel_bytes:
         return record.fail(
             "too_large", f"declares {declared} bytes of pixels, cap {options.max_pixel_bytes}"

@@ -3,15 +3,16 @@
 Shape of a run::
 
     iter_files (main, streaming)
-      -> chunks of records -> ProcessPool (forkserver) running prepare_batch:
-             header -> decode + normalize -> preprocess          (no TensorFlow in workers)
-      -> bounded number of chunks in flight (memory bounded, decoding overlaps inference)
+      -> tasks of records -> WorkerPool (forkserver; crash/timeout isolation per file)
+         running prepare_record: header -> decode + normalize -> preprocess
+         (no TensorFlow in workers)
+      -> at most 2 tasks per worker in flight (memory bounded; decoding overlaps inference)
       -> InferenceBuffer: model inputs gathered to --batch-size, scored in one call
       -> ImagesWriter streams rows to a temporary images.parquet
       -> at the end: aggregate studies, write studies.parquet/csv + manifest, publish all.
 
-:func:`prepare_batch` and :func:`score_prepared` are pure functions over batches of
-records, the shape a distributed engine (Ray Data ``map_batches``) runs as well.
+:func:`prepare_batch` and :func:`score_prepared` are functions over batches of records,
+the shape a distributed engine (Ray Data ``map_batches``) runs as well.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
@@ -36,8 +36,15 @@ from batchscan import __version__
 from batchscan.dicom import decode_record
 from batchscan.discover import iter_files
 from batchscan.header import DEFAULT_MAX_PIXEL_BYTES, StageOptions, read_header
-from batchscan.preprocess import CHANNELS, INPUT_SIZE, preprocess
+from batchscan.preprocess import preprocess
 from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord
+from batchscan.workers import (
+    DEFAULT_FILE_TIMEOUT,
+    PreparedBatch,
+    PrepareRecord,
+    WorkerPool,
+    run_task,
+)
 
 log = logging.getLogger("batchscan")
 
@@ -61,6 +68,10 @@ class ScanConfig:
     files_per_task:
         Files sent to a worker at once: large enough to amortise inter-process overhead,
         small enough to keep every worker busy to the end.
+    file_timeout:
+        Seconds a worker may spend on one file before it is killed (``failed: timeout``).
+    prepare:
+        The per-record stages run in the workers (default :func:`prepare_record`).
     """
 
     archive: Path
@@ -74,6 +85,12 @@ class ScanConfig:
     files_per_task: int = 16
     jit_compile: bool = True
     precision: str = "auto"
+    file_timeout: float = DEFAULT_FILE_TIMEOUT
+    prepare: PrepareRecord = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.prepare is None:  # the real stages; tests inject faulty ones
+            object.__setattr__(self, "prepare", prepare_record)
 
     @property
     def stage_options(self) -> StageOptions:
@@ -83,40 +100,46 @@ class ScanConfig:
         )
 
 
-@dataclass(slots=True)
-class PreparedBatch:
-    """The result of the per-file stages for one chunk of records.
+def _stable(record: ImageRecord) -> bool:
+    """False (and the record skipped as ``unstable``) if the file vanished or changed since
+    it was listed: the archive may still be writing it; the next run will try again."""
+    try:
+        info = os.stat(record.abs_path)
+    except FileNotFoundError:
+        record.skip("unstable", "file vanished after it was listed")
+        return False
+    except OSError:
+        return True  # the header stage records why it cannot be read
+    if record.size >= 0 and (info.st_size, info.st_mtime_ns) != (record.size, record.mtime_ns):
+        record.skip("unstable", "file changed after it was listed (still being written?)")
+        return False
+    return True
 
-    ``inputs[k]`` is the model input of ``records[index[k]]``; every other record is
-    already ``skipped`` or ``failed``.
+
+def prepare_record(record: ImageRecord, options: StageOptions) -> np.ndarray | None:
+    """Header -> decode + normalize -> preprocess for one record (runs in a worker).
+
+    Returns the model input, or None when the record was skipped or failed on the way.
     """
-
-    records: list[ImageRecord]
-    inputs: np.ndarray
-    index: np.ndarray
+    if not record.pending or not _stable(record):
+        return None
+    read_header(record, options)
+    image = decode_record(record, options)
+    if image is None:
+        return None
+    try:
+        tensor = preprocess(image.pixels)
+    except Exception as exc:  # e.g. a degenerate 1 x N image
+        record.fail(f"preprocess_error:{type(exc).__name__}", str(exc))
+        return None
+    if not _stable(record):  # rewritten while we read it: the pixels may be a mix
+        return None
+    return tensor
 
 
 def prepare_batch(records: list[ImageRecord], options: StageOptions) -> PreparedBatch:
-    """Header -> decode + normalize -> preprocess for a chunk of records (runs in a worker)."""
-    inputs: list[np.ndarray] = []
-    index: list[int] = []
-    for i, record in enumerate(records):
-        read_header(record, options)
-        image = decode_record(record, options)
-        if image is None:
-            continue
-        try:
-            inputs.append(preprocess(image.pixels))
-        except Exception as exc:  # e.g. a degenerate 1 x N image
-            record.fail(f"preprocess_error:{type(exc).__name__}", str(exc))
-            continue
-        index.append(i)
-    stacked = (
-        np.stack(inputs)
-        if inputs
-        else np.empty((0, INPUT_SIZE, INPUT_SIZE, CHANNELS), dtype=np.float32)
-    )
-    return PreparedBatch(records=records, inputs=stacked, index=np.asarray(index, dtype=np.int64))
+    """:func:`prepare_record` over a batch of records, model inputs stacked."""
+    return run_task(records, options, prepare_record)
 
 
 def score_prepared(
@@ -206,23 +229,14 @@ def _prepared_stream(
 
     if config.workers == 0:
         for chunk in counted():
-            yield prepare_batch(chunk, options)
+            yield run_task(chunk, options, config.prepare)
         return
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["batchscan.pipeline"])
-    max_in_flight = 4 * config.workers
-    with ProcessPoolExecutor(max_workers=config.workers, mp_context=context) as pool:
-        in_flight: set[Future[PreparedBatch]] = set()
-        for chunk in counted():
-            in_flight.add(pool.submit(prepare_batch, chunk, options))
-            if len(in_flight) >= max_in_flight:
-                finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    yield future.result()
-        while in_flight:
-            finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-            for future in finished:
-                yield future.result()
+    with WorkerPool(
+        context, config.workers, options, config.prepare, file_timeout=config.file_timeout
+    ) as pool:
+        yield from pool.run(counted())
 
 
 def run_local(
@@ -279,7 +293,11 @@ def manifest_for(
     """The run manifest: what ran, on what, with which outcome."""
     seconds = stats.seconds
     scored = stats.by_status[SCORED]
-    arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    arguments = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in asdict(config).items()
+        if k != "prepare"
+    }
     return {
         "run_id": run_id,
         "started_at": started_at,

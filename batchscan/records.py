@@ -18,6 +18,12 @@ FAILED: Final = "failed"
 PENDING: Final = "pending"
 
 
+#: Exceptions that mean "stop the process", which no stage may swallow. Everything else a
+#: library raises on a bad file is recorded, including pyo3's PanicException (a Rust codec's
+#: panic), which derives from BaseException and so slips past ``except Exception``.
+INTERPRETER_EXITS: Final = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
 @dataclass(slots=True)
 class ImageRecord:
     """What batchscan knows about one file.

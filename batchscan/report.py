@@ -82,6 +82,17 @@ def temporary_path(final: Path, run_id: str) -> Path:
     return final.with_name(f".{final.name}.{run_id}.tmp")
 
 
+def remove_temporaries(out_dir: Path, run_id: str | None = None) -> None:
+    """Delete the temporary report files of `run_id` (of every run when None).
+
+    Called with the REPORT_DIR lock held: at the start of a run it clears what a killed run
+    left behind; after a failure it clears this run's own.
+    """
+    pattern = f".*.{run_id}.tmp" if run_id else ".*.tmp"
+    for path in out_dir.glob(pattern):
+        path.unlink(missing_ok=True)
+
+
 def publish(temporary: Path, final: Path) -> None:
     """Flush `temporary` to disk and move it over `final` atomically."""
     with temporary.open("rb") as handle:

@@ -26,6 +26,7 @@ from batchscan.report import (
     ImagesWriter,
     publish,
     read_images,
+    remove_temporaries,
     study_table,
     write_manifest,
     write_studies,
@@ -173,6 +174,7 @@ def run_scan(config: ScanConfig) -> ScanResult:
             loaded, config.batch_size, jit_compile=config.jit_compile, precision=config.precision
         )  # type: ignore[arg-type]
         run_id = new_run_id()
+        remove_temporaries(config.out)  # left by a run that was killed
         started_at = datetime.now(UTC).isoformat(timespec="seconds")
         writer = ImagesWriter(config.out, run_id, loaded.version)
         progress = Progress(config.progress)
@@ -210,8 +212,7 @@ def run_scan(config: ScanConfig) -> ScanResult:
         except BaseException:
             progress.close()
             writer.abort()
-            for temporary, _ in temporaries:
-                temporary.unlink(missing_ok=True)
+            remove_temporaries(config.out, run_id)
             raise
     return ScanResult(
         manifest=manifest, summary=summary_text(manifest, len(studies), manifest["studies_flagged"])

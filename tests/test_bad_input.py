@@ -57,3 +57,24 @@ def test_unreadable_file(tmp_path: Path) -> None:
     path = write_radiograph(tmp_path / "locked", chest_phantom(64), RadiographSpec())
     path.chmod(0)
     assert _run(tmp_path)["locked"] == ("failed", "unreadable")
+
+
+def test_rust_codec_panic_is_a_decode_error(tmp_path: Path) -> None:
+    """Found by the atheris harness: RLE runs that overrun their segment make pylibjpeg-rle
+    panic; pyo3's PanicException is a BaseException and must still become a reason."""
+    import struct
+
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    path = write_radiograph(
+        tmp_path / "rle", chest_phantom(48), RadiographSpec(transfer_syntax=RLELossless)
+    )
+    ds = pydicom.dcmread(path)
+    segment = bytes([0x81, 0x00]) * 20  # 20 runs of 128 bytes: more than a 48 x 48 segment
+    header = struct.pack("<16I", 2, 64, 64 + len(segment), *([0] * 13))
+    ds.PixelData = encapsulate([header + segment + segment])
+    ds.save_as(path)
+    record = _run(tmp_path)["rle"]
+    assert record[0] == "failed" and record[1].startswith("decode_error:"), record

@@ -103,7 +103,14 @@ def test_absurd_geometry(tmp_path: Path, picture) -> None:
     ds = pydicom.dcmread(path)
     ds.Rows = 0
     ds.save_as(path)
-    assert (_classify(path).status, _classify(path).reason) == ("failed", "bad_header:geometry")
+    assert (_classify(path).status, _classify(path).reason) == ("failed", "bad_header:rows_columns")
+    ds.Rows, ds.BitsAllocated = 64, 0
+    ds.save_as(path)
+    assert _classify(path).reason == "bad_header:bits_allocated"
+    ds.BitsAllocated, ds.BitsStored = 16, 17
+    ds.save_as(path)
+    assert _classify(path).reason == "bad_header:bits_stored"
+    ds.BitsStored = 12
     ds.Rows, ds.Columns = 65535, 65535
     ds.save_as(path)
     record = _classify(path)

@@ -1,0 +1,30 @@
+"""Faulty per-record stages for the isolation tests (imported by the worker processes).
+
+A file whose name contains ``SEGFAULT`` kills its worker with a real SIGSEGV, as a crashing
+C codec would; ``HANG`` sleeps far past any timeout; ``OOM`` exits as the OOM killer's
+SIGKILL would. Every other file goes through the real stages.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+
+from batchscan.header import StageOptions
+from batchscan.pipeline import prepare_record
+from batchscan.records import ImageRecord
+
+
+def faulty_prepare(record: ImageRecord, options: StageOptions) -> np.ndarray | None:
+    """:func:`prepare_record`, except on the marked files."""
+    name = os.path.basename(record.path)
+    if "SEGFAULT" in name:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if "HANG" in name:
+        time.sleep(600)
+    if "OOM" in name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return prepare_record(record, options)

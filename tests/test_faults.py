@@ -1,0 +1,109 @@
+"""Crashing and hanging decoders, files that change under the job, output faults."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from batchscan import report
+from batchscan.cli import main
+from batchscan.pipeline import ScanConfig, prepare_record
+from batchscan.records import ImageRecord
+from batchscan.scan import run_scan
+from batchscan.synth import RadiographSpec, chest_phantom, write_radiograph
+from tests.faults import faulty_prepare
+
+
+@pytest.fixture(scope="module")
+def clean_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("clean")
+    for i in range(10):
+        write_radiograph(
+            root / f"s{i}" / f"IM{i}", chest_phantom(192, seed=i, opacity=i % 2), RadiographSpec()
+        )
+    return root
+
+
+def _images(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / "images.parquet").set_index("path").sort_index()
+
+
+def test_crash_timeout_and_oom_cost_one_file_each(clean_archive: Path, tmp_path: Path) -> None:
+    clean_out = tmp_path / "clean"
+    run_scan(ScanConfig(archive=clean_archive, out=clean_out, workers=2))
+    archive = tmp_path / "archive"
+    shutil.copytree(clean_archive, archive)
+    for marker in ("SEGFAULT", "HANG", "OOM"):
+        shutil.copy(archive / "s1" / "IM1", archive / "s2" / f"{marker}_IM")
+    out = tmp_path / "faulty"
+    # 3 files per task: each fault shares its task with good files that must still be scored
+    result = run_scan(
+        ScanConfig(
+            archive=archive,
+            out=out,
+            workers=2,
+            files_per_task=3,
+            file_timeout=3.0,
+            prepare=faulty_prepare,
+        )
+    )
+    images = _images(out)
+    assert len(images) == 13
+    assert images.loc["s2/SEGFAULT_IM", ["status", "reason"]].tolist() == ["failed", "worker_crash"]
+    assert "SIGSEGV" in images.loc["s2/SEGFAULT_IM", "detail"]
+    assert images.loc["s2/OOM_IM", "reason"] == "worker_crash"
+    assert images.loc["s2/HANG_IM", ["status", "reason"]].tolist() == ["failed", "timeout"]
+    clean = _images(clean_out)
+    good = images.loc[clean.index]
+    assert (good["status"] == "scored").all()
+    pd.testing.assert_series_equal(good["score"], clean["score"])
+    assert result.manifest["counts_by_status"] == {"scored": 10, "skipped": 0, "failed": 3}
+
+
+def test_vanished_and_changing_files_are_unstable(tmp_path: Path) -> None:
+    path = write_radiograph(tmp_path / "a", chest_phantom(64), RadiographSpec())
+    record = ImageRecord(
+        path="a", abs_path=str(path), size=path.stat().st_size, mtime_ns=path.stat().st_mtime_ns
+    )
+    with path.open("ab") as handle:  # still being written by the archive
+        handle.write(b"\0\0")
+    options = ScanConfig(archive=tmp_path, out=tmp_path).stage_options
+    assert prepare_record(record, options) is None
+    assert (record.status, record.reason) == ("skipped", "unstable")
+    record = ImageRecord(path="a", abs_path=str(path), size=1, mtime_ns=1)
+    path.unlink()
+    prepare_record(record, options)
+    assert (record.status, record.reason) == ("skipped", "unstable")
+
+
+def test_disk_full_keeps_previous_reports(
+    clean_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    out = tmp_path / "reports"
+    assert main(["scan", str(clean_archive), "--out", str(out), "--workers", "0"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(report.pacsv, "write_csv", full)
+    assert main(["scan", str(clean_archive), "--out", str(out), "--workers", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and err.count("\n") == 1
+    after = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
+    assert after == before
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_unwritable_report_dir_is_a_usage_error(
+    clean_archive: Path, tmp_path: Path, capsys
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["scan", str(clean_archive), "--out", str(blocker / "reports")]) == 2
+    assert "cannot create report folder" in capsys.readouterr().err
