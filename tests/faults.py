@@ -28,3 +28,11 @@ def faulty_prepare(record: ImageRecord, options: StageOptions) -> np.ndarray | N
     if "OOM" in name:
         os.kill(os.getpid(), signal.SIGKILL)
     return prepare_record(record, options)
+
+
+def deleting_prepare(record: ImageRecord, options: StageOptions) -> np.ndarray | None:
+    """:func:`prepare_record`, but a file named ``DELETE_ME`` vanishes just before it is read
+    (the archive's retention job removing it mid-run)."""
+    if "DELETE_ME" in os.path.basename(record.path):
+        os.unlink(record.abs_path)
+    return prepare_record(record, options)

@@ -16,7 +16,8 @@ from batchscan.pipeline import ScanConfig, prepare_record
 from batchscan.records import ImageRecord
 from batchscan.scan import run_scan
 from batchscan.synth import RadiographSpec, chest_phantom, write_radiograph
-from tests.faults import faulty_prepare
+from tests.conftest import real_file
+from tests.faults import deleting_prepare, faulty_prepare
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,44 @@ def test_unwritable_report_dir_is_a_usage_error(
     blocker.write_text("not a folder")
     assert main(["scan", str(clean_archive), "--out", str(blocker / "reports")]) == 2
     assert "cannot create report folder" in capsys.readouterr().err
+
+
+def test_hostile_archive_end_to_end(
+    clean_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Truncated RG1, a 65535 x 65535 header, an unreadable folder, a file deleted mid-run:
+    exit 0, every file accounted, the good files scored exactly as in the clean archive."""
+    import pydicom
+
+    from batchscan import discover
+
+    clean_out = tmp_path / "clean"
+    run_scan(ScanConfig(archive=clean_archive, out=clean_out, workers=2))
+    archive = tmp_path / "archive"
+    shutil.copytree(clean_archive, archive)
+    rg1 = real_file("RG1_J2KR.dcm").read_bytes()
+    (archive / "rg1_truncated").write_bytes(rg1[: len(rg1) // 3])
+    huge = pydicom.dcmread(archive / "s0" / "IM0")
+    huge.Rows = huge.Columns = 65535
+    huge.save_as(archive / "huge")
+    (archive / "locked").mkdir()
+    shutil.copy(archive / "s1" / "IM1", archive / "locked" / "IM")
+    shutil.copy(archive / "s1" / "IM1", archive / "DELETE_ME")
+    real_scandir = os.scandir
+
+    def scandir(path: str):  # a folder this (root) process could read, denied as for a user
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(discover.os, "scandir", scandir)
+    out = tmp_path / "hostile"
+    run_scan(ScanConfig(archive=archive, out=out, workers=2, prepare=deleting_prepare))
+    images = _images(out)
+    assert images.loc["rg1_truncated", "status"] == "failed"
+    assert images.loc["huge", ["status", "reason"]].tolist() == ["failed", "too_large"]
+    assert images.loc["locked/", "reason"] == "unreadable_dir:permission_denied"
+    assert images.loc["DELETE_ME", ["status", "reason"]].tolist() == ["skipped", "unstable"]
+    clean = _images(clean_out)
+    pd.testing.assert_series_equal(images.loc[clean.index, "score"], clean["score"])
+    assert len(images) == len(clean) + 4
