@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse images declaring more pixel data than this",
     )
     scan.add_argument(
+        "--full-resolution",
+        action="store_true",
+        help="decode every image at full resolution (slower; default: decode only what the "
+        "64 x 64 model input needs)",
+    )
+    scan.add_argument(
         "--file-timeout",
         type=_seconds,
         default=DEFAULT_FILE_TIMEOUT,
@@ -122,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _scan(args: argparse.Namespace) -> int:
+    from batchscan.decoders import DEFAULT_MIN_EDGE
     from batchscan.pipeline import ScanConfig
     from batchscan.runlock import LockHeldError
     from batchscan.scan import UsageError, run_scan
@@ -144,6 +151,7 @@ def _scan(args: argparse.Namespace) -> int:
         jit_compile=not args.no_xla,
         precision=args.precision,
         file_timeout=args.file_timeout,
+        min_edge=None if args.full_resolution else DEFAULT_MIN_EDGE,
     )
     try:
         result = run_scan(config)

@@ -13,7 +13,8 @@ because the training pictures were display images (exported JPEGs):
 3. VOI LUT, by pydicom: the VOI LUT Sequence if present, else the *first* window
    (Window Center/Width, with the VOI LUT Function). **Fallback** when neither exists or the
    window is invalid: a linear window from the 0.5th to the 99.5th percentile of the
-   image's non-padding pixels (robust to burnt-in labels and dead pixels).
+   image's non-padding pixels (robust to burnt-in labels and dead pixels), taken from the
+   image box-averaged to a short edge of ~64 px so that it does not depend on pixel count.
 4. Scaling of the VOI output range to [0, 1]; MONOCHROME1 is inverted (1 - x), so 0 is
    always black.
 5. Pixel padding (Pixel Padding Value, up to Pixel Padding Range Limit) is left out of the
@@ -26,6 +27,7 @@ table lookup: the same result as applying them pixel by pixel, at a fraction of 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -35,6 +37,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.pixels.decoders.base import get_decoder
 
+from batchscan.decoders import box_reduce, decode_reduced, reduction_level
 from batchscan.header import (
     HEAD_BYTES,
     StageOptions,
@@ -46,6 +49,8 @@ from batchscan.records import INTERPRETER_EXITS, ImageRecord
 
 #: Percentiles of the fallback window (used when the file has no VOI LUT and no window).
 FALLBACK_PERCENTILES: Final = (0.5, 99.5)
+#: Short edge (pixels) of the box-averaged image the fallback percentiles are taken from.
+FALLBACK_WINDOW_EDGE: Final = 64
 #: Integer images whose value range exceeds this use the direct (non-LUT) path.
 _MAX_LUT_ENTRIES: Final = 1 << 20
 
@@ -67,10 +72,14 @@ class DecodeError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class DisplayImage:
-    """A display-normalized picture: float32 in [0, 1], 0 = black, and how it was windowed."""
+    """A display-normalized picture: float32 in [0, 1], 0 = black, how it was windowed, by
+    which power of two it was reduced when decoded (1 = full resolution), and the sub-pixel
+    offset of its grid (for :func:`batchscan.preprocess.preprocess`)."""
 
     pixels: np.ndarray
     voi_source: str
+    scale: int = 1
+    offset: float = 0.0
 
 
 def read_dataset(path: str) -> Dataset:
@@ -129,27 +138,44 @@ def _decode_failure_reason(exc: BaseException) -> str:
     return f"decode_error:{type(exc).__name__}"
 
 
-def decode_pixels(ds: Dataset) -> np.ndarray:
-    """The stored pixel values of a single-frame grayscale image, as pydicom decodes them.
+def decode_pixels(ds: Dataset, min_edge: int | None = None) -> tuple[np.ndarray, int, float]:
+    """The stored values of a single-frame grayscale image, their scale and grid offset.
+
+    With `min_edge`, the image comes back reduced by a power of two (the scale) to the
+    smallest size whose short edge is still >= `min_edge`: decoded at that resolution by a
+    codec that can (:mod:`batchscan.decoders`), else decoded in full by pydicom and box
+    averaged. Without it, pydicom decodes at full resolution (scale 1). The offset is the
+    decoded grid's sub-pixel shift (see :mod:`batchscan.decoders`), for the preprocessing.
 
     Raises
     ------
     DecodeError
-        ``decode_error:<Exception>`` when the backend fails (truncated or corrupt data),
-        ``decode_error:shape`` when the result is not one 2-D frame.
+        ``truncated_pixel_data``, ``decode_error:<what>`` when the backend fails,
+        ``decode_error:shape`` when the result is not one 2-D frame; and the refusals of
+        :func:`check_decodable`.
     """
     check_decodable(ds)
-    try:
-        arr = ds.pixel_array
-    except DecodeError:
-        raise
-    except INTERPRETER_EXITS:
-        raise
-    except BaseException as exc:  # ValueError, RuntimeError, OSError, a Rust codec's panic...
-        raise DecodeError(_decode_failure_reason(exc), str(exc)) from exc
+    level, offset = 0, 0.0
+    reduced = decode_reduced(ds, min_edge) if min_edge else None
+    if reduced is not None:
+        arr, level, offset = reduced
+    else:
+        try:
+            arr = ds.pixel_array
+        except DecodeError:
+            raise
+        except INTERPRETER_EXITS:
+            raise
+        except BaseException as exc:  # ValueError, RuntimeError, OSError, a codec's panic...
+            raise DecodeError(_decode_failure_reason(exc), str(exc)) from exc
     if arr.ndim != 2:
         raise DecodeError("decode_error:shape", f"decoded shape {arr.shape}, expected 2-D")
-    return arr
+    if min_edge:
+        target = reduction_level(arr.shape[0] << level, arr.shape[1] << level, min_edge)
+        if target > level:
+            factor = 1 << (target - level)
+            arr, offset, level = box_reduce(arr, factor), offset / factor, target
+    return arr, 1 << level, offset
 
 
 def _padding_values(ds: Dataset) -> tuple[float, float] | None:
@@ -186,12 +212,15 @@ def _voi_range(ds: Dataset) -> tuple[float, float, str] | None:
 
 
 def _display_lut(
-    values: np.ndarray, counts: np.ndarray | None, padding: np.ndarray, ds: Dataset
+    values: np.ndarray,
+    padding: np.ndarray,
+    ds: Dataset,
+    fallback_window: Callable[[np.ndarray], tuple[float, float]],
 ) -> tuple[np.ndarray, str]:
     """Display value in [0, 1] for each stored value in `values` (same shape).
 
-    `counts` (how often each value occurs; None for the direct path, where `values` are the
-    pixels themselves) drives the fallback percentile window.
+    `fallback_window` maps the modality LUT (as a function of stored values) to the
+    percentile window; it is only called when the file has no usable VOI.
     """
     modality = np.asarray(apply_modality_lut(values, ds), dtype=np.float64)
     voi = None
@@ -204,28 +233,25 @@ def _display_lut(
     except (ValueError, TypeError, AttributeError, IndexError, KeyError):
         voi = None  # an invalid window or LUT: fall back as documented
     if voi is None:
-        keep = ~padding
-        if counts is None:
-            kept = modality[keep]
-            low, high = np.percentile(kept, FALLBACK_PERCENTILES) if kept.size else (0.0, 1.0)
-        else:
-            weights = np.where(keep, counts, 0).astype(np.float64)
-            total = weights.sum()
-            if total == 0:
-                low, high = float(modality.min()), float(modality.max())
-            else:
-                order = np.argsort(modality, kind="stable")
-                cumulative = np.cumsum(weights[order]) / total
-                pick = np.searchsorted(cumulative, np.asarray(FALLBACK_PERCENTILES) / 100.0)
-                low, high = modality[order][np.minimum(pick, order.size - 1)]
-        width = float(high - low) or 1.0
-        display = (modality - low) / width
+        low, high = fallback_window(modality)
+        display = (modality - low) / (float(high - low) or 1.0)
         source = "percentile"
     display = np.clip(display, 0.0, 1.0)
     if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
         display = 1.0 - display
     display[padding] = 0.0
     return display.astype(np.float32), source
+
+
+def window_sample(arr: np.ndarray) -> np.ndarray:
+    """The image box-averaged to a short edge of about :data:`FALLBACK_WINDOW_EDGE` pixels.
+
+    The fallback window is taken from this, not from the pixels themselves, so that it
+    depends on the anatomy and not on the pixel count: at full resolution detector noise
+    widens the extreme percentiles, and a 4000-px and a 2000-px detector (or a full and a
+    reduced decode) would otherwise get different contrast for the same picture.
+    """
+    return box_reduce(arr, 1 << reduction_level(*arr.shape, FALLBACK_WINDOW_EDGE))
 
 
 def normalize(arr: np.ndarray, ds: Dataset) -> DisplayImage:
@@ -243,34 +269,67 @@ def normalize(arr: np.ndarray, ds: Dataset) -> DisplayImage:
     DisplayImage
     """
     pad = _padding_values(ds)
+
+    def is_padding(stored: np.ndarray) -> np.ndarray:
+        if pad is None:
+            return np.zeros(stored.shape, dtype=bool)
+        return (stored >= pad[0]) & (stored <= pad[1])
+
+    sample = window_sample(arr)
     if arr.dtype.kind in "iu" and arr.size:
         low, high = int(arr.min()), int(arr.max())
         if high - low < _MAX_LUT_ENTRIES:
             values = np.arange(low, high + 1, dtype=np.int64)
             index = np.subtract(arr, low, dtype=np.int64 if arr.dtype.itemsize > 2 else np.int32)
-            counts = np.bincount(index.ravel(), minlength=values.size)
-            padding = (
-                (values >= pad[0]) & (values <= pad[1]) if pad else np.zeros(values.size, bool)
-            )
-            lut, source = _display_lut(values, counts, padding, ds)
+            padding = is_padding(values)
+            counts = np.bincount((sample.astype(np.int64) - low).ravel(), minlength=values.size)
+            weights = np.where(padding, 0, counts).astype(np.float64)
+
+            def from_histogram(modality: np.ndarray) -> tuple[float, float]:
+                total = weights.sum()
+                if total == 0:
+                    return float(modality.min()), float(modality.max())
+                order = np.argsort(modality, kind="stable")
+                cumulative = np.cumsum(weights[order]) / total
+                pick = np.searchsorted(cumulative, np.asarray(FALLBACK_PERCENTILES) / 100.0)
+                low_v, high_v = modality[order][np.minimum(pick, order.size - 1)]
+                return float(low_v), float(high_v)
+
+            lut, source = _display_lut(values, padding, ds, from_histogram)
             return DisplayImage(pixels=lut[index], voi_source=source)
     values = arr.astype(np.float64)
-    padding = (values >= pad[0]) & (values <= pad[1]) if pad else np.zeros(values.shape, bool)
-    pixels, source = _display_lut(values, None, padding, ds)
+
+    def from_sample(_: np.ndarray) -> tuple[float, float]:
+        kept = sample[~is_padding(sample)].astype(np.float64)
+        if not kept.size:
+            return 0.0, 1.0
+        modality = np.asarray(apply_modality_lut(kept, ds), dtype=np.float64)
+        low_v, high_v = np.percentile(modality, FALLBACK_PERCENTILES)
+        return float(low_v), float(high_v)
+
+    pixels, source = _display_lut(values, is_padding(values), ds, from_sample)
     return DisplayImage(pixels=pixels, voi_source=source)
 
 
-def display_image_of(ds: Dataset) -> DisplayImage:
-    """Decode and normalize one dataset (raises :class:`DecodeError`)."""
-    arr = decode_pixels(ds)
+def display_image_of(ds: Dataset, min_edge: int | None = None) -> DisplayImage:
+    """Decode (reduced to `min_edge`, see :func:`decode_pixels`) and normalize one dataset.
+
+    Raises
+    ------
+    DecodeError
+    """
+    arr, scale, offset = decode_pixels(ds, min_edge)
     try:
-        return normalize(arr, ds)
+        image = normalize(arr, ds)
     except Exception as exc:  # a LUT or value that pydicom cannot apply
         raise DecodeError(f"normalize_error:{type(exc).__name__}", str(exc)) from exc
+    return DisplayImage(
+        pixels=image.pixels, voi_source=image.voi_source, scale=scale, offset=offset
+    )
 
 
-def read_display_image(path: str) -> np.ndarray:
-    """Read a DICOM file and return its display picture (for training on DICOM folders).
+def read_display_image(path: str, min_edge: int | None = None) -> DisplayImage:
+    """Read a DICOM file and return its display picture (training folders, tests, jobs).
 
     Raises
     ------
@@ -285,7 +344,7 @@ def read_display_image(path: str) -> np.ndarray:
             raise
         except Exception as exc:
             raise DecodeError(f"read_error:{type(exc).__name__}", str(exc)) from exc
-        return display_image_of(ds).pixels
+        return display_image_of(ds, min_edge)
 
 
 def decode_record(record: ImageRecord, options: StageOptions) -> DisplayImage | None:
@@ -302,7 +361,7 @@ def decode_record(record: ImageRecord, options: StageOptions) -> DisplayImage | 
             declared = declared_pixel_bytes(ds)
             if declared is not None and declared > options.max_pixel_bytes:
                 raise DecodeError("too_large", f"declares {declared} bytes of pixels")
-            image = display_image_of(ds)
+            image = display_image_of(ds, options.min_edge)
         except DecodeError as exc:
             record.fail(exc.reason, exc.detail)
             return None
@@ -313,4 +372,5 @@ def decode_record(record: ImageRecord, options: StageOptions) -> DisplayImage | 
             record.fail(f"read_error:{type(exc).__name__}", str(exc))
             return None
     record.voi_source = image.voi_source
+    record.decode_scale = image.scale
     return image

@@ -43,6 +43,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from batchscan.decoders import DEFAULT_MIN_EDGE
 from batchscan.records import ImageRecord
 
 #: Media Storage Directory Storage: the SOP class of a DICOMDIR.
@@ -124,10 +125,14 @@ class StageOptions:
         Score every single-frame grayscale image, not only frontal chest radiographs.
     max_pixel_bytes:
         Refuse (``failed: too_large``) any image whose declared pixel data is larger.
+    min_edge:
+        Decode images down to this short edge (by powers of two) before normalizing, see
+        :mod:`batchscan.decoders`; None decodes and normalizes at full resolution.
     """
 
     all_modalities: bool = False
     max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES
+    min_edge: int | None = DEFAULT_MIN_EDGE
 
 
 def token(value: Any, default: str = "unknown", limit: int = 24) -> str:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from batchscan import __version__
+from batchscan.decoders import DEFAULT_MIN_EDGE
 from batchscan.dicom import decode_record
 from batchscan.discover import iter_files
 from batchscan.header import DEFAULT_MAX_PIXEL_BYTES, StageOptions, read_header
@@ -70,6 +71,9 @@ class ScanConfig:
         small enough to keep every worker busy to the end.
     file_timeout:
         Seconds a worker may spend on one file before it is killed (``failed: timeout``).
+    min_edge:
+        Decode images only down to this short edge (see :mod:`batchscan.decoders`); None
+        decodes at full resolution.
     prepare:
         The per-record stages run in the workers (default :func:`prepare_record`).
     """
@@ -86,6 +90,7 @@ class ScanConfig:
     jit_compile: bool = True
     precision: str = "auto"
     file_timeout: float = DEFAULT_FILE_TIMEOUT
+    min_edge: int | None = DEFAULT_MIN_EDGE
     prepare: PrepareRecord = field(default=None, repr=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -128,12 +133,30 @@ def prepare_record(record: ImageRecord, options: StageOptions) -> np.ndarray | N
     if image is None:
         return None
     try:
-        tensor = preprocess(image.pixels)
+        tensor = preprocess(image.pixels, image.offset)
     except Exception as exc:  # e.g. a degenerate 1 x N image
         record.fail(f"preprocess_error:{type(exc).__name__}", str(exc))
         return None
     if not _stable(record):  # rewritten while we read it: the pixels may be a mix
         return None
+    return tensor
+
+
+def model_input(path: str | Path, options: StageOptions) -> np.ndarray:
+    """The model input the scan job makes of one file (for jobs and tests).
+
+    Raises
+    ------
+    ValueError
+        If the file is skipped or fails, with its reason.
+    """
+    info = os.stat(path)
+    record = ImageRecord(
+        path=str(path), abs_path=str(path), size=info.st_size, mtime_ns=info.st_mtime_ns
+    )
+    tensor = prepare_record(record, options)
+    if tensor is None:
+        raise ValueError(f"{path}: {record.status} {record.reason}")
     return tensor
 
 

@@ -1,14 +1,19 @@
 """Canonical preprocessing: one display-normalized 2-D image -> one model input.
 
 Why one function: the CNN only ever saw PneumoniaMNIST images, which were made by
-centre-cropping the source radiograph to its short edge and resizing it to 28 x 28 uint8.
-If inference on a 2000-px radiograph took any other route (another crop, another filter, no
-8-bit quantization) the model would see pictures unlike those it was trained on. So the
-training job and the scan job both call :func:`preprocess`, and the steps are written down
-as :data:`PREPROCESSING_SPEC`, which the model card records and inference checks.
+centre-cropping the source radiograph to its short edge and resizing it to 28 x 28. If
+inference on a 2000-px radiograph took any other route (another crop, another filter) the
+model would see pictures unlike those it was trained on. So the training job and the scan
+job both call :func:`preprocess`, and the steps are written down as
+:data:`PREPROCESSING_SPEC`, which the model card records and inference checks.
 
-A 28 x 28 uint8 training image enters the very same function: its crop is a no-op, its
-resize to 28 x 28 is the identity and its quantization returns the same bytes.
+A 28 x 28 training image enters the very same function: its crop is a no-op and its resize
+to 28 x 28 is the identity.
+
+Version 2 dropped version 1's rounding of the 28 x 28 picture to uint8 levels: it was the
+identity on the training pictures, but on a radiograph it turned differences of 0.0001 in a
+pixel into a whole grey level, and the model's score moved by up to 0.02 between two
+equally valid decodes of the same file (full vs reduced resolution).
 """
 
 from __future__ import annotations
@@ -29,13 +34,15 @@ CHANNELS: Final = 3
 #: card names another spec is refused, because its scores would be meaningless here.
 PREPROCESSING_SPEC: Final[dict[str, Any]] = {
     "name": "batchscan-cxr",
-    "version": 1,
-    "input": "2-D display image, float in [0, 1], 0 = black (MONOCHROME2 sense)",
+    "version": 2,
+    "input": "2-D display image, float in [0, 1], 0 = black (MONOCHROME2 sense); uint8 "
+    "input is taken as x / 255",
     "steps": [
-        "centre-crop to the short edge (square)",
-        f"resize to {SOURCE_SIZE}x{SOURCE_SIZE} with Pillow BICUBIC (antialiased when reducing)",
-        "quantize to uint8: round(x * 255), clipped to [0, 255]",
-        f"resize to {INPUT_SIZE}x{INPUT_SIZE} with Pillow BILINEAR on x / 255 (float32)",
+        "centre-crop to the short edge (square; a decoder's sub-pixel origin offset is "
+        "compensated in the crop box)",
+        f"resize to {SOURCE_SIZE}x{SOURCE_SIZE} with Pillow BICUBIC (antialiased when reducing),"
+        " float32, clipped to [0, 1]",
+        f"resize to {INPUT_SIZE}x{INPUT_SIZE} with Pillow BILINEAR (float32), clipped to [0, 1]",
         f"repeat the channel {CHANNELS} times",
     ],
     "source_size": SOURCE_SIZE,
@@ -75,37 +82,55 @@ def centre_square(image: np.ndarray) -> np.ndarray:
     return image[top : top + side, left : left + side]
 
 
-def to_source_uint8(display: np.ndarray) -> np.ndarray:
-    """Steps 1-3 of the spec: crop, reduce to 28 x 28 and quantize like the training data.
+def to_source(display: np.ndarray, offset: float = 0.0) -> np.ndarray:
+    """Steps 1-2 of the spec: crop the centre square and reduce it to 28 x 28.
 
     Parameters
     ----------
     display:
         2-D array, float in [0, 1] (any float dtype) with 0 = black.
+    offset:
+        Where the decoder put the picture relative to the pixel grid, in pixels (a JPEG
+        2000 resolution level samples its pixels off centre, see
+        :mod:`batchscan.decoders.jpeg2000`), in [0, 1); the crop box is moved by it.
 
     Returns
     -------
     numpy.ndarray
-        (28, 28) uint8, the picture as the training data stores it.
+        (28, 28) float32 in [0, 1].
 
     Raises
     ------
     ValueError
-        If `display` is not a non-empty 2-D array.
+        If `display` is not a non-empty 2-D array, or `offset` is outside [0, 1).
     """
     if display.ndim != 2 or min(display.shape) < 1:
         raise ValueError(f"expected a non-empty 2-D image, got shape {display.shape}")
-    square = np.ascontiguousarray(centre_square(display), dtype=np.float32)
-    picture = Image.fromarray(square, mode="F")
-    if picture.size != (SOURCE_SIZE, SOURCE_SIZE):
-        picture = picture.resize((SOURCE_SIZE, SOURCE_SIZE), Image.Resampling.BICUBIC)
-    small = np.asarray(picture, dtype=np.float32)
-    return np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8)
+    if offset:
+        if not 0.0 <= offset < 1.0:
+            raise ValueError(f"offset must be in [0, 1), got {offset}")
+        rows, cols = display.shape
+        side = min(rows, cols)
+        top, left = (rows - side) // 2 + offset, (cols - side) // 2 + offset
+        # one replicated row and column, so that the shifted box stays inside the picture
+        padded = np.pad(np.asarray(display, dtype=np.float32), ((0, 1), (0, 1)), mode="edge")
+        picture = Image.fromarray(padded, mode="F")
+        picture = picture.resize(
+            (SOURCE_SIZE, SOURCE_SIZE),
+            Image.Resampling.BICUBIC,
+            box=(left, top, left + side, top + side),
+        )
+    else:
+        square = np.ascontiguousarray(centre_square(display), dtype=np.float32)
+        picture = Image.fromarray(square, mode="F")
+        if picture.size != (SOURCE_SIZE, SOURCE_SIZE):
+            picture = picture.resize((SOURCE_SIZE, SOURCE_SIZE), Image.Resampling.BICUBIC)
+    return np.clip(np.asarray(picture, dtype=np.float32), 0.0, 1.0)
 
 
 def source_to_input(source: np.ndarray) -> np.ndarray:
-    """Steps 4-5 of the spec: a (28, 28) uint8 picture -> (64, 64, 3) float32 in [0, 1]."""
-    picture = Image.fromarray(source.astype(np.float32) / 255.0, mode="F")
+    """Steps 3-4 of the spec: a (28, 28) picture in [0, 1] -> (64, 64, 3) float32 in [0, 1]."""
+    picture = Image.fromarray(np.ascontiguousarray(source, dtype=np.float32), mode="F")
     large = np.asarray(
         picture.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR), dtype=np.float32
     )
@@ -113,7 +138,7 @@ def source_to_input(source: np.ndarray) -> np.ndarray:
     return np.repeat(large[:, :, np.newaxis], CHANNELS, axis=2)
 
 
-def preprocess(display: np.ndarray) -> np.ndarray:
+def preprocess(display: np.ndarray, offset: float = 0.0) -> np.ndarray:
     """Turn one display-normalized image into the model input, as :data:`PREPROCESSING_SPEC`.
 
     This is the only route from pixels to model input, for training and inference alike.
@@ -123,6 +148,8 @@ def preprocess(display: np.ndarray) -> np.ndarray:
     display:
         2-D array, float in [0, 1], 0 = black; or a (28, 28) uint8 training picture, which
         is taken as ``display / 255``.
+    offset:
+        The decoder's sub-pixel origin offset (see :func:`to_source`); 0 for a full decode.
 
     Returns
     -------
@@ -136,7 +163,7 @@ def preprocess(display: np.ndarray) -> np.ndarray:
     """
     if display.dtype == np.uint8:
         display = display.astype(np.float32) / 255.0
-    return source_to_input(to_source_uint8(display))
+    return source_to_input(to_source(display, offset))
 
 
 def preprocess_many(images: np.ndarray | list[np.ndarray]) -> np.ndarray:

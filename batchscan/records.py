@@ -47,6 +47,8 @@ class ImageRecord:
         ``PA``, ``AP``, ``LL``... or ``unknown`` (an unknown view is scored and marked).
     view_source:
         Where the view came from: ``ViewPosition``, ``ViewCodeSequence``, ``description``.
+    decode_scale:
+        The power of two the image was reduced by when decoded (1 = full resolution).
     """
 
     path: str
@@ -70,6 +72,7 @@ class ImageRecord:
     accession_number: str | None = None
     study_date: str | None = None
     voi_source: str | None = None
+    decode_scale: int | None = None
     score: float | None = None
 
     def skip(self, reason: str, detail: str | None = None) -> ImageRecord:

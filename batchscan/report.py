@@ -43,6 +43,7 @@ IMAGES_SCHEMA: Final = pa.schema(
         pa.field("rows", pa.int32()),
         pa.field("columns", pa.int32()),
         pa.field("voi_source", pa.string()),
+        pa.field("decode_scale", pa.int32()),
         pa.field("accession_number", pa.string()),
         pa.field("study_date", pa.string()),
         pa.field("size", pa.int64()),

@@ -132,7 +132,7 @@ def read_image_file(path: Path) -> np.ndarray:
         head = handle.read(HEAD_BYTES)
     if looks_like_dicom(head) is not False:
         try:
-            return read_display_image(str(path))
+            return read_display_image(str(path)).pixels
         except DecodeError as exc:
             raise ValueError(f"{path}: {exc}") from exc
     from PIL import Image, UnidentifiedImageError

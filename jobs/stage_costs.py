@@ -25,6 +25,7 @@ import numpy as np
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
+from batchscan.decoders import DEFAULT_MIN_EDGE
 from batchscan.dicom import decode_pixels, normalize, read_dataset
 from batchscan.header import StageOptions, read_header
 from batchscan.preprocess import preprocess
@@ -46,9 +47,9 @@ def _header(path: Path) -> ImageRecord:
     return read_header(ImageRecord(path=path.name, abs_path=str(path)), StageOptions())
 
 
-def _decode(path: Path) -> tuple[Dataset, np.ndarray]:
+def _decode(path: Path, min_edge: int | None) -> tuple[Dataset, np.ndarray]:
     ds = read_dataset(str(path))
-    return ds, decode_pixels(ds)
+    return ds, decode_pixels(ds, min_edge)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,19 +62,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, "stage_costs: no files (pip install pydicom-data)\n")
     warnings.simplefilter("ignore")
     print(
-        f"{'file':<16} {'header':>8} {'decode':>8} {'normalize':>10} {'preprocess':>11} "
-        f"{'total':>8}  (ms per image, median of {args.repeat})"
+        f"{'file':<16} {'decoded at':>10} {'header':>8} {'decode':>8} {'normalize':>10} "
+        f"{'preprocess':>11} {'total':>8}  (ms per image, median of {args.repeat})"
     )
     for path in files:
         header_ms, _ = _median_ms(partial(_header, path), args.repeat)
-        decode_ms, (ds, arr) = _median_ms(partial(_decode, path), args.repeat)
-        normalize_ms, image = _median_ms(partial(normalize, arr, ds), args.repeat)
-        preprocess_ms, _ = _median_ms(partial(preprocess, image.pixels), args.repeat)
-        total = header_ms + decode_ms + normalize_ms + preprocess_ms
-        print(
-            f"{path.name:<16} {header_ms:8.2f} {decode_ms:8.1f} {normalize_ms:10.1f} "
-            f"{preprocess_ms:11.1f} {total:8.1f}"
-        )
+        for min_edge in (None, DEFAULT_MIN_EDGE):
+            decode_ms, (ds, arr) = _median_ms(partial(_decode, path, min_edge), args.repeat)
+            normalize_ms, image = _median_ms(partial(normalize, arr, ds), args.repeat)
+            preprocess_ms, _ = _median_ms(partial(preprocess, image.pixels), args.repeat)
+            total = header_ms + decode_ms + normalize_ms + preprocess_ms
+            size = f"{arr.shape[0]}x{arr.shape[1]}"
+            print(
+                f"{path.name:<16} {size:>10} {header_ms:8.2f} {decode_ms:8.1f} "
+                f"{normalize_ms:10.1f} {preprocess_ms:11.1f} {total:8.1f}"
+            )
     return 0
 
 

@@ -30,7 +30,7 @@ def picture() -> np.ndarray:
 
 
 def _tensor(path: Path) -> np.ndarray:
-    return preprocess(read_display_image(str(path)))
+    return preprocess(read_display_image(str(path)).pixels)
 
 
 @pytest.mark.parametrize("bits", [12, 15, 16])
@@ -63,9 +63,8 @@ def test_monochrome1_equals_monochrome2(tmp_path: Path, picture, window) -> None
     m1 = write_radiograph(
         tmp_path / "m1", picture, RadiographSpec(photometric="MONOCHROME1", window=mirrored)
     )
-    assert np.abs(_tensor(m1) - _tensor(m2)).max() <= 1.0 / 255 + 1e-6
-    if window is None:
-        assert np.array_equal(_tensor(m1), _tensor(m2))
+    # equal up to the rounding of stored values: rint(4095 x) vs 4095 - rint(4095 (1 - x))
+    assert np.abs(_tensor(m1) - _tensor(m2)).max() <= 1e-3
 
 
 @pytest.mark.parametrize(
@@ -77,7 +76,7 @@ def test_rg1_pairs_give_identical_tensors(a: str, b: str) -> None:
 
 def test_rg1_is_a_chest_with_dark_lungs() -> None:
     """RG1 is MONOCHROME1: after inversion its lung fields are darker than the mediastinum."""
-    display = read_display_image(str(real_file("RG1_UNCR.dcm")))
+    display = read_display_image(str(real_file("RG1_UNCR.dcm"))).pixels
     rows, cols = display.shape
     lung = display[rows // 3 : rows // 2, cols // 5 : cols // 3].mean()
     mediastinum = display[rows // 3 : rows // 2, cols // 2 - 40 : cols // 2 + 40].mean()

@@ -11,7 +11,7 @@ from batchscan.preprocess import (
     preprocess,
     preprocess_many,
     spec_is_supported,
-    to_source_uint8,
+    to_source,
 )
 
 
@@ -24,7 +24,8 @@ def test_output_is_model_input() -> None:
 
 def test_training_picture_passes_unchanged_to_source_stage() -> None:
     picture = np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8)
-    assert np.array_equal(to_source_uint8(picture.astype(np.float32) / 255.0), picture)
+    as_float = picture.astype(np.float32) / 255.0
+    assert np.array_equal(to_source(as_float), as_float)
     # uint8 input is taken as display / 255: the same tensor either way
     assert np.array_equal(preprocess(picture), preprocess(picture.astype(np.float32) / 255.0))
 
@@ -40,8 +41,22 @@ def test_large_image_matches_its_small_version() -> None:
     """A 2000 px picture and the same picture at 28 px give nearly the same model input."""
     yy, xx = np.mgrid[0:2000, 0:2000] / 2000.0
     big = (0.5 + 0.4 * np.sin(3 * xx) * np.cos(2 * yy)).astype(np.float32)
-    small = to_source_uint8(big)
+    small = to_source(big)
     assert np.abs(preprocess(big) - preprocess(small)).max() < 1e-6
+
+
+def test_offset_moves_the_crop_by_sub_pixels() -> None:
+    """A picture sampled half a pixel off the grid, given its offset, preprocesses like the
+    on-grid picture (what the JPEG 2000 decoder's offset is for)."""
+    xx = np.linspace(0.0, 1.0, 512, dtype=np.float64)
+    on_grid = np.sin(6 * xx)[None, :] * np.cos(5 * xx)[:, None] * 0.4 + 0.5
+    shifted_xx = xx - 0.5 / 511  # the same content sampled half a pixel earlier
+    shifted = np.sin(6 * shifted_xx)[None, :] * np.cos(5 * shifted_xx)[:, None] * 0.4 + 0.5
+    plain = np.abs(preprocess(on_grid.astype(np.float32)) - preprocess(shifted.astype(np.float32)))
+    fixed = np.abs(
+        preprocess(on_grid.astype(np.float32)) - preprocess(shifted.astype(np.float32), offset=0.5)
+    )
+    assert fixed.max() < plain.max() / 2
 
 
 def test_rejects_non_2d() -> None:

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchscan.cli import main
-from batchscan.dicom import read_display_image
+from batchscan.header import StageOptions
 from batchscan.model import load_model
-from batchscan.preprocess import preprocess
+from batchscan.pipeline import model_input
 from batchscan.runlock import report_dir_lock
 from batchscan.synth import write_demo_archive
 
@@ -96,7 +96,7 @@ def test_written_score_equals_model_on_preprocessed_image(scanned) -> None:
     images = pd.read_parquet(out / "images.parquet")
     scored = images[images["status"] == "scored"]
     model = load_model()
-    inputs = np.stack([preprocess(read_display_image(str(demo / p))) for p in scored["path"]])
+    inputs = np.stack([model_input(demo / p, StageOptions()) for p in scored["path"]])
     direct = model.keras_model.predict(inputs, verbose=0).reshape(-1)
     assert np.allclose(scored["score"].to_numpy(), direct, atol=1e-5)
     assert (images["model_version"] == model.version).all()

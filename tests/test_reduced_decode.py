@@ -1,0 +1,90 @@
+"""Reduced-resolution decoding: same scores as full decoding, on real and generated files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
+
+from batchscan.decoders import DEFAULT_MIN_EDGE, box_reduce, jpeg2000, reduction_level
+from batchscan.dicom import decode_pixels, read_dataset
+from batchscan.header import StageOptions
+from batchscan.model import load_model
+from batchscan.pipeline import model_input
+from batchscan.synth import RadiographSpec, chest_phantom, write_radiograph
+from tests.conftest import real_file
+
+FULL = StageOptions(min_edge=None)
+REDUCED = StageOptions()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model().keras_model
+
+
+def _scores(model, paths: list[Path], options: StageOptions) -> np.ndarray:
+    inputs = np.stack([model_input(p, options) for p in paths])
+    return model.predict(inputs, verbose=0).reshape(-1)
+
+
+def test_rg1_scores_agree_with_full_decoding(model) -> None:
+    paths = [real_file(n) for n in ("RG1_UNCR.dcm", "RG1_UNCI.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")]
+    full, reduced = _scores(model, paths, FULL), _scores(model, paths, REDUCED)
+    assert np.abs(full - reduced).max() <= 0.005, (full, reduced)
+
+
+def test_rg1_is_decoded_small(tmp_path: Path) -> None:
+    ds = read_dataset(str(real_file("RG1_J2KR.dcm")))
+    arr, scale, offset = decode_pixels(ds, DEFAULT_MIN_EDGE)
+    assert scale == 4 and min(arr.shape) >= DEFAULT_MIN_EDGE
+    assert offset == pytest.approx(0.25 / 2)  # one JPEG 2000 level (offset 0.25), then box x2
+
+
+@pytest.mark.parametrize(
+    "syntax", [JPEG2000Lossless, JPEG2000, JPEGBaseline8Bit, RLELossless], ids=lambda s: s.name
+)
+def test_generated_radiographs_agree(tmp_path: Path, model, syntax) -> None:
+    paths = []
+    for i in range(3):
+        picture = chest_phantom(1024, seed=40 + i, opacity=0.5 * i)
+        spec = RadiographSpec(transfer_syntax=syntax, window=(2048, 4096) if i else None)
+        paths.append(write_radiograph(tmp_path / f"im{i}", picture, spec))
+    full, reduced = _scores(model, paths, FULL), _scores(model, paths, REDUCED)
+    assert np.abs(full - reduced).max() <= 0.01, (full, reduced)
+
+
+def test_jpeg2000_levels_match_box_averages(tmp_path: Path) -> None:
+    """Pillow's reduced decode, once its 16-bit scaling is undone, is a low-pass of the
+    same picture: close to the box average of the full decode, never off in scale."""
+    path = write_radiograph(
+        tmp_path / "j2k",
+        chest_phantom(512, seed=2),
+        RadiographSpec(transfer_syntax=JPEG2000Lossless, bits_stored=12),
+    )
+    ds = read_dataset(str(path))
+    full = ds.pixel_array
+    from batchscan.decoders import first_frame
+
+    for level in (1, 2):
+        reduced, used, offset = jpeg2000.decode(first_frame(ds), ds, level)
+        assert used == min(level, jpeg2000.MAX_LEVEL) and offset == 0.25
+        box = box_reduce(full, 2**used).astype(np.int64)
+        assert abs(reduced.astype(np.int64).mean() - box.mean()) < 0.01 * box.mean()
+
+
+def test_pillow_rounding_limits_levels() -> None:
+    assert jpeg2000._pillow_agrees(2048, 3)
+    assert not jpeg2000._pillow_agrees(1841, 2)  # ceil 461, Pillow 460: would fail to decode
+
+
+def test_reduction_level_and_box_reduce() -> None:
+    assert reduction_level(2048, 2048, 224) == 3
+    assert reduction_level(1955, 1841, 224) == 3
+    assert reduction_level(200, 2000, 224) == 0
+    arr = np.arange(16, dtype=np.uint16).reshape(4, 4)
+    assert box_reduce(arr, 2).tolist() == [[3, 5], [11, 13]]  # rounded block means
+    signed = np.array([[-3, -1], [1, 3]], dtype=np.int16)
+    assert box_reduce(signed, 2).tolist() == [[0]]
