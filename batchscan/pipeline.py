@@ -2,14 +2,15 @@
 
 Shape of a run::
 
-    iter_files (main, streaming)
+    iter_files (main, streaming) -> files unchanged since the last run are left out
+      (the incremental state, :mod:`batchscan.state`, done by the caller)
       -> tasks of records -> WorkerPool (forkserver; crash/timeout isolation per file)
          running prepare_record: header -> decode + normalize -> preprocess
          (no TensorFlow in workers)
       -> at most 2 tasks per worker in flight (memory bounded; decoding overlaps inference)
       -> InferenceBuffer: model inputs gathered to --batch-size, scored in one call
-      -> ImagesWriter streams rows to a temporary images.parquet
-      -> at the end: aggregate studies, write studies.parquet/csv + manifest, publish all.
+      -> finished records go to a sink (the state, committed in checkpoints)
+      -> at the end (caller): aggregate touched studies, write reports from the state.
 
 :func:`prepare_batch` and :func:`score_prepared` are functions over batches of records,
 the shape a distributed engine (Ray Data ``map_batches``) runs as well.
@@ -26,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,6 @@ import numpy as np
 from batchscan import __version__
 from batchscan.decoders import DEFAULT_MIN_EDGE
 from batchscan.dicom import decode_record
-from batchscan.discover import iter_files
 from batchscan.header import DEFAULT_MAX_PIXEL_BYTES, StageOptions, read_header
 from batchscan.preprocess import preprocess
 from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord
@@ -76,6 +76,12 @@ class ScanConfig:
         decodes at full resolution.
     prepare:
         The per-record stages run in the workers (default :func:`prepare_record`).
+    state:
+        The incremental state database (default ``REPORT_DIR/state.sqlite``).
+    pseudonym_key:
+        Key of the ``patient_key`` HMAC, or None for no patient key at all.
+    checkpoint_seconds:
+        Seconds between commits of finished records to the state.
     """
 
     archive: Path
@@ -92,6 +98,9 @@ class ScanConfig:
     file_timeout: float = DEFAULT_FILE_TIMEOUT
     min_edge: int | None = DEFAULT_MIN_EDGE
     prepare: PrepareRecord = field(default=None, repr=False)  # type: ignore[assignment]
+    state: Path | None = None
+    pseudonym_key: bytes | None = field(default=None, repr=False)
+    checkpoint_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         if self.prepare is None:  # the real stages; tests inject faulty ones
@@ -101,8 +110,16 @@ class ScanConfig:
     def stage_options(self) -> StageOptions:
         """The options the per-file stages see."""
         return StageOptions(
-            all_modalities=self.all_modalities, max_pixel_bytes=self.max_pixel_bytes
+            all_modalities=self.all_modalities,
+            max_pixel_bytes=self.max_pixel_bytes,
+            min_edge=self.min_edge,
+            pseudonym_key=self.pseudonym_key,
         )
+
+    @property
+    def state_path(self) -> Path:
+        """Where the incremental state lives."""
+        return self.state if self.state is not None else self.out / "state.sqlite"
 
 
 def _stable(record: ImageRecord) -> bool:
@@ -221,6 +238,7 @@ class RunStats:
 
     found: int = 0
     done: int = 0
+    reused: int = 0
     by_status: Counter[str] = field(default_factory=Counter)
     by_reason: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.perf_counter)
@@ -250,8 +268,13 @@ def _prepared_stream(
             on_found(len(chunk))
             yield chunk
 
+    tasks = counted()
+    first = next(tasks, None)
+    if first is None:  # nothing new in the archive: no worker is started
+        return
+    tasks = chain([first], tasks)
     if config.workers == 0:
-        for chunk in counted():
+        for chunk in tasks:
             yield run_task(chunk, options, config.prepare)
         return
     context = multiprocessing.get_context("forkserver")
@@ -259,24 +282,27 @@ def _prepared_stream(
     with WorkerPool(
         context, config.workers, options, config.prepare, file_timeout=config.file_timeout
     ) as pool:
-        yield from pool.run(counted())
+        yield from pool.run(tasks)
 
 
 def run_local(
     config: ScanConfig,
+    records: Iterable[ImageRecord],
     score: Callable[[np.ndarray], np.ndarray],
     sink: Callable[[list[ImageRecord]], None],
     progress: Callable[[RunStats], None] | None = None,
+    stats: RunStats | None = None,
 ) -> RunStats:
-    """Run every file of the archive through the stages and `score`; finished records go to
-    `sink` (in completion order). Returns the counts; checks the accounting invariant.
+    """Run `records` (a stream from discovery) through the stages and `score`; finished
+    records go to `sink` (in completion order). Returns the counts; checks the accounting
+    invariant.
 
     Raises
     ------
     RuntimeError
-        If scored + skipped + failed != files found (a bug: a record was lost).
+        If scored + skipped + failed != records in (a bug: a record was lost).
     """
-    stats = RunStats()
+    stats = stats if stats is not None else RunStats()
 
     def finished(records: list[ImageRecord]) -> None:
         stats.count(records)
@@ -288,7 +314,7 @@ def run_local(
         stats.found += n
 
     buffer = InferenceBuffer(score, config.batch_size, finished)
-    for prepared in _prepared_stream(config, iter_files(config.archive), found):
+    for prepared in _prepared_stream(config, iter(records), found):
         buffer.add(prepared)
     buffer.flush()
     decided = stats.by_status[SCORED] + stats.by_status[SKIPPED] + stats.by_status[FAILED]
@@ -308,30 +334,42 @@ def new_run_id() -> str:
 def manifest_for(
     config: ScanConfig,
     stats: RunStats,
+    totals: tuple[int, Counter[str], Counter[str]],
     run_id: str,
     started_at: str,
     model: dict[str, Any],
     engine: dict[str, Any],
 ) -> dict[str, Any]:
-    """The run manifest: what ran, on what, with which outcome."""
+    """The run manifest: what ran, on what, with which outcome.
+
+    `totals` (files, counts by status, counts by reason) describe the reports, i.e. the whole
+    archive; `stats` the work this run did (files processed, reused from the state).
+    """
     seconds = stats.seconds
     scored = stats.by_status[SCORED]
+    files, by_status, by_reason = totals
     arguments = {
         k: (str(v) if isinstance(v, Path) else v)
         for k, v in asdict(config).items()
-        if k != "prepare"
+        if k not in ("prepare", "pseudonym_key")
     }
+    arguments["pseudonym_key"] = "set" if config.pseudonym_key is not None else None
     return {
         "run_id": run_id,
         "started_at": started_at,
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
         "arguments": arguments,
-        "files_found": stats.found,
-        "counts_by_status": {s: stats.by_status[s] for s in (SCORED, SKIPPED, FAILED)},
-        "counts_by_reason": dict(sorted(stats.by_reason.items())),
+        "files_found": files,
+        "files_processed": stats.found,
+        "files_reused": stats.reused,
+        "counts_by_status": {s: by_status[s] for s in (SCORED, SKIPPED, FAILED)},
+        "counts_by_reason": dict(sorted(by_reason.items())),
+        "images_scored_this_run": scored,
         "images_per_second": round(scored / seconds, 2) if seconds > 0 else None,
-        "files_per_second": round(stats.found / seconds, 2) if seconds > 0 else None,
+        "files_per_second": round((stats.found + stats.reused) / seconds, 2)
+        if seconds > 0
+        else None,
         "model": model,
         "engine": engine,
         "code_version": __version__,

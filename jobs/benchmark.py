@@ -19,9 +19,11 @@ JPEG baseline 8-bit) and measures, in the same run:
            at reduced resolution, normalize, preprocess)
   infer    inference alone (images/s of the model on random inputs, batch 256)
 
-Every rate of a command is marginal between an archive of --small and one of --large files,
+Every rate of a command is marginal between an archive of --small files and a larger one,
 (large - small) / (t_large - t_small), so start-up (Python, TensorFlow, XLA compile, worker
-start) cancels; start-up is reported separately as t_small - small / rate.
+start) cancels; start-up is reported separately as t_small - small / rate. The larger archive
+holds at least --large files and enough for about --seconds of work at the rate the per-image
+costs predict (at most --small + --max-files).
 
 --memory: peak RSS of ``batchscan scan`` on archives of a quarter of --memory-files and of
 --memory-files files (small uncompressed images, hardlinked), to show it is flat in size.
@@ -54,6 +56,7 @@ from pydicom.uid import (
 )
 
 from batchscan.header import StageOptions
+from batchscan.model import native_stderr_silenced
 from batchscan.pipeline import default_workers, model_input
 from batchscan.synth import RadiographSpec, chest_phantom, write_radiograph
 
@@ -68,23 +71,42 @@ SYNTAXES = {
 
 
 def write_archive(root: Path, syntax: str, count: int, size: int) -> list[Path]:
-    """`count` radiographs (4 distinct pictures, half with an opacity) in `syntax`."""
-    pictures = [chest_phantom(size, seed=i, opacity=0.8 * (i % 2)) for i in range(4)]
-    paths = []
-    for i in range(count):
+    """`count` files in `syntax`: 8 distinct radiographs (half with an opacity), hardlinked.
+
+    Hardlinks keep a large archive cheap to write and store; the files are read from the page
+    cache either way, so the benchmark measures CPU cost, not the disk.
+    """
+    pictures = [chest_phantom(size, seed=i, opacity=0.8 * (i % 2)) for i in range(8)]
+    distinct = []
+    for i, picture in enumerate(pictures):
         spec = RadiographSpec(transfer_syntax=syntax, bits_stored=12, window=(2048, 4096))
         if syntax == JPEGBaseline8Bit:
             spec.window = (128, 256)
-        paths.append(write_radiograph(root / f"{i:05d}", pictures[i % 4], spec))
-    return paths
+        distinct.append(write_radiograph(root / "distinct" / f"{i:05d}", picture, spec))
+    return [link(distinct[i % len(distinct)], root / "all" / f"{i:05d}") for i in range(count)]
+
+
+def link(source: Path, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.link(source, target)
+    return target
 
 
 def subset(paths: list[Path], count: int, root: Path) -> Path:
     """A folder of hardlinks to the first `count` files (same bytes, no copy)."""
-    root.mkdir(parents=True)
     for path in paths[:count]:
-        os.link(path, root / path.name)
+        link(path, root / path.name)
     return root
+
+
+def sizes(args: argparse.Namespace, seconds_per_file: float) -> tuple[int, int]:
+    """(small, large) archive sizes whose difference takes about --seconds to process.
+
+    A fixed difference would be lost in the noise of start-up for cheap syntaxes and take
+    minutes for expensive ones; the estimate comes from the per-image costs measured first.
+    """
+    extra = round(args.seconds / max(seconds_per_file, 1e-6))
+    return args.small, args.small + max(args.large - args.small, min(extra, args.max_files))
 
 
 def timed(action: Callable[[], object]) -> float:
@@ -146,30 +168,35 @@ def measure_syntax(name: str, args: argparse.Namespace, cores: int, model: objec
     """One table row: every rate for one transfer syntax, on a fresh archive."""
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        paths = write_archive(root / "all", SYNTAXES[name], args.large, args.size)
-        small, large = subset(paths, args.small, root / "small"), root / "all"
-        n_small, n_large, out = args.small, args.large, root / "out"
-        rates = {
-            "naive": marginal(
-                n_small,
-                timed(partial(naive_loop, paths[:n_small], model)),
-                n_large,
-                timed(partial(naive_loop, paths, model)),
-            )
+        paths = write_archive(root, SYNTAXES[name], args.small + args.max_files, args.size)
+        decode_s = per_image_seconds(paths, lambda p: pydicom.dcmread(p).pixel_array)
+        prepare_s = per_image_seconds(paths, partial(model_input, options=StageOptions()))
+        full_options = StageOptions(min_edge=None)
+        full_s = per_image_seconds(paths, partial(model_input, options=full_options))
+        out = root / "out"
+        estimates = {  # seconds per file, to size the archives
+            "naive": decode_s + 0.04,
+            "scan": prepare_s / cores,
+            "full": full_s / cores,
+            "one": prepare_s,
         }
+        rates = {}
         for key, extra in (
+            ("naive", None),
             ("scan", ()),
             ("full", ("--full-resolution",)),
             ("one", ("--workers", "1")),
         ):
-            rates[key] = marginal(
-                n_small,
-                timed(partial(run_scan, small, out, *extra)),
-                n_large,
-                timed(partial(run_scan, large, out, *extra)),
-            )
-        decode_s = per_image_seconds(paths, lambda p: pydicom.dcmread(p).pixel_array)
-        prepare_s = per_image_seconds(paths, partial(model_input, options=StageOptions()))
+            n_small, n_large = sizes(args, estimates[key])
+            if extra is None:
+                t_small = timed(partial(naive_loop, paths[:n_small], model))
+                t_large = timed(partial(naive_loop, paths[:n_large], model))
+            else:
+                small = subset(paths, n_small, root / f"{key}-small")
+                large = subset(paths, n_large, root / f"{key}-large")
+                t_small = timed(partial(run_scan, small, out, *extra))
+                t_large = timed(partial(run_scan, large, out, *extra))
+            rates[key] = marginal(n_small, t_small, n_large, t_large)
     scan, naive, full, one = (rates[k][0] for k in ("scan", "naive", "full", "one"))
     decode_limit, prepare_limit = cores / decode_s, cores / prepare_s
     return (
@@ -186,8 +213,8 @@ def benchmark(args: argparse.Namespace) -> None:
     cores = default_workers()
     model = load_model().keras_model
     print(
-        f"# {args.size} x {args.size} px radiographs; {cores} cores; rates are marginal "
-        f"between {args.small} and {args.large} files; images/s"
+        f"# {args.size} x {args.size} px radiographs; {cores} cores; images/s, marginal "
+        f"between {args.small} files and enough more for ~{args.seconds:g} s of work"
     )
     print(f"inference alone (batch 256, XLA): {inference_rate():.0f} images/s")
     print(
@@ -238,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", type=int, default=8)
     parser.add_argument("--large", type=int, default=24)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--max-files", type=int, default=2000)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--syntaxes", default=",".join(SYNTAXES))
     parser.add_argument("--memory", action="store_true")
@@ -246,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory:
         memory(args)
     else:
-        benchmark(args)
+        with native_stderr_silenced():  # TensorFlow's C++ start-up and XLA lines
+            benchmark(args)
     return 0
 
 

@@ -88,3 +88,28 @@ def test_reduction_level_and_box_reduce() -> None:
     assert box_reduce(arr, 2).tolist() == [[3, 5], [11, 13]]  # rounded block means
     signed = np.array([[-3, -1], [1, 3]], dtype=np.int16)
     assert box_reduce(signed, 2).tolist() == [[0]]
+
+
+def test_scan_decodes_reduced_unless_full_resolution(tmp_path: Path) -> None:
+    """The command line's --full-resolution reaches the workers; both paths score alike."""
+    import shutil
+
+    import pandas as pd
+
+    from batchscan.cli import main
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for name in ("RG1_UNCR.dcm", "RG1_J2KI.dcm"):
+        shutil.copy(real_file(name), archive / name)
+    frames = {}
+    for label, extra in (("reduced", []), ("full", ["--full-resolution"])):
+        out = tmp_path / label
+        argv = ["scan", str(archive), "--out", str(out), "--workers", "1", "--no-progress"]
+        assert main(argv + extra) == 0
+        frames[label] = pd.read_parquet(out / "images.parquet").sort_values("path")
+    assert (frames["full"]["decode_scale"] == 1).all()
+    assert (frames["reduced"]["decode_scale"] > 1).all()
+    assert (frames["full"]["status"] == "scored").all()
+    delta = frames["full"]["score"].to_numpy() - frames["reduced"]["score"].to_numpy()
+    assert np.abs(delta).max() <= 0.005
