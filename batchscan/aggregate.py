@@ -36,7 +36,8 @@ def aggregate_studies(images: pd.DataFrame, threshold: float, model_version: str
     pandas.DataFrame
         Columns ``study_instance_uid``, ``score``, ``flag``, ``score_basis``,
         ``n_images_scored``, ``n_images_total``, ``views``, ``accession_number``,
-        ``study_date``, ``model_version``; sorted by study UID.
+        ``study_date``, ``patient_key`` (None unless the images carry one), ``model_version``;
+        sorted by study UID.
     """
     columns = [
         "study_instance_uid",
@@ -48,6 +49,7 @@ def aggregate_studies(images: pd.DataFrame, threshold: float, model_version: str
         "views",
         "accession_number",
         "study_date",
+        "patient_key",
         "model_version",
     ]
     known = images[images["study_instance_uid"].notna()]
@@ -72,6 +74,9 @@ def aggregate_studies(images: pd.DataFrame, threshold: float, model_version: str
             "views": grouped["view"].agg(lambda v: ",".join(sorted({x for x in v.dropna()}))),
             "accession_number": grouped["accession_number"].agg(first),
             "study_date": grouped["study_date"].agg(first),
+            "patient_key": grouped["patient_key"].agg(first)
+            if "patient_key" in known
+            else pd.Series(None, index=any_max.index, dtype=object),
         }
     ).reindex(any_max.index)
     out = pd.DataFrame(
@@ -88,6 +93,7 @@ def aggregate_studies(images: pd.DataFrame, threshold: float, model_version: str
             "views": facts["views"].to_numpy(dtype=object),
             "accession_number": facts["accession_number"].to_numpy(dtype=object),
             "study_date": facts["study_date"].to_numpy(dtype=object),
+            "patient_key": facts["patient_key"].to_numpy(dtype=object),
             "model_version": model_version,
         }
     )

@@ -33,9 +33,11 @@ they cannot be the 2-D grayscale picture the model was trained on.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import pydicom
@@ -128,11 +130,25 @@ class StageOptions:
     min_edge:
         Decode images down to this short edge (by powers of two) before normalizing, see
         :mod:`batchscan.decoders`; None decodes and normalizes at full resolution.
+    pseudonym_key:
+        The site's pseudonymisation key: when set, each record gets ``patient_key``, the
+        HMAC-SHA256 of its PatientID (see :func:`patient_key`); when None nothing about the
+        patient is read.
     """
 
     all_modalities: bool = False
     max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES
     min_edge: int | None = DEFAULT_MIN_EDGE
+    pseudonym_key: bytes | None = field(default=None, repr=False)
+
+
+def patient_key(patient_id: str, key: bytes) -> str | None:
+    """HMAC-SHA256 of a PatientID (hex), stable across runs for the same key; None when the
+    file has no PatientID. Without the key the PatientID cannot be recovered or guessed by
+    hashing candidate IDs, which a plain hash would allow."""
+    if not patient_id:
+        return None
+    return hmac.new(key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
 def token(value: Any, default: str = "unknown", limit: int = 24) -> str:
@@ -300,6 +316,8 @@ def header_problem(ds: Dataset) -> tuple[str, str] | None:
 def classify(record: ImageRecord, ds: Dataset, options: StageOptions) -> ImageRecord:
     """Decide eligibility of one parsed header; the record stays ``pending`` when eligible."""
     _fill_identity(record, ds)
+    if options.pseudonym_key is not None:
+        record.patient_key = patient_key(_text(ds, "PatientID"), options.pseudonym_key)
     meta = getattr(ds, "file_meta", None)
     if (meta is not None and _text(meta, "MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS) or (
         "DirectoryRecordSequence" in ds

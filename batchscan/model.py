@@ -197,6 +197,35 @@ def model_version(model_path: Path) -> str:
     return f"{model_path.stem}-{sha256_of(model_path)[:12]}"
 
 
+@dataclass(frozen=True, slots=True)
+class ModelCard:
+    """A model file checked against its card, without loading TensorFlow.
+
+    A run whose archive has nothing new needs the version (to know what is still valid) and
+    the threshold, but never the network: it does not pay TensorFlow's start-up.
+    """
+
+    card: dict[str, Any]
+    path: Path
+    version: str
+    threshold: float
+
+
+def check_model(model_path: Path | None = None) -> ModelCard:
+    """Check a model file and its card (see :func:`read_card`) without loading it.
+
+    Raises
+    ------
+    ModelError
+        As :func:`read_card`.
+    """
+    path = Path(model_path) if model_path is not None else default_model_path()
+    card = read_card(path)
+    return ModelCard(
+        card=card, path=path, version=model_version(path), threshold=float(card["threshold"])
+    )
+
+
 def load_model(model_path: Path | None = None) -> LoadedModel:
     """Load a model and its card for inference.
 
@@ -215,8 +244,8 @@ def load_model(model_path: Path | None = None) -> LoadedModel:
         As :func:`read_card`, or when Keras cannot read the file or the model's input is not
         64 x 64 x 3.
     """
-    path = Path(model_path) if model_path is not None else default_model_path()
-    card = read_card(path)
+    checked = check_model(model_path)
+    path, card = checked.path, checked.card
     keras = import_keras()
     try:
         keras_model = keras.saving.load_model(path, compile=False)
@@ -229,6 +258,6 @@ def load_model(model_path: Path | None = None) -> LoadedModel:
         keras_model=keras_model,
         card=card,
         path=path,
-        version=model_version(path),
-        threshold=float(card["threshold"]),
+        version=checked.version,
+        threshold=checked.threshold,
     )

@@ -49,6 +49,9 @@ class ImageRecord:
         Where the view came from: ``ViewPosition``, ``ViewCodeSequence``, ``description``.
     decode_scale:
         The power of two the image was reduced by when decoded (1 = full resolution).
+    patient_key:
+        HMAC-SHA256 of PatientID under the site's pseudonymisation key, only when one is
+        configured (the PatientID itself never leaves the header stage).
     """
 
     path: str
@@ -73,6 +76,7 @@ class ImageRecord:
     study_date: str | None = None
     voi_source: str | None = None
     decode_scale: int | None = None
+    patient_key: str | None = None
     score: float | None = None
 
     def skip(self, reason: str, detail: str | None = None) -> ImageRecord:

@@ -2,9 +2,10 @@
 
 Dashboards poll REPORT_DIR, so a reader must never see a half-written file: every report is
 written to a hidden temporary file in REPORT_DIR (same filesystem), flushed to disk and then
-moved over the old one with ``os.replace``, which is atomic on POSIX. The image rows stream
-into their temporary Parquet file in row groups while the run goes on, so memory does not
-grow with the archive; the previous reports stay in place until the run ends.
+moved over the old one with ``os.replace``, which is atomic on POSIX. The rows come from
+the incremental state (:mod:`batchscan.state`) in chunks and stream into the temporary files
+in row groups, so memory does not grow with the archive; the previous reports stay in place
+until the run ends. ``runs.parquet`` holds the run history, one row per run.
 
 The Arrow schemas are explicit: every column has its type, none is ``object``.
 """
@@ -14,16 +15,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Final
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-
-from batchscan.records import ImageRecord
 
 IMAGES_SCHEMA: Final = pa.schema(
     [
@@ -68,14 +65,32 @@ STUDIES_SCHEMA: Final = pa.schema(
     ]
 )
 
+RUNS_SCHEMA: Final = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("started_at", pa.string(), nullable=False),
+        pa.field("finished_at", pa.string()),
+        pa.field("outcome", pa.string(), nullable=False),
+        pa.field("files_found", pa.int64()),
+        pa.field("files_processed", pa.int64()),
+        pa.field("files_reused", pa.int64()),
+        pa.field("files_removed", pa.int64()),
+        pa.field("scored", pa.int64()),
+        pa.field("skipped", pa.int64()),
+        pa.field("failed", pa.int64()),
+        pa.field("images_scored_this_run", pa.int64()),
+        pa.field("images_per_second", pa.float64()),
+        pa.field("seconds", pa.float64()),
+        pa.field("model_version", pa.string()),
+        pa.field("code_version", pa.string()),
+    ]
+)
+
 IMAGES_FILE: Final = "images.parquet"
 STUDIES_FILE: Final = "studies.parquet"
 STUDIES_CSV: Final = "studies.csv"
 MANIFEST_FILE: Final = "manifest.json"
-
-_RECORD_FIELDS: Final = {f.name for f in fields(ImageRecord)}
-_IMAGE_COLUMNS: Final = [name for name in IMAGES_SCHEMA.names if name != "model_version"]
-assert set(_IMAGE_COLUMNS) <= _RECORD_FIELDS
+RUNS_FILE: Final = "runs.parquet"
 
 
 def temporary_path(final: Path, run_id: str) -> Path:
@@ -106,73 +121,64 @@ def publish(temporary: Path, final: Path) -> None:
         os.close(directory)
 
 
-class ImagesWriter:
-    """Streams image rows into a temporary Parquet file, in row groups.
+def with_patient_key(schema: pa.Schema, enabled: bool) -> pa.Schema:
+    """`schema` with a ``patient_key`` column before ``model_version`` when pseudonymisation
+    is configured; without a key the column does not exist at all."""
+    if not enabled:
+        return schema
+    position = schema.get_field_index("model_version")
+    return schema.insert(position, pa.field("patient_key", pa.string()))
 
-    Parameters
-    ----------
-    out_dir:
-        REPORT_DIR.
-    run_id:
-        Names the temporary file, so two runs never share one.
-    model_version:
-        Written on every row.
-    row_group:
-        Rows buffered before a row group is written.
+
+def _write_parquet(
+    parts: Iterable[dict[str, list[Any]]], schema: pa.Schema, final: Path, run_id: str
+) -> tuple[Path, Path]:
+    """Stream column chunks into a temporary Parquet file; returns (temporary, final)."""
+    temporary = temporary_path(final, run_id)
+    with pq.ParquetWriter(temporary, schema, compression="zstd") as writer:
+        for part in parts:
+            writer.write_table(_table(part, schema))
+    return temporary, final
+
+
+def _table(part: dict[str, list[Any]], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pydict({name: part[name] for name in schema.names}, schema=schema)
+
+
+def write_images(
+    parts: Iterable[dict[str, list[Any]]], out_dir: Path, run_id: str, *, patient_key: bool
+) -> tuple[Path, Path]:
+    """Write ``images.parquet`` (to a temporary file) from column chunks of file rows.
+
+    Streams: memory holds one chunk, whatever the size of the archive.
     """
-
-    def __init__(self, out_dir: Path, run_id: str, model_version: str, row_group: int = 8192):
-        self.final = out_dir / IMAGES_FILE
-        self.temporary = temporary_path(self.final, run_id)
-        self.model_version = model_version
-        self.row_group = row_group
-        self._rows: list[ImageRecord] = []
-        self._writer = pq.ParquetWriter(self.temporary, IMAGES_SCHEMA, compression="zstd")
-        self.rows_written = 0
-
-    def add(self, records: Iterable[ImageRecord]) -> None:
-        """Queue finished records; writes a row group when enough are queued."""
-        self._rows.extend(records)
-        if len(self._rows) >= self.row_group:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._rows:
-            return
-        columns: dict[str, list[Any]] = {
-            name: [getattr(r, name) for r in self._rows] for name in _IMAGE_COLUMNS
-        }
-        columns["model_version"] = [self.model_version] * len(self._rows)
-        self._writer.write_table(pa.Table.from_pydict(columns, schema=IMAGES_SCHEMA))
-        self.rows_written += len(self._rows)
-        self._rows = []
-
-    def close(self) -> Path:
-        """Write what is queued and close; returns the temporary file (not yet published)."""
-        self._flush()
-        self._writer.close()
-        return self.temporary
-
-    def abort(self) -> None:
-        """Close and delete the temporary file (the previous report stays)."""
-        try:
-            self._writer.close()
-        finally:
-            self.temporary.unlink(missing_ok=True)
+    schema = with_patient_key(IMAGES_SCHEMA, patient_key)
+    return _write_parquet(parts, schema, out_dir / IMAGES_FILE, run_id)
 
 
-def study_table(studies: pd.DataFrame) -> pa.Table:
-    """The studies frame as an Arrow table of :data:`STUDIES_SCHEMA`."""
-    return pa.Table.from_pandas(studies, schema=STUDIES_SCHEMA, preserve_index=False)
-
-
-def write_studies(table: pa.Table, out_dir: Path, run_id: str) -> list[tuple[Path, Path]]:
-    """Write the studies as Parquet and CSV to temporary files; returns (temporary, final)."""
+def write_studies(
+    parts: Iterable[dict[str, list[Any]]], out_dir: Path, run_id: str, *, patient_key: bool
+) -> list[tuple[Path, Path]]:
+    """Write the studies as Parquet and CSV (same rows, same columns) to temporary files;
+    returns their (temporary, final) pairs."""
+    schema = with_patient_key(STUDIES_SCHEMA, patient_key)
     parquet_final, csv_final = out_dir / STUDIES_FILE, out_dir / STUDIES_CSV
     parquet_tmp, csv_tmp = temporary_path(parquet_final, run_id), temporary_path(csv_final, run_id)
-    pq.write_table(table, parquet_tmp, compression="zstd")
-    pacsv.write_csv(table, csv_tmp)
+    with (
+        pq.ParquetWriter(parquet_tmp, schema, compression="zstd") as parquet,
+        pacsv.CSVWriter(csv_tmp, schema) as csv,
+    ):
+        for part in parts:
+            part = dict(part, flag=[None if f is None else bool(f) for f in part["flag"]])
+            table = _table(part, schema)
+            parquet.write_table(table)
+            csv.write_table(table)
     return [(parquet_tmp, parquet_final), (csv_tmp, csv_final)]
+
+
+def write_runs(columns: dict[str, list[Any]], out_dir: Path, run_id: str) -> tuple[Path, Path]:
+    """Write the run history ``runs.parquet`` to a temporary file."""
+    return _write_parquet([columns], RUNS_SCHEMA, out_dir / RUNS_FILE, run_id)
 
 
 def write_manifest(manifest: dict[str, Any], out_dir: Path, run_id: str) -> tuple[Path, Path]:
@@ -181,8 +187,3 @@ def write_manifest(manifest: dict[str, Any], out_dir: Path, run_id: str) -> tupl
     temporary = temporary_path(final, run_id)
     temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return temporary, final
-
-
-def read_images(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read an images report (or its temporary file) back as pandas."""
-    return pq.read_table(path, columns=columns).to_pandas()

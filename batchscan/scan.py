@@ -1,37 +1,49 @@
 """The scan job: one run of ``batchscan scan`` from a :class:`ScanConfig` to published reports.
 
-Order of a run: refuse bad input (:class:`UsageError`, exit 2) -> lock REPORT_DIR
-(:class:`~batchscan.runlock.LockHeldError`, exit 3) -> load the model with its card -> stream
-the archive through the engine -> aggregate studies -> write every report to a temporary
-file -> publish them all with atomic renames. If anything fails before the end, the
-temporary files are removed and the previous reports stay as they were.
+Order of a run: refuse bad input (:class:`UsageError`, exit 2) -> check the model's card ->
+lock REPORT_DIR (:class:`~batchscan.runlock.LockHeldError`, exit 3) -> open the incremental
+state -> stream discovery past the state (unchanged files are reused) into the engine, whose
+results are committed to the state in checkpoints -> finish the state (vanished files,
+duplicates, touched studies re-aggregated) -> write every report from the state to a
+temporary file -> publish them all with atomic renames. If anything fails before the end,
+the temporary files are removed, the previous reports stay as they were, and the state keeps
+its last checkpoint, from which the next run goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import hmac
+import json
 import logging
 import os
 import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from batchscan import __version__
 from batchscan.aggregate import aggregate_studies
-from batchscan.model import LoadedModel, ModelError, load_model
+from batchscan.discover import iter_files
+from batchscan.model import ModelCard, ModelError, check_model, load_model
 from batchscan.pipeline import RunStats, ScanConfig, manifest_for, new_run_id, run_local
 from batchscan.records import FAILED, SCORED, SKIPPED
 from batchscan.report import (
-    ImagesWriter,
     publish,
-    read_images,
     remove_temporaries,
-    study_table,
+    write_images,
     write_manifest,
+    write_runs,
     write_studies,
 )
 from batchscan.runlock import report_dir_lock
+from batchscan.state import StateError, StateStore
 
 log = logging.getLogger("batchscan")
 
@@ -104,10 +116,10 @@ class Progress:
         """Update from the run's counts."""
         rate = stats.by_status[SCORED] / max(stats.seconds, 1e-9)
         if self._bar is not None:
-            self._bar.total = stats.found
-            self._bar.n = stats.done
+            self._bar.total = stats.found + stats.reused
+            self._bar.n = stats.done + stats.reused
             self._bar.set_postfix(
-                found=stats.found,
+                unchanged=stats.reused,
                 scored=stats.by_status[SCORED],
                 images_s=f"{rate:.1f}",
                 refresh=False,
@@ -116,7 +128,9 @@ class Progress:
         elif time.monotonic() - self._last >= LOG_EVERY_SECONDS:
             self._last = time.monotonic()
             log.info(
-                "progress found=%d done=%d scored=%d skipped=%d failed=%d images_per_s=%.1f",
+                "progress unchanged=%d new=%d done=%d scored=%d skipped=%d failed=%d "
+                "images_per_s=%.1f",
+                stats.reused,
                 stats.found,
                 stats.done,
                 stats.by_status[SCORED],
@@ -138,21 +152,67 @@ def summary_text(manifest: dict[str, Any], studies: int, flagged: int) -> str:
     reasons = ", ".join(f"{reason} {n}" for reason, n in top) or "none"
     rate = manifest["images_per_second"]
     return (
-        f"batchscan run {manifest['run_id']}: {manifest['files_found']} files in "
-        f"{manifest['seconds']:.1f} s; scored {counts[SCORED]}, skipped {counts[SKIPPED]}, "
+        f"batchscan run {manifest['run_id']}: {manifest['files_found']} files "
+        f"({manifest['files_processed']} new or changed, {manifest['files_reused']} unchanged, "
+        f"{manifest.get('files_removed', 0)} removed) in {manifest['seconds']:.1f} s; "
+        f"scored {counts[SCORED]}, skipped {counts[SKIPPED]}, "
         f"failed {counts[FAILED]} (top reasons: {reasons}); {studies} studies, "
         f"{flagged} flagged at threshold {manifest['model']['threshold']:.3f}; "
-        f"{rate if rate is not None else 0:.1f} images/s; model {manifest['model']['version']}; "
+        f"{rate if rate is not None else 0:.1f} images/s this run; "
+        f"model {manifest['model']['version']}; "
         f"reports in {manifest['arguments']['out']}."
     )
 
 
-def load_for_scan(config: ScanConfig) -> LoadedModel:
-    """Load the model, turning a model problem into a usage error (exit 2)."""
-    try:
-        return load_model(config.model_path)
-    except ModelError as exc:
-        raise UsageError(str(exc)) from exc
+class LazyScorer:
+    """Loads the model and compiles inference on the first batch that needs it.
+
+    A nightly run over an archive with nothing new never imports TensorFlow, which is most
+    of the start-up of a run.
+    """
+
+    def __init__(self, config: ScanConfig, checked: ModelCard) -> None:
+        self._config, self._checked = config, checked
+        self._scorer: Any = None
+        self.device: str | None = None
+        self.precision: str | None = None
+
+    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        """Scores of model inputs (see :meth:`batchscan.infer.Scorer.score`)."""
+        if self._scorer is None:
+            from batchscan.infer import Scorer
+
+            try:
+                loaded = load_model(self._checked.path)
+            except ModelError as exc:
+                raise UsageError(str(exc)) from exc
+            self._scorer = Scorer(
+                loaded,
+                self._config.batch_size,
+                jit_compile=self._config.jit_compile,
+                precision=self._config.precision,  # type: ignore[arg-type]
+            )
+            self.device, self.precision = self._scorer.device, self._scorer.precision
+        return self._scorer.score(inputs)
+
+
+def settings_key(config: ScanConfig, checked: ModelCard) -> str:
+    """Names everything that changes a file's row: a stored row made under another key
+    (another model, batchscan version or option) is not reused, the file is read again."""
+    key_id = (
+        hmac.new(config.pseudonym_key, b"batchscan key id", hashlib.sha256).hexdigest()[:16]
+        if config.pseudonym_key is not None
+        else None
+    )
+    settings = {
+        "model": checked.version,
+        "code": __version__,
+        "all_modalities": config.all_modalities,
+        "max_pixel_bytes": config.max_pixel_bytes,
+        "min_edge": config.min_edge,
+        "pseudonym_key": key_id,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_scan(config: ScanConfig) -> ScanResult:
@@ -166,54 +226,107 @@ def run_scan(config: ScanConfig) -> ScanResult:
         Another run holds REPORT_DIR (exit 3).
     """
     check_config(config)
+    try:
+        checked = check_model(config.model_path)
+    except ModelError as exc:
+        raise UsageError(str(exc)) from exc
     with report_dir_lock(config.out):
-        loaded = load_for_scan(config)
-        from batchscan.infer import Scorer
-
-        scorer = Scorer(
-            loaded, config.batch_size, jit_compile=config.jit_compile, precision=config.precision
-        )  # type: ignore[arg-type]
-        run_id = new_run_id()
-        remove_temporaries(config.out)  # left by a run that was killed
-        started_at = datetime.now(UTC).isoformat(timespec="seconds")
-        writer = ImagesWriter(config.out, run_id, loaded.version)
-        progress = Progress(config.progress)
-        temporaries: list[tuple[Path, Path]] = []
         try:
-            stats = run_local(config, scorer.score, writer.add, progress)
-            progress.close()
-            images_tmp = writer.close()
-            temporaries.append((images_tmp, writer.final))
-            images = read_images(
-                images_tmp,
-                ["study_instance_uid", "status", "score", "view", "accession_number", "study_date"],
+            state = StateStore(config.state_path, config.checkpoint_seconds)
+        except StateError as exc:
+            raise UsageError(str(exc)) from exc
+        try:
+            return _run(config, checked, state)
+        finally:
+            state.close()
+
+
+def _run(config: ScanConfig, checked: ModelCard, state: StateStore) -> ScanResult:
+    """The run proper, with the lock held and the state open."""
+    run_id = new_run_id()
+    remove_temporaries(config.out)  # left by a run that was killed
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    key = settings_key(config, checked)
+    interrupted = state.begin_run(run_id, started_at, checked.version, __version__)
+    if interrupted:
+        log.info("previous run interrupted; finishing its work (%d run(s))", interrupted)
+    scorer = LazyScorer(config, checked)
+    progress = Progress(config.progress)
+    stats = RunStats()
+    temporaries: list[tuple[Path, Path]] = []
+
+    def reused(n: int) -> None:
+        stats.reused += n
+        progress(stats)
+
+    try:
+        run_local(
+            config,
+            state.pending(iter_files(config.archive), run_id, key, reused),
+            scorer,
+            lambda records: state.save(records, run_id, key, checked.version),
+            progress,
+            stats,
+        )
+        progress.close()
+        finished = state.finish(
+            run_id,
+            partial(aggregate_studies, threshold=checked.threshold, model_version=checked.version),
+        )
+        if finished.files != stats.found + stats.reused:
+            raise RuntimeError(
+                f"accounting error: {stats.found + stats.reused} files found but "
+                f"{finished.files} in the state"
             )
-            studies = aggregate_studies(images, loaded.threshold, loaded.version)
-            temporaries += write_studies(study_table(studies), config.out, run_id)
-            model_info = {
-                "path": str(loaded.path),
-                "version": loaded.version,
-                "threshold": loaded.threshold,
-                "threshold_rule": loaded.card.get("threshold_rule"),
-            }
-            engine = {
-                "name": "local",
-                "workers": config.workers,
-                "device": scorer.device,
-                "precision": scorer.precision,
-                "batch_size": config.batch_size,
-            }
-            manifest = manifest_for(config, stats, run_id, started_at, model_info, engine)
-            manifest["studies"] = len(studies)
-            manifest["studies_flagged"] = int(studies["flag"].sum()) if len(studies) else 0
-            temporaries.append(write_manifest(manifest, config.out, run_id))
-            for temporary, final in temporaries:
-                publish(temporary, final)
-        except BaseException:
-            progress.close()
-            writer.abort()
-            remove_temporaries(config.out, run_id)
-            raise
-    return ScanResult(
-        manifest=manifest, summary=summary_text(manifest, len(studies), manifest["studies_flagged"])
-    )
+        with_key = config.pseudonym_key is not None
+        temporaries.append(
+            write_images(state.image_rows(), config.out, run_id, patient_key=with_key)
+        )
+        temporaries += write_studies(state.study_rows(), config.out, run_id, patient_key=with_key)
+        studies, flagged = state.study_counts()
+        model_info = {
+            "path": str(checked.path),
+            "version": checked.version,
+            "threshold": checked.threshold,
+            "threshold_rule": checked.card.get("threshold_rule"),
+        }
+        engine = {
+            "name": "local",
+            "workers": config.workers,
+            "device": scorer.device,
+            "precision": scorer.precision,
+            "batch_size": config.batch_size,
+        }
+        totals = (finished.files, finished.by_status, finished.by_reason)
+        manifest = manifest_for(config, stats, totals, run_id, started_at, model_info, engine)
+        manifest.update(files_removed=finished.removed, studies=studies, studies_flagged=flagged)
+        state.end_run(run_id, "ok", _run_facts(manifest))
+        temporaries.append(write_runs(state.run_rows(), config.out, run_id))
+        temporaries.append(write_manifest(manifest, config.out, run_id))
+        for temporary, final in temporaries:
+            publish(temporary, final)
+    except BaseException:
+        progress.close()
+        remove_temporaries(config.out, run_id)
+        with contextlib.suppress(Exception):
+            state.end_run(run_id, "failed", {"seconds": round(stats.seconds, 3)})
+        raise
+    return ScanResult(manifest=manifest, summary=summary_text(manifest, studies, flagged))
+
+
+def _run_facts(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The columns of runs.parquet, from the manifest."""
+    counts = manifest["counts_by_status"]
+    return {
+        "finished_at": manifest["finished_at"],
+        "files_found": manifest["files_found"],
+        "files_processed": manifest["files_processed"],
+        "files_reused": manifest["files_reused"],
+        "files_removed": manifest["files_removed"],
+        "scored": counts[SCORED],
+        "skipped": counts[SKIPPED],
+        "failed": counts[FAILED],
+        "images_scored_this_run": manifest["images_scored_this_run"],
+        "images_per_second": manifest["images_per_second"],
+        "seconds": manifest["seconds"],
+    }

@@ -85,20 +85,36 @@ def test_vanished_and_changing_files_are_unstable(tmp_path: Path) -> None:
 def test_disk_full_keeps_previous_reports(
     clean_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    out = tmp_path / "reports"
-    assert main(["scan", str(clean_archive), "--out", str(out), "--workers", "0"]) == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
+    out, archive = tmp_path / "reports", tmp_path / "archive"
+    shutil.copytree(clean_archive, archive)
+    argv = ["scan", str(archive), "--out", str(out), "--workers", "0"]
+    assert main(argv) == 0
+
+    def reports() -> dict[str, bytes]:
+        return {
+            p.name: p.read_bytes()
+            for p in out.iterdir()
+            if not p.name.startswith(".") and not p.name.startswith("state.sqlite")
+        }
+
+    before = reports()
 
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(report.pacsv, "write_csv", full)
-    assert main(["scan", str(clean_archive), "--out", str(out), "--workers", "0"]) == 1
+    shutil.copy(archive / "s0" / "IM0", archive / "new.dcm")  # work for the failing run
+    monkeypatch.setattr(report.pacsv, "CSVWriter", full)
+    assert main(argv) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and err.count("\n") == 1
-    after = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
-    assert after == before
+    assert reports() == before
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()  # space again: the state is intact and the next run completes
+    assert main(argv) == 0
+    runs = pd.read_parquet(out / "runs.parquet")
+    assert list(runs["outcome"]) == ["ok", "failed", "ok"]
+    images = pd.read_parquet(out / "images.parquet")
+    assert len(images) == 11 and images["status"].tolist().count("skipped") == 1  # duplicate
 
 
 def test_unwritable_report_dir_is_a_usage_error(

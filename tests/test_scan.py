@@ -162,6 +162,8 @@ def test_no_temporary_files_left(scanned) -> None:
         ".batchscan.lock",
         "images.parquet",
         "manifest.json",
+        "runs.parquet",
+        "state.sqlite",
         "studies.csv",
         "studies.parquet",
     ]

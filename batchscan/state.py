@@ -1,0 +1,491 @@
+"""Incremental state: what every file of the archive was found to be, kept between runs.
+
+A nightly run over an archive that only grows should read only what is new. The state is a
+SQLite database (standard library; WAL journal, so a reader never blocks the run and a
+``kill -9`` loses at most the last uncommitted checkpoint) in REPORT_DIR by default.
+
+Per file it keeps the report row (status, reason, UIDs, score...) plus what decides whether
+the row is still valid: size and mtime (as rsync decides), and a *settings key* naming the
+model version, the code version and every option that changes results. A run then:
+
+1. streams discovery through :meth:`StateStore.pending`: a file whose size, mtime and
+   settings key match a final row is *reused* (marked seen, never opened); every other file
+   goes on to the stages;
+2. stores finished records with :meth:`StateStore.save`, committing a checkpoint every
+   :data:`CHECKPOINT_SECONDS`, so a crash costs minutes, not the night;
+3. ends with :meth:`StateStore.finish`, one transaction that drops rows of files that
+   disappeared, resolves duplicate SOP Instance UIDs and re-aggregates only the studies
+   whose files changed (the *touched* studies, kept in a table so that a crash between
+   checkpoint and finish loses none of them).
+
+Reports are then written from the state, so they always describe the whole archive.
+Nothing in the state identifies a patient: no names, birth dates or free text, and a
+patient key only as an HMAC (see :mod:`batchscan.header`).
+
+This module stores and looks up; it does not know how rows are made or aggregated (the
+aggregation is passed in), so it sits after the stages it records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Final
+
+import pandas as pd
+
+from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord
+
+STATE_FILE: Final = "state.sqlite"
+SCHEMA_VERSION: Final = 1
+#: Seconds between checkpoint commits while a run streams results in.
+CHECKPOINT_SECONDS: Final = 30.0
+#: Reasons that are worth trying again on the next run: the file may have been half-written
+#: or briefly unreadable, a worker may have been killed by the OOM killer, or a bug fixed.
+#: (``timeout`` is not retried: a file that hangs a decoder would cost --file-timeout every
+#: night.)
+RETRY_PREFIXES: Final = ("unstable", "unreadable", "internal_error", "worker_crash")
+DUPLICATE_PREFIX: Final = "duplicate_of:"
+#: Rows per SQL statement when looking up or updating many paths.
+_CHUNK: Final = 500
+
+#: The report columns of a file row, in order (``abs_path`` is never stored).
+IMAGE_COLUMNS: Final = (
+    *(f.name for f in fields(ImageRecord) if f.name != "abs_path"),
+    "model_version",
+)
+STUDY_COLUMNS: Final = (
+    "study_instance_uid",
+    "score",
+    "flag",
+    "score_basis",
+    "n_images_scored",
+    "n_images_total",
+    "views",
+    "accession_number",
+    "study_date",
+    "patient_key",
+    "model_version",
+)
+RUN_COLUMNS: Final = (
+    "run_id",
+    "started_at",
+    "finished_at",
+    "outcome",
+    "files_found",
+    "files_processed",
+    "files_reused",
+    "files_removed",
+    "scored",
+    "skipped",
+    "failed",
+    "images_scored_this_run",
+    "images_per_second",
+    "seconds",
+    "model_version",
+    "code_version",
+)
+
+_INTEGER_COLUMNS: Final = {"size", "mtime_ns", "rows", "columns", "decode_scale"}
+_REAL_COLUMNS: Final = {"score"}
+
+
+def _sql_type(name: str) -> str:
+    if name in _INTEGER_COLUMNS:
+        return "INTEGER"
+    return "REAL" if name in _REAL_COLUMNS else "TEXT"
+
+
+_SCHEMA: Final = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    {", ".join(f'"{c}" {_sql_type(c)}' for c in IMAGE_COLUMNS)},
+    model_score REAL,
+    settings_key TEXT NOT NULL,
+    seen_run TEXT NOT NULL,
+    PRIMARY KEY (path)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS files_study ON files (study_instance_uid);
+CREATE INDEX IF NOT EXISTS files_sop ON files (sop_instance_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_instance_uid TEXT PRIMARY KEY,
+    score REAL NOT NULL,
+    flag INTEGER NOT NULL,
+    score_basis TEXT NOT NULL,
+    n_images_scored INTEGER NOT NULL,
+    n_images_total INTEGER NOT NULL,
+    views TEXT,
+    accession_number TEXT,
+    study_date TEXT,
+    patient_key TEXT,
+    model_version TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS touched (
+    kind TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    PRIMARY KEY (kind, uid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    outcome TEXT NOT NULL,
+    files_found INTEGER,
+    files_processed INTEGER,
+    files_reused INTEGER,
+    files_removed INTEGER,
+    scored INTEGER,
+    skipped INTEGER,
+    failed INTEGER,
+    images_scored_this_run INTEGER,
+    images_per_second REAL,
+    seconds REAL,
+    model_version TEXT,
+    code_version TEXT
+) WITHOUT ROWID;
+"""
+
+
+class StateError(RuntimeError):
+    """The state database cannot be used (another program's file, a newer schema...)."""
+
+
+@dataclass(slots=True)
+class Finished:
+    """What :meth:`StateStore.finish` changed and the report-level counts after it."""
+
+    removed: int
+    studies_updated: int
+    by_status: Counter[str]
+    by_reason: Counter[str]
+    files: int
+
+
+def _retry(reason: str | None) -> bool:
+    return reason is not None and reason.startswith(RETRY_PREFIXES)
+
+
+class StateStore:
+    """The SQLite state of one REPORT_DIR (opened with its lock held).
+
+    Parameters
+    ----------
+    path:
+        The database file; created with its tables when missing.
+    checkpoint_seconds:
+        Seconds between commits while results stream in.
+    """
+
+    def __init__(self, path: Path, checkpoint_seconds: float = CHECKPOINT_SECONDS) -> None:
+        self.path = path
+        self.checkpoint_seconds = checkpoint_seconds
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            version = self._db.execute(
+                "SELECT value FROM meta WHERE key='schema_version'"
+            ).fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"cannot use state database {path}: {exc}") from exc
+        if version is None:
+            self._db.execute(
+                "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        elif int(version[0]) != SCHEMA_VERSION:
+            raise StateError(
+                f"state database {path} has schema {version[0]}, this batchscan reads "
+                f"{SCHEMA_VERSION}"
+            )
+        self._last_commit = time.monotonic()
+        self._db.execute("BEGIN")
+
+    # -- the run -----------------------------------------------------------------------
+
+    def begin_run(self, run_id: str, started_at: str, model_version: str, code: str) -> int:
+        """Record the run as ``running``; runs left ``running`` by a killed process become
+        ``interrupted``. Returns how many were."""
+        interrupted = self._db.execute(
+            "UPDATE runs SET outcome='interrupted' WHERE outcome='running'"
+        ).rowcount
+        self._db.execute(
+            "INSERT INTO runs (run_id, seq, started_at, outcome, model_version, code_version) "
+            "VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM runs), ?, 'running', ?, ?)",
+            (run_id, started_at, model_version, code),
+        )
+        self.commit()
+        return interrupted
+
+    def end_run(self, run_id: str, outcome: str, facts: dict[str, Any]) -> None:
+        """Record how the run ended (``ok`` or ``failed``) and its figures."""
+        known = {k: v for k, v in facts.items() if k in RUN_COLUMNS and k != "run_id"}
+        assignments = ", ".join(f"{k}=?" for k in known)
+        self._db.execute(
+            f"UPDATE runs SET outcome=?{', ' if known else ''}{assignments} WHERE run_id=?",
+            (outcome, *known.values(), run_id),
+        )
+        self.commit()
+
+    def pending(
+        self,
+        records: Iterable[ImageRecord],
+        run_id: str,
+        settings_key: str,
+        on_reused: Callable[[int], None] | None = None,
+    ) -> Iterator[ImageRecord]:
+        """The records that need the stages; the others are reused from the state.
+
+        A record is reused when discovery left it pending and a row with the same path,
+        size, mtime and settings key holds a final outcome (see :data:`RETRY_PREFIXES`).
+        Reused rows are marked seen by this run; `on_reused` gets their count per chunk.
+        """
+        chunk: list[ImageRecord] = []
+        for record in records:
+            chunk.append(record)
+            if len(chunk) >= _CHUNK:
+                yield from self._split(chunk, run_id, settings_key, on_reused)
+                chunk = []
+        if chunk:
+            yield from self._split(chunk, run_id, settings_key, on_reused)
+
+    def _split(
+        self,
+        chunk: list[ImageRecord],
+        run_id: str,
+        settings_key: str,
+        on_reused: Callable[[int], None] | None,
+    ) -> list[ImageRecord]:
+        paths = [r.path for r in chunk if r.pending]
+        known: dict[str, tuple[int, int, str, str | None, str]] = {}
+        if paths:
+            marks = ",".join("?" * len(paths))
+            for row in self._db.execute(
+                f"SELECT path, size, mtime_ns, settings_key, reason, status FROM files "
+                f"WHERE path IN ({marks})",
+                paths,
+            ):
+                known[row[0]] = row[1:]
+        reused, todo = [], []
+        for record in chunk:
+            row = known.get(record.path)
+            if (
+                record.pending
+                and row is not None
+                and row[:3] == (record.size, record.mtime_ns, settings_key)
+                and row[4] in (SCORED, SKIPPED, FAILED)
+                and not _retry(row[3])
+            ):
+                reused.append(record.path)
+            else:
+                todo.append(record)
+        if reused:
+            self._db.executemany(
+                "UPDATE files SET seen_run=? WHERE path=?", [(run_id, p) for p in reused]
+            )
+            if on_reused is not None:
+                on_reused(len(reused))
+        self._maybe_commit()
+        return todo
+
+    def save(
+        self,
+        records: Iterable[ImageRecord],
+        run_id: str,
+        settings_key: str,
+        model_version: str,
+    ) -> None:
+        """Store finished records (replacing their old rows) and note what they touch."""
+        rows, touched = [], set()
+        for record in records:
+            values = [getattr(record, c) for c in IMAGE_COLUMNS[:-1]]
+            rows.append((*values, model_version, record.score, settings_key, run_id))
+            if record.study_instance_uid:
+                touched.add(("study", record.study_instance_uid))
+            if record.sop_instance_uid:
+                touched.add(("sop", record.sop_instance_uid))
+        old = self._uids_of([row[0] for row in rows])
+        columns = ", ".join(f'"{c}"' for c in IMAGE_COLUMNS)
+        marks = ",".join("?" * (len(IMAGE_COLUMNS) + 3))
+        self._db.executemany(
+            f"INSERT OR REPLACE INTO files ({columns}, model_score, settings_key, seen_run) "
+            f"VALUES ({marks})",
+            rows,
+        )
+        self._touch(touched | old)
+        self._maybe_commit()
+
+    def _uids_of(self, paths: list[str]) -> set[tuple[str, str]]:
+        """The (kind, uid) pairs the current rows of `paths` belong to."""
+        found: set[tuple[str, str]] = set()
+        for start in range(0, len(paths), _CHUNK):
+            part = paths[start : start + _CHUNK]
+            marks = ",".join("?" * len(part))
+            for study, sop in self._db.execute(
+                f"SELECT study_instance_uid, sop_instance_uid FROM files WHERE path IN ({marks})",
+                part,
+            ):
+                if study:
+                    found.add(("study", study))
+                if sop:
+                    found.add(("sop", sop))
+        return found
+
+    def _touch(self, pairs: Iterable[tuple[str, str]]) -> None:
+        self._db.executemany("INSERT OR IGNORE INTO touched VALUES (?, ?)", list(pairs))
+
+    def finish(
+        self,
+        run_id: str,
+        aggregate: Callable[[pd.DataFrame], pd.DataFrame],
+        study_chunk: int = 2000,
+    ) -> Finished:
+        """End of a complete run, in one transaction: drop vanished files, resolve duplicate
+        SOP instances, re-aggregate the touched studies with `aggregate`.
+
+        `aggregate` maps the image rows of some studies (columns of :data:`IMAGE_COLUMNS`)
+        to their study rows (columns of :data:`STUDY_COLUMNS`).
+        """
+        self.commit()
+        self._touch(
+            (kind, uid)
+            for study, sop in self._db.execute(
+                "SELECT study_instance_uid, sop_instance_uid FROM files WHERE seen_run != ?",
+                (run_id,),
+            )
+            for kind, uid in (("study", study), ("sop", sop))
+            if uid
+        )
+        removed = self._db.execute("DELETE FROM files WHERE seen_run != ?", (run_id,)).rowcount
+        self._resolve_duplicates()
+        studies = [row[0] for row in self._db.execute("SELECT uid FROM touched WHERE kind='study'")]
+        for start in range(0, len(studies), study_chunk):
+            self._reaggregate(studies[start : start + study_chunk], aggregate)
+        self._db.execute("DELETE FROM touched")
+        by_status: Counter[str] = Counter()
+        by_reason: Counter[str] = Counter()
+        for status, reason, n in self._db.execute(
+            "SELECT status, reason, COUNT(*) FROM files GROUP BY status, reason"
+        ):
+            by_status[status] += n
+            if reason:
+                by_reason[reason] += n
+        self.commit()
+        return Finished(
+            removed=removed,
+            studies_updated=len(studies),
+            by_status=by_status,
+            by_reason=by_reason,
+            files=sum(by_status.values()),
+        )
+
+    def _resolve_duplicates(self) -> None:
+        """One scored row per SOP Instance UID: the smallest path wins (stable across runs
+        and worker order); the others are ``skipped: duplicate_of:<path>`` but keep their
+        model score, so that if the winner disappears the next one takes over unread."""
+        sops = [row[0] for row in self._db.execute("SELECT uid FROM touched WHERE kind='sop'")]
+        for start in range(0, len(sops), _CHUNK):
+            part = sops[start : start + _CHUNK]
+            marks = ",".join("?" * len(part))
+            rows = self._db.execute(
+                f"SELECT sop_instance_uid, path, study_instance_uid FROM files "
+                f"WHERE sop_instance_uid IN ({marks}) AND (status=? OR reason LIKE ?) "
+                f"ORDER BY sop_instance_uid, path",
+                (*part, SCORED, DUPLICATE_PREFIX + "%"),
+            ).fetchall()
+            winner: dict[str, str] = {}
+            for sop, path, study in rows:
+                if sop not in winner:
+                    winner[sop] = path
+                    self._db.execute(
+                        "UPDATE files SET status=?, reason=NULL, detail=NULL, score=model_score "
+                        "WHERE path=?",
+                        (SCORED, path),
+                    )
+                else:
+                    self._db.execute(
+                        "UPDATE files SET status=?, reason=?, detail=?, score=NULL WHERE path=?",
+                        (
+                            SKIPPED,
+                            DUPLICATE_PREFIX + winner[sop],
+                            "same SOP Instance UID as another file; scored once",
+                            path,
+                        ),
+                    )
+                if study:
+                    self._touch([("study", study)])
+
+    def _reaggregate(
+        self, studies: list[str], aggregate: Callable[[pd.DataFrame], pd.DataFrame]
+    ) -> None:
+        marks = ",".join("?" * len(studies))
+        images = pd.read_sql_query(
+            f"SELECT * FROM files WHERE study_instance_uid IN ({marks})", self._db, params=studies
+        )
+        self._db.execute(f"DELETE FROM studies WHERE study_instance_uid IN ({marks})", studies)
+        rows = aggregate(images)
+        if len(rows):
+            frame = rows[list(STUDY_COLUMNS)].astype(object).where(rows.notna(), None)
+            self._db.executemany(
+                f"INSERT INTO studies VALUES ({','.join('?' * len(STUDY_COLUMNS))})",
+                [
+                    tuple(v.item() if hasattr(v, "item") else v for v in row)
+                    for row in frame.itertuples(index=False)
+                ],
+            )
+
+    # -- reading back ------------------------------------------------------------------
+
+    def image_rows(self, chunk: int = 8192) -> Iterator[dict[str, list[Any]]]:
+        """Every file row, by path, as column lists of `chunk` rows (report order)."""
+        return self._columns("files", IMAGE_COLUMNS, "path", chunk)
+
+    def study_rows(self, chunk: int = 8192) -> Iterator[dict[str, list[Any]]]:
+        """Every study row, by study UID, as column lists."""
+        return self._columns("studies", STUDY_COLUMNS, "study_instance_uid", chunk)
+
+    def run_rows(self) -> dict[str, list[Any]]:
+        """The run history, oldest first."""
+        merged: dict[str, list[Any]] = {c: [] for c in RUN_COLUMNS}
+        for part in self._columns("runs", RUN_COLUMNS, "seq", 8192):
+            for name, values in part.items():
+                merged[name] += values
+        return merged
+
+    def _columns(
+        self, table: str, columns: tuple[str, ...], order: str, chunk: int
+    ) -> Iterator[dict[str, list[Any]]]:
+        cursor = self._db.cursor()
+        names = ", ".join(f'"{c}"' for c in columns)
+        cursor.execute(f"SELECT {names} FROM {table} ORDER BY {order}")
+        while rows := cursor.fetchmany(chunk):
+            yield {name: [row[i] for row in rows] for i, name in enumerate(columns)}
+
+    def study_counts(self) -> tuple[int, int]:
+        """(studies, studies flagged) in the state."""
+        total, flagged = self._db.execute("SELECT COUNT(*), SUM(flag) FROM studies").fetchone()
+        return int(total), int(flagged or 0)
+
+    # -- transactions ------------------------------------------------------------------
+
+    def _maybe_commit(self) -> None:
+        if time.monotonic() - self._last_commit >= self.checkpoint_seconds:
+            self.commit()
+
+    def commit(self) -> None:
+        """Commit what is stored so far (a checkpoint) and open the next transaction."""
+        self._db.execute("COMMIT")
+        self._db.execute("BEGIN")
+        self._last_commit = time.monotonic()
+
+    def close(self) -> None:
+        """Roll back anything uncommitted (a run that failed keeps its last checkpoint)."""
+        with contextlib.suppress(sqlite3.OperationalError):
+            self._db.execute("ROLLBACK")
+        self._db.close()
