@@ -48,17 +48,23 @@ def box_reduce(arr: np.ndarray, factor: int) -> np.ndarray:
     """Mean of `factor` x `factor` blocks, rounded, in the input's integer type.
 
     The last rows/columns that do not fill a block are dropped (at most factor - 1 pixels of
-    a 2000-px border). Two one-axis sums in a wide integer type: no float copies.
+    a 2000-px border). Sums in a wide type, as `factor` strided adds per axis: numpy's
+    reduction over a tiny inner axis is about 4x slower, and no float copy is made.
     """
     if factor <= 1:
         return arr
     rows, cols = (arr.shape[0] // factor) * factor, (arr.shape[1] // factor) * factor
-    wide = np.int64 if arr.dtype.kind == "i" else np.uint32
-    block = arr[:rows, :cols].reshape(rows // factor, factor, cols)
-    sums = block.sum(axis=1, dtype=wide).reshape(rows // factor, cols // factor, factor)
-    total = sums.sum(axis=2, dtype=wide)
+    kind = arr.dtype.kind
+    wide = np.float64 if kind == "f" else np.int64 if kind == "i" else np.uint32
+    arr = arr[:rows, :cols]
+    by_rows = arr[0::factor].astype(wide)
+    for i in range(1, factor):
+        by_rows += arr[i::factor]
+    total = by_rows[:, 0::factor].copy()
+    for j in range(1, factor):
+        total += by_rows[:, j::factor]
     area = factor * factor
-    if arr.dtype.kind == "f":
+    if kind == "f":
         return (total / area).astype(arr.dtype)
     return np.floor_divide(total + area // 2, area).astype(arr.dtype)
 
