@@ -11,11 +11,11 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from batchscan import __version__
+from batchscan.config import ConfigError, int_at_least, load_config, seconds
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 
@@ -27,34 +27,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"batchscan: error: {message}\n")
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= `minimum`, with a one-line message otherwise."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}: {text}")
-        return value
-
-    return parse
-
-
-def _seconds(text: str) -> float:
-    """An argparse type: a positive number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of every subcommand; `config` (from ``--config``) replaces the
+    defaults of ``scan``, so that options on the command line win over the file."""
     from batchscan.header import DEFAULT_MAX_PIXEL_BYTES
     from batchscan.pipeline import default_workers
     from batchscan.workers import DEFAULT_FILE_TIMEOUT
@@ -68,8 +43,28 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     scan = commands.add_parser("scan", help="score an archive folder")
-    scan.add_argument("archive", type=Path, metavar="ARCHIVE_DIR")
-    scan.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR")
+    scan.add_argument("archive", type=Path, metavar="ARCHIVE_DIR", nargs="?")
+    scan.add_argument("--out", type=Path, metavar="REPORT_DIR", help="where reports go (required)")
+    scan.add_argument(
+        "--config",
+        type=Path,
+        metavar="PATH",
+        help="TOML file with any of these options (long names, e.g. batch_size = 512); "
+        "options on the command line win",
+    )
+    scan.add_argument(
+        "--state",
+        type=Path,
+        metavar="PATH",
+        help="incremental state database (default: REPORT_DIR/state.sqlite)",
+    )
+    scan.add_argument(
+        "--pseudonym-key-file",
+        type=Path,
+        metavar="PATH",
+        help="key for the patient_key column (HMAC-SHA256 of PatientID); also "
+        "BATCHSCAN_PSEUDONYM_KEY; without a key there is no patient_key column",
+    )
     scan.add_argument(
         "--model",
         type=Path,
@@ -77,10 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="a .keras model with its .json card (default: the bundled model)",
     )
-    scan.add_argument("--batch-size", type=_int_at_least(1), default=256, metavar="N")
+    scan.add_argument("--batch-size", type=int_at_least(1), default=256, metavar="N")
     scan.add_argument(
         "--workers",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=default_workers(),
         metavar="N",
         help="decode processes (default: all cores; 0: in-process)",
@@ -94,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scan.add_argument(
         "--max-pixel-bytes",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=DEFAULT_MAX_PIXEL_BYTES,
         metavar="N",
         help="refuse images declaring more pixel data than this",
@@ -107,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scan.add_argument(
         "--file-timeout",
-        type=_seconds,
+        type=seconds,
         default=DEFAULT_FILE_TIMEOUT,
         metavar="SECONDS",
         help="seconds one file may take in a decode process before it fails as timeout",
@@ -119,11 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="inference precision (auto: mixed on a GPU, float32 on a CPU)",
     )
     scan.add_argument("--no-xla", action="store_true", help="do not XLA-compile inference")
+    if config:
+        scan.set_defaults(**config)
 
     demo = commands.add_parser("demo", help="write a small synthetic demo archive")
     demo.add_argument("directory", type=Path, metavar="DIR")
-    demo.add_argument("--size", type=_int_at_least(1), default=1024, help="image side in pixels")
-    demo.add_argument("--studies", type=_int_at_least(1), default=6)
+    demo.add_argument("--size", type=int_at_least(1), default=1024, help="image side in pixels")
+    demo.add_argument("--studies", type=int_at_least(1), default=6)
     return parser
 
 
@@ -133,6 +130,18 @@ def _scan(args: argparse.Namespace) -> int:
     from batchscan.runlock import LockHeldError
     from batchscan.scan import UsageError, run_scan
 
+    if args.archive is None or args.out is None:
+        missing = "ARCHIVE_DIR" if args.archive is None else "--out REPORT_DIR"
+        print(
+            f"batchscan: error: {missing} is required (on the command line or in --config)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        key = pseudonym_key(args.pseudonym_key_file)
+    except ConfigError as exc:
+        print(f"batchscan: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.engine == "ray":
         print(
             "batchscan: error: --engine ray is not available in this version; use --engine local",
@@ -152,6 +161,8 @@ def _scan(args: argparse.Namespace) -> int:
         precision=args.precision,
         file_timeout=args.file_timeout,
         min_edge=None if args.full_resolution else DEFAULT_MIN_EDGE,
+        state=args.state,
+        pseudonym_key=key,
     )
     try:
         result = run_scan(config)
@@ -163,6 +174,36 @@ def _scan(args: argparse.Namespace) -> int:
         return EXIT_LOCKED
     print(result.summary)
     return EXIT_OK
+
+
+#: Shortest pseudonymisation key accepted: a short key could be guessed, and with it every
+#: patient_key mapped back to a PatientID by trying IDs.
+MIN_KEY_BYTES = 16
+
+
+def pseudonym_key(key_file: Path | None) -> bytes | None:
+    """The pseudonymisation key: the file's bytes (surrounding whitespace stripped), else
+    ``BATCHSCAN_PSEUDONYM_KEY``, else None (no patient_key column).
+
+    Raises
+    ------
+    ConfigError
+        The key file cannot be read, or the key is shorter than :data:`MIN_KEY_BYTES`.
+    """
+    if key_file is not None:
+        try:
+            key = key_file.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read pseudonym key file {key_file}: {exc.strerror}") from exc
+        source = str(key_file)
+    else:
+        key = os.environ.get("BATCHSCAN_PSEUDONYM_KEY", "").strip().encode()
+        source = "BATCHSCAN_PSEUDONYM_KEY"
+        if not key:
+            return None
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(f"pseudonym key in {source} is shorter than {MIN_KEY_BYTES} bytes")
+    return key
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -187,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("batchscan").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
+    if getattr(args, "config", None) is not None:
+        try:
+            args = build_parser(load_config(args.config)).parse_args(argv)
+        except ConfigError as exc:
+            print(f"batchscan: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         if args.command == "scan":
             return _scan(args)

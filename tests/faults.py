@@ -36,3 +36,9 @@ def deleting_prepare(record: ImageRecord, options: StageOptions) -> np.ndarray |
     if "DELETE_ME" in os.path.basename(record.path):
         os.unlink(record.abs_path)
     return prepare_record(record, options)
+
+
+def slow_prepare(record: ImageRecord, options: StageOptions) -> np.ndarray | None:
+    """:func:`prepare_record` after a pause: a run long enough to be killed in the middle."""
+    time.sleep(0.15)
+    return prepare_record(record, options)

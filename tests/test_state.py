@@ -1,0 +1,281 @@
+"""Cron for years: incremental runs, checkpoints, kill -9, duplicates, history, privacy,
+config files and the cron wrapper, with real processes where it matters."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from batchscan.cli import main
+from batchscan.model import default_model_path
+from batchscan.synth import write_demo_archive
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_archive(root, size=256, studies=8)
+    return root
+
+
+@pytest.fixture
+def archive(demo: Path, tmp_path: Path) -> Path:
+    """A private copy of the demo archive (tests change it)."""
+    copy = tmp_path / "archive"
+    shutil.copytree(demo, copy)
+    return copy
+
+
+def scan(archive: Path, out: Path, *extra: str) -> dict:
+    """Run the command in-process; returns the manifest."""
+    assert main(["scan", str(archive), "--out", str(out), "--no-progress", *extra]) == 0
+    import json
+
+    return json.loads((out / "manifest.json").read_text())
+
+
+def images(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / "images.parquet").set_index("path")
+
+
+def studies(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / "studies.parquet").set_index("study_instance_uid")
+
+
+def test_second_run_reads_only_what_changed(archive: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = scan(archive, out, "--workers", "0")
+    assert (first["files_processed"], first["files_reused"]) == (19, 0)
+    before = images(out)
+    second = scan(archive, out, "--workers", "0")
+    assert (second["files_processed"], second["files_reused"]) == (0, 19)
+    assert second["engine"]["device"] is None, "nothing to score: the model is never loaded"
+    pd.testing.assert_frame_equal(images(out), before)
+
+    pa_file = archive / "2025/ACC1000/1/IM0000"
+    info = pa_file.stat()
+    os.utime(pa_file, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))  # same size, touched
+    (archive / "2026/ACC1001/1/IM0000").unlink()  # a study's only frontal image deleted
+    third = scan(archive, out, "--workers", "0")
+    assert (third["files_processed"], third["files_reused"], third["files_removed"]) == (1, 17, 1)
+    after = images(out)
+    assert "2026/ACC1001/1/IM0000" not in after.index and len(after) == 18
+    assert after.loc["2025/ACC1000/1/IM0000", "mtime_ns"] == info.st_mtime_ns + 10**9
+    study = before.loc["2026/ACC1001/1/IM0000", "study_instance_uid"]
+    assert study not in studies(out).index  # only a lateral left: no scored image
+    assert len(studies(out)) == 7
+
+
+def test_new_model_version_rescores_everything(archive: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    scan(archive, out, "--workers", "0")
+    model = tmp_path / "models" / "retrained.keras"
+    model.parent.mkdir()
+    shutil.copy(default_model_path(), model)
+    shutil.copy(default_model_path().with_suffix(".json"), model.with_suffix(".json"))
+    manifest = scan(archive, out, "--workers", "0", "--model", str(model))
+    assert (manifest["files_processed"], manifest["files_reused"]) == (19, 0)
+    assert set(images(out)["model_version"]) == {manifest["model"]["version"]}
+    assert manifest["model"]["version"].startswith("retrained-")
+
+
+def test_duplicate_sop_instance_is_scored_once(archive: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    original = "2025/ACC1000/1/IM0000"
+    copy = "2025/ACC1000/1/0-copy-of-IM0000"  # sorts before the original
+    scan(archive, out, "--workers", "0")
+    n_scored = studies(out)["n_images_scored"].sum()
+    shutil.copy(archive / original, archive / copy)
+    scan(archive, out, "--workers", "0")
+    rows = images(out)
+    assert rows.loc[copy, "status"] == "scored"
+    assert rows.loc[original, ["status", "reason"]].tolist() == ["skipped", f"duplicate_of:{copy}"]
+    assert pd.isna(rows.loc[original, "score"])
+    assert studies(out)["n_images_scored"].sum() == n_scored
+    (archive / copy).unlink()  # the winner goes: the other is scored again, without a read
+    manifest = scan(archive, out, "--workers", "0")
+    assert manifest["files_processed"] == 0
+    rows = images(out)
+    assert rows.loc[original, "status"] == "scored" and rows.loc[original, "score"] > 0
+
+
+def _slow_scan(archive: Path, out: Path) -> subprocess.Popen:
+    code = (
+        f"import sys; from pathlib import Path; sys.path.insert(0, {str(ROOT)!r});"
+        "from batchscan.pipeline import ScanConfig; from batchscan.scan import run_scan;"
+        "from tests.faults import slow_prepare;"
+        f"run_scan(ScanConfig(archive=Path({str(archive)!r}), out=Path({str(out)!r}), workers=1,"
+        " files_per_task=1, batch_size=2, checkpoint_seconds=0.1, prepare=slow_prepare))"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def _committed_rows(state: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{state}?mode=ro", uri=True) as db:
+            return int(db.execute("SELECT COUNT(*) FROM files").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+def _wait_for(condition, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_kill_9_mid_run_keeps_reports_and_next_run_finishes(archive: Path, tmp_path: Path) -> None:
+    held_back = tmp_path / "held_back"
+    shutil.move(archive / "2026", held_back)
+    out = tmp_path / "out"
+    scan(archive, out, "--workers", "0")
+    previous = {name: (out / name).read_bytes() for name in ("images.parquet", "studies.csv")}
+
+    shutil.move(held_back, archive / "2026")
+    process = _slow_scan(archive, out)
+    try:
+        _wait_for(lambda: _committed_rows(out / "state.sqlite") >= 12)  # 8 old + new ones
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    for name, data in previous.items():
+        assert (out / name).read_bytes() == data, "previous reports must stay as they were"
+    pd.read_parquet(out / "images.parquet")  # and readable
+
+    resumed = scan(archive, out, "--workers", "0")
+    assert resumed["files_processed"] < 11, "work committed before the kill is not redone"
+    clean_out = tmp_path / "clean"
+    scan(archive, clean_out, "--workers", "0")
+    pd.testing.assert_frame_equal(images(out), images(clean_out))
+    pd.testing.assert_frame_equal(studies(out), studies(clean_out))
+    runs = pd.read_parquet(out / "runs.parquet")
+    assert runs["outcome"].tolist() == ["ok", "interrupted", "ok"]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_second_concurrent_run_exits_3_naming_the_holder(archive: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    process = _slow_scan(archive, out)
+    try:
+        _wait_for(
+            lambda: (out / ".batchscan.lock").exists() and _committed_rows(out / "state.sqlite") > 0
+        )
+        second = subprocess.run(
+            [sys.executable, "-m", "batchscan.cli", "scan", str(archive), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert second.returncode == 3
+    assert f"pid {process.pid}" in second.stderr and "started" in second.stderr
+    assert second.stderr.count("\n") == 1
+
+
+def test_patient_key_only_with_a_key_and_stable(archive: Path, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    scan(archive, out, "--workers", "0")
+    assert "patient_key" not in images(out).columns
+    assert "patient_key" not in studies(out).columns
+
+    key = b"site-secret-key-0123456789"
+    key_file = tmp_path / "pseudonym.key"
+    key_file.write_bytes(key + b"\n")
+    keyed = tmp_path / "keyed"
+    scan(archive, keyed, "--workers", "0", "--pseudonym-key-file", str(key_file))
+    rows = images(keyed)
+    expected = hmac.new(key, b"DEMO0000", hashlib.sha256).hexdigest()
+    assert rows.loc["2025/ACC1000/1/IM0000", "patient_key"] == expected
+    assert expected in set(studies(keyed)["patient_key"])
+    monkeypatch.setenv("BATCHSCAN_PSEUDONYM_KEY", key.decode())
+    again = tmp_path / "again"
+    scan(archive, again, "--workers", "0")
+    pd.testing.assert_series_equal(images(again)["patient_key"], rows["patient_key"])
+
+    for folder in (out, keyed, again):  # nothing identifying in any file, state included
+        for path in folder.iterdir():
+            if path.is_file():
+                blob = path.read_bytes()
+                for secret in (b"DEMO^PATIENT", b"DEMO0000", b"19700101"):
+                    assert secret not in blob, (path.name, secret)
+
+
+def test_config_file_with_command_line_winning(archive: Path, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "etc" / "batchscan.toml"
+    config.parent.mkdir()
+    config.write_text(
+        f'archive = "{archive}"\nout = "../reports"\nworkers = 0\nbatch_size = 3\n'
+        "all_modalities = true\n"
+    )
+    assert main(["scan", "--config", str(config), "--no-progress", "--batch-size", "5"]) == 0
+    import json
+
+    manifest = json.loads((tmp_path / "reports" / "manifest.json").read_text())
+    assert manifest["arguments"]["batch_size"] == 5  # the flag wins
+    assert manifest["arguments"]["workers"] == 0 and manifest["arguments"]["all_modalities"]
+    for text, key in (
+        ("bacth_size = 4\n", "bacth_size"),
+        ('workers = "two"\n', "workers"),
+        ("file_timeout = -1\n", "file_timeout"),
+        ("archive = [1\n", "not valid TOML"),
+    ):
+        config.write_text(text)
+        capsys.readouterr()
+        assert main(["scan", "--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert key in err and err.count("\n") == 1
+
+
+def test_archive_is_never_written(archive: Path, tmp_path: Path) -> None:
+    def snapshot() -> dict[str, tuple[int, int, bytes]]:
+        return {
+            str(p): (p.stat().st_mtime_ns, p.stat().st_mode, p.read_bytes() if p.is_file() else b"")
+            for p in [archive, *sorted(archive.rglob("*"))]
+        }
+
+    before = snapshot()
+    out = tmp_path / "out"
+    scan(archive, out)  # worker processes
+    scan(archive, out, "--workers", "0")
+    assert snapshot() == before
+
+
+def test_cron_wrapper_logs_and_passes_the_status_through(archive: Path, tmp_path: Path) -> None:
+    wrapper = ROOT / "jobs" / "cron" / "batchscan-nightly.sh"
+    config = tmp_path / "batchscan.toml"
+    config.write_text(f'archive = "{archive}"\nout = "{tmp_path / "out"}"\nworkers = 1\n')
+    logs = tmp_path / "logs"
+    env = dict(os.environ, BATCHSCAN=str(Path(sys.executable).with_name("batchscan")))
+    done = subprocess.run(
+        ["bash", str(wrapper), str(config), str(logs)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0 and done.stdout == "", done.stdout
+    (log,) = logs.glob("batchscan-*.log")
+    assert "batchscan run" in log.read_text()
+    config.write_text("workers = -3\n")
+    time.sleep(1.1)  # a new log name per second
+    failed = subprocess.run(
+        ["bash", str(wrapper), str(config), str(logs)], capture_output=True, text=True, env=env
+    )
+    assert failed.returncode == 2
+    assert "status 2" in failed.stdout
+    assert len(list(logs.glob("batchscan-*.log"))) == 2
