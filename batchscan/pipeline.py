@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from itertools import chain, islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -48,6 +48,17 @@ from batchscan.workers import (
 )
 
 log = logging.getLogger("batchscan")
+
+
+#: glibc malloc settings for the decode processes. By default glibc gives a freed multi-MB
+#: buffer back to the kernel, so every file's pixel buffers are page-faulted in afresh: a
+#: 2048 x 2048 file cost ~3,500 minor faults and 10 ms instead of 4 in a worker (measured).
+#: Keeping buffers up to 32 MiB on the heap, and up to 128 MiB of free heap untrimmed, makes
+#: workers reuse their memory (bounded: 128 MiB per worker at most is kept idle).
+WORKER_MALLOC: Final = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
+    "MALLOC_TRIM_THRESHOLD_": str(128 * 1024 * 1024),
+}
 
 
 def default_workers() -> int:
@@ -277,6 +288,8 @@ def _prepared_stream(
         for chunk in tasks:
             yield run_task(chunk, options, config.prepare)
         return
+    for name, value in WORKER_MALLOC.items():  # read by glibc when the forkserver starts
+        os.environ.setdefault(name, value)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["batchscan.pipeline"])
     with WorkerPool(

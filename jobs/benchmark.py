@@ -4,6 +4,8 @@
 Usage:
     python jobs/benchmark.py [--small 8] [--large 24] [--size 2048] [--syntaxes unc,j2k,...]
     python jobs/benchmark.py --memory [--memory-files 10000]
+    python jobs/benchmark.py --incremental [--incremental-files 5000]
+    python jobs/benchmark.py --isolation [--syntaxes unc,j2k-lossy]
 
 For each syntax it writes an archive of full-size chest-like radiographs (--size px, 12-bit;
 JPEG baseline 8-bit) and measures, in the same run:
@@ -26,12 +28,20 @@ holds at least --large files and enough for about --seconds of work at the rate 
 costs predict (at most --small + --max-files).
 
 --memory: peak RSS of ``batchscan scan`` on archives of a quarter of --memory-files and of
---memory-files files (small uncompressed images, hardlinked), to show it is flat in size.
+--memory-files files (small uncompressed images), to show it is flat in archive size.
+
+--isolation: files/s of the per-file stages in batchscan's crash-isolating WorkerPool against
+a plain ProcessPoolExecutor over the same tasks (the cost of isolation).
+
+--incremental: the nightly case on --incremental-files files: first run, second run on the
+unchanged archive, a run after 2 % of the files were touched, and a run killed half-way
+(SIGKILL) then resumed, against the first run's time.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -226,39 +236,141 @@ def benchmark(args: argparse.Namespace) -> None:
         print(measure_syntax(name, args, cores, model), flush=True)
 
 
+def write_distinct(root: Path, count: int, size: int) -> None:
+    """`count` small uncompressed radiographs, each its own SOP instance and study (hardlinks
+    would be duplicates of one another, which the scan scores once)."""
+    pictures = [chest_phantom(size, seed=i, opacity=0.8 * (i % 2)) for i in range(8)]
+    for i in range(count):
+        spec = RadiographSpec(bits_stored=12, window=(2048, 4096))
+        write_radiograph(root / f"{i // 1000:03d}" / f"{i:06d}", pictures[i % 8], spec)
+
+
+def scan_process(archive: Path, out: Path) -> subprocess.Popen[str]:
+    """``batchscan scan`` as cron runs it, in a child process that reports its peak RSS."""
+    code = (
+        "import resource, sys; from batchscan.cli import main; "
+        f"rc = main(['scan', {str(archive)!r}, '--out', {str(out)!r}, '--no-progress']); "
+        "own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        "kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
+        "print(max(own, kids), file=sys.stderr); sys.exit(rc)"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def timed_scan(archive: Path, out: Path) -> tuple[float, float]:
+    """(seconds, peak RSS MiB of the largest process) of one scan."""
+    start = time.perf_counter()
+    process = scan_process(archive, out)
+    _, err = process.communicate()
+    seconds = time.perf_counter() - start
+    if process.returncode != 0:
+        raise RuntimeError(err)
+    return seconds, int(err.strip().splitlines()[-1]) / 1024
+
+
 def memory(args: argparse.Namespace) -> None:
     """Peak RSS of the scan on two archive sizes (each run in a fresh process)."""
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        seeds = write_archive(root / "seeds", ExplicitVRLittleEndian, 8, 128)
-        big, quarter = root / "big", root / "quarter"
-        for i in range(args.memory_files):
-            for archive in (big, quarter) if i < args.memory_files // 4 else (big,):
-                target = archive / f"{i // 1000:03d}" / f"{i:06d}"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.link(seeds[i % len(seeds)], target)
+        write_distinct(root / "big", args.memory_files, 128)
+        quarter = root / "quarter"
+        for path in sorted((root / "big").rglob("*"))[: args.memory_files // 4 + 3]:
+            if path.is_file():
+                link(path, quarter / path.relative_to(root / "big"))
         print(f"{'files':>8} {'seconds':>8} {'peak RSS MiB (largest process)':>32}")
-        for archive, count in ((quarter, args.memory_files // 4), (big, args.memory_files)):
-            code = (
-                "import resource, sys; from batchscan.cli import main; "
-                f"rc = main(['scan', {str(archive)!r}, '--out', {str(root / 'out')!r}, "
-                "'--no-progress']); "
-                "own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-                "kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
-                "print(max(own, kids), file=sys.stderr); sys.exit(rc)"
-            )
-            start = time.perf_counter()
-            result = subprocess.run(
-                [sys.executable, "-c", code],
-                capture_output=True,
-                text=True,
-                stdin=subprocess.DEVNULL,
-            )
-            seconds = time.perf_counter() - start
-            if result.returncode != 0:
-                raise RuntimeError(result.stderr)
-            peak_kib = int(result.stderr.strip().splitlines()[-1])
-            print(f"{count:8d} {seconds:8.1f} {peak_kib / 1024:32.0f}", flush=True)
+        for archive in (quarter, root / "big"):
+            count = sum(1 for p in archive.rglob("*") if p.is_file())
+            seconds, peak = timed_scan(archive, root / f"out-{archive.name}")
+            print(f"{count:8d} {seconds:8.1f} {peak:32.0f}", flush=True)
+
+
+def incremental(args: argparse.Namespace) -> None:
+    """What a nightly run costs when little changed, and what a crash costs."""
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        archive, out = root / "archive", root / "out"
+        write_distinct(archive, args.incremental_files, args.incremental_size)
+        files = sorted(p for p in archive.rglob("*") if p.is_file())
+        first, _ = timed_scan(archive, out)
+        second, _ = timed_scan(archive, out)
+        for path in files[:: max(len(files) // 50, 1)]:  # 2 % of the files touched
+            info = path.stat()
+            os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
+        touched, _ = timed_scan(archive, out)
+        crash_out = root / "crash"
+        process = scan_process(archive, crash_out)
+        time.sleep(first / 2)
+        process.kill()
+        process.communicate()
+        resumed, _ = timed_scan(archive, crash_out)
+        print(f"# {len(files)} files of {args.incremental_size} px, uncompressed; seconds")
+        print(f"{'run':<44} {'seconds':>8} {'x first':>8}")
+        rows = (
+            ("first run (everything new)", first),
+            ("second run, archive unchanged", second),
+            ("third run, 2 % of files touched (mtime)", touched),
+            (f"killed at {first / 2:.1f} s, then a resumed run", resumed),
+        )
+        for label, seconds in rows:
+            print(f"{label:<44} {seconds:8.1f} {seconds / first:8.3f}")
+        lost = first / 2 + resumed - first
+        print(f"cost of the crash: {lost:.1f} s more than an uninterrupted run")
+
+
+def isolation(args: argparse.Namespace) -> None:
+    """Cost of per-file crash isolation: batchscan's WorkerPool against a plain
+    ``ProcessPoolExecutor`` running the same per-file stages over the same tasks (what the
+    scan used before isolation), same processes, same archive."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from batchscan.discover import iter_files
+    from batchscan.pipeline import WORKER_MALLOC, chunks, prepare_batch, prepare_record
+    from batchscan.records import ImageRecord
+    from batchscan.workers import WorkerPool
+
+    os.environ.update(WORKER_MALLOC)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["batchscan.pipeline"])
+    cores, options = default_workers(), StageOptions()
+    print(f"# {args.size} px, {cores} worker processes, files/s (best of 2)")
+    print(f"{'syntax':<10} {'executor':>9} {'isolated':>9} {'ratio':>6}")
+    for name in args.syntaxes.split(","):
+        with tempfile.TemporaryDirectory() as folder:
+            root = Path(folder)
+            paths = write_archive(root, SYNTAXES[name], 8, args.size)
+            prepare_s = per_image_seconds(paths, partial(model_input, options=options))
+            count = max(args.large, min(round(args.seconds * cores / prepare_s), args.max_files))
+            write_archive(root / "big", SYNTAXES[name], count, args.size)
+            big = root / "big" / "all"
+
+            def tasks(big: Path = big) -> list[list[ImageRecord]]:
+                return list(chunks(iter_files(big), 16))
+
+            def executor_run(executor: ProcessPoolExecutor) -> None:
+                work = tasks()
+                list(executor.map(prepare_batch, work, [options] * len(work)))
+
+            rates = {}
+            with ProcessPoolExecutor(cores, mp_context=context) as executor:
+                executor_run(executor)  # warm: processes started, modules imported
+                rates["executor"] = max(
+                    count / timed(partial(executor_run, executor)) for _ in "ab"
+                )
+            with WorkerPool(context, cores, options, prepare_record) as pool:
+                list(pool.run(iter(tasks())))
+                rates["isolated"] = max(
+                    count / timed(lambda pool=pool: list(pool.run(iter(tasks())))) for _ in "ab"
+                )
+        ratio = rates["isolated"] / rates["executor"]
+        print(
+            f"{name:<10} {rates['executor']:9.1f} {rates['isolated']:9.1f} {ratio:6.2f}", flush=True
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,9 +383,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--syntaxes", default=",".join(SYNTAXES))
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--memory-files", type=int, default=10_000)
+    parser.add_argument("--isolation", action="store_true")
+    parser.add_argument("--incremental", action="store_true")
+    parser.add_argument("--incremental-files", type=int, default=5000)
+    parser.add_argument("--incremental-size", type=int, default=256)
     args = parser.parse_args(argv)
     if args.memory:
         memory(args)
+    elif args.incremental:
+        incremental(args)
+    elif args.isolation:
+        isolation(args)
     else:
         with native_stderr_silenced():  # TensorFlow's C++ start-up and XLA lines
             benchmark(args)
