@@ -80,7 +80,18 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
         metavar="N",
         help="decode processes (default: all cores; 0: in-process)",
     )
-    scan.add_argument("--engine", choices=("local", "ray"), default="local")
+    scan.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this machine; ray: a Ray cluster (pip install 'batchscan[ray]')",
+    )
+    scan.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        default=None,
+        help="Ray cluster to join (e.g. ray://head:10001); default: a local Ray instance",
+    )
     scan.add_argument("--no-progress", action="store_true", help="no progress bars")
     scan.add_argument(
         "--all-modalities",
@@ -142,12 +153,6 @@ def _scan(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"batchscan: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.engine == "ray":
-        print(
-            "batchscan: error: --engine ray is not available in this version; use --engine local",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
     config = ScanConfig(
         archive=args.archive,
         out=args.out,
@@ -163,6 +168,8 @@ def _scan(args: argparse.Namespace) -> int:
         min_edge=None if args.full_resolution else DEFAULT_MIN_EDGE,
         state=args.state,
         pseudonym_key=key,
+        engine=args.engine,
+        ray_address=args.ray_address,
     )
     try:
         result = run_scan(config)

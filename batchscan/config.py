@@ -76,6 +76,7 @@ KEYS: Final[dict[str, tuple[type, Callable[[Any], Any]]]] = {
     "max_pixel_bytes": (int, int_at_least(1)),
     "file_timeout": (float, seconds),
     "engine": (str, _choice("local", "ray")),
+    "ray_address": (str, str),
     "precision": (str, _choice("auto", "float32", "mixed")),
     "all_modalities": (bool, bool),
     "full_resolution": (bool, bool),

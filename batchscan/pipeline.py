@@ -93,6 +93,10 @@ class ScanConfig:
         Key of the ``patient_key`` HMAC, or None for no patient key at all.
     checkpoint_seconds:
         Seconds between commits of finished records to the state.
+    engine:
+        ``local`` (this machine) or ``ray`` (:mod:`batchscan.ray_engine`).
+    ray_address:
+        The Ray cluster to join; None starts a local Ray instance for the run.
     """
 
     archive: Path
@@ -112,6 +116,8 @@ class ScanConfig:
     state: Path | None = None
     pseudonym_key: bytes | None = field(default=None, repr=False)
     checkpoint_seconds: float = 30.0
+    engine: str = "local"
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         if self.prepare is None:  # the real stages; tests inject faulty ones
@@ -330,13 +336,24 @@ def run_local(
     for prepared in _prepared_stream(config, iter(records), found):
         buffer.add(prepared)
     buffer.flush()
+    check_accounting(stats)
+    return stats
+
+
+def check_accounting(stats: RunStats) -> None:
+    """Every record that went in came out decided, exactly once.
+
+    Raises
+    ------
+    RuntimeError
+        If scored + skipped + failed != records in (a bug: a record was lost).
+    """
     decided = stats.by_status[SCORED] + stats.by_status[SKIPPED] + stats.by_status[FAILED]
     if decided != stats.found or stats.done != stats.found:
         raise RuntimeError(
             f"accounting error: {stats.found} files found but {decided} decided "
             f"({dict(stats.by_status)})"
         )
-    return stats
 
 
 def new_run_id() -> str:

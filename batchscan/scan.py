@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import importlib.util
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from batchscan.aggregate import aggregate_studies
 from batchscan.discover import iter_files
 from batchscan.model import ModelCard, ModelError, check_model, load_model
 from batchscan.pipeline import RunStats, ScanConfig, manifest_for, new_run_id, run_local
-from batchscan.records import FAILED, SCORED, SKIPPED
+from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord
 from batchscan.report import (
     publish,
     remove_temporaries,
@@ -87,6 +88,12 @@ def check_config(config: ScanConfig) -> None:
         raise UsageError(f"--workers must be 0 or more, got {config.workers}")
     if config.max_pixel_bytes < 1:
         raise UsageError("--max-pixel-bytes must be positive")
+    if config.engine not in ("local", "ray"):
+        raise UsageError(f"--engine must be local or ray, got {config.engine!r}")
+    if config.engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise UsageError("--engine ray needs Ray: pip install 'batchscan[ray]'")
+    if config.ray_address and config.engine != "ray":
+        raise UsageError("--ray-address is for --engine ray")
     out = config.out.resolve()
     root = archive.resolve()
     if out == root or root in out.parents:
@@ -260,14 +267,17 @@ def _run(config: ScanConfig, checked: ModelCard, state: StateStore) -> ScanResul
         progress(stats)
 
     try:
-        run_local(
-            config,
-            state.pending(iter_files(config.archive), run_id, key, reused),
-            scorer,
-            lambda records: state.save(records, run_id, key, checked.version),
-            progress,
-            stats,
-        )
+        pending = state.pending(iter_files(config.archive), run_id, key, reused)
+
+        def save(records: list[ImageRecord]) -> None:
+            state.save(records, run_id, key, checked.version)
+
+        if config.engine == "ray":
+            from batchscan.ray_engine import run_ray
+
+            run_ray(config, pending, checked.path, save, progress, stats)
+        else:
+            run_local(config, pending, scorer, save, progress, stats)
         progress.close()
         finished = state.finish(
             run_id,
@@ -291,7 +301,8 @@ def _run(config: ScanConfig, checked: ModelCard, state: StateStore) -> ScanResul
             "threshold_rule": checked.card.get("threshold_rule"),
         }
         engine = {
-            "name": "local",
+            "name": config.engine,
+            "ray_address": config.ray_address,
             "workers": config.workers,
             "device": scorer.device,
             "precision": scorer.precision,

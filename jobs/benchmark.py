@@ -6,6 +6,7 @@ Usage:
     python jobs/benchmark.py --memory [--memory-files 10000]
     python jobs/benchmark.py --incremental [--incremental-files 5000]
     python jobs/benchmark.py --isolation [--syntaxes unc,j2k-lossy]
+    python jobs/benchmark.py --engines [--syntaxes unc,j2k-lossy]   (needs the ray extra)
 
 For each syntax it writes an archive of full-size chest-like radiographs (--size px, 12-bit;
 JPEG baseline 8-bit) and measures, in the same run:
@@ -32,6 +33,8 @@ costs predict (at most --small + --max-files).
 
 --isolation: files/s of the per-file stages in batchscan's crash-isolating WorkerPool against
 a plain ProcessPoolExecutor over the same tasks (the cost of isolation).
+
+--engines: the local engine against --engine ray (a local Ray instance on the same cores).
 
 --incremental: the nightly case on --incremental-files files: first run, second run on the
 unchanged archive, a run after 2 % of the files were touched, and a run killed half-way
@@ -373,6 +376,37 @@ def isolation(args: argparse.Namespace) -> None:
         )
 
 
+def engines(args: argparse.Namespace) -> None:
+    """``batchscan scan`` with the local engine against ``--engine ray`` (a local Ray
+    instance on the same cores), same archive, marginal rates as in the main table."""
+    cores = default_workers()
+    print(f"# {args.size} px, {cores} cores; images/s, marginal (start-up in seconds)")
+    print(f"{'syntax':<10} {'local':>7} {'start':>6} {'ray':>7} {'start':>6} {'ray/local':>9}")
+    for name in args.syntaxes.split(","):
+        with tempfile.TemporaryDirectory() as folder:
+            root = Path(folder)
+            paths = write_archive(root, SYNTAXES[name], args.small + args.max_files, args.size)
+            prepare_s = per_image_seconds(paths, partial(model_input, options=StageOptions()))
+            n_small, n_large = sizes(args, prepare_s / cores)
+            small = subset(paths, n_small, root / "small")
+            large = subset(paths, n_large, root / "large")
+            rates = {}
+            for engine in ("local", "ray"):
+                extra = ("--engine", engine)
+                rates[engine] = marginal(
+                    n_small,
+                    timed(partial(run_scan, small, root / "out", *extra)),
+                    n_large,
+                    timed(partial(run_scan, large, root / "out", *extra)),
+                )
+        (local, local_start), (ray, ray_start) = rates["local"], rates["ray"]
+        print(
+            f"{name:<10} {local:7.1f} {local_start:6.1f} {ray:7.1f} {ray_start:6.1f} "
+            f"{ray / local:9.2f}",
+            flush=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", type=int, default=8)
@@ -384,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--memory-files", type=int, default=10_000)
     parser.add_argument("--isolation", action="store_true")
+    parser.add_argument("--engines", action="store_true")
     parser.add_argument("--incremental", action="store_true")
     parser.add_argument("--incremental-files", type=int, default=5000)
     parser.add_argument("--incremental-size", type=int, default=256)
@@ -394,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         incremental(args)
     elif args.isolation:
         isolation(args)
+    elif args.engines:
+        engines(args)
     else:
         with native_stderr_silenced():  # TensorFlow's C++ start-up and XLA lines
             benchmark(args)

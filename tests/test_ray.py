@@ -1,0 +1,87 @@
+"""The Ray engine gives the local engine's reports, records failing files, and is optional."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from batchscan.cli import main
+from batchscan.pipeline import ScanConfig
+from batchscan.scan import run_scan
+from batchscan.synth import write_demo_archive
+from tests.faults import faulty_prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance (2 CPUs) for the module; workers can import tests.faults."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("archive")
+    write_demo_archive(root, size=256, studies=4)
+    shutil.copy(root / "2025/ACC1000/1/IM0000", root / "2025/SEGFAULT_IM")
+    return root
+
+
+def _reports(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    images = pd.read_parquet(out / "images.parquet").set_index("path").sort_index()
+    studies = pd.read_parquet(out / "studies.parquet").set_index("study_instance_uid")
+    return images, studies.sort_index()
+
+
+def test_ray_engine_matches_local_and_isolates_a_crashing_file(
+    local_ray, archive: Path, tmp_path: Path
+) -> None:
+    outs = {}
+    for engine in ("local", "ray"):
+        outs[engine] = tmp_path / engine
+        run_scan(
+            ScanConfig(
+                archive=archive,
+                out=outs[engine],
+                workers=2,
+                files_per_task=4,
+                engine=engine,
+                prepare=faulty_prepare,
+            )
+        )
+    (local_images, local_studies), (ray_images, ray_studies) = map(_reports, outs.values())
+    key = ["status", "reason"]
+    pd.testing.assert_frame_equal(ray_images[key], local_images[key])
+    pd.testing.assert_series_equal(ray_images["score"], local_images["score"], atol=1e-6)
+    pd.testing.assert_frame_equal(ray_studies, local_studies, atol=1e-6)
+    crashed = ray_images.loc["2025/SEGFAULT_IM"]
+    assert (crashed["status"], crashed["reason"]) == ("failed", "worker_crash")
+    assert (ray_images["status"] == "scored").sum() == 4
+
+
+def test_ray_engine_without_the_extra_is_exit_2(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a)
+    )
+    assert main(["scan", str(archive), "--out", str(tmp_path / "r"), "--engine", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'batchscan[ray]'" in err and err.count("\n") == 1
