@@ -194,7 +194,10 @@ class StateStore:
                 "SELECT value FROM meta WHERE key='schema_version'"
             ).fetchone()
         except sqlite3.DatabaseError as exc:
-            raise StateError(f"cannot use state database {path}: {exc}") from exc
+            raise StateError(
+                f"cannot use state database {path}: {exc} (move it away to start afresh: "
+                "the next run then reads the whole archive again)"
+            ) from exc
         if version is None:
             self._db.execute(
                 "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)

@@ -279,3 +279,12 @@ def test_cron_wrapper_logs_and_passes_the_status_through(archive: Path, tmp_path
     assert failed.returncode == 2
     assert "status 2" in failed.stdout
     assert len(list(logs.glob("batchscan-*.log"))) == 2
+
+
+def test_unusable_state_is_a_usage_error(archive: Path, tmp_path: Path, capsys) -> None:
+    state = tmp_path / "state.sqlite"
+    state.write_bytes(b"not a database at all" * 100)
+    argv = ["scan", str(archive), "--out", str(tmp_path / "out"), "--state", str(state)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot use state database" in err and err.count("\n") == 1
