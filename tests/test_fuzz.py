@@ -8,6 +8,7 @@ real run, and cannot take the test process down. Derandomized: the same examples
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import tempfile
 from collections import Counter
@@ -25,15 +26,22 @@ from batchscan.workers import WorkerPool
 from tests.fuzz import mutations
 
 SEEDS = mutations.seed_files()
-OPTIONS = StageOptions(all_modalities=True, max_pixel_bytes=64 * 1024 * 1024)
+OPTIONS = StageOptions(all_modalities=True, max_pixel_bytes=64 * 1024 * 1024, min_edge=None)
+#: The seeds are 48 px: a 12 px minimum edge sends them through the reduced-resolution
+#: decoders (Pillow's JPEG 2000 reduce and JPEG draft) as a 2048 px radiograph would be.
+REDUCED = dataclasses.replace(OPTIONS, min_edge=12)
 SEEN: Counter[str] = Counter()
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[WorkerPool]:
+def pool() -> Iterator[list[WorkerPool]]:
+    """One isolated decode process decoding at full resolution, one decoding reduced."""
     context = multiprocessing.get_context("forkserver")
-    with WorkerPool(context, 1, OPTIONS, prepare_record, file_timeout=20.0) as workers:
-        yield workers
+    with (
+        WorkerPool(context, 1, OPTIONS, prepare_record, file_timeout=20.0) as full,
+        WorkerPool(context, 1, REDUCED, prepare_record, file_timeout=20.0) as reduced,
+    ):
+        yield [full, reduced]
 
 
 fractions = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
@@ -77,7 +85,9 @@ def _apply(data: bytes, change: tuple) -> bytes:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(seed=st.integers(0, len(SEEDS) - 1), changes=st.lists(mutation, min_size=1, max_size=3))
-def test_mutated_files_always_get_a_reason(pool: WorkerPool, seed: int, changes: list) -> None:
+def test_mutated_files_always_get_a_reason(
+    pool: list[WorkerPool], seed: int, changes: list
+) -> None:
     data = SEEDS[seed]
     for change in changes:
         data = _apply(data, change)
@@ -85,11 +95,17 @@ def test_mutated_files_always_get_a_reason(pool: WorkerPool, seed: int, changes:
         path = Path(folder) / "mutant.dcm"
         path.write_bytes(data)
         info = path.stat()
-        record = ImageRecord(
-            path="mutant.dcm", abs_path=str(path), size=info.st_size, mtime_ns=info.st_mtime_ns
-        )
-        batches = list(pool.run([[record]]))
-    (done,) = [r for b in batches for r in b.records]
+        done = []
+        for workers in pool:
+            record = ImageRecord(
+                path="mutant.dcm", abs_path=str(path), size=info.st_size, mtime_ns=info.st_mtime_ns
+            )
+            done += [r for b in workers.run([[record]]) for r in b.records]
+    for record in done:
+        _check(record, changes)
+
+
+def _check(done: ImageRecord, changes: list) -> None:
     assert done.status in {"pending", "skipped", "failed"}  # pending = decoded and scorable
     SEEN[done.reason or "decoded"] += 1
     assert not (done.reason or "").startswith("internal_error"), done
