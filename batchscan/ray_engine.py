@@ -146,13 +146,22 @@ def _start_ray(config: ScanConfig) -> bool:
     options: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": False,
-        "logging_level": logging.WARNING,
+        "logging_level": logging.ERROR,  # cron mails what a job prints
     }
     if config.ray_address:
         ray.init(address=config.ray_address, **options)
     else:
         ray.init(num_cpus=config.workers or default_workers(), **options)
     return True
+
+
+def _quiet_ray_data() -> None:
+    """Only errors from Ray Data on the console: it logs every execution at INFO, and cron
+    mails what a job prints. (Ray Data configures its logger when first used, so this runs
+    just before each execution.)"""
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
 
 
 def cluster_resources() -> tuple[int, int]:
@@ -233,6 +242,7 @@ def run_ray(
                 num_gpus=1 if gpus else 0,
                 num_cpus=0 if not gpus else 1,
             )
+            _quiet_ray_data()
             for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 finished = from_table(table)
                 stats.count(finished)
