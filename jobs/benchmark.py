@@ -7,6 +7,7 @@ Usage:
     python jobs/benchmark.py --incremental [--incremental-files 5000]
     python jobs/benchmark.py --isolation [--syntaxes unc,j2k-lossy]
     python jobs/benchmark.py --engines [--syntaxes unc,j2k-lossy]   (needs the ray extra)
+    python jobs/benchmark.py --scaling
 
 For each syntax it writes an archive of full-size chest-like radiographs (--size px, 12-bit;
 JPEG baseline 8-bit) and measures, in the same run:
@@ -33,6 +34,9 @@ costs predict (at most --small + --max-files).
 
 --isolation: files/s of the per-file stages in batchscan's crash-isolating WorkerPool against
 a plain ProcessPoolExecutor over the same tasks (the cost of isolation).
+
+--scaling: the per-file stages in one process against one process per core at once, with
+nothing of batchscan between them: the most that N workers can give on this machine.
 
 --engines: the local engine against --engine ray (a local Ray instance on the same cores).
 
@@ -376,6 +380,39 @@ def isolation(args: argparse.Namespace) -> None:
         )
 
 
+def _stage_loop(paths: list[Path], seconds: float) -> float:
+    """Files/s of the per-file stages in this process, over `paths` repeated for `seconds`."""
+    options, done, start = StageOptions(), 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for path in paths:
+            model_input(path, options)
+        done += len(paths)
+    return done / (time.perf_counter() - start)
+
+
+def scaling(args: argparse.Namespace) -> None:
+    """What the machine itself allows: the per-file stages in 1 process, then in one process
+    per core at once, with no batchscan plumbing between them. The scan's 2w/1w cannot beat
+    this ratio (memory bandwidth and shared caches, not the pipeline)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from batchscan.pipeline import WORKER_MALLOC
+
+    os.environ.update(WORKER_MALLOC)
+    cores = default_workers()
+    context = multiprocessing.get_context("spawn")
+    print(f"# {args.size} px; files/s of the per-file stages; {cores} processes at once")
+    print(f"{'syntax':<10} {'1 process':>10} {f'{cores} at once':>11} {'ratio':>6}")
+    for name in args.syntaxes.split(","):
+        with tempfile.TemporaryDirectory() as folder:
+            paths = write_archive(Path(folder), SYNTAXES[name], 8, args.size)
+            with ProcessPoolExecutor(cores, mp_context=context) as pool:
+                list(pool.map(_stage_loop, [paths] * cores, [0.5] * cores))  # warm
+                alone = pool.submit(_stage_loop, paths, args.seconds).result()
+                together = sum(pool.map(_stage_loop, [paths] * cores, [args.seconds] * cores))
+        print(f"{name:<10} {alone:10.1f} {together:11.1f} {together / alone:6.2f}", flush=True)
+
+
 def engines(args: argparse.Namespace) -> None:
     """``batchscan scan`` with the local engine against ``--engine ray`` (a local Ray
     instance on the same cores), same archive, marginal rates as in the main table."""
@@ -419,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-files", type=int, default=10_000)
     parser.add_argument("--isolation", action="store_true")
     parser.add_argument("--engines", action="store_true")
+    parser.add_argument("--scaling", action="store_true")
     parser.add_argument("--incremental", action="store_true")
     parser.add_argument("--incremental-files", type=int, default=5000)
     parser.add_argument("--incremental-size", type=int, default=256)
@@ -431,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         isolation(args)
     elif args.engines:
         engines(args)
+    elif args.scaling:
+        scaling(args)
     else:
         with native_stderr_silenced():  # TensorFlow's C++ start-up and XLA lines
             benchmark(args)
