@@ -42,3 +42,10 @@ def slow_prepare(record: ImageRecord, options: StageOptions) -> np.ndarray | Non
     """:func:`prepare_record` after a pause: a run long enough to be killed in the middle."""
     time.sleep(0.15)
     return prepare_record(record, options)
+
+
+def pid_prepare(record: ImageRecord, options: StageOptions) -> np.ndarray | None:
+    """:func:`prepare_record`, noting in ``detail`` which process prepared the record."""
+    tensor = prepare_record(record, options)
+    record.detail = str(os.getpid())
+    return tensor

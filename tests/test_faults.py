@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +18,7 @@ from batchscan.records import ImageRecord
 from batchscan.scan import run_scan
 from batchscan.synth import RadiographSpec, chest_phantom, write_radiograph
 from tests.conftest import real_file
-from tests.faults import deleting_prepare, faulty_prepare
+from tests.faults import deleting_prepare, faulty_prepare, pid_prepare
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +166,28 @@ def test_hostile_archive_end_to_end(
     clean = _images(clean_out)
     pd.testing.assert_series_equal(images.loc[clean.index, "score"], clean["score"])
     assert len(images) == len(clean) + 4
+
+
+def test_workers_are_recycled_after_many_files(clean_archive: Path) -> None:
+    """A fresh process every `recycle_after` files: codec memory leaks cannot pile up over a
+    night of millions of files; nothing is lost or prepared twice on the way."""
+    import multiprocessing
+
+    from batchscan.discover import iter_files
+    from batchscan.pipeline import chunks
+    from batchscan.workers import WorkerPool
+
+    context = multiprocessing.get_context("forkserver")
+    options = ScanConfig(archive=clean_archive, out=clean_archive).stage_options
+    with WorkerPool(context, 1, options, pid_prepare, recycle_after=4) as pool:
+        batches = list(pool.run(chunks(iter_files(clean_archive), 2)))
+        recycled = pool.recycled
+    records = [r for b in batches for r in b.records]
+    assert sorted(r.path for r in records) == sorted(
+        str(p.relative_to(clean_archive)) for p in clean_archive.rglob("IM*")
+    )
+    assert sum(len(b.inputs) for b in batches) == 10
+    per_process = Counter(r.detail for r in records)
+    assert recycled >= 1 and len(per_process) == recycled + 1
+    # a worker due for recycling finishes the tasks it holds (depth 2 x 2 files) first
+    assert max(per_process.values()) <= 4 + 2 * 2
