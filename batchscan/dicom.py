@@ -156,7 +156,7 @@ def decode_pixels(ds: Dataset, min_edge: int | None = None) -> tuple[np.ndarray,
     """
     check_decodable(ds)
     level, offset = 0, 0.0
-    reduced = decode_reduced(ds, min_edge) if min_edge else None
+    reduced = decode_reduced(ds, min_edge, windowed=has_voi(ds)) if min_edge else None
     if reduced is not None:
         arr, level, offset = reduced
     else:
@@ -188,6 +188,15 @@ def _padding_values(ds: Dataset) -> tuple[float, float] | None:
         limit = value
     low, high = sorted((float(value), float(limit)))
     return low, high
+
+
+def has_voi(ds: Dataset) -> bool:
+    """Whether the display window will come from the header (a usable VOI LUT or window),
+    so that it does not depend on how the pixels were reduced."""
+    try:
+        return _voi_range(ds) is not None
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+        return False
 
 
 def _voi_range(ds: Dataset) -> tuple[float, float, str] | None:

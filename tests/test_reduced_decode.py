@@ -68,9 +68,10 @@ def test_jpeg2000_levels_match_box_averages(tmp_path: Path) -> None:
     full = ds.pixel_array
     from batchscan.decoders import first_frame
 
-    for level in (1, 2):
-        reduced, used, offset = jpeg2000.decode(first_frame(ds), ds, level)
-        assert used == min(level, jpeg2000.MAX_LEVEL) and offset == 0.25
+    for level, windowed in ((1, False), (2, False), (2, True)):
+        reduced, used, offset = jpeg2000.decode(first_frame(ds), ds, level, windowed=windowed)
+        assert used == min(level, jpeg2000.max_level(windowed))
+        assert offset == jpeg2000.grid_offset(used)
         box = box_reduce(full, 2**used).astype(np.int64)
         assert abs(reduced.astype(np.int64).mean() - box.mean()) < 0.01 * box.mean()
 
@@ -113,3 +114,24 @@ def test_scan_decodes_reduced_unless_full_resolution(tmp_path: Path) -> None:
     assert (frames["full"]["status"] == "scored").all()
     delta = frames["full"]["score"].to_numpy() - frames["reduced"]["score"].to_numpy()
     assert np.abs(delta).max() <= 0.005
+
+
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEG2000], ids=lambda s: s.name)
+def test_jpeg2000_drops_two_levels_only_with_a_header_window(tmp_path: Path, model, syntax) -> None:
+    """A 2048 px file reaches the 512 px decode size through two codestream levels when its
+    window comes from the header; through one level and a box average when the window
+    would be computed from the pixels (see batchscan.decoders.jpeg2000). Scores agree with
+    the full decode within 0.005 either way."""
+    picture = chest_phantom(2048, seed=7, opacity=0.6)
+    paths = []
+    for name, window in (("windowed", (2048.0, 4096.0)), ("percentile", None)):
+        spec = RadiographSpec(transfer_syntax=syntax, window=window)
+        paths.append(write_radiograph(tmp_path / name, picture, spec))
+    offsets = []
+    for path in paths:
+        arr, scale, offset = decode_pixels(read_dataset(str(path)), DEFAULT_MIN_EDGE)
+        assert scale == 4 and arr.shape == (512, 512)
+        offsets.append(offset)
+    assert offsets == [jpeg2000.grid_offset(2), jpeg2000.grid_offset(1) / 2]
+    full, reduced = _scores(model, paths, FULL), _scores(model, paths, REDUCED)
+    assert np.abs(full - reduced).max() <= 0.005, (full, reduced)

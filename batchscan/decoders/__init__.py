@@ -74,8 +74,13 @@ def first_frame(ds: Dataset) -> bytes:
     return next(generate_frames(ds.PixelData, number_of_frames=1))
 
 
-def decode_reduced(ds: Dataset, min_edge: int) -> tuple[np.ndarray, int, float] | None:
+def decode_reduced(
+    ds: Dataset, min_edge: int, *, windowed: bool = False
+) -> tuple[np.ndarray, int, float] | None:
     """Decode at reduced resolution with a codec that can; None when none applies.
+
+    `windowed` says the display window will come from the header's VOI, not from the pixels;
+    some codecs may then drop more levels (see :mod:`batchscan.decoders.jpeg2000`).
 
     Returns
     -------
@@ -90,7 +95,7 @@ def decode_reduced(ds: Dataset, min_edge: int) -> tuple[np.ndarray, int, float] 
     for decoder in DECODERS:
         if decoder.is_available(ds):
             try:
-                result = decoder.decode(first_frame(ds), ds, level)
+                result = decoder.decode(first_frame(ds), ds, level, windowed=windowed)
             except Exception:  # corrupt data: the full decode path reports what is wrong
                 continue
             if result is not None:

@@ -27,9 +27,12 @@ def is_available(ds: Dataset) -> bool:
         return False
 
 
-def decode(frame: bytes, ds: Dataset, level: int) -> tuple[np.ndarray, int, float] | None:
+def decode(
+    frame: bytes, ds: Dataset, level: int, *, windowed: bool = False
+) -> tuple[np.ndarray, int, float] | None:
     """Decode at 1 / 2**r (r <= min(level, 3)); returns uint8 stored values, r and the grid
-    offset (0: a scaled IDCT output pixel stands for its whole block, like a box average)."""
+    offset (0: a scaled IDCT output pixel stands for its whole block, like a box average).
+    `windowed` does not matter here: DCT scaling is a block average, whatever the window."""
     from PIL import Image
 
     scale = 1 << min(level, 3)
