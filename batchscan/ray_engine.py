@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import socket
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import fields
@@ -135,6 +136,29 @@ class ScoreActor:
             for i, score in zip(todo, self._scorer.score(inputs), strict=True):
                 records[i].status, records[i].reason, records[i].score = SCORED, None, float(score)
         return to_table(records)
+
+
+#: Seconds to wait for a Ray cluster's head to accept a connection before giving up.
+CONNECT_TIMEOUT: Final = 10.0
+
+
+def unreachable(address: str, timeout: float = CONNECT_TIMEOUT) -> str | None:
+    """Why the Ray cluster at `address` cannot be reached, or None if its head answers.
+
+    Ray itself retries an unreachable head without end, which would hang a cron job; a plain
+    TCP connection to ``host:port`` (``ray://host:port`` for Ray Client) tells within
+    `timeout` seconds. ``auto`` (the cluster this node belongs to) is left to Ray.
+    """
+    if address == "auto":
+        return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return f"not HOST:PORT or ray://HOST:PORT: {address!r}"
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"no answer from {host}:{port} ({exc.strerror or type(exc).__name__})"
 
 
 def _start_ray(config: ScanConfig) -> bool:

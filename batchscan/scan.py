@@ -94,6 +94,12 @@ def check_config(config: ScanConfig) -> None:
         raise UsageError("--engine ray needs Ray: pip install 'batchscan[ray]'")
     if config.ray_address and config.engine != "ray":
         raise UsageError("--ray-address is for --engine ray")
+    if config.engine == "ray" and config.ray_address:
+        from batchscan.ray_engine import unreachable
+
+        problem = unreachable(config.ray_address)
+        if problem:
+            raise UsageError(f"cannot reach the Ray cluster at --ray-address: {problem}")
     out = config.out.resolve()
     root = archive.resolve()
     if out == root or root in out.parents:

@@ -85,3 +85,18 @@ def test_ray_engine_without_the_extra_is_exit_2(
     assert main(["scan", str(archive), "--out", str(tmp_path / "r"), "--engine", "ray"]) == 2
     err = capsys.readouterr().err
     assert "pip install 'batchscan[ray]'" in err and err.count("\n") == 1
+
+
+def test_unreachable_cluster_is_exit_2_not_a_hang(archive: Path, tmp_path: Path, capsys) -> None:
+    """Ray retries an unreachable head without end; the job checks it first."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = ["scan", str(archive), "--out", str(tmp_path / "r"), "--engine", "ray"]
+    assert main([*argv, "--ray-address", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the Ray cluster" in err and err.count("\n") == 1
+    assert main([*argv, "--ray-address", "nonsense"]) == 2
