@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from itertools import chain, islice
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any, Final
 
@@ -59,6 +60,17 @@ WORKER_MALLOC: Final = {
     "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
     "MALLOC_TRIM_THRESHOLD_": str(128 * 1024 * 1024),
 }
+
+
+def worker_context() -> BaseContext:
+    """The multiprocessing context decode processes start from: ``forkserver`` (the main
+    process holds TensorFlow, which must not be forked), with the stages preloaded and
+    :data:`WORKER_MALLOC` in the environment, where glibc reads it when the server starts."""
+    for name, value in WORKER_MALLOC.items():
+        os.environ.setdefault(name, value)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["batchscan.pipeline"])
+    return context
 
 
 def default_workers() -> int:
@@ -294,12 +306,8 @@ def _prepared_stream(
         for chunk in tasks:
             yield run_task(chunk, options, config.prepare)
         return
-    for name, value in WORKER_MALLOC.items():  # read by glibc when the forkserver starts
-        os.environ.setdefault(name, value)
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["batchscan.pipeline"])
     with WorkerPool(
-        context, config.workers, options, config.prepare, file_timeout=config.file_timeout
+        worker_context(), config.workers, options, config.prepare, file_timeout=config.file_timeout
     ) as pool:
         yield from pool.run(tasks)
 

@@ -29,8 +29,6 @@ module, and it imports Ray only when a run starts.
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
 import socket
 import warnings
 from collections.abc import Callable, Iterable
@@ -43,12 +41,12 @@ import pyarrow as pa
 
 from batchscan.header import StageOptions
 from batchscan.pipeline import (
-    WORKER_MALLOC,
     RunStats,
     ScanConfig,
     check_accounting,
     chunks,
     default_workers,
+    worker_context,
 )
 from batchscan.preprocess import CHANNELS, INPUT_SIZE
 from batchscan.records import SCORED, ImageRecord
@@ -95,11 +93,7 @@ class PrepareActor:
     the local engine's per-file crash and time-out isolation (one decode process)."""
 
     def __init__(self, options: StageOptions, prepare: PrepareRecord, file_timeout: float):
-        for name, value in WORKER_MALLOC.items():
-            os.environ.setdefault(name, value)
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["batchscan.pipeline"])
-        self._pool = WorkerPool(context, 1, options, prepare, file_timeout=file_timeout)
+        self._pool = WorkerPool(worker_context(), 1, options, prepare, file_timeout=file_timeout)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         """Prepared records, with a binary ``input`` column for those that need scoring."""

@@ -337,13 +337,11 @@ def isolation(args: argparse.Namespace) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
     from batchscan.discover import iter_files
-    from batchscan.pipeline import WORKER_MALLOC, chunks, prepare_batch, prepare_record
+    from batchscan.pipeline import chunks, prepare_batch, prepare_record, worker_context
     from batchscan.records import ImageRecord
     from batchscan.workers import WorkerPool
 
-    os.environ.update(WORKER_MALLOC)
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["batchscan.pipeline"])
+    context = worker_context()
     cores, options = default_workers(), StageOptions()
     print(f"# {args.size} px, {cores} worker processes, files/s (best of 2)")
     print(f"{'syntax':<10} {'executor':>9} {'isolated':>9} {'ratio':>6}")

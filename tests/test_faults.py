@@ -171,13 +171,11 @@ def test_hostile_archive_end_to_end(
 def test_workers_are_recycled_after_many_files(clean_archive: Path) -> None:
     """A fresh process every `recycle_after` files: codec memory leaks cannot pile up over a
     night of millions of files; nothing is lost or prepared twice on the way."""
-    import multiprocessing
-
     from batchscan.discover import iter_files
-    from batchscan.pipeline import chunks
+    from batchscan.pipeline import chunks, worker_context
     from batchscan.workers import WorkerPool
 
-    context = multiprocessing.get_context("forkserver")
+    context = worker_context()
     options = ScanConfig(archive=clean_archive, out=clean_archive).stage_options
     with WorkerPool(context, 1, options, pid_prepare, recycle_after=4) as pool:
         batches = list(pool.run(chunks(iter_files(clean_archive), 2)))

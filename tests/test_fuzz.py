@@ -9,7 +9,6 @@ real run, and cannot take the test process down. Derandomized: the same examples
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchscan.header import StageOptions
-from batchscan.pipeline import prepare_record
+from batchscan.pipeline import prepare_record, worker_context
 from batchscan.records import ImageRecord
 from batchscan.workers import WorkerPool
 from tests.fuzz import mutations
@@ -36,7 +35,7 @@ SEEN: Counter[str] = Counter()
 @pytest.fixture(scope="module")
 def pool() -> Iterator[list[WorkerPool]]:
     """One isolated decode process decoding at full resolution, one decoding reduced."""
-    context = multiprocessing.get_context("forkserver")
+    context = worker_context()
     with (
         WorkerPool(context, 1, OPTIONS, prepare_record, file_timeout=20.0) as full,
         WorkerPool(context, 1, REDUCED, prepare_record, file_timeout=20.0) as reduced,
