@@ -16,6 +16,20 @@ import numpy as np
 import pandas as pd
 
 FRONTAL: Final = ("PA", "AP")
+#: The columns of a study row, in report order (the state stores them as they are).
+STUDY_COLUMNS: Final = (
+    "study_instance_uid",
+    "score",
+    "flag",
+    "score_basis",
+    "n_images_scored",
+    "n_images_total",
+    "views",
+    "accession_number",
+    "study_date",
+    "patient_key",
+    "model_version",
+)
 
 
 def aggregate_studies(images: pd.DataFrame, threshold: float, model_version: str) -> pd.DataFrame:
@@ -39,19 +53,7 @@ def aggregate_studies(images: pd.DataFrame, threshold: float, model_version: str
         ``study_date``, ``patient_key`` (None unless the images carry one), ``model_version``;
         sorted by study UID.
     """
-    columns = [
-        "study_instance_uid",
-        "score",
-        "flag",
-        "score_basis",
-        "n_images_scored",
-        "n_images_total",
-        "views",
-        "accession_number",
-        "study_date",
-        "patient_key",
-        "model_version",
-    ]
+    columns = list(STUDY_COLUMNS)
     known = images[images["study_instance_uid"].notna()]
     scored = known[known["status"] == "scored"]
     if scored.empty:

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from itertools import chain, islice
+from itertools import chain
 from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any, Final
@@ -39,7 +39,7 @@ from batchscan.decoders import DEFAULT_MIN_EDGE
 from batchscan.dicom import decode_record
 from batchscan.header import DEFAULT_MAX_PIXEL_BYTES, StageOptions, read_header
 from batchscan.preprocess import preprocess
-from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord
+from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord, chunks
 from batchscan.workers import (
     DEFAULT_FILE_TIMEOUT,
     PreparedBatch,
@@ -225,13 +225,6 @@ def score_prepared(
                 record.status, record.reason, record.score = SCORED, None, float(scores[offset])
                 offset += 1
     return [record for batch in batches for record in batch.records]
-
-
-def chunks(records: Iterable[ImageRecord], size: int) -> Iterator[list[ImageRecord]]:
-    """Consecutive lists of `size` records from a stream (the last may be shorter)."""
-    iterator = iter(records)
-    while chunk := list(islice(iterator, size)):
-        yield chunk
 
 
 class InferenceBuffer:

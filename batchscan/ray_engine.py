@@ -44,12 +44,11 @@ from batchscan.pipeline import (
     RunStats,
     ScanConfig,
     check_accounting,
-    chunks,
     default_workers,
     worker_context,
 )
 from batchscan.preprocess import CHANNELS, INPUT_SIZE
-from batchscan.records import SCORED, ImageRecord
+from batchscan.records import SCORED, ImageRecord, chunks
 from batchscan.workers import PrepareRecord, WorkerPool
 
 #: Records handed to Ray per Dataset: bounds the driver's memory on any archive size.

@@ -7,8 +7,12 @@ Records are plain slotted dataclasses so they pickle cheaply between processes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Final, Literal
+from itertools import islice
+from typing import Final, Literal, TypeVar
+
+T = TypeVar("T")
 
 Status = Literal["pending", "scored", "skipped", "failed"]
 
@@ -101,3 +105,11 @@ def _shorten(text: str | None, limit: int = 200) -> str | None:
         return None
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of `size` items from a stream (the last may be shorter); the
+    stream is never held whole, so an archive of millions of records stays a stream."""
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk

@@ -23,7 +23,8 @@ Nothing in the state identifies a patient: no names, birth dates or free text, a
 patient key only as an HMAC (see :mod:`batchscan.header`).
 
 This module stores and looks up; it does not know how rows are made or aggregated (the
-aggregation is passed in), so it sits after the stages it records.
+aggregation is passed in; only the study columns come from :mod:`batchscan.aggregate`), so
+it sits after the stages it records.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from typing import Any, Final
 
 import pandas as pd
 
-from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord
+from batchscan.aggregate import STUDY_COLUMNS
+from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord, chunks
 
 STATE_FILE: Final = "state.sqlite"
 SCHEMA_VERSION: Final = 1
@@ -57,19 +59,6 @@ _CHUNK: Final = 500
 #: The report columns of a file row, in order (``abs_path`` is never stored).
 IMAGE_COLUMNS: Final = (
     *(f.name for f in fields(ImageRecord) if f.name != "abs_path"),
-    "model_version",
-)
-STUDY_COLUMNS: Final = (
-    "study_instance_uid",
-    "score",
-    "flag",
-    "score_basis",
-    "n_images_scored",
-    "n_images_total",
-    "views",
-    "accession_number",
-    "study_date",
-    "patient_key",
     "model_version",
 )
 RUN_COLUMNS: Final = (
@@ -161,7 +150,6 @@ class Finished:
     """What :meth:`StateStore.finish` changed and the report-level counts after it."""
 
     removed: int
-    studies_updated: int
     by_status: Counter[str]
     by_reason: Counter[str]
     files: int
@@ -249,13 +237,7 @@ class StateStore:
         size, mtime and settings key holds a final outcome (see :data:`RETRY_PREFIXES`).
         Reused rows are marked seen by this run; `on_reused` gets their count per chunk.
         """
-        chunk: list[ImageRecord] = []
-        for record in records:
-            chunk.append(record)
-            if len(chunk) >= _CHUNK:
-                yield from self._split(chunk, run_id, settings_key, on_reused)
-                chunk = []
-        if chunk:
+        for chunk in chunks(records, _CHUNK):
             yield from self._split(chunk, run_id, settings_key, on_reused)
 
     def _split(
@@ -327,8 +309,7 @@ class StateStore:
     def _uids_of(self, paths: list[str]) -> set[tuple[str, str]]:
         """The (kind, uid) pairs the current rows of `paths` belong to."""
         found: set[tuple[str, str]] = set()
-        for start in range(0, len(paths), _CHUNK):
-            part = paths[start : start + _CHUNK]
+        for part in chunks(paths, _CHUNK):
             marks = ",".join("?" * len(part))
             for study, sop in self._db.execute(
                 f"SELECT study_instance_uid, sop_instance_uid FROM files WHERE path IN ({marks})",
@@ -368,8 +349,8 @@ class StateStore:
         removed = self._db.execute("DELETE FROM files WHERE seen_run != ?", (run_id,)).rowcount
         self._resolve_duplicates()
         studies = [row[0] for row in self._db.execute("SELECT uid FROM touched WHERE kind='study'")]
-        for start in range(0, len(studies), study_chunk):
-            self._reaggregate(studies[start : start + study_chunk], aggregate)
+        for part in chunks(studies, study_chunk):
+            self._reaggregate(part, aggregate)
         self._db.execute("DELETE FROM touched")
         by_status: Counter[str] = Counter()
         by_reason: Counter[str] = Counter()
@@ -382,7 +363,6 @@ class StateStore:
         self.commit()
         return Finished(
             removed=removed,
-            studies_updated=len(studies),
             by_status=by_status,
             by_reason=by_reason,
             files=sum(by_status.values()),
@@ -393,8 +373,7 @@ class StateStore:
         and worker order); the others are ``skipped: duplicate_of:<path>`` but keep their
         model score, so that if the winner disappears the next one takes over unread."""
         sops = [row[0] for row in self._db.execute("SELECT uid FROM touched WHERE kind='sop'")]
-        for start in range(0, len(sops), _CHUNK):
-            part = sops[start : start + _CHUNK]
+        for part in chunks(sops, _CHUNK):
             marks = ",".join("?" * len(part))
             rows = self._db.execute(
                 f"SELECT sop_instance_uid, path, study_instance_uid FROM files "

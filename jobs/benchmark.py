@@ -337,8 +337,8 @@ def isolation(args: argparse.Namespace) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
     from batchscan.discover import iter_files
-    from batchscan.pipeline import chunks, prepare_batch, prepare_record, worker_context
-    from batchscan.records import ImageRecord
+    from batchscan.pipeline import prepare_batch, prepare_record, worker_context
+    from batchscan.records import ImageRecord, chunks
     from batchscan.workers import WorkerPool
 
     context = worker_context()

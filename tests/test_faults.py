@@ -172,7 +172,8 @@ def test_workers_are_recycled_after_many_files(clean_archive: Path) -> None:
     """A fresh process every `recycle_after` files: codec memory leaks cannot pile up over a
     night of millions of files; nothing is lost or prepared twice on the way."""
     from batchscan.discover import iter_files
-    from batchscan.pipeline import chunks, worker_context
+    from batchscan.pipeline import worker_context
+    from batchscan.records import chunks
     from batchscan.workers import WorkerPool
 
     context = worker_context()
