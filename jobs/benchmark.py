@@ -156,6 +156,19 @@ def run_scan(archive: Path, out: Path, *extra: str) -> None:
     shutil.rmtree(out)
 
 
+def scan_rate(
+    paths: list[Path], sizes: tuple[int, int], root: Path, *extra: str
+) -> tuple[float, float]:
+    """Marginal rate and start-up of ``batchscan scan *extra`` between archives of the first
+    sizes[0] and sizes[1] files (hardlinked into folders under `root`)."""
+    (n_small, n_large), label = sizes, "_".join(a.lstrip("-") for a in extra) or "scan"
+    small = subset(paths, n_small, root / f"{label}-small")
+    large = subset(paths, n_large, root / f"{label}-large")
+    t_small = timed(partial(run_scan, small, root / "out", *extra))
+    t_large = timed(partial(run_scan, large, root / "out", *extra))
+    return marginal(n_small, t_small, n_large, t_large)
+
+
 def naive_loop(paths: list[Path], model: object) -> None:
     """The original blog-style code: one file, one decode, one predict at a time."""
     for path in paths:
@@ -190,7 +203,6 @@ def measure_syntax(name: str, args: argparse.Namespace, cores: int, model: objec
         prepare_s = per_image_seconds(paths, partial(model_input, options=StageOptions()))
         full_options = StageOptions(min_edge=None)
         full_s = per_image_seconds(paths, partial(model_input, options=full_options))
-        out = root / "out"
         estimates = {  # seconds per file, to size the archives
             "naive": decode_s + 0.04,
             "scan": prepare_s / cores,
@@ -208,12 +220,9 @@ def measure_syntax(name: str, args: argparse.Namespace, cores: int, model: objec
             if extra is None:
                 t_small = timed(partial(naive_loop, paths[:n_small], model))
                 t_large = timed(partial(naive_loop, paths[:n_large], model))
+                rates[key] = marginal(n_small, t_small, n_large, t_large)
             else:
-                small = subset(paths, n_small, root / f"{key}-small")
-                large = subset(paths, n_large, root / f"{key}-large")
-                t_small = timed(partial(run_scan, small, out, *extra))
-                t_large = timed(partial(run_scan, large, out, *extra))
-            rates[key] = marginal(n_small, t_small, n_large, t_large)
+                rates[key] = scan_rate(paths, (n_small, n_large), root, *extra)
     scan, naive, full, one = (rates[k][0] for k in ("scan", "naive", "full", "one"))
     decode_limit, prepare_limit = cores / decode_s, cores / prepare_s
     return (
@@ -422,18 +431,11 @@ def engines(args: argparse.Namespace) -> None:
             root = Path(folder)
             paths = write_archive(root, SYNTAXES[name], args.small + args.max_files, args.size)
             prepare_s = per_image_seconds(paths, partial(model_input, options=StageOptions()))
-            n_small, n_large = sizes(args, prepare_s / cores)
-            small = subset(paths, n_small, root / "small")
-            large = subset(paths, n_large, root / "large")
-            rates = {}
-            for engine in ("local", "ray"):
-                extra = ("--engine", engine)
-                rates[engine] = marginal(
-                    n_small,
-                    timed(partial(run_scan, small, root / "out", *extra)),
-                    n_large,
-                    timed(partial(run_scan, large, root / "out", *extra)),
-                )
+            counts = sizes(args, prepare_s / cores)
+            rates = {
+                engine: scan_rate(paths, counts, root, "--engine", engine)
+                for engine in ("local", "ray")
+            }
         (local, local_start), (ray, ray_start) = rates["local"], rates["ray"]
         print(
             f"{name:<10} {local:7.1f} {local_start:6.1f} {ray:7.1f} {ray_start:6.1f} "
