@@ -145,11 +145,6 @@ class ScanConfig:
             pseudonym_key=self.pseudonym_key,
         )
 
-    @property
-    def state_path(self) -> Path:
-        """Where the incremental state lives."""
-        return self.state if self.state is not None else self.out / "state.sqlite"
-
 
 def _stable(record: ImageRecord) -> bool:
     """False (and the record skipped as ``unstable``) if the file vanished or changed since

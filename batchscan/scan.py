@@ -44,7 +44,7 @@ from batchscan.report import (
     write_studies,
 )
 from batchscan.runlock import report_dir_lock
-from batchscan.state import StateError, StateStore
+from batchscan.state import STATE_FILE, StateError, StateStore
 
 log = logging.getLogger("batchscan")
 
@@ -245,7 +245,8 @@ def run_scan(config: ScanConfig) -> ScanResult:
         raise UsageError(str(exc)) from exc
     with report_dir_lock(config.out):
         try:
-            state = StateStore(config.state_path, config.checkpoint_seconds)
+            path = config.state if config.state is not None else config.out / STATE_FILE
+            state = StateStore(path, config.checkpoint_seconds)
         except StateError as exc:
             raise UsageError(str(exc)) from exc
         try:
