@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from batchscan import __version__
-from batchscan.config import ConfigError, int_at_least, load_config, seconds
+from batchscan.config import ConfigError, int_at_least, load_config, pseudonym_key, seconds
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 
@@ -181,36 +181,6 @@ def _scan(args: argparse.Namespace) -> int:
         return EXIT_LOCKED
     print(result.summary)
     return EXIT_OK
-
-
-#: Shortest pseudonymisation key accepted: a short key could be guessed, and with it every
-#: patient_key mapped back to a PatientID by trying IDs.
-MIN_KEY_BYTES = 16
-
-
-def pseudonym_key(key_file: Path | None) -> bytes | None:
-    """The pseudonymisation key: the file's bytes (surrounding whitespace stripped), else
-    ``BATCHSCAN_PSEUDONYM_KEY``, else None (no patient_key column).
-
-    Raises
-    ------
-    ConfigError
-        The key file cannot be read, or the key is shorter than :data:`MIN_KEY_BYTES`.
-    """
-    if key_file is not None:
-        try:
-            key = key_file.read_bytes().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read pseudonym key file {key_file}: {exc.strerror}") from exc
-        source = str(key_file)
-    else:
-        key = os.environ.get("BATCHSCAN_PSEUDONYM_KEY", "").strip().encode()
-        source = "BATCHSCAN_PSEUDONYM_KEY"
-        if not key:
-            return None
-    if len(key) < MIN_KEY_BYTES:
-        raise ConfigError(f"pseudonym key in {source} is shorter than {MIN_KEY_BYTES} bytes")
-    return key
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -7,6 +7,9 @@ Relative paths are taken relative to the file's folder, so a config moved with i
 keeps working. Anything not understood is refused with the key named (exit status 2): a typo
 must not silently fall back to a default.
 
+The pseudonymisation key (:func:`pseudonym_key`) is read here too: from the file named by
+``pseudonym_key_file`` or ``--pseudonym-key-file``, else from ``BATCHSCAN_PSEUDONYM_KEY``.
+
 Example::
 
     archive = "/mnt/pacs-export"
@@ -19,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import os
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -125,3 +129,33 @@ def load_config(path: Path) -> dict[str, Any]:
             converted = (path.parent / converted).absolute()
         values[key] = converted
     return values
+
+
+#: Shortest pseudonymisation key accepted: a short key could be guessed, and with it every
+#: patient_key mapped back to a PatientID by trying IDs.
+MIN_KEY_BYTES: Final = 16
+
+
+def pseudonym_key(key_file: Path | None) -> bytes | None:
+    """The pseudonymisation key: the file's bytes (surrounding whitespace stripped), else
+    ``BATCHSCAN_PSEUDONYM_KEY``, else None (no patient_key column).
+
+    Raises
+    ------
+    ConfigError
+        The key file cannot be read, or the key is shorter than :data:`MIN_KEY_BYTES`.
+    """
+    if key_file is not None:
+        try:
+            key = key_file.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read pseudonym key file {key_file}: {exc.strerror}") from exc
+        source = str(key_file)
+    else:
+        key = os.environ.get("BATCHSCAN_PSEUDONYM_KEY", "").strip().encode()
+        source = "BATCHSCAN_PSEUDONYM_KEY"
+        if not key:
+            return None
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(f"pseudonym key in {source} is shorter than {MIN_KEY_BYTES} bytes")
+    return key
