@@ -192,9 +192,10 @@ def read_card(model_path: Path) -> dict[str, Any]:
     return card
 
 
-def model_version(model_path: Path) -> str:
-    """``<stem>-<sha256[:12]>``: names the exact model file in every report row."""
-    return f"{model_path.stem}-{sha256_of(model_path)[:12]}"
+def model_version(model_path: Path, sha256: str | None = None) -> str:
+    """``<stem>-<sha256[:12]>``: names the exact model file in every report row (`sha256`:
+    the file's digest when already known, so the file is not hashed again)."""
+    return f"{model_path.stem}-{(sha256 or sha256_of(model_path))[:12]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,10 +221,9 @@ def check_model(model_path: Path | None = None) -> ModelCard:
         As :func:`read_card`.
     """
     path = Path(model_path) if model_path is not None else default_model_path()
-    card = read_card(path)
-    return ModelCard(
-        card=card, path=path, version=model_version(path), threshold=float(card["threshold"])
-    )
+    card = read_card(path)  # checks the card's model_sha256 against the file, when present
+    version = model_version(path, card.get("model_sha256"))
+    return ModelCard(card=card, path=path, version=version, threshold=float(card["threshold"]))
 
 
 def load_model(model_path: Path | None = None) -> LoadedModel:
