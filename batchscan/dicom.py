@@ -9,8 +9,12 @@ Display normalization turns stored values into what a radiologist's viewer would
 because the training pictures were display images (exported JPEGs):
 
 1. pydicom's decoder already masks the bits above BitsStored and sign-extends signed pixels.
-2. Modality LUT (Rescale Slope/Intercept or the Modality LUT Sequence), by pydicom.
-3. VOI LUT, by pydicom: the VOI LUT Sequence if present, else the *first* window
+2. Modality LUT (Rescale Slope/Intercept or the Modality LUT Sequence), by pydicom. A
+   Modality LUT Sequence that cannot be applied (an empty item, as LEADTOOLS writes) is
+   ignored as DCMTK does: Rescale Slope/Intercept if present, else identity; which one was
+   used is recorded (``modality_source``, as ``voi_source`` records the VOI).
+3. VOI LUT, by pydicom: the VOI LUT Sequence if present (LUT Data as US or OW, which every
+   Implicit VR file gives), else the *first* window
    (Window Center/Width, with the VOI LUT Function). **Fallback** when neither exists or the
    window is invalid: a linear window from the 0.5th to the 99.5th percentile of the
    image's non-padding pixels (robust to burnt-in labels and dead pixels), taken from the
@@ -26,6 +30,7 @@ table lookup: the same result as applying them pixel by pixel, at a fraction of 
 
 from __future__ import annotations
 
+import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,16 +39,18 @@ from typing import Final
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.pixels.decoders.base import get_decoder
 
-from batchscan.decoders import box_reduce, decode_reduced, reduction_level
+from batchscan.decoders import Decoded, box_reduce, decode_frame, reduction_level
 from batchscan.header import (
-    HEAD_BYTES,
+    HeaderError,
     StageOptions,
     declared_pixel_bytes,
     header_problem,
-    looks_like_dicom,
+    os_failure,
+    parse_file,
 )
 from batchscan.records import INTERPRETER_EXITS, ImageRecord
 
@@ -80,16 +87,19 @@ class DisplayImage:
     voi_source: str
     scale: int = 1
     offset: float = 0.0
+    modality_source: str = "identity"
+    decoder: str = ""
 
 
 def read_dataset(path: str) -> Dataset:
-    """Read a whole DICOM file (header and pixels); raw datasets without preamble too."""
-    with open(path, "rb") as handle:
-        kind = looks_like_dicom(handle.read(HEAD_BYTES))
-        if kind is False:
-            raise DecodeError("not_dicom")
-        handle.seek(0)
-        return pydicom.dcmread(handle, force=kind is None)
+    """Read a whole DICOM file (header and pixels); raw datasets without preamble too
+    (:func:`batchscan.header.parse_file`)."""
+    try:
+        return parse_file(path, stop_before_pixels=False)
+    except InvalidDicomError as exc:
+        raise DecodeError("not_dicom") from exc
+    except HeaderError as exc:
+        raise DecodeError(exc.reason, exc.detail) from exc
 
 
 def check_decodable(ds: Dataset) -> None:
@@ -138,13 +148,14 @@ def _decode_failure_reason(exc: BaseException) -> str:
     return f"decode_error:{type(exc).__name__}"
 
 
-def decode_pixels(ds: Dataset, min_edge: int | None = None) -> tuple[np.ndarray, int, float]:
-    """The stored values of a single-frame grayscale image, their scale and grid offset.
+def decode_pixels(ds: Dataset, min_edge: int | None = None) -> Decoded:
+    """The stored values of a single-frame grayscale image, their scale (a power of two, in
+    the ``level`` field), grid offset and decoder.
 
     With `min_edge`, the image comes back reduced by a power of two (the scale) to the
     smallest size whose short edge is still >= `min_edge`: decoded at that resolution by a
-    codec that can (:mod:`batchscan.decoders`), else decoded in full by pydicom and box
-    averaged. Without it, pydicom decodes at full resolution (scale 1). The offset is the
+    codec that can (:mod:`batchscan.decoders`), else decoded in full and box averaged.
+    Without it, the image is decoded at full resolution (scale 1). The offset is the
     decoded grid's sub-pixel shift (see :mod:`batchscan.decoders`), for the preprocessing.
 
     Raises
@@ -155,19 +166,16 @@ def decode_pixels(ds: Dataset, min_edge: int | None = None) -> tuple[np.ndarray,
         :func:`check_decodable`.
     """
     check_decodable(ds)
-    level, offset = 0, 0.0
-    reduced = decode_reduced(ds, min_edge, windowed=has_voi(ds)) if min_edge else None
-    if reduced is not None:
-        arr, level, offset = reduced
-    else:
-        try:
-            arr = ds.pixel_array
-        except DecodeError:
-            raise
-        except INTERPRETER_EXITS:
-            raise
-        except BaseException as exc:  # ValueError, RuntimeError, OSError, a codec's panic...
-            raise DecodeError(_decode_failure_reason(exc), str(exc)) from exc
+    try:
+        arr, level, offset, decoder = decode_frame(
+            ds, min_edge, windowed=bool(min_edge) and has_voi(ds)
+        )
+    except DecodeError:
+        raise
+    except INTERPRETER_EXITS:
+        raise
+    except BaseException as exc:  # ValueError, RuntimeError, OSError, a codec's panic...
+        raise DecodeError(_decode_failure_reason(exc), str(exc)) from exc
     if arr.ndim != 2:
         raise DecodeError("decode_error:shape", f"decoded shape {arr.shape}, expected 2-D")
     if min_edge:
@@ -175,7 +183,7 @@ def decode_pixels(ds: Dataset, min_edge: int | None = None) -> tuple[np.ndarray,
         if target > level:
             factor = 1 << (target - level)
             arr, offset, level = box_reduce(arr, factor), offset / factor, target
-    return arr, 1 << level, offset
+    return Decoded(arr, 1 << level, offset, decoder)
 
 
 def _padding_values(ds: Dataset) -> tuple[float, float] | None:
@@ -195,8 +203,49 @@ def has_voi(ds: Dataset) -> bool:
     so that it does not depend on how the pixels were reduced."""
     try:
         return _voi_range(ds) is not None
-    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+    except _BAD_VALUE:
         return False
+
+
+#: What a header value that pydicom cannot use raises.
+_BAD_VALUE: Final = (ValueError, TypeError, AttributeError, IndexError, KeyError, struct.error)
+
+
+def lut_entries(item: Dataset, ds: Dataset) -> np.ndarray:
+    """The LUT Data of a LUT item as numbers, whether read as US (a list) or OW (bytes, in
+    the data set's byte order: the VR is "US or OW" and Implicit VR files give OW)."""
+    data = item.LUTData
+    if isinstance(data, bytes | bytearray):
+        meta = getattr(ds, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+        little = syntax.is_little_endian if syntax is not None else ds.original_encoding[1]
+        usable = len(data) // 2 * 2
+        return np.frombuffer(data[:usable], dtype="<u2" if little in (True, None) else ">u2")
+    if isinstance(data, int | float):
+        return np.asarray([data], dtype=np.float64)
+    return np.asarray(list(data), dtype=np.float64)
+
+
+def modality_transform(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
+    """Stored values -> modality values (float64) and which transform made them:
+    ``modality_lut``, ``rescale`` or ``identity``; ``rescale:lut_invalid`` /
+    ``identity:lut_invalid`` when a Modality LUT Sequence was present but unusable."""
+    suffix = ""
+    if ds.get("ModalityLUTSequence"):
+        try:
+            return np.asarray(apply_modality_lut(values, ds), dtype=np.float64), "modality_lut"
+        except _BAD_VALUE:
+            suffix = ":lut_invalid"
+    try:
+        slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+        if slope is not None and intercept is not None:
+            slope, intercept = float(slope), float(intercept)
+            if np.isfinite(slope) and np.isfinite(intercept) and slope != 0.0:
+                out = np.asarray(values, dtype=np.float64) * slope + intercept
+                return out, "rescale" + suffix
+    except _BAD_VALUE:
+        pass
+    return np.asarray(values, dtype=np.float64), "identity" + suffix
 
 
 def _voi_range(ds: Dataset) -> tuple[float, float, str] | None:
@@ -205,7 +254,7 @@ def _voi_range(ds: Dataset) -> tuple[float, float, str] | None:
     if sequence:
         item = sequence[0]
         bits = int(item.LUTDescriptor[2])
-        data = np.asarray(item.LUTData if "LUTData" in item else [], dtype=np.float64)
+        data = lut_entries(item, ds) if "LUTData" in item else np.zeros(0)
         top = float(2**bits - 1)
         if data.size and data.max() > top:  # descriptors that understate the LUT's depth
             top = float(2 ** int(data.max()).bit_length() - 1)
@@ -225,13 +274,14 @@ def _display_lut(
     padding: np.ndarray,
     ds: Dataset,
     fallback_window: Callable[[np.ndarray], tuple[float, float]],
-) -> tuple[np.ndarray, str]:
-    """Display value in [0, 1] for each stored value in `values` (same shape).
+) -> tuple[np.ndarray, str, str]:
+    """Display value in [0, 1] for each stored value in `values` (same shape), the VOI
+    source and the modality source.
 
     `fallback_window` maps the modality LUT (as a function of stored values) to the
     percentile window; it is only called when the file has no usable VOI.
     """
-    modality = np.asarray(apply_modality_lut(values, ds), dtype=np.float64)
+    modality, modality_source = modality_transform(values, ds)
     voi = None
     try:
         voi = _voi_range(ds)
@@ -239,7 +289,7 @@ def _display_lut(
             out = np.asarray(apply_voi_lut(modality, ds, index=0, prefer_lut=True), np.float64)
             low, high, source = voi
             display = (out - low) / (high - low)
-    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+    except _BAD_VALUE:
         voi = None  # an invalid window or LUT: fall back as documented
     if voi is None:
         low, high = fallback_window(modality)
@@ -249,7 +299,7 @@ def _display_lut(
     if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
         display = 1.0 - display
     display[padding] = 0.0
-    return display.astype(np.float32), source
+    return display.astype(np.float32), source, modality_source
 
 
 def window_sample(arr: np.ndarray) -> np.ndarray:
@@ -304,20 +354,22 @@ def normalize(arr: np.ndarray, ds: Dataset) -> DisplayImage:
                 low_v, high_v = modality[order][np.minimum(pick, order.size - 1)]
                 return float(low_v), float(high_v)
 
-            lut, source = _display_lut(values, padding, ds, from_histogram)
-            return DisplayImage(pixels=lut[index], voi_source=source)
+            lut, source, modality_source = _display_lut(values, padding, ds, from_histogram)
+            return DisplayImage(
+                pixels=lut[index], voi_source=source, modality_source=modality_source
+            )
     values = arr.astype(np.float64)
 
     def from_sample(_: np.ndarray) -> tuple[float, float]:
         kept = sample[~is_padding(sample)].astype(np.float64)
         if not kept.size:
             return 0.0, 1.0
-        modality = np.asarray(apply_modality_lut(kept, ds), dtype=np.float64)
+        modality = modality_transform(kept, ds)[0]
         low_v, high_v = np.percentile(modality, FALLBACK_PERCENTILES)
         return float(low_v), float(high_v)
 
-    pixels, source = _display_lut(values, is_padding(values), ds, from_sample)
-    return DisplayImage(pixels=pixels, voi_source=source)
+    pixels, source, modality_source = _display_lut(values, is_padding(values), ds, from_sample)
+    return DisplayImage(pixels=pixels, voi_source=source, modality_source=modality_source)
 
 
 def display_image_of(ds: Dataset, min_edge: int | None = None) -> DisplayImage:
@@ -327,13 +379,18 @@ def display_image_of(ds: Dataset, min_edge: int | None = None) -> DisplayImage:
     ------
     DecodeError
     """
-    arr, scale, offset = decode_pixels(ds, min_edge)
+    arr, scale, offset, decoder = decode_pixels(ds, min_edge)
     try:
         image = normalize(arr, ds)
     except Exception as exc:  # a LUT or value that pydicom cannot apply
         raise DecodeError(f"normalize_error:{type(exc).__name__}", str(exc)) from exc
     return DisplayImage(
-        pixels=image.pixels, voi_source=image.voi_source, scale=scale, offset=offset
+        pixels=image.pixels,
+        voi_source=image.voi_source,
+        scale=scale,
+        offset=offset,
+        modality_source=image.modality_source,
+        decoder=decoder,
     )
 
 
@@ -375,11 +432,14 @@ def decode_record(record: ImageRecord, options: StageOptions) -> DisplayImage | 
             record.fail(exc.reason, exc.detail)
             return None
         except OSError as exc:
-            record.fail("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}")
+            reason, detail = os_failure(exc)
+            record.fail(reason.replace("header_error", "read_error"), detail)
             return None
         except Exception as exc:  # anything pydicom raises on a broken file
             record.fail(f"read_error:{type(exc).__name__}", str(exc))
             return None
     record.voi_source = image.voi_source
+    record.modality_source = image.modality_source
+    record.decoder = image.decoder
     record.decode_scale = image.scale
     return image

@@ -17,6 +17,7 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Final
 
 from batchscan.records import ImageRecord
 
@@ -35,9 +36,8 @@ def _errno_reason(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, "os_error").lower()
 
 
-def _relative(root: str, path: str) -> str:
-    rel = os.path.relpath(path, root)
-    return rel.replace(os.sep, "/")
+#: Flags that open a folder for listing (following a symlink to it, as the walk does).
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY
 
 
 def iter_files(root: Path | str) -> Iterator[ImageRecord]:
@@ -45,6 +45,10 @@ def iter_files(root: Path | str) -> Iterator[ImageRecord]:
 
     Regular files (and symlinks to them) come out ``pending`` with size and mtime set;
     everything that cannot be a readable file comes out already ``skipped`` or ``failed``.
+
+    The walk holds a descriptor per open folder and lists, stats and descends relative to
+    it (as :func:`os.fwalk` does), so a file whose full path is longer than PATH_MAX still
+    gets its own row; the stages then open it with :func:`batchscan.paths.open_binary`.
 
     Parameters
     ----------
@@ -55,43 +59,51 @@ def iter_files(root: Path | str) -> Iterator[ImageRecord]:
     top = os.path.abspath(root)
     top_stat = os.stat(top)
     walked: set[tuple[int, int]] = {(top_stat.st_dev, top_stat.st_ino)}
-    # Each level: (directory path, its scandir iterator, its (dev, ino) for loop detection)
-    stack: list[tuple[str, Iterator[os.DirEntry[str]], tuple[int, int]]] = []
+    # Each level: (absolute path, path relative to the root with a trailing "/" or "",
+    # its descriptor, its scandir iterator); `ancestors` holds their (dev, ino).
+    stack: list[tuple[str, str, int, Iterator[os.DirEntry[str]]]] = []
     ancestors: list[tuple[int, int]] = []
 
-    def open_dir(path: str, key: tuple[int, int]) -> ImageRecord | None:
+    def open_dir(
+        path: str, rel: str, key: tuple[int, int], parent: int | None, name: str
+    ) -> ImageRecord | None:
         try:
-            iterator = os.scandir(path)
+            fd = os.open(name if parent is not None else path, _DIR_FLAGS, dir_fd=parent)
+            try:
+                iterator = os.scandir(fd)
+            except BaseException:
+                os.close(fd)
+                raise
         except OSError as exc:
-            return ImageRecord(path=_relative(top, path) + "/", abs_path=path).fail(
+            return ImageRecord(path=rel or "./", abs_path=path).fail(
                 f"unreadable_dir:{_errno_reason(exc)}", str(exc.strerror)
             )
-        stack.append((path, iterator, key))
+        stack.append((path, rel, fd, iterator))
         ancestors.append(key)
         return None
 
-    failure = open_dir(top, (top_stat.st_dev, top_stat.st_ino))
+    failure = open_dir(top, "", (top_stat.st_dev, top_stat.st_ino), None, top)
     if failure is not None:
         yield failure
         return
 
     while stack:
-        path, iterator, _ = stack[-1]
+        path, rel, fd, iterator = stack[-1]
         try:
             entry = next(iterator, None)
         except OSError as exc:  # a directory that fails half-way through its listing
             entry = None
-            yield ImageRecord(path=_relative(top, path) + "/", abs_path=path).fail(
+            yield ImageRecord(path=rel or "./", abs_path=path).fail(
                 f"unreadable_dir:{_errno_reason(exc)}", str(exc.strerror)
             )
         if entry is None:
             stack.pop()
             ancestors.pop()
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
+            iterator.close()  # type: ignore[attr-defined]
+            os.close(fd)
             continue
-        record = ImageRecord(path=_relative(top, entry.path), abs_path=entry.path)
+        name = entry.name
+        record = ImageRecord(path=rel + name, abs_path=f"{path}/{name}")
         try:
             info = entry.stat(follow_symlinks=True)
         except OSError as exc:
@@ -109,7 +121,7 @@ def iter_files(root: Path | str) -> Iterator[ImageRecord]:
                 yield record.skip("duplicate_dir", "directory already walked through another path")
             else:
                 walked.add(key)
-                failure = open_dir(entry.path, key)
+                failure = open_dir(record.abs_path, record.path + "/", key, fd, name)
                 if failure is not None:
                     yield failure
             continue

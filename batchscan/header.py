@@ -35,10 +35,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
+import os
 import re
+import struct
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -46,6 +49,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from batchscan.decoders import DEFAULT_MIN_EDGE
+from batchscan.paths import open_binary
 from batchscan.records import ImageRecord
 
 #: Media Storage Directory Storage: the SOP class of a DICOMDIR.
@@ -194,30 +198,134 @@ def looks_like_dicom(head: bytes) -> bool | None:
     return False
 
 
-def read_dataset_header(path: str) -> Dataset:
-    """Read a file's header without its pixels.
+class HeaderError(Exception):
+    """A file that says it is DICOM (``DICM`` at byte 128) but cannot hold a data set,
+    found from its first bytes, before pydicom parses anything.
+
+    Attributes
+    ----------
+    reason:
+        ``truncated_header`` or ``bad_header:no_data_set``.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+#: Explicit VR codes whose length field is 4 bytes (after 2 reserved bytes), PS3.5 7.1.2.
+_LONG_VRS: Final = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
+)
+#: First tags a data set may start with right after ``DICM``: the file meta group (0002),
+#: or, from writers that leave the meta out, the identifying group 0008 in either byte order.
+_FIRST_GROUPS: Final = (b"\x02\x00", b"\x08\x00", b"\x00\x08")
+
+
+def _meta_end(head: bytes) -> int | None:
+    """Where the file meta group ends by its (0002,0000) group length, or None."""
+    if head[132:138] != b"\x02\x00\x00\x00UL" or len(head) < 144:
+        return None
+    return 144 + struct.unpack("<I", head[140:144])[0]
+
+
+def part10_problem(head: bytes, size: int) -> tuple[str, str] | None:
+    """(reason, detail) when a file with ``DICM`` at 128 cannot hold a data set, else None.
+
+    Checked on the first bytes, so that a cut-off transfer (nothing after ``DICM``) is a
+    failure rather than an object without an image, and a 2 GiB file of zeros after
+    ``DICM`` fails at once instead of costing a worker its whole file timeout.
+    """
+    if size < 140:
+        return "truncated_header", f"{size} bytes: the file ends after the DICM prefix"
+    if head[132:134] not in _FIRST_GROUPS:
+        group, element = struct.unpack("<HH", head[132:136])
+        return (
+            "bad_header:no_data_set",
+            f"no DICOM element after DICM (tag ({group:04X},{element:04X}))",
+        )
+    end = _meta_end(head)
+    if end is not None:
+        if size <= end:
+            return "truncated_header", "the file ends after its file meta information"
+        if end + 8 <= len(head) and head[end : end + 4] == b"\0\0\0\0":
+            return "bad_header:no_data_set", "zero bytes where the data set should start"
+    return None
+
+
+def _drop_stray_meta(data: bytes, end: int) -> bytes:
+    """`data` without group 0002 elements that follow the file meta group's declared end.
+
+    pydicom reads group 0002 elements for as long as they come and lets a stray Transfer
+    Syntax UID there replace the real one; the group length says where the file meta ends
+    and it is authoritative (PS3.10 7.1), as in DCMTK and GDCM.
+    """
+    position = end
+    while data[position : position + 2] == b"\x02\x00" and position + 8 <= len(data):
+        vr = data[position + 4 : position + 6]
+        if vr in _LONG_VRS:
+            length = struct.unpack("<I", data[position + 8 : position + 12])[0]
+            position += 12 + length
+        else:
+            position += 8 + struct.unpack("<H", data[position + 6 : position + 8])[0]
+    return data[:end] + data[position:]
+
+
+def parse_file(path: str, *, stop_before_pixels: bool) -> Dataset:
+    """Read a DICOM file (without its pixels when `stop_before_pixels`), whatever its path.
+
+    Part 10 files are checked first (:func:`part10_problem`) and their file meta group is
+    taken as its group length bounds it (:func:`_drop_stray_meta`). Files without a preamble
+    (old ACR-NEMA style) are read with ``force`` and must show DICOM identity elements.
 
     Raises
     ------
     pydicom.errors.InvalidDicomError
         If the file is not DICOM.
+    HeaderError
+        If it says it is DICOM but holds no data set.
     Exception
-        Whatever pydicom raises for a broken header (callers record it).
+        Whatever pydicom raises for a broken file (callers record it).
     """
-    with open(path, "rb") as handle:
-        kind = looks_like_dicom(handle.read(HEAD_BYTES))
+    with open_binary(path) as handle:
+        head = handle.read(HEAD_BYTES)
+        kind = looks_like_dicom(head)
         if kind is False:
             raise InvalidDicomError("no DICOM preamble and no DICOM element at the start")
         handle.seek(0)
         if kind:
-            return pydicom.dcmread(handle, stop_before_pixels=True)
+            problem = part10_problem(head, os.fstat(handle.fileno()).st_size)
+            if problem is not None:
+                raise HeaderError(*problem)
+            end = _meta_end(head)
+            source: BinaryIO = handle
+            if end is not None and head[end : end + 2] == b"\x02\x00":
+                source = io.BytesIO(_drop_stray_meta(handle.read(), end))
+            return pydicom.dcmread(source, stop_before_pixels=stop_before_pixels)
         try:
-            ds = pydicom.dcmread(handle, stop_before_pixels=True, force=True)
+            ds = pydicom.dcmread(handle, stop_before_pixels=stop_before_pixels, force=True)
         except Exception as exc:  # not parseable without a preamble: not DICOM
             raise InvalidDicomError(f"no preamble and unreadable as a dataset: {exc}") from exc
         if not any(keyword in ds for keyword in _IDENTITY_KEYWORDS):
             raise InvalidDicomError("no preamble and no DICOM identity elements")
         return ds
+
+
+def read_dataset_header(path: str) -> Dataset:
+    """Read a file's header without its pixels (see :func:`parse_file`)."""
+    return parse_file(path, stop_before_pixels=True)
+
+
+def os_failure(exc: OSError) -> tuple[str, str]:
+    """(reason, detail) for an OSError while reading a file.
+
+    A real I/O error carries an errno and may pass (``unreadable``, tried again next run);
+    pydicom also raises OSError without one for data it cannot parse (an undefined-length
+    element it cannot find the end of): that is the file's content, a permanent failure.
+    """
+    if exc.errno is None:
+        return "header_error:OSError", str(exc)
+    return "unreadable", f"{type(exc).__name__}: {exc.strerror or exc}"
 
 
 def view_of(ds: Dataset) -> tuple[str, str | None]:
@@ -323,7 +431,11 @@ def classify(record: ImageRecord, ds: Dataset, options: StageOptions) -> ImageRe
         "DirectoryRecordSequence" in ds
     ):
         return record.skip("dicomdir")
+    if not any(element.tag.group != 0x0002 for element in ds):
+        return record.fail("truncated_header", "no data set after the file meta information")
     if "Rows" not in ds or "Columns" not in ds:
+        if "SOPClassUID" not in ds:  # every DICOM object names its class: garbage or cut off
+            return record.fail("bad_header:no_sop_class", "neither an image nor a SOP Class UID")
         name = UID(record.sop_class_uid).name if record.sop_class_uid else ""
         if "Image Storage" in name:  # an image object without its image: cut off or broken
             return record.fail("bad_header:no_image_module", f"{name} without Rows/Columns")
@@ -379,8 +491,10 @@ def read_header(record: ImageRecord, options: StageOptions) -> ImageRecord:
             ds = read_dataset_header(record.abs_path)
         except InvalidDicomError:
             return record.skip("not_dicom")
+        except HeaderError as exc:
+            return record.fail(exc.reason, exc.detail)
         except OSError as exc:
-            return record.fail("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}")
+            return record.fail(*os_failure(exc))
         except Exception as exc:  # pydicom raises many types for broken headers
             return record.fail(f"header_error:{type(exc).__name__}", str(exc))
         try:

@@ -34,7 +34,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from batchscan import __version__
+from batchscan import __version__, paths
 from batchscan.decoders import DEFAULT_MIN_EDGE
 from batchscan.dicom import decode_record
 from batchscan.header import DEFAULT_MAX_PIXEL_BYTES, StageOptions, read_header
@@ -150,7 +150,7 @@ def _stable(record: ImageRecord) -> bool:
     """False (and the record skipped as ``unstable``) if the file vanished or changed since
     it was listed: the archive may still be writing it; the next run will try again."""
     try:
-        info = os.stat(record.abs_path)
+        info = paths.stat(record.abs_path)
     except FileNotFoundError:
         record.skip("unstable", "file vanished after it was listed")
         return False

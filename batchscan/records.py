@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Final, Literal, TypeVar
 
+from batchscan.paths import readable
+
 T = TypeVar("T")
 
 Status = Literal["pending", "scored", "skipped", "failed"]
@@ -51,6 +53,11 @@ class ImageRecord:
         ``PA``, ``AP``, ``LL``... or ``unknown`` (an unknown view is scored and marked).
     view_source:
         Where the view came from: ``ViewPosition``, ``ViewCodeSequence``, ``description``.
+    modality_source:
+        The modality transform applied: ``modality_lut``, ``rescale``, ``identity``
+        (``...:lut_invalid`` when a broken Modality LUT Sequence was ignored).
+    decoder:
+        What decoded the pixels (:data:`batchscan.decoders.DECODER_NAMES`).
     decode_scale:
         The power of two the image was reduced by when decoded (1 = full resolution).
     patient_key:
@@ -79,13 +86,15 @@ class ImageRecord:
     accession_number: str | None = None
     study_date: str | None = None
     voi_source: str | None = None
+    modality_source: str | None = None
+    decoder: str | None = None
     decode_scale: int | None = None
     patient_key: str | None = None
     score: float | None = None
 
     def skip(self, reason: str, detail: str | None = None) -> ImageRecord:
         """Mark as skipped (not an eligible image) and return self."""
-        self.status, self.reason, self.detail = SKIPPED, reason, detail
+        self.status, self.reason, self.detail = SKIPPED, reason, _shorten(detail)
         return self
 
     def fail(self, reason: str, detail: str | None = None) -> ImageRecord:
@@ -100,10 +109,11 @@ class ImageRecord:
 
 
 def _shorten(text: str | None, limit: int = 200) -> str | None:
-    """Keep failure details to one short line (they land in reports and cron mail)."""
+    """Keep details to one short line of valid UTF-8 (they land in reports and cron mail,
+    and a codec's message may quote a file name that is not UTF-8)."""
     if text is None:
         return None
-    line = " ".join(str(text).split())
+    line = readable(" ".join(str(text).split()))
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 IMAGES_SCHEMA: Final = pa.schema(
     [
         pa.field("path", pa.string(), nullable=False),
+        pa.field("path_bytes", pa.binary()),
         pa.field("status", pa.string(), nullable=False),
         pa.field("reason", pa.string()),
         pa.field("detail", pa.string()),
@@ -40,6 +41,8 @@ IMAGES_SCHEMA: Final = pa.schema(
         pa.field("rows", pa.int32()),
         pa.field("columns", pa.int32()),
         pa.field("voi_source", pa.string()),
+        pa.field("modality_source", pa.string()),
+        pa.field("decoder", pa.string()),
         pa.field("decode_scale", pa.int32()),
         pa.field("accession_number", pa.string()),
         pa.field("study_date", pa.string()),

@@ -41,6 +41,7 @@ from typing import Any, Final
 import pandas as pd
 
 from batchscan.aggregate import STUDY_COLUMNS
+from batchscan.paths import from_state, readable, state_key
 from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord, chunks
 
 STATE_FILE: Final = "state.sqlite"
@@ -155,6 +156,11 @@ class Finished:
     files: int
 
 
+def _text(value: Any) -> Any:
+    """A value SQLite can store: text is made valid UTF-8 (see :mod:`batchscan.paths`)."""
+    return readable(value) if isinstance(value, str) else value
+
+
 def _retry(reason: str | None) -> bool:
     return reason is not None and reason.startswith(RETRY_PREFIXES)
 
@@ -178,6 +184,7 @@ class StateStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._add_new_columns()
             version = self._db.execute(
                 "SELECT value FROM meta WHERE key='schema_version'"
             ).fetchone()
@@ -197,6 +204,15 @@ class StateStore:
             )
         self._last_commit = time.monotonic()
         self._db.execute("BEGIN")
+
+    def _add_new_columns(self) -> None:
+        """Add the report columns a newer batchscan knows to a state an older one made
+        (additive, so the schema version stays; their rows are re-read anyway, because the
+        code version is part of the settings key)."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
+        for name in IMAGE_COLUMNS:
+            if name not in have:
+                self._db.execute(f'ALTER TABLE files ADD COLUMN "{name}" {_sql_type(name)}')
 
     # -- the run -----------------------------------------------------------------------
 
@@ -247,7 +263,7 @@ class StateStore:
         settings_key: str,
         on_reused: Callable[[int], None] | None,
     ) -> list[ImageRecord]:
-        paths = [r.path for r in chunk if r.pending]
+        paths = [state_key(r.path) for r in chunk if r.pending]
         known: dict[str, tuple[int, int, str, str | None, str]] = {}
         if paths:
             marks = ",".join("?" * len(paths))
@@ -256,7 +272,7 @@ class StateStore:
                 f"WHERE path IN ({marks})",
                 paths,
             ):
-                known[row[0]] = row[1:]
+                known[from_state(row[0])] = row[1:]
         reused, todo = [], []
         for record in chunk:
             row = known.get(record.path)
@@ -267,7 +283,7 @@ class StateStore:
                 and row[4] in (SCORED, SKIPPED, FAILED)
                 and not _retry(row[3])
             ):
-                reused.append(record.path)
+                reused.append(state_key(record.path))
             else:
                 todo.append(record)
         if reused:
@@ -289,7 +305,8 @@ class StateStore:
         """Store finished records (replacing their old rows) and note what they touch."""
         rows, touched = [], set()
         for record in records:
-            values = [getattr(record, c) for c in IMAGE_COLUMNS[:-1]]
+            values = [_text(getattr(record, c)) for c in IMAGE_COLUMNS[:-1]]
+            values[0] = state_key(record.path)
             rows.append((*values, model_version, record.score, settings_key, run_id))
             if record.study_instance_uid:
                 touched.add(("study", record.study_instance_uid))
@@ -395,7 +412,7 @@ class StateStore:
                         "UPDATE files SET status=?, reason=?, detail=?, score=NULL WHERE path=?",
                         (
                             SKIPPED,
-                            DUPLICATE_PREFIX + winner[sop],
+                            DUPLICATE_PREFIX + readable(from_state(winner[sop])),
                             "same SOP Instance UID as another file; scored once",
                             path,
                         ),
@@ -425,8 +442,16 @@ class StateStore:
     # -- reading back ------------------------------------------------------------------
 
     def image_rows(self, chunk: int = 8192) -> Iterator[dict[str, list[Any]]]:
-        """Every file row, by path, as column lists of `chunk` rows (report order)."""
-        return self._columns("files", IMAGE_COLUMNS, "path", chunk)
+        """Every file row, by path, as column lists of `chunk` rows (report order).
+
+        ``path`` comes as :func:`batchscan.paths.readable` text, with the exact bytes of
+        names that are not UTF-8 in an added ``path_bytes`` column (None for the others).
+        """
+        for part in self._columns("files", IMAGE_COLUMNS, "path", chunk):
+            stored = part["path"]
+            part["path_bytes"] = [v if isinstance(v, bytes) else None for v in stored]
+            part["path"] = [readable(from_state(v)) for v in stored]
+            yield part
 
     def study_rows(self, chunk: int = 8192) -> Iterator[dict[str, list[Any]]]:
         """Every study row, by study UID, as column lists."""

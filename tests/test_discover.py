@@ -56,14 +56,15 @@ def test_unreadable_directory_is_recorded(tmp_path: Path, monkeypatch: pytest.Mo
     (tmp_path / "locked").mkdir()
     (tmp_path / "locked" / "f").write_bytes(b"1")
     (tmp_path / "ok").write_bytes(b"1")
-    real_scandir = os.scandir
+    real_open = os.open
 
-    def scandir(path: str):  # root can read anything, so deny like a non-root user sees it
+    def open_(path: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        # root can read anything, so deny like a non-root user sees it
         if str(path).endswith("locked"):
             raise PermissionError(13, "Permission denied", path)
-        return real_scandir(path)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
 
-    monkeypatch.setattr(discover.os, "scandir", scandir)
+    monkeypatch.setattr(discover.os, "open", open_)
     found = _by_path(tmp_path)
     assert found == {
         "ok": ("pending", None),

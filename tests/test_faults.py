@@ -148,14 +148,15 @@ def test_hostile_archive_end_to_end(
     (archive / "locked").mkdir()
     shutil.copy(archive / "s1" / "IM1", archive / "locked" / "IM")
     shutil.copy(archive / "s1" / "IM1", archive / "DELETE_ME")
-    real_scandir = os.scandir
+    real_open = os.open
 
-    def scandir(path: str):  # a folder this (root) process could read, denied as for a user
+    def open_(path: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        # a folder this (root) process could read, denied as for a user
         if str(path).endswith("locked"):
             raise PermissionError(13, "Permission denied", path)
-        return real_scandir(path)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
 
-    monkeypatch.setattr(discover.os, "scandir", scandir)
+    monkeypatch.setattr(discover.os, "open", open_)
     out = tmp_path / "hostile"
     run_scan(ScanConfig(archive=archive, out=out, workers=2, prepare=deleting_prepare))
     images = _images(out)

@@ -38,7 +38,7 @@ def test_rg1_scores_agree_with_full_decoding(model) -> None:
 
 def test_rg1_is_decoded_small(tmp_path: Path) -> None:
     ds = read_dataset(str(real_file("RG1_J2KR.dcm")))
-    arr, scale, offset = decode_pixels(ds, DEFAULT_MIN_EDGE)
+    arr, scale, offset, _ = decode_pixels(ds, DEFAULT_MIN_EDGE)
     assert scale == 4 and min(arr.shape) >= DEFAULT_MIN_EDGE
     assert offset == pytest.approx(0.25 / 2)  # one JPEG 2000 level (offset 0.25), then box x2
 
@@ -69,7 +69,7 @@ def test_jpeg2000_levels_match_box_averages(tmp_path: Path) -> None:
     from batchscan.decoders import first_frame
 
     for level, windowed in ((1, False), (2, False), (2, True)):
-        reduced, used, offset = jpeg2000.decode(first_frame(ds), ds, level, windowed=windowed)
+        reduced, used, offset, _ = jpeg2000.decode(first_frame(ds), ds, level, windowed=windowed)
         assert used == min(level, jpeg2000.max_level(windowed))
         assert offset == jpeg2000.grid_offset(used)
         box = box_reduce(full, 2**used).astype(np.int64)
@@ -129,7 +129,7 @@ def test_jpeg2000_drops_two_levels_only_with_a_header_window(tmp_path: Path, mod
         paths.append(write_radiograph(tmp_path / name, picture, spec))
     offsets = []
     for path in paths:
-        arr, scale, offset = decode_pixels(read_dataset(str(path)), DEFAULT_MIN_EDGE)
+        arr, scale, offset, _ = decode_pixels(read_dataset(str(path)), DEFAULT_MIN_EDGE)
         assert scale == 4 and arr.shape == (512, 512)
         offsets.append(offset)
     assert offsets == [jpeg2000.grid_offset(2), jpeg2000.grid_offset(1) / 2]

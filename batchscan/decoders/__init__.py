@@ -1,21 +1,33 @@
-"""Reduced-resolution decoding: decode no more pixels than the 64 x 64 model input needs.
+"""Decoders: one small module per codec behind one interface, tried in order.
 
-The model sees a 28 x 28 picture; a 2000-px radiograph holds some 5,000 times more pixels.
-Decoding them all costs most of a run (JPEG 2000 lossless: ~0.5 s per image). So before
-normalization every image is brought down, by a power of two, to the smallest size whose
-short edge is still at least ``min_edge`` pixels (:data:`DEFAULT_MIN_EDGE` = 448: with 224 the
-extra halving moved scores on the test split by up to 0.008; with 448 by at most 0.0034):
+Each module (like pydicom's decoder plugins) has ``NAME``, ``is_available(ds)`` and
+``decode(frame, ds, level, *, windowed) -> Decoded | None``; :data:`DECODERS` is the order
+they are offered a frame, and the first that returns pixels names itself in the ``decoder``
+column of ``images.parquet``. A decoder that raises or returns None passes the frame on, so
+a frame one codec refuses is still read by the next (the 12-bit JPEG files with a wrong
+scan header that pylibjpeg refuses and libjpeg-turbo reads); the last is pydicom, whose
+error is the one recorded when nothing could read the frame.
 
-* codecs that can decode at reduced resolution do so (one small module each, like pydicom's
-  decoder plugins: ``SYNTAXES`` at the top, ``is_available(ds)`` and ``decode(frame, ds,
-  level) -> (values, level, offset)``): JPEG 2000 resolution levels and JPEG DCT scaling,
-  both through Pillow;
-* everything else (native, RLE, JPEG-LS, JPEG 2000 levels a codec refuses) is decoded in full
-  by pydicom and reduced by box averaging of the stored values (:func:`box_reduce`).
+=========================  ================================================================
+decoder (``NAME``)         what it decodes
+=========================  ================================================================
+``pillow-openjpeg``        JPEG 2000, at a reduced resolution level (:mod:`.jpeg2000`)
+``pillow-libjpeg``         8-bit JPEG baseline, scaled in the IDCT (:mod:`.jpeg`)
+``libjpeg-turbo``          JPEG baseline, extended 12-bit, lossless 14 / SV1 (:mod:`.turbo`)
+``pydicom[:<plugin>]``     everything pydicom's plugins read (:mod:`.pydicom_plugins`)
+=========================  ================================================================
+
+**Reduced resolution.** The model sees a 28 x 28 picture; a 2000-px radiograph holds some
+5,000 times more pixels. So before normalization every image is brought down, by a power of
+two, to the smallest size whose short edge is still at least ``min_edge`` pixels
+(:data:`DEFAULT_MIN_EDGE` = 448: with 224 the extra halving moved scores on the test split
+by up to 0.008; with 448 by at most 0.0034). Codecs that can decode at reduced resolution do
+so (JPEG 2000 resolution levels, JPEG DCT scaling); whatever comes back larger is reduced by
+box averaging of the stored values (:func:`box_reduce`).
 
 Averaging stored values before the (monotonic, mostly linear) VOI window is what a
 reduced-resolution codec does too; the score agreement with full-resolution decoding is
-tested on real files and measured on the test split (``jobs/benchmark.py --verify``).
+tested on real files and measured on the test split (``jobs/reduced_decode_check.py``).
 """
 
 from __future__ import annotations
@@ -27,12 +39,17 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 
-from batchscan.decoders import jpeg, jpeg2000
+from batchscan.decoders import jpeg, jpeg2000, pydicom_plugins, turbo
+from batchscan.decoders.base import Decoded
+
+__all__ = ["DECODERS", "DECODER_NAMES", "DEFAULT_MIN_EDGE", "Decoded", "box_reduce", "decode_frame"]
 
 #: Default smallest short edge (pixels) an image is decoded at.
 DEFAULT_MIN_EDGE: Final = 448
-#: Reduced-resolution decoders, tried in order.
-DECODERS: Final[tuple[ModuleType, ...]] = (jpeg2000, jpeg)
+#: The decoders, in the order they are offered a frame; pydicom comes last.
+DECODERS: Final[tuple[ModuleType, ...]] = (jpeg2000, jpeg, turbo, pydicom_plugins)
+#: Every value of the ``decoder`` column (``pydicom:<plugin>`` adds the plugin's name).
+DECODER_NAMES: Final = tuple(module.NAME for module in DECODERS)
 
 
 def reduction_level(rows: int, columns: int, min_edge: int) -> int:
@@ -69,35 +86,41 @@ def box_reduce(arr: np.ndarray, factor: int) -> np.ndarray:
     return np.floor_divide(total + area // 2, area).astype(arr.dtype)
 
 
-def first_frame(ds: Dataset) -> bytes:
-    """The encoded bytes of the only frame of an encapsulated single-frame image."""
+def first_frame(ds: Dataset) -> bytes | None:
+    """The encoded bytes of the first frame of an encapsulated image; None for native data."""
+    if not getattr(ds["PixelData"], "is_undefined_length", False):
+        return None
     return next(generate_frames(ds.PixelData, number_of_frames=1))
 
 
-def decode_reduced(
-    ds: Dataset, min_edge: int, *, windowed: bool = False
-) -> tuple[np.ndarray, int, float] | None:
-    """Decode at reduced resolution with a codec that can; None when none applies.
+def decode_frame(ds: Dataset, min_edge: int | None, *, windowed: bool = False) -> Decoded:
+    """Decode the first frame with the first decoder of :data:`DECODERS` that can.
 
-    `windowed` says the display window will come from the header's VOI, not from the pixels;
-    some codecs may then drop more levels (see :mod:`batchscan.decoders.jpeg2000`).
+    With `min_edge`, reduced-resolution codecs may return the picture at 1 / 2**level, as
+    long as its short edge stays >= `min_edge` (see :func:`reduction_level`); `windowed`
+    says the display window will come from the header's VOI, not from the pixels, so some
+    codecs may drop more levels (see :mod:`batchscan.decoders.jpeg2000`).
 
-    Returns
-    -------
-    (numpy.ndarray, int, float) or None
-        Stored values at 1 / 2**level of the full size, that level, and the sub-pixel
-        offset of the decoded grid (array coordinate minus true coordinate, in decoded
-        pixels; 0 for a box-like reduction).
+    Raises
+    ------
+    Exception
+        What pydicom raised, when no decoder could read the frame.
     """
-    level = reduction_level(int(ds.Rows), int(ds.Columns), min_edge)
-    if level == 0:
-        return None
+    level = reduction_level(int(ds.Rows), int(ds.Columns), min_edge) if min_edge else 0
+    frame: bytes | None = None
+    framed = False
     for decoder in DECODERS:
-        if decoder.is_available(ds):
+        if not decoder.is_available(ds):
+            continue
+        if decoder is pydicom_plugins:
+            result = decoder.decode(None, ds, level, windowed=windowed)
+        else:
             try:
-                result = decoder.decode(first_frame(ds), ds, level, windowed=windowed)
-            except Exception:  # corrupt data: the full decode path reports what is wrong
+                if not framed:
+                    frame, framed = first_frame(ds), True
+                result = decoder.decode(frame, ds, level, windowed=windowed)
+            except Exception:  # corrupt data: the next decoder, finally pydicom, says what
                 continue
-            if result is not None:
-                return result
-    return None
+        if result is not None:
+            return result
+    raise RuntimeError("no decoder returned pixels")  # pydicom always returns or raises

@@ -14,12 +14,15 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit
 
+from batchscan.decoders.base import Decoded, syntax_of
+
+NAME: Final = "pillow-libjpeg"
 SYNTAXES: Final = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit})
 
 
 def is_available(ds: Dataset) -> bool:
     """True for an 8-bit single-sample JPEG baseline/extended image."""
-    if str(ds.file_meta.get("TransferSyntaxUID", "")) not in SYNTAXES:
+    if syntax_of(ds) not in SYNTAXES:
         return False
     try:
         return int(ds.SamplesPerPixel) == 1 and int(ds.BitsStored) <= 8
@@ -28,13 +31,15 @@ def is_available(ds: Dataset) -> bool:
 
 
 def decode(
-    frame: bytes, ds: Dataset, level: int, *, windowed: bool = False
-) -> tuple[np.ndarray, int, float] | None:
+    frame: bytes | None, ds: Dataset, level: int, *, windowed: bool = False
+) -> Decoded | None:
     """Decode at 1 / 2**r (r <= min(level, 3)); returns uint8 stored values, r and the grid
     offset (0: a scaled IDCT output pixel stands for its whole block, like a box average).
     `windowed` does not matter here: DCT scaling is a block average, whatever the window."""
     from PIL import Image
 
+    if frame is None or level == 0:
+        return None
     scale = 1 << min(level, 3)
     with Image.open(io.BytesIO(frame)) as picture:
         if picture.mode != "L":
@@ -47,4 +52,4 @@ def decode(
     r = achieved.bit_length() - 1
     if (1 << r) != achieved or r == 0:
         return None
-    return values, r, 0.0
+    return Decoded(values, r, 0.0, NAME)

@@ -39,6 +39,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000, JPEG2000Lossless
 
+from batchscan.decoders.base import Decoded, syntax_of
+
+NAME: Final = "pillow-openjpeg"
 SYNTAXES: Final = frozenset({JPEG2000Lossless, JPEG2000})
 #: Most resolution levels dropped by the codec, without and with a VOI in the header (see
 #: the module doc).
@@ -57,7 +60,7 @@ _COD: Final = b"\xff\x52"
 
 def is_available(ds: Dataset) -> bool:
     """True for a single-sample JPEG 2000 image that Pillow can decode."""
-    if str(ds.file_meta.get("TransferSyntaxUID", "")) not in SYNTAXES:
+    if syntax_of(ds) not in SYNTAXES:
         return False
     try:
         from PIL import features
@@ -94,8 +97,8 @@ def grid_offset(level: int) -> float:
 
 
 def decode(
-    frame: bytes, ds: Dataset, level: int, *, windowed: bool = False
-) -> tuple[np.ndarray, int, float] | None:
+    frame: bytes | None, ds: Dataset, level: int, *, windowed: bool = False
+) -> Decoded | None:
     """Decode `frame` at 1 / 2**r of its size for the largest usable r <= `level` (and
     <= :func:`max_level` of `windowed`).
 
@@ -105,6 +108,8 @@ def decode(
     """
     from PIL import Image
 
+    if frame is None:
+        return None
     facts = _codestream_facts(frame)
     if facts is None:
         return None
@@ -121,8 +126,8 @@ def decode(
         picture.load()
         values = np.asarray(picture)
     if values.dtype == np.uint8:
-        return values.copy(), usable, grid_offset(usable)
+        return Decoded(values.copy(), usable, grid_offset(usable), NAME)
     values = values.astype(np.uint16, copy=False)
     if picture.mode.startswith("I;16") and precision < 16:
         values = values >> (16 - precision)
-    return values, usable, grid_offset(usable)
+    return Decoded(values, usable, grid_offset(usable), NAME)

@@ -1,0 +1,36 @@
+"""What every decoder module returns, and the small helpers they share."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+
+class Decoded(NamedTuple):
+    """One decoded frame.
+
+    Attributes
+    ----------
+    values:
+        Stored values (the dtype pydicom would give) at 1 / 2**level of the full size.
+    level:
+        How many times the codec halved the picture (0 = full resolution).
+    offset:
+        Sub-pixel offset of the decoded grid (array coordinate minus true coordinate, in
+        decoded pixels; 0 for a box-like reduction).
+    decoder:
+        Which decoder made it (the ``decoder`` column of ``images.parquet``).
+    """
+
+    values: np.ndarray
+    level: int
+    offset: float
+    decoder: str
+
+
+def syntax_of(ds: Dataset) -> str:
+    """The Transfer Syntax UID of the file meta, '' when there is none."""
+    meta = getattr(ds, "file_meta", None)
+    return str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
