@@ -25,9 +25,12 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
@@ -43,7 +46,13 @@ LOSSLESS_SYNTAXES: Final = (
     RLELossless,
     JPEGLSLossless,
     JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    HTJ2KLossless,
 )
+#: Syntaxes pydicom has no encoder for, written through imagecodecs (libjpeg-turbo 3 for
+#: JPEG lossless, with predictor 1 for SV1 and 6 for process 14; OpenJPH for HTJ2K).
+_IMAGECODECS: Final = {JPEGLossless: 6, JPEGLosslessSV1: 1, HTJ2KLossless: 0}
 LOSSY_SYNTAXES: Final = (JPEGLSNearLossless, JPEG2000, JPEGBaseline8Bit)
 ALL_SYNTAXES: Final = LOSSLESS_SYNTAXES + LOSSY_SYNTAXES
 _NATIVE: Final = {
@@ -188,6 +197,22 @@ def encode(ds: Dataset, pixels: np.ndarray, transfer_syntax: str) -> Dataset:
         ds["PixelData"].VR = "OB"
         ds.file_meta.TransferSyntaxUID = uid
         ds.LossyImageCompression = "01"
+        return ds
+    if uid in _IMAGECODECS:
+        import imagecodecs
+
+        if uid == HTJ2KLossless:
+            frame = imagecodecs.htj2k_encode(pixels, reversible=True)
+        else:
+            frame = imagecodecs.jpeg8_encode(
+                pixels,
+                lossless=True,
+                predictor=_IMAGECODECS[uid],
+                bitspersample=int(ds.BitsStored),
+            )
+        ds.PixelData = encapsulate([frame])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = uid
         return ds
     kwargs: dict[str, object] = {}
     if uid == JPEG2000:

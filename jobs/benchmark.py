@@ -14,11 +14,15 @@ JPEG baseline 8-bit) and measures, in the same run:
 
   naive    the blog-style loop: for each file dcmread -> pixel_array -> resize to 64 x 64 ->
            model.predict on that one image
+  peer     a strong hand-written peer: the same per-file code in a process pool of one
+           process per core, model.predict on batches of 256
   scan     ``batchscan scan`` (the command, as cron runs it; default workers and options)
   full     ``batchscan scan --full-resolution`` (full decode + resize: what reduced-resolution
            decoding is measured against)
   1 worker ``batchscan scan --workers 1``
   decode   the decode limit: cores / one process's per-image cost of a full pydicom decode
+  codec    the same with the decoder batchscan uses (libjpeg-turbo for JPEG, ...): read the
+           file, decode its frame at full resolution, nothing else; `x codec` = scan / codec
   prepare  cores / one process's per-image cost of the scan's per-file stages (header, decode
            at reduced resolution, normalize, preprocess)
   infer    inference alone (images/s of the model on random inputs, batch 256)
@@ -66,12 +70,16 @@ from PIL import Image
 from pydicom.uid import (
     JPEG2000,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
 )
 
+from batchscan.decoders import decode_frame
+from batchscan.dicom import read_dataset
 from batchscan.header import StageOptions
 from batchscan.model import native_stderr_silenced
 from batchscan.pipeline import default_workers, model_input
@@ -83,6 +91,8 @@ SYNTAXES = {
     "j2k": JPEG2000Lossless,
     "j2k-lossy": JPEG2000,
     "jpeg": JPEGBaseline8Bit,
+    "sv1": JPEGLosslessSV1,
+    "htj2k": HTJ2KLossless,
     "jpegls": JPEGLSLossless,
 }
 
@@ -169,14 +179,36 @@ def scan_rate(
     return marginal(n_small, t_small, n_large, t_large)
 
 
+def simple_input(path: Path) -> np.ndarray:
+    """What hand-written code makes of a file: dcmread -> pixel_array -> min-max scaling ->
+    Pillow resize to 64 x 64 -> 3 channels."""
+    pixels = pydicom.dcmread(path).pixel_array.astype(np.float32)
+    pixels = (pixels - pixels.min()) / max(float(pixels.max() - pixels.min()), 1.0)
+    small = np.asarray(Image.fromarray(pixels, mode="F").resize((64, 64)), np.float32)
+    return np.repeat(small[:, :, None], 3, axis=2)
+
+
 def naive_loop(paths: list[Path], model: object) -> None:
     """The original blog-style code: one file, one decode, one predict at a time."""
     for path in paths:
-        ds = pydicom.dcmread(path)
-        pixels = ds.pixel_array.astype(np.float32)
-        pixels = (pixels - pixels.min()) / max(float(pixels.max() - pixels.min()), 1.0)
-        small = np.asarray(Image.fromarray(pixels, mode="F").resize((64, 64)), np.float32)
-        model.predict(np.repeat(small[None, :, :, None], 3, axis=3), verbose=0)  # type: ignore[attr-defined]
+        model.predict(simple_input(path)[None], verbose=0)  # type: ignore[attr-defined]
+
+
+def peer_pipeline(paths: list[Path], model: object, cores: int, batch: int = 256) -> None:
+    """A strong hand-written peer: :func:`simple_input` in one process per core (pool start
+    included, as in a run), predictions on batches of `batch`."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # this process holds TensorFlow
+    with ProcessPoolExecutor(cores, mp_context=context) as pool:
+        waiting: list[np.ndarray] = []
+        for tensor in pool.map(simple_input, paths, chunksize=4):
+            waiting.append(tensor)
+            if len(waiting) == batch:
+                model.predict(np.stack(waiting), verbose=0)  # type: ignore[attr-defined]
+                waiting = []
+        if waiting:
+            model.predict(np.stack(waiting), verbose=0)  # type: ignore[attr-defined]
 
 
 def per_image_seconds(paths: list[Path], action: Callable[[Path], object]) -> float:
@@ -200,35 +232,45 @@ def measure_syntax(name: str, args: argparse.Namespace, cores: int, model: objec
         root = Path(folder)
         paths = write_archive(root, SYNTAXES[name], args.small + args.max_files, args.size)
         decode_s = per_image_seconds(paths, lambda p: pydicom.dcmread(p).pixel_array)
+        codec_s = per_image_seconds(paths, lambda p: decode_frame(read_dataset(str(p)), None))
         prepare_s = per_image_seconds(paths, partial(model_input, options=StageOptions()))
         full_options = StageOptions(min_edge=None)
         full_s = per_image_seconds(paths, partial(model_input, options=full_options))
         estimates = {  # seconds per file, to size the archives
             "naive": decode_s + 0.04,
+            "peer": decode_s / cores,
             "scan": prepare_s / cores,
             "full": full_s / cores,
             "one": prepare_s,
         }
         rates = {}
+        loops = {
+            "naive": partial(naive_loop, model=model),
+            "peer": partial(peer_pipeline, model=model, cores=cores),
+        }
         for key, extra in (
             ("naive", None),
+            ("peer", None),
             ("scan", ()),
             ("full", ("--full-resolution",)),
             ("one", ("--workers", "1")),
         ):
             n_small, n_large = sizes(args, estimates[key])
             if extra is None:
-                t_small = timed(partial(naive_loop, paths[:n_small], model))
-                t_large = timed(partial(naive_loop, paths[:n_large], model))
+                t_small = timed(partial(loops[key], paths[:n_small]))
+                t_large = timed(partial(loops[key], paths[:n_large]))
                 rates[key] = marginal(n_small, t_small, n_large, t_large)
             else:
                 rates[key] = scan_rate(paths, (n_small, n_large), root, *extra)
     scan, naive, full, one = (rates[k][0] for k in ("scan", "naive", "full", "one"))
-    decode_limit, prepare_limit = cores / decode_s, cores / prepare_s
+    peer = rates["peer"][0]
+    decode_limit, prepare_limit, codec_limit = cores / decode_s, cores / prepare_s, cores / codec_s
     return (
-        f"{name:<10} {naive:7.1f} {scan:7.1f} {scan / naive:8.1f} {full:7.1f} "
+        f"{name:<10} {naive:7.1f} {peer:7.1f} {scan:7.1f} {scan / naive:8.1f} "
+        f"{scan / peer:7.1f} {full:7.1f} "
         f"{scan / full:7.1f} {one:9.1f} {scan / one:6.2f} {decode_limit:7.1f} "
-        f"{scan / decode_limit:6.2f} {prepare_limit:8.1f} {rates['scan'][1]:8.1f}"
+        f"{scan / decode_limit:6.2f} {codec_limit:7.1f} {scan / codec_limit:7.2f} "
+        f"{prepare_limit:8.1f} {rates['scan'][1]:8.1f}"
     )
 
 
@@ -244,8 +286,10 @@ def benchmark(args: argparse.Namespace) -> None:
     )
     print(f"inference alone (batch 256, XLA): {inference_rate():.0f} images/s")
     print(
-        f"{'syntax':<10} {'naive':>7} {'scan':>7} {'x naive':>8} {'full':>7} "
+        f"{'syntax':<10} {'naive':>7} {'peer':>7} {'scan':>7} {'x naive':>8} {'x peer':>7} "
+        f"{'full':>7} "
         f"{'x full':>7} {'1 worker':>9} {'2w/1w':>6} {'decode':>7} {'x dec':>6} "
+        f"{'codec':>7} {'x codec':>7} "
         f"{'prepare':>8} {'start s':>8}"
     )
     for name in args.syntaxes.split(","):

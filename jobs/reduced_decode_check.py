@@ -26,8 +26,10 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import (
     JPEG2000,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLosslessSV1,
     RLELossless,
 )
 
@@ -39,7 +41,15 @@ from batchscan.pipeline import model_input
 from batchscan.synth import RadiographSpec, write_radiograph
 from batchscan.training import default_npz_path
 
-SYNTAXES = (ExplicitVRLittleEndian, RLELossless, JPEG2000Lossless, JPEG2000, JPEGBaseline8Bit)
+SYNTAXES = (
+    ExplicitVRLittleEndian,
+    RLELossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    HTJ2KLossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+)
 
 
 def _scores(model: object, paths: list[Path], min_edge: int | None) -> np.ndarray:
@@ -92,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             delta = np.abs(full - reduced)
             worst = max(worst, float(delta.max()))
             print(
-                f"{syntax.name[:28]:<28} {'header' if window else 'percentile':<10} "
+                f"{syntax.keyword[:28]:<28} {'header' if window else 'percentile':<10} "
                 f"{delta.max():14.4f} {delta.mean():9.5f} "
                 f"{roc_auc(labels, full):9.4f} {roc_auc(labels, reduced):12.4f}",
                 flush=True,

@@ -142,6 +142,28 @@ def test_lossless_jpeg_by_libjpeg_turbo_equals_pydicom(
     np.testing.assert_array_equal(fast.values, pixels & ((1 << stored) - 1))
 
 
+@pytest.mark.parametrize("name", ["JPEG-LL.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm"])
+def test_lossless_jpeg_real_files_equal_pydicom(name: str) -> None:
+    """pydicom's own JPEG lossless files (16-bit signed process 14, 8-bit SV1)."""
+    from batchscan.decoders import decode_frame, first_frame, pydicom_plugins, turbo
+    from tests.conftest import real_file
+
+    ds = pydicom.dcmread(real_file(name))
+    fast = turbo.decode(first_frame(ds), ds, 0)
+    reference = pydicom_plugins.decode(None, ds, 0)
+    assert fast is not None and reference is not None
+    assert fast.values.dtype == reference.values.dtype
+    np.testing.assert_array_equal(fast.values, reference.values)
+    assert decode_frame(ds, None).decoder == "libjpeg-turbo"
+
+
+def test_jpeg_that_every_pydicom_plugin_refuses_is_read() -> None:
+    from tests.conftest import real_file
+
+    image = read_display_image(str(real_file("JPEG-lossy.dcm")), min_edge=None)
+    assert image.decoder == "libjpeg-turbo" and image.pixels.std() > 0.05
+
+
 # -- case 3: a Modality LUT Sequence with an empty item ---------------------------------------
 
 

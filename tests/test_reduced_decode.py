@@ -68,12 +68,32 @@ def test_jpeg2000_levels_match_box_averages(tmp_path: Path) -> None:
     full = ds.pixel_array
     from batchscan.decoders import first_frame
 
-    for level, windowed in ((1, False), (2, False), (2, True)):
+    for level, windowed in ((1, False), (2, False), (1, True)):
         reduced, used, offset, _ = jpeg2000.decode(first_frame(ds), ds, level, windowed=windowed)
-        assert used == min(level, jpeg2000.max_level(windowed))
+        # with a header window down to a 224 px short edge (512 -> 256), else one level
+        assert used == (1 if windowed else min(level, jpeg2000.MAX_LEVEL_PERCENTILE))
         assert offset == jpeg2000.grid_offset(used)
         box = box_reduce(full, 2**used).astype(np.int64)
         assert abs(reduced.astype(np.int64).mean() - box.mean()) < 0.01 * box.mean()
+
+
+def test_box_compensation_matches_a_box_average() -> None:
+    """The fitted [a, 1 - 2a, a] brings the wavelet's level-3 response closer to a box
+    average of 8 pixels over the band a 28 px picture keeps; a sharpens (9/7) or blurs
+    (5/3) as the filters say, and does nothing at level 0."""
+    for transform in (0, 1):
+        a = jpeg2000.box_compensation(transform, 3, 256)
+        band = np.linspace(1e-6, 2 * np.pi * 28 / 256, 64)
+        omega = band / 8
+        taps = jpeg2000._LOW_PASS[transform]
+        wavelet = np.prod([jpeg2000._response(taps, 2**j * omega) for j in range(3)], axis=0)
+        box = np.sin(8 * omega / 2) / (8 * np.sin(omega / 2))
+        fixed = wavelet * (1 + a * (2 * np.cos(band) - 2))
+        assert np.abs(fixed - box).max() < np.abs(wavelet - box).max()
+    assert jpeg2000.box_compensation(1, 3, 256) > 0 > jpeg2000.box_compensation(0, 3, 256)
+    assert jpeg2000.box_compensation(1, 0, 256) == 0.0
+    flat = np.full((8, 8), 1000, dtype=np.uint16)
+    np.testing.assert_array_equal(jpeg2000.compensate(flat, 0.12), flat)
 
 
 def test_pillow_rounding_limits_levels() -> None:
@@ -117,21 +137,20 @@ def test_scan_decodes_reduced_unless_full_resolution(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEG2000], ids=lambda s: s.name)
-def test_jpeg2000_drops_two_levels_only_with_a_header_window(tmp_path: Path, model, syntax) -> None:
-    """A 2048 px file reaches the 512 px decode size through two codestream levels when its
-    window comes from the header; through one level and a box average when the window
-    would be computed from the pixels (see batchscan.decoders.jpeg2000). Scores agree with
-    the full decode within 0.005 either way."""
+def test_jpeg2000_drops_three_levels_only_with_a_header_window(
+    tmp_path: Path, model, syntax
+) -> None:
+    """A 2048 px file is decoded at 256 px (three codestream levels, low-pass compensated)
+    when its window comes from the header; at 512 px through one level and a box average
+    when the window would be computed from the pixels (see batchscan.decoders.jpeg2000).
+    Scores agree with the full decode within 0.005 either way."""
     picture = chest_phantom(2048, seed=7, opacity=0.6)
     paths = []
     for name, window in (("windowed", (2048.0, 4096.0)), ("percentile", None)):
         spec = RadiographSpec(transfer_syntax=syntax, window=window)
         paths.append(write_radiograph(tmp_path / name, picture, spec))
-    offsets = []
-    for path in paths:
-        arr, scale, offset, _ = decode_pixels(read_dataset(str(path)), DEFAULT_MIN_EDGE)
-        assert scale == 4 and arr.shape == (512, 512)
-        offsets.append(offset)
-    assert offsets == [jpeg2000.grid_offset(2), jpeg2000.grid_offset(1) / 2]
+    decoded = [decode_pixels(read_dataset(str(p)), DEFAULT_MIN_EDGE) for p in paths]
+    assert [(d.level, d.values.shape) for d in decoded] == [(8, (256, 256)), (4, (512, 512))]
+    assert [d.offset for d in decoded] == [jpeg2000.grid_offset(3), jpeg2000.grid_offset(1) / 2]
     full, reduced = _scores(model, paths, FULL), _scores(model, paths, REDUCED)
     assert np.abs(full - reduced).max() <= 0.005, (full, reduced)

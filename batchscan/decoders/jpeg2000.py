@@ -13,45 +13,121 @@ Two Pillow facts this module works around, both checked by the tests:
   dimensions are used (any level for sizes divisible by 2**level; for RG1's 1955 x 1841
   only level 1); the remaining reduction is done by box averaging.
 
-Two facts of the wavelet transform, measured on the test split written as DICOM
-(``jobs/reduced_decode_check.py``):
+Three facts of the wavelet transform, measured on PneumoniaMNIST images written as 2048 px
+DICOM (choices made on the val split, figures checked on test by
+``jobs/reduced_decode_check.py``):
 
 * sample k of resolution level r sits on full-resolution pixel k * 2**r, not in the middle
   of its 2**r pixels as a box average does: the decoded grid is offset by
-  0.5 - 2**-(r + 1) of its pixels, which the preprocessing compensates;
-* the wavelet low-pass is sharper than a box average: block means near strong edges differ
-  by up to ~1 % of the range. That matters only where the display window is computed from
-  the pixels (the percentile fallback of :mod:`batchscan.dicom`, whose 0.5th percentile
-  moved by up to 18 stored values): on 100 test images at 2048 px without a window in the
-  header, scores moved by up to 0.0034 at level 1 but 0.0103 at level 2; with the header's
-  window, by 0.0010 / 0.0011 at level 1 and 0.0025 (lossy) / 0.0033 (lossless) at level 2.
-  So two levels are taken from the codestream when the file has its own VOI (as CR and DX
-  files do) and one otherwise (:func:`max_level`); the rest is box averaging.
+  0.5 - 2**-(r + 1) of its pixels, which the preprocessing compensates (:func:`grid_offset`);
+* the iterated wavelet low-pass (5/3 for lossless, 9/7 for lossy) is sharper than the box
+  average the other codecs' reduced path uses. A 3-tap filter fitted to the ratio of the two
+  frequency responses (:func:`box_compensation`, derived from the filters, not from data)
+  makes the band respond like the box: with the header's window, scores moved on val by up
+  to 0.0062 at level 3 without it and 0.0016 (lossless) / 0.0009 (lossy) with it;
+* where the display window is computed from the pixels (the percentile fallback of
+  :mod:`batchscan.dicom`), the window itself moves with the decoder's filter: on val,
+  giving both paths the full decode's window brought level 3 from 0.010 to 0.003, and no
+  estimator tried (coarser or finer samples, 1/99 or 2/98 percentiles, a blurred sample)
+  came under 0.01. So a file with its own VOI (as CR and DX files have) is decoded down to
+  a short edge of :data:`OVERSAMPLED_EDGE` (three levels of a 2048 px image), and a file
+  without one at most :data:`MAX_LEVEL_PERCENTILE` level (level 2 moved val scores by
+  0.0054); box averaging does the rest.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 from typing import Final
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import JPEG2000, JPEG2000Lossless
+from pydicom.uid import HTJ2K, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, JPEG2000Lossless
 
 from batchscan.decoders.base import Decoded, syntax_of
 
 NAME: Final = "pillow-openjpeg"
-SYNTAXES: Final = frozenset({JPEG2000Lossless, JPEG2000})
-#: Most resolution levels dropped by the codec, without and with a VOI in the header (see
-#: the module doc).
+#: JPEG 2000 and High-Throughput JPEG 2000 (OpenJPEG 2.5 decodes both codestreams).
+SYNTAXES: Final = frozenset({JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K})
+#: Most resolution levels dropped for a file without a VOI in its header (see the module doc).
 MAX_LEVEL_PERCENTILE: Final = 1
-MAX_LEVEL_WINDOWED: Final = 2
 
 
-def max_level(windowed: bool) -> int:
-    """Most levels the codec may drop: more when the display window comes from the header."""
-    return MAX_LEVEL_WINDOWED if windowed else MAX_LEVEL_PERCENTILE
+#: Smallest short edge (pixels) a file with its own VOI is decoded down to: 8x the 28 px
+#: picture the preprocessing makes. Four levels of a 2048 px image (128 px, 4x) moved val
+#: scores by up to 0.005 (lossy) even with the low-pass compensation; three levels by 0.0016.
+OVERSAMPLED_EDGE: Final = 224
+#: Analysis low-pass filters of the two JPEG 2000 wavelets (ISO 15444-1 Annex F), DC gain 1.
+_LOW_PASS: Final = {
+    1: np.array([-1.0, 2.0, 6.0, 2.0, -1.0]) / 8.0,  # 5/3 reversible (lossless)
+    0: np.array(  # 9/7 irreversible (lossy)
+        [
+            0.026748757411,
+            -0.016864118443,
+            -0.078223266529,
+            0.266864118443,
+            0.602949018236,
+            0.266864118443,
+            -0.078223266529,
+            -0.016864118443,
+            0.026748757411,
+        ]
+    ),
+}
+
+
+def _response(taps: np.ndarray, omega: np.ndarray) -> np.ndarray:
+    half = len(taps) // 2
+    k = np.arange(-half, half + 1)
+    return (taps[None, :] * np.cos(np.outer(omega, k))).sum(axis=1)
+
+
+@functools.lru_cache(maxsize=64)
+def box_compensation(transform: int, level: int, size: int, picture: int = 28) -> float:
+    """Side tap `a` of the filter [a, 1 - 2a, a] that makes a level-`level` low-pass band
+    respond like the 2**level box average the other codecs' reduced path uses.
+
+    The wavelet's iterated low-pass is sharper than a box average (the cause of most of the
+    score change at deeper levels); the tap is a least-squares fit of the ratio of the two
+    frequency responses over the band the `picture`-px reduction keeps (up to twice its
+    Nyquist frequency, for the bicubic transition band) at a band image of `size` px.
+    """
+    taps = _LOW_PASS.get(transform)
+    if taps is None or level == 0:
+        return 0.0
+    band = np.linspace(1e-6, min(np.pi, 2 * np.pi * picture / max(size, 1)), 256)
+    omega = band / 2**level  # the same frequencies at full resolution
+    wavelet = np.prod([_response(taps, 2**j * omega) for j in range(level)], axis=0)
+    box = np.sin(2**level * omega / 2) / (2**level * np.sin(omega / 2))
+    c = 2 * np.cos(band) - 2  # the filter's response is 1 + a * c
+    return float((c * (box / wavelet - 1)).sum() / (c * c).sum())
+
+
+def compensate(values: np.ndarray, a: float) -> np.ndarray:
+    """Filter rows and columns with [a, 1 - 2a, a] (edges replicated); same dtype."""
+    if a == 0.0:
+        return values
+    out = values.astype(np.float64)
+    for axis in (0, 1):
+        padded = np.pad(out, [(1, 1) if i == axis else (0, 0) for i in (0, 1)], mode="edge")
+        low = padded[:-2] if axis == 0 else padded[:, :-2]
+        mid = padded[1:-1] if axis == 0 else padded[:, 1:-1]
+        high = padded[2:] if axis == 0 else padded[:, 2:]
+        out = (1 - 2 * a) * mid + a * (low + high)
+    if values.dtype.kind in "iu":
+        info = np.iinfo(values.dtype)
+        return np.clip(np.rint(out), info.min, info.max).astype(values.dtype)
+    return out.astype(values.dtype)
+
+
+def _level_for(width: int, height: int, edge: int) -> int:
+    """Largest r such that the short edge, halved r times (rounding up), stays >= edge."""
+    level, short = 0, min(width, height)
+    while -(-short // (2 ** (level + 1))) >= edge:
+        level += 1
+    return level
 
 
 _SIZ: Final = b"\xff\x51"
@@ -70,19 +146,20 @@ def is_available(ds: Dataset) -> bool:
         return False
 
 
-def _codestream_facts(frame: bytes) -> tuple[int, int, int, bool, int] | None:
-    """(width, height, precision, signed, levels) from the SIZ and COD markers, or None."""
+def _codestream_facts(frame: bytes) -> tuple[int, int, int, bool, int, int] | None:
+    """(width, height, precision, signed, levels, transform) from the SIZ and COD markers
+    (transform 1: 5/3 reversible wavelet, 0: 9/7 irreversible), or None."""
     siz = frame.find(_SIZ, 0, 256)
     cod = frame.find(_COD, 0, 4096)
-    if siz < 0 or cod < 0 or len(frame) < siz + 43:
+    if siz < 0 or cod < 0 or len(frame) < max(siz + 43, cod + 14):
         return None
     width, height, x_offset, y_offset = struct.unpack(">IIII", frame[siz + 6 : siz + 22])
     components = struct.unpack(">H", frame[siz + 38 : siz + 40])[0]
     if components != 1 or x_offset or y_offset:
         return None
     ssiz = frame[siz + 40]
-    levels = frame[cod + 9]
-    return width, height, (ssiz & 0x7F) + 1, bool(ssiz & 0x80), levels
+    levels, transform = frame[cod + 9], frame[cod + 13]
+    return width, height, (ssiz & 0x7F) + 1, bool(ssiz & 0x80), levels, transform
 
 
 def _pillow_agrees(size: int, level: int) -> bool:
@@ -99,8 +176,10 @@ def grid_offset(level: int) -> float:
 def decode(
     frame: bytes | None, ds: Dataset, level: int, *, windowed: bool = False
 ) -> Decoded | None:
-    """Decode `frame` at 1 / 2**r of its size for the largest usable r <= `level` (and
-    <= :func:`max_level` of `windowed`).
+    """Decode `frame` at 1 / 2**r of its size: when `windowed` (the display window comes from
+    the header), the largest r whose short edge stays >= :data:`OVERSAMPLED_EDGE` (or
+    `level`, if larger); else r <= min(`level`, :data:`MAX_LEVEL_PERCENTILE`). The band is
+    filtered by :func:`box_compensation` so that it matches a box average.
 
     Returns stored values (the dtype pydicom would give), r and the grid offset; None when
     no level > 0 is usable (signed data, several components, image offsets, a precision
@@ -113,10 +192,15 @@ def decode(
     facts = _codestream_facts(frame)
     if facts is None:
         return None
-    width, height, precision, signed, levels = facts
+    width, height, precision, signed, levels, transform = facts
     if signed or precision > 16:
         return None
-    usable = min(level, levels, max_level(windowed))
+    if level == 0:  # full resolution asked for
+        return None
+    if windowed:
+        usable = min(max(level, _level_for(width, height, OVERSAMPLED_EDGE)), levels)
+    else:
+        usable = min(level, levels, MAX_LEVEL_PERCENTILE)
     while usable > 0 and not (_pillow_agrees(width, usable) and _pillow_agrees(height, usable)):
         usable -= 1
     if usable == 0:
@@ -125,9 +209,9 @@ def decode(
         picture.reduce = usable  # Pillow's Jpeg2KImageFile setter: OpenJPEG's reduce factor
         picture.load()
         values = np.asarray(picture)
-    if values.dtype == np.uint8:
-        return Decoded(values.copy(), usable, grid_offset(usable), NAME)
-    values = values.astype(np.uint16, copy=False)
-    if picture.mode.startswith("I;16") and precision < 16:
-        values = values >> (16 - precision)
-    return Decoded(values, usable, grid_offset(usable), NAME)
+    if values.dtype != np.uint8:
+        values = values.astype(np.uint16, copy=False)
+        if picture.mode.startswith("I;16") and precision < 16:
+            values = values >> (16 - precision)
+    a = box_compensation(transform, usable, min(values.shape))
+    return Decoded(compensate(values, a), usable, grid_offset(usable), NAME)
