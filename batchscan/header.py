@@ -17,11 +17,15 @@ reason                 meaning
 ``color:<P>``          not a grayscale image (Photometric Interpretation P)
 ``multiframe:<n>``     n > 1 frames: a cine or volume, not one radiograph
 ``for_processing``     default mode: a DX "for processing" (raw detector) image
-``header_error:<E>``   (failed) the header could not be parsed (exception E)
+``truncated_header``   (failed) ``DICM`` and then nothing, or only the file meta
+``header_error:<E>``   (failed) the header could not be parsed (exception E; an OSError
+                       that pydicom raises without an errno is the file's content too)
 ``bad_header:<what>``  (failed) ``rows_columns``, ``frames``, ``bits_allocated``,
                        ``bits_stored``, ``photometric``, ``samples_per_pixel``: values no
                        real image has; ``no_image_module``:
-                       an image SOP class without Rows/Columns (cut off in its header)
+                       an image SOP class without Rows/Columns (cut off in its header);
+                       ``no_sop_class``: neither an image nor a SOP Class UID;
+                       ``no_data_set``: what follows ``DICM`` cannot start a data set
 ``too_large``          (failed) declared pixel data above the cap (``max_pixel_bytes``)
 =====================  ==================================================================
 
