@@ -26,6 +26,8 @@ JPEG baseline 8-bit) and measures, in the same run:
   prepare  cores / one process's per-image cost of the scan's per-file stages (header, decode
            at reduced resolution, normalize, preprocess)
   infer    inference alone (images/s of the model on random inputs, batch 256)
+  before   with --against DIR: ``batchscan scan`` of the checkout in DIR (e.g. a worktree of
+           an older commit) on the same archive, in the same run; `x before` = scan / before
 
 Every rate of a command is marginal between an archive of --small files and a larger one,
 (large - small) / (t_large - t_small), so start-up (Python, TensorFlow, XLA compile, worker
@@ -148,7 +150,7 @@ def marginal(n_small: int, t_small: float, n_large: int, t_large: float) -> tupl
     return rate, max(t_small - n_small / rate, 0.0)
 
 
-def run_scan(archive: Path, out: Path, *extra: str) -> None:
+def run_scan(archive: Path, out: Path, *extra: str, tree: Path | None = None) -> None:
     command = [
         sys.executable,
         "-m",
@@ -160,22 +162,27 @@ def run_scan(archive: Path, out: Path, *extra: str) -> None:
         "--no-progress",
         *extra,
     ]
-    result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    env = dict(os.environ, PYTHONPATH=str(tree)) if tree is not None else None
+    result = subprocess.run(
+        command, capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env
+    )
     if result.returncode != 0:
         raise RuntimeError(f"scan failed: {result.stderr}")
     shutil.rmtree(out)
 
 
 def scan_rate(
-    paths: list[Path], sizes: tuple[int, int], root: Path, *extra: str
+    paths: list[Path], sizes: tuple[int, int], root: Path, *extra: str, tree: Path | None = None
 ) -> tuple[float, float]:
-    """Marginal rate and start-up of ``batchscan scan *extra`` between archives of the first
-    sizes[0] and sizes[1] files (hardlinked into folders under `root`)."""
+    """Marginal rate and start-up of ``batchscan scan *extra`` (of the checkout `tree`, else
+    this one) between archives of the first sizes[0] and sizes[1] files (hardlinked into
+    folders under `root`)."""
     (n_small, n_large), label = sizes, "_".join(a.lstrip("-") for a in extra) or "scan"
+    label += "-before" if tree is not None else ""
     small = subset(paths, n_small, root / f"{label}-small")
     large = subset(paths, n_large, root / f"{label}-large")
-    t_small = timed(partial(run_scan, small, root / "out", *extra))
-    t_large = timed(partial(run_scan, large, root / "out", *extra))
+    t_small = timed(partial(run_scan, small, root / "out", *extra, tree=tree))
+    t_large = timed(partial(run_scan, large, root / "out", *extra, tree=tree))
     return marginal(n_small, t_small, n_large, t_large)
 
 
@@ -262,6 +269,9 @@ def measure_syntax(name: str, args: argparse.Namespace, cores: int, model: objec
                 rates[key] = marginal(n_small, t_small, n_large, t_large)
             else:
                 rates[key] = scan_rate(paths, (n_small, n_large), root, *extra)
+        if args.against is not None:
+            counts = sizes(args, estimates["scan"])
+            rates["before"] = scan_rate(paths, counts, root, tree=args.against)
     scan, naive, full, one = (rates[k][0] for k in ("scan", "naive", "full", "one"))
     peer = rates["peer"][0]
     decode_limit, prepare_limit, codec_limit = cores / decode_s, cores / prepare_s, cores / codec_s
@@ -271,6 +281,11 @@ def measure_syntax(name: str, args: argparse.Namespace, cores: int, model: objec
         f"{scan / full:7.1f} {one:9.1f} {scan / one:6.2f} {decode_limit:7.1f} "
         f"{scan / decode_limit:6.2f} {codec_limit:7.1f} {scan / codec_limit:7.2f} "
         f"{prepare_limit:8.1f} {rates['scan'][1]:8.1f}"
+        + (
+            f" {rates['before'][0]:7.1f} {scan / rates['before'][0]:8.2f}"
+            if "before" in rates
+            else ""
+        )
     )
 
 
@@ -289,8 +304,8 @@ def benchmark(args: argparse.Namespace) -> None:
         f"{'syntax':<10} {'naive':>7} {'peer':>7} {'scan':>7} {'x naive':>8} {'x peer':>7} "
         f"{'full':>7} "
         f"{'x full':>7} {'1 worker':>9} {'2w/1w':>6} {'decode':>7} {'x dec':>6} "
-        f"{'codec':>7} {'x codec':>7} "
-        f"{'prepare':>8} {'start s':>8}"
+        f"{'codec':>7} {'x codec':>7} {'prepare':>8} {'start s':>8}"
+        + (f" {'before':>7} {'x before':>8}" if args.against else "")
     )
     for name in args.syntaxes.split(","):
         print(measure_syntax(name, args, cores, model), flush=True)
@@ -502,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", action="store_true")
     parser.add_argument("--scaling", action="store_true")
     parser.add_argument("--incremental", action="store_true")
+    parser.add_argument(
+        "--against", type=Path, default=None, help="another checkout to measure in the same run"
+    )
     parser.add_argument("--incremental-files", type=int, default=5000)
     parser.add_argument("--incremental-size", type=int, default=256)
     args = parser.parse_args(argv)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Final
 
 from pydicom.dataset import Dataset
-from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.decoders.base import Decoder, get_decoder
 
 from batchscan.decoders.base import Decoded, syntax_of
 from batchscan.records import INTERPRETER_EXITS
@@ -20,6 +20,15 @@ NAME: Final = "pydicom"
 
 class AllPluginsFailedError(RuntimeError):
     """Every installed plugin refused the frame (the message lists each one's error)."""
+
+
+def preference_order(decoder: Decoder) -> list[str]:
+    """The decoder's available plugins in pydicom's own order of preference (the order they
+    were registered in: pylibjpeg-rle before pydicom's pure-Python RLE, which is ~6x slower).
+    ``available_plugins`` is sorted by name, so the registration order is read from the
+    plugin table when this pydicom has one."""
+    table = getattr(decoder, "_available", None)
+    return list(table) if isinstance(table, dict) else list(decoder.available_plugins)
 
 
 def is_available(ds: Dataset) -> bool:
@@ -41,7 +50,7 @@ def decode(
     decoder = get_decoder(syntax_of(ds))
     if decoder.is_native:
         return Decoded(decoder.as_array(ds, index=0)[0], 0, 0.0, NAME)
-    plugins = list(decoder.available_plugins)
+    plugins = preference_order(decoder)
     errors: list[tuple[str, BaseException]] = []
     for plugin in plugins:
         try:
