@@ -162,9 +162,15 @@ def run_scan(archive: Path, out: Path, *extra: str, tree: Path | None = None) ->
         "--no-progress",
         *extra,
     ]
+    # `python -m` puts the working folder first on sys.path: run another checkout from it
     env = dict(os.environ, PYTHONPATH=str(tree)) if tree is not None else None
     result = subprocess.run(
-        command, capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env
+        command,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=tree,
     )
     if result.returncode != 0:
         raise RuntimeError(f"scan failed: {result.stderr}")

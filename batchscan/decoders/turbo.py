@@ -45,6 +45,21 @@ def is_available(ds: Dataset) -> bool:
         return False
 
 
+#: Start-of-frame markers of the JPEG processes (baseline to lossless, Huffman coded).
+_SOF: Final = (b"\xff\xc0", b"\xff\xc1", b"\xff\xc2", b"\xff\xc3")
+
+
+def _precision(frame: bytes) -> int:
+    """Sample precision from the frame header (SOF marker), 16 when it cannot be found: a
+    frame of P bits cannot hold values above Bits Stored when P <= Bits Stored, and then the
+    8 MB mask of a 2048 px image is skipped."""
+    for marker in _SOF:
+        at = frame.find(marker, 0, 4096)
+        if at >= 0 and at + 4 < len(frame):
+            return frame[at + 4]
+    return 16
+
+
 def decode(
     frame: bytes | None, ds: Dataset, level: int, *, windowed: bool = False
 ) -> Decoded | None:
@@ -60,8 +75,8 @@ def decode(
         return None
     width = values.dtype.itemsize * 8
     bits = int(ds.get("BitsStored", width) or width)
-    if 0 < bits < width:  # bits above Bits Stored are not pixel data (pydicom masks them)
-        values = values & np.asarray((1 << bits) - 1, dtype=values.dtype)
+    if 0 < bits < min(width, _precision(frame)):  # bits above Bits Stored are not pixels
+        np.bitwise_and(values, (1 << bits) - 1, out=values)  # (pydicom masks them too)
     if int(ds.get("PixelRepresentation", 0) or 0) == 1:
         signed = values.astype(np.int32)
         if 0 < bits <= width:
