@@ -142,12 +142,17 @@ class StageOptions:
         The site's pseudonymisation key: when set, each record gets ``patient_key``, the
         HMAC-SHA256 of its PatientID (see :func:`patient_key`); when None nothing about the
         patient is read.
+    min_input_std:
+        The image sanity gate: a picture whose model input varies less than this (the
+        flattest training image, from the model card) is ``skipped: blank_image``; None
+        scores every picture.
     """
 
     all_modalities: bool = False
     max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES
     min_edge: int | None = DEFAULT_MIN_EDGE
     pseudonym_key: bytes | None = field(default=None, repr=False)
+    min_input_std: float | None = None
 
 
 def patient_key(patient_id: str, key: bytes) -> str | None:

@@ -40,6 +40,7 @@ from batchscan.dicom import decode_record
 from batchscan.header import DEFAULT_MAX_PIXEL_BYTES, StageOptions, read_header
 from batchscan.preprocess import preprocess
 from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord, chunks
+from batchscan.sanity import passes
 from batchscan.workers import (
     DEFAULT_FILE_TIMEOUT,
     PreparedBatch,
@@ -101,6 +102,8 @@ class ScanConfig:
         The per-record stages run in the workers (default :func:`prepare_record`).
     state:
         The incremental state database (default ``REPORT_DIR/state.sqlite``).
+    min_input_std:
+        The image sanity gate's bound (set from the model card by the scan).
     pseudonym_key:
         Key of the ``patient_key`` HMAC, or None for no patient key at all.
     checkpoint_seconds:
@@ -130,6 +133,7 @@ class ScanConfig:
     checkpoint_seconds: float = 30.0
     engine: str = "local"
     ray_address: str | None = None
+    min_input_std: float | None = None
 
     def __post_init__(self) -> None:
         if self.prepare is None:  # the real stages; tests inject faulty ones
@@ -143,6 +147,7 @@ class ScanConfig:
             max_pixel_bytes=self.max_pixel_bytes,
             min_edge=self.min_edge,
             pseudonym_key=self.pseudonym_key,
+            min_input_std=self.min_input_std,
         )
 
 
@@ -163,7 +168,8 @@ def _stable(record: ImageRecord) -> bool:
 
 
 def prepare_record(record: ImageRecord, options: StageOptions) -> np.ndarray | None:
-    """Header -> decode + normalize -> preprocess for one record (runs in a worker).
+    """Header -> decode + normalize -> preprocess -> sanity gate for one record (runs in a
+    worker).
 
     Returns the model input, or None when the record was skipped or failed on the way.
     """
@@ -179,6 +185,8 @@ def prepare_record(record: ImageRecord, options: StageOptions) -> np.ndarray | N
         record.fail(f"preprocess_error:{type(exc).__name__}", str(exc))
         return None
     if not _stable(record):  # rewritten while we read it: the pixels may be a mix
+        return None
+    if not passes(record, tensor, options.min_input_std):  # blank or near-constant
         return None
     return tensor
 

@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -224,6 +224,7 @@ def settings_key(config: ScanConfig, checked: ModelCard) -> str:
         "max_pixel_bytes": config.max_pixel_bytes,
         "min_edge": config.min_edge,
         "pseudonym_key": key_id,
+        "min_input_std": checked.min_input_std,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -258,6 +259,7 @@ def run_scan(config: ScanConfig) -> ScanResult:
 def _run(config: ScanConfig, checked: ModelCard, state: StateStore) -> ScanResult:
     """The run proper, with the lock held and the state open."""
     run_id = new_run_id()
+    config = replace(config, min_input_std=checked.min_input_std)  # the card's sanity gate
     remove_temporaries(config.out)  # left by a run that was killed
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     key = settings_key(config, checked)

@@ -28,6 +28,7 @@ from batchscan import __version__
 from batchscan import metrics as m
 from batchscan.model import build_seed_model, sha256_of
 from batchscan.preprocess import PREPROCESSING_SPEC, preprocess_many
+from batchscan.sanity import input_spread
 
 SPLITS = ("train", "val", "test")
 #: Environment variable naming the folder that holds the training data.
@@ -329,6 +330,23 @@ def train(dataset: Dataset, config: TrainConfig) -> tuple[Any, dict[str, Any]]:
     return model, report
 
 
+def sanity_bound(inputs: np.ndarray) -> dict[str, Any]:
+    """The bound of the image sanity gate, taken from the training inputs.
+
+    The spread of a picture is the standard deviation of its model input (what
+    :func:`batchscan.preprocess.preprocess` makes of it). A picture flatter than the flattest
+    one the model learned from (a blank detector readout, a near-constant image) is outside
+    anything the model knows, and its score means nothing: a blank 15,000 px CR scored 1.0.
+    """
+    spread = np.array([input_spread(x) for x in inputs])
+    return {
+        "min_input_std": float(spread.min()),
+        "rule": "an image whose model input has a smaller standard deviation than every "
+        "training image is skipped as blank_image",
+        "computed_on": f"train split ({len(inputs)} images), through batchscan.preprocess",
+    }
+
+
 def predict_scores(model: Any, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Model scores as float64, shape (N,)."""
     return model.predict(x, batch_size=batch_size, verbose=0).reshape(-1).astype(np.float64)
@@ -418,6 +436,7 @@ def write_model(
         },
         "threshold": threshold,
         "threshold_rule": THRESHOLD_RULE,
+        "sanity": sanity_bound(dataset.x["train"]),
         "metrics": card_metrics,
         **{
             k: card_metrics[k]
