@@ -37,8 +37,11 @@ def seed_files() -> list[bytes]:
         JPEG2000,
         ExplicitVRBigEndian,
         ExplicitVRLittleEndian,
+        HTJ2KLossless,
         JPEG2000Lossless,
         JPEGBaseline8Bit,
+        JPEGLossless,
+        JPEGLosslessSV1,
         JPEGLSLossless,
         RLELossless,
     )
@@ -53,6 +56,9 @@ def seed_files() -> list[bytes]:
         JPEG2000Lossless,
         JPEG2000,
         JPEGBaseline8Bit,
+        JPEGLosslessSV1,  # libjpeg-turbo
+        JPEGLossless,
+        HTJ2KLossless,  # OpenJPEG's HT decoder at reduced resolution
     ):
         spec = RadiographSpec(transfer_syntax=syntax)
         pixels = stored_values(picture, spec)
