@@ -45,7 +45,8 @@ import re
 import struct
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Final
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -55,6 +56,9 @@ from pydicom.uid import UID
 from batchscan.decoders import DEFAULT_MIN_EDGE
 from batchscan.paths import open_binary
 from batchscan.records import ImageRecord
+
+if TYPE_CHECKING:  # the domain stage comes after this one; only its type is named here
+    from batchscan.domain import Domain
 
 #: Media Storage Directory Storage: the SOP class of a DICOMDIR.
 DICOMDIR_SOP_CLASS: Final = "1.2.840.10008.1.3.10"
@@ -146,6 +150,9 @@ class StageOptions:
         The image sanity gate: a picture whose model input varies less than this (the
         flattest training image, from the model card) is ``skipped: blank_image``; None
         scores every picture.
+    domain:
+        The model card's training domain, which each image is judged against
+        (:mod:`batchscan.domain`); None judges nothing.
     """
 
     all_modalities: bool = False
@@ -153,6 +160,7 @@ class StageOptions:
     min_edge: int | None = DEFAULT_MIN_EDGE
     pseudonym_key: bytes | None = field(default=None, repr=False)
     min_input_std: float | None = None
+    domain: Domain | None = None
 
 
 def patient_key(patient_id: str, key: bytes) -> str | None:
@@ -387,6 +395,33 @@ def _fill_identity(record: ImageRecord, ds: Dataset) -> None:
         sop_class or "", None
     )
     record.body_part = token(_text(ds, "BodyPartExamined"), default="") or None
+    record.patient_age_years = patient_age_years(ds)
+
+
+#: PatientAge units (PS3.5 Table 6.2-1, VR AS) in years.
+_AGE_UNITS: Final = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+#: Ages at and above this are reported as this (as HIPAA's safe harbour groups them).
+AGE_CAP: Final = 90.0
+_AGE: Final = re.compile(r"^(\d{1,3})([DWMY])$")
+
+
+def patient_age_years(ds: Dataset) -> float | None:
+    """Age in years at the study: PatientAge (``018M``, ``045Y``...), else the years between
+    PatientBirthDate and StudyDate (the birth date is read for this only, never kept);
+    ages of 90 and over as 90; None when neither gives a plausible age."""
+    match = _AGE.match(_text(ds, "PatientAge").upper())
+    if match:
+        age = int(match.group(1)) * _AGE_UNITS[match.group(2)]
+    else:
+        try:
+            born = datetime.strptime(_text(ds, "PatientBirthDate")[:8], "%Y%m%d")
+            seen = datetime.strptime(_text(ds, "StudyDate")[:8], "%Y%m%d")
+        except ValueError:
+            return None
+        age = (seen - born).days / 365.25
+    if not 0 <= age < 150:
+        return None
+    return round(min(age, AGE_CAP), 2)
 
 
 def _int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:

@@ -37,6 +37,7 @@ import numpy as np
 from batchscan import __version__, paths
 from batchscan.decoders import DEFAULT_MIN_EDGE
 from batchscan.dicom import decode_record
+from batchscan.domain import Domain, judge
 from batchscan.header import DEFAULT_MAX_PIXEL_BYTES, StageOptions, read_header
 from batchscan.preprocess import preprocess
 from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord, chunks
@@ -104,6 +105,8 @@ class ScanConfig:
         The incremental state database (default ``REPORT_DIR/state.sqlite``).
     min_input_std:
         The image sanity gate's bound (set from the model card by the scan).
+    domain:
+        The model card's training domain (set from the card by the scan).
     pseudonym_key:
         Key of the ``patient_key`` HMAC, or None for no patient key at all.
     checkpoint_seconds:
@@ -134,6 +137,7 @@ class ScanConfig:
     engine: str = "local"
     ray_address: str | None = None
     min_input_std: float | None = None
+    domain: Domain | None = None
 
     def __post_init__(self) -> None:
         if self.prepare is None:  # the real stages; tests inject faulty ones
@@ -148,6 +152,7 @@ class ScanConfig:
             min_edge=self.min_edge,
             pseudonym_key=self.pseudonym_key,
             min_input_std=self.min_input_std,
+            domain=self.domain,
         )
 
 
@@ -168,14 +173,15 @@ def _stable(record: ImageRecord) -> bool:
 
 
 def prepare_record(record: ImageRecord, options: StageOptions) -> np.ndarray | None:
-    """Header -> decode + normalize -> preprocess -> sanity gate for one record (runs in a
-    worker).
+    """Header -> domain -> decode + normalize -> preprocess -> sanity gate for one record
+    (runs in a worker).
 
     Returns the model input, or None when the record was skipped or failed on the way.
     """
     if not record.pending or not _stable(record):
         return None
     read_header(record, options)
+    judge(record, options.domain)
     image = decode_record(record, options)
     if image is None:
         return None
@@ -385,7 +391,7 @@ def manifest_for(
     arguments = {
         k: (str(v) if isinstance(v, Path) else v)
         for k, v in asdict(config).items()
-        if k not in ("prepare", "pseudonym_key")
+        if k not in ("prepare", "pseudonym_key", "domain")  # the domain is the card's
     }
     arguments["pseudonym_key"] = "set" if config.pseudonym_key is not None else None
     return {

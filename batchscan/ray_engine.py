@@ -29,6 +29,7 @@ module, and it imports Ray only when a run starts.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import warnings
 from collections.abc import Callable, Iterable
@@ -56,12 +57,17 @@ RAY_WINDOW: Final = 50_000
 #: Actor restarts and call retries after an actor's process or node is lost.
 RAY_RETRIES: Final = 3
 _INPUT_BYTES: Final = INPUT_SIZE * INPUT_SIZE * CHANNELS * 4
-_INTS: Final = {"size", "mtime_ns", "rows", "columns", "decode_scale"}
+#: Arrow types of the record fields, from their annotations; file names travel as their
+#: bytes (a name that is not UTF-8 is a surrogate-escaped str, which Arrow strings refuse).
+_ARROW_TYPES: Final = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
+_PATHS: Final = ("path", "abs_path")
 RECORD_SCHEMA: Final = pa.schema(
     [
         pa.field(
             f.name,
-            pa.int64() if f.name in _INTS else pa.float64() if f.name == "score" else pa.string(),
+            pa.binary()
+            if f.name in _PATHS
+            else _ARROW_TYPES.get(str(f.type).split(" |")[0], pa.string()),
         )
         for f in fields(ImageRecord)
     ]
@@ -72,6 +78,8 @@ _NAMES: Final = tuple(RECORD_SCHEMA.names)
 def to_table(records: list[ImageRecord], inputs: dict[int, np.ndarray] | None = None) -> pa.Table:
     """Records (and the model inputs of some of them, by position) as an Arrow table."""
     columns: dict[str, Any] = {n: [getattr(r, n) for r in records] for n in _NAMES}
+    for name in _PATHS:
+        columns[name] = [os.fsencode(value) for value in columns[name]]
     table = pa.Table.from_pydict(columns, schema=RECORD_SCHEMA)
     if inputs is None:
         return table
@@ -84,6 +92,8 @@ def to_table(records: list[ImageRecord], inputs: dict[int, np.ndarray] | None = 
 def from_table(table: pa.Table) -> list[ImageRecord]:
     """The records of a table made by :func:`to_table` (extra columns ignored)."""
     columns = {n: table.column(n).to_pylist() for n in _NAMES}
+    for name in _PATHS:
+        columns[name] = [os.fsdecode(value) for value in columns[name]]
     return [ImageRecord(**{n: columns[n][i] for n in _NAMES}) for i in range(table.num_rows)]
 
 

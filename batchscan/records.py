@@ -63,6 +63,10 @@ class ImageRecord:
     patient_key:
         HMAC-SHA256 of PatientID under the site's pseudonymisation key, only when one is
         configured (the PatientID itself never leaves the header stage).
+    patient_age_years, age_group, in_domain:
+        Age at the study (PatientAge, else birth and study dates; 90 and over as 90), its
+        group and whether the image lies in the model's training domain
+        (:mod:`batchscan.domain`); None when unknown.
     """
 
     path: str
@@ -90,6 +94,9 @@ class ImageRecord:
     decoder: str | None = None
     decode_scale: int | None = None
     patient_key: str | None = None
+    patient_age_years: float | None = None
+    age_group: str | None = None
+    in_domain: bool | None = None
     score: float | None = None
 
     def skip(self, reason: str, detail: str | None = None) -> ImageRecord:

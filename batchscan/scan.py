@@ -32,6 +32,7 @@ import numpy as np
 from batchscan import __version__
 from batchscan.aggregate import aggregate_studies
 from batchscan.discover import iter_files
+from batchscan.domain import Domain
 from batchscan.model import ModelCard, ModelError, check_model, load_model
 from batchscan.pipeline import RunStats, ScanConfig, manifest_for, new_run_id, run_local
 from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord
@@ -225,6 +226,7 @@ def settings_key(config: ScanConfig, checked: ModelCard) -> str:
         "min_edge": config.min_edge,
         "pseudonym_key": key_id,
         "min_input_std": checked.min_input_std,
+        "domain": checked.card.get("domain"),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -259,7 +261,10 @@ def run_scan(config: ScanConfig) -> ScanResult:
 def _run(config: ScanConfig, checked: ModelCard, state: StateStore) -> ScanResult:
     """The run proper, with the lock held and the state open."""
     run_id = new_run_id()
-    config = replace(config, min_input_std=checked.min_input_std)  # the card's sanity gate
+    # the card's sanity gate and training domain reach the per-file stages
+    config = replace(
+        config, min_input_std=checked.min_input_std, domain=Domain.from_card(checked.card)
+    )
     remove_temporaries(config.out)  # left by a run that was killed
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     key = settings_key(config, checked)

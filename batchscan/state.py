@@ -81,8 +81,10 @@ RUN_COLUMNS: Final = (
     "code_version",
 )
 
-_INTEGER_COLUMNS: Final = {"size", "mtime_ns", "rows", "columns", "decode_scale"}
-_REAL_COLUMNS: Final = {"score"}
+_INTEGER_COLUMNS: Final = {"size", "mtime_ns", "rows", "columns", "decode_scale", "in_domain"}
+_REAL_COLUMNS: Final = {"score", "patient_age_years"}
+#: Columns SQLite keeps as 0/1 that the reports type as booleans.
+_BOOL_COLUMNS: Final = ("in_domain",)
 
 
 def _sql_type(name: str) -> str:
@@ -451,6 +453,8 @@ class StateStore:
             stored = part["path"]
             part["path_bytes"] = [v if isinstance(v, bytes) else None for v in stored]
             part["path"] = [readable(from_state(v)) for v in stored]
+            for name in _BOOL_COLUMNS:
+                part[name] = [None if v is None else bool(v) for v in part[name]]
             yield part
 
     def study_rows(self, chunk: int = 8192) -> Iterator[dict[str, list[Any]]]:

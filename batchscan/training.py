@@ -42,6 +42,16 @@ INTENDED_USE = (
     "Research and workflow triage: ranks and flags frontal chest radiographs of a DICOM "
     "archive by the probability of pneumonia, for review by radiologists."
 )
+#: The training domain the card declares (batchscan.domain judges every image against it):
+#: PneumoniaMNIST comes from Kermany et al.'s anterior-posterior chest radiographs of
+#: children aged one to five (Guangzhou Women and Children's Medical Center).
+DOMAIN = {
+    "age_years": [1, 5],
+    "modalities": ["CR", "DX"],
+    "views": ["AP"],
+    "population": "Children aged 1-5 years, anterior-posterior chest radiographs, Guangzhou "
+    "Women and Children's Medical Center (Kermany et al., Cell 2018), via PneumoniaMNIST",
+}
 LIMITS = [
     "Not a medical device; not for diagnosis; every flag needs a radiologist's read.",
     "Trained on PneumoniaMNIST: pediatric chest radiographs (Guangzhou, ages 1-5), "
@@ -449,6 +459,7 @@ def write_model(
             "python": platform.python_version(),
         },
         "intended_use": INTENDED_USE,
+        "domain": DOMAIN,
         "limits": LIMITS,
     }
     out_path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -37,6 +38,8 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("archive")
     write_demo_archive(root, size=256, studies=4)
     shutil.copy(root / "2025/ACC1000/1/IM0000", root / "2025/SEGFAULT_IM")
+    # a Latin-1 file name (not UTF-8) travels through Ray's Arrow tables as bytes
+    shutil.copy(root / "2025/ACC1000/1/IM0000", os.fsencode(root / "2025") + b"/caf\xe9")
     return root
 
 
@@ -70,6 +73,8 @@ def test_ray_engine_matches_local_and_isolates_a_crashing_file(
     crashed = ray_images.loc["2025/SEGFAULT_IM"]
     assert (crashed["status"], crashed["reason"]) == ("failed", "worker_crash")
     assert (ray_images["status"] == "scored").sum() == 4
+    latin = ray_images.loc["2025/caf\\xe9"]  # the same SOP instance as IM0000: scored once
+    assert (latin["status"], latin["reason"]) == ("skipped", "duplicate_of:2025/ACC1000/1/IM0000")
 
 
 def test_ray_engine_without_the_extra_is_exit_2(
