@@ -34,7 +34,7 @@ import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 import numpy as np
 import pydicom
@@ -43,7 +43,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.pixels.decoders.base import get_decoder
 
-from batchscan.decoders import Decoded, box_reduce, decode_frame, reduction_level
+from batchscan.decoders import box_reduce, decode_frame, reduction_level
 from batchscan.header import (
     HeaderError,
     StageOptions,
@@ -148,9 +148,20 @@ def _decode_failure_reason(exc: BaseException) -> str:
     return f"decode_error:{type(exc).__name__}"
 
 
-def decode_pixels(ds: Dataset, min_edge: int | None = None) -> Decoded:
-    """The stored values of a single-frame grayscale image, their scale (a power of two, in
-    the ``level`` field), grid offset and decoder.
+class Pixels(NamedTuple):
+    """Stored values of one frame as the normalization gets them: reduced by `scale` (a
+    power of two; 1 = full resolution), their grid `offset` and the `decoder` that read
+    them."""
+
+    values: np.ndarray
+    scale: int
+    offset: float
+    decoder: str
+
+
+def decode_pixels(ds: Dataset, min_edge: int | None = None) -> Pixels:
+    """The stored values of a single-frame grayscale image, their scale, grid offset and
+    decoder.
 
     With `min_edge`, the image comes back reduced by a power of two (the scale) to the
     smallest size whose short edge is still >= `min_edge`: decoded at that resolution by a
@@ -183,7 +194,7 @@ def decode_pixels(ds: Dataset, min_edge: int | None = None) -> Decoded:
         if target > level:
             factor = 1 << (target - level)
             arr, offset, level = box_reduce(arr, factor), offset / factor, target
-    return Decoded(arr, 1 << level, offset, decoder)
+    return Pixels(arr, 1 << level, offset, decoder)
 
 
 def _padding_values(ds: Dataset) -> tuple[float, float] | None:
@@ -432,8 +443,7 @@ def decode_record(record: ImageRecord, options: StageOptions) -> DisplayImage | 
             record.fail(exc.reason, exc.detail)
             return None
         except OSError as exc:
-            reason, detail = os_failure(exc)
-            record.fail(reason.replace("header_error", "read_error"), detail)
+            record.fail(*os_failure(exc, "read_error"))
             return None
         except Exception as exc:  # anything pydicom raises on a broken file
             record.fail(f"read_error:{type(exc).__name__}", str(exc))

@@ -333,15 +333,16 @@ def read_dataset_header(path: str) -> Dataset:
     return parse_file(path, stop_before_pixels=True)
 
 
-def os_failure(exc: OSError) -> tuple[str, str]:
-    """(reason, detail) for an OSError while reading a file.
+def os_failure(exc: OSError, stage: str = "header_error") -> tuple[str, str]:
+    """(reason, detail) for an OSError while reading a file in `stage` (``header_error``
+    or ``read_error``).
 
     A real I/O error carries an errno and may pass (``unreadable``, tried again next run);
     pydicom also raises OSError without one for data it cannot parse (an undefined-length
     element it cannot find the end of): that is the file's content, a permanent failure.
     """
     if exc.errno is None:
-        return "header_error:OSError", str(exc)
+        return f"{stage}:OSError", str(exc)
     return "unreadable", f"{type(exc).__name__}: {exc.strerror or exc}"
 
 

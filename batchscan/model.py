@@ -98,13 +98,6 @@ class LoadedModel:
     version: str
     threshold: float
 
-    @property
-    def min_input_std(self) -> float | None:
-        """The image sanity gate's bound from the card (``sanity.min_input_std``); None for
-        a card without one (no gate)."""
-        value = (self.card.get("sanity") or {}).get("min_input_std")
-        return float(value) if isinstance(value, int | float) else None
-
 
 def build_seed_model() -> Any:
     """Build the seed architecture of the original design (untrained).

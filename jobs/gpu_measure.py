@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import os
 import time
 from pathlib import Path
 
@@ -149,7 +148,6 @@ def main() -> None:
         inference_table(tuple(int(b) for b in args.batches.split(",")))
     if args.frames:
         decode_table(args.frames)
-    os.sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def test_jpeg2000_drops_two_levels_only_with_a_header_window(tmp_path: Path, mod
         spec = RadiographSpec(transfer_syntax=syntax, window=window)
         paths.append(write_radiograph(tmp_path / name, picture, spec))
     decoded = [decode_pixels(read_dataset(str(p)), DEFAULT_MIN_EDGE) for p in paths]
-    assert [(d.level, d.values.shape) for d in decoded] == [(4, (512, 512)), (4, (512, 512))]
+    assert [(d.scale, d.values.shape) for d in decoded] == [(4, (512, 512)), (4, (512, 512))]
     assert [d.offset for d in decoded] == [jpeg2000.grid_offset(2), jpeg2000.grid_offset(1) / 2]
     full, reduced = _scores(model, paths, FULL), _scores(model, paths, REDUCED)
     assert np.abs(full - reduced).max() <= 0.005, (full, reduced)

@@ -40,9 +40,17 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 
 from batchscan.decoders import jpeg, jpeg2000, pydicom_plugins, turbo
-from batchscan.decoders.base import Decoded
+from batchscan.decoders.base import Decoded, reduction_level
 
-__all__ = ["DECODERS", "DECODER_NAMES", "DEFAULT_MIN_EDGE", "Decoded", "box_reduce", "decode_frame"]
+__all__ = [
+    "DECODERS",
+    "DECODER_NAMES",
+    "DEFAULT_MIN_EDGE",
+    "Decoded",
+    "box_reduce",
+    "decode_frame",
+    "reduction_level",
+]
 
 #: Default smallest short edge (pixels) an image is decoded at.
 DEFAULT_MIN_EDGE: Final = 448
@@ -50,15 +58,6 @@ DEFAULT_MIN_EDGE: Final = 448
 DECODERS: Final[tuple[ModuleType, ...]] = (jpeg2000, jpeg, turbo, pydicom_plugins)
 #: Every value of the ``decoder`` column (``pydicom:<plugin>`` adds the plugin's name).
 DECODER_NAMES: Final = tuple(module.NAME for module in DECODERS)
-
-
-def reduction_level(rows: int, columns: int, min_edge: int) -> int:
-    """Largest r such that the short edge, halved r times (rounding up), stays >= min_edge."""
-    level = 0
-    short = min(rows, columns)
-    while -(-short // (2 ** (level + 1))) >= min_edge:
-        level += 1
-    return level
 
 
 def box_reduce(arr: np.ndarray, factor: int) -> np.ndarray:

@@ -34,3 +34,12 @@ def syntax_of(ds: Dataset) -> str:
     """The Transfer Syntax UID of the file meta, '' when there is none."""
     meta = getattr(ds, "file_meta", None)
     return str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+
+
+def reduction_level(rows: int, columns: int, min_edge: int) -> int:
+    """Largest r such that the short edge, halved r times (rounding up), stays >= min_edge."""
+    level = 0
+    short = min(rows, columns)
+    while -(-short // (2 ** (level + 1))) >= min_edge:
+        level += 1
+    return level

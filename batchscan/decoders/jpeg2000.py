@@ -49,7 +49,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import HTJ2K, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, JPEG2000Lossless
 
-from batchscan.decoders.base import Decoded, syntax_of
+from batchscan.decoders.base import Decoded, reduction_level, syntax_of
 
 NAME: Final = "pillow-openjpeg"
 #: JPEG 2000 and High-Throughput JPEG 2000 (OpenJPEG 2.5 decodes both codestreams).
@@ -133,14 +133,6 @@ def compensate(values: np.ndarray, a: float) -> np.ndarray:
     return out.astype(values.dtype)
 
 
-def _level_for(width: int, height: int, edge: int) -> int:
-    """Largest r such that the short edge, halved r times (rounding up), stays >= edge."""
-    level, short = 0, min(width, height)
-    while -(-short // (2 ** (level + 1))) >= edge:
-        level += 1
-    return level
-
-
 _SIZ: Final = b"\xff\x51"
 _COD: Final = b"\xff\x52"
 
@@ -209,7 +201,7 @@ def decode(
     if level == 0:  # full resolution asked for
         return None
     if windowed:
-        usable = min(max(level, _level_for(width, height, OVERSAMPLED_EDGE)), levels)
+        usable = min(max(level, reduction_level(height, width, OVERSAMPLED_EDGE)), levels)
     else:
         usable = min(level, levels, MAX_LEVEL_PERCENTILE)
     while usable > 0 and not (_pillow_agrees(width, usable) and _pillow_agrees(height, usable)):
