@@ -6,6 +6,10 @@ by a second, clearer frontal image (a mean would do that); laterals are not scor
 default, and the model was trained on frontal views only. When a study has no scored
 frontal image (only images of unknown view, or laterals under ``--all-modalities``), the
 maximum over all its scored images is used and ``score_basis`` says so.
+
+A study's ``in_domain`` is judged on the images its score rests on (the scored frontal ones,
+or all scored ones): false when any of them lies outside the model's training domain,
+because the maximum may come from that image (:func:`batchscan.domain.study_in_domain`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Final
 
 import numpy as np
 import pandas as pd
+
+from batchscan.domain import study_in_domain
 
 FRONTAL: Final = ("PA", "AP")
 #: The columns of a study row, in report order (the state stores them as they are).
@@ -25,6 +31,8 @@ STUDY_COLUMNS: Final = (
     "n_images_scored",
     "n_images_total",
     "views",
+    "age_group",
+    "in_domain",
     "accession_number",
     "study_date",
     "patient_key",
@@ -49,7 +57,8 @@ def aggregate_studies(images: pd.DataFrame, threshold: float, model_version: str
     -------
     pandas.DataFrame
         Columns ``study_instance_uid``, ``score``, ``flag``, ``score_basis``,
-        ``n_images_scored``, ``n_images_total``, ``views``, ``accession_number``,
+        ``n_images_scored``, ``n_images_total``, ``views``, ``age_group``, ``in_domain``
+        (None when no image says), ``accession_number``,
         ``study_date``, ``patient_key`` (None unless the images carry one), ``model_version``;
         sorted by study UID.
     """
@@ -65,6 +74,21 @@ def aggregate_studies(images: pd.DataFrame, threshold: float, model_version: str
     basis = np.where(score.notna(), "frontal", "all_scored")
     score = score.fillna(any_max)
 
+    basis_rows = pd.concat([frontal, scored[~scored["study_instance_uid"].isin(frontal_max.index)]])
+    in_domain_col = (
+        basis_rows["in_domain"]
+        if "in_domain" in basis_rows
+        else pd.Series(None, index=basis_rows.index, dtype=object)
+    )
+    domain = (
+        in_domain_col.astype(object)
+        .where(in_domain_col.notna(), None)
+        .map(lambda v: None if v is None else bool(v))
+        .groupby(basis_rows["study_instance_uid"])
+        .agg(lambda v: study_in_domain(list(v)))
+        .reindex(any_max.index)
+    )
+
     def first(series: pd.Series) -> object:
         values = series.dropna()
         return values.iloc[0] if len(values) else None
@@ -74,6 +98,9 @@ def aggregate_studies(images: pd.DataFrame, threshold: float, model_version: str
         {
             "n_images_total": grouped.size(),
             "views": grouped["view"].agg(lambda v: ",".join(sorted({x for x in v.dropna()}))),
+            "age_group": grouped["age_group"].agg(first)
+            if "age_group" in known
+            else pd.Series(None, index=any_max.index, dtype=object),
             "accession_number": grouped["accession_number"].agg(first),
             "study_date": grouped["study_date"].agg(first),
             "patient_key": grouped["patient_key"].agg(first)
@@ -93,10 +120,14 @@ def aggregate_studies(images: pd.DataFrame, threshold: float, model_version: str
             .to_numpy(dtype=np.int64),
             "n_images_total": facts["n_images_total"].to_numpy(dtype=np.int64),
             "views": facts["views"].to_numpy(dtype=object),
+            "age_group": facts["age_group"].to_numpy(dtype=object),
+            "in_domain": domain.to_numpy(dtype=object),
             "accession_number": facts["accession_number"].to_numpy(dtype=object),
             "study_date": facts["study_date"].to_numpy(dtype=object),
             "patient_key": facts["patient_key"].to_numpy(dtype=object),
             "model_version": model_version,
         }
     )
+    for name in ("age_group", "in_domain", "accession_number", "study_date", "patient_key"):
+        out[name] = out[name].astype(object).where(out[name].notna(), None)
     return out[columns].sort_values("study_instance_uid", ignore_index=True)

@@ -125,6 +125,13 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
         help="inference precision (auto: mixed on a GPU, float32 on a CPU)",
     )
     scan.add_argument("--no-xla", action="store_true", help="do not XLA-compile inference")
+    scan.add_argument(
+        "--out-of-domain",
+        choices=("score", "skip"),
+        default="score",
+        help="images outside the model card's training domain (age, view, modality): score "
+        "them and mark them in_domain=false (default), or skip them as out_of_domain:<why>",
+    )
     if config:
         scan.set_defaults(**config)
 
@@ -170,6 +177,7 @@ def _scan(args: argparse.Namespace) -> int:
         pseudonym_key=key,
         engine=args.engine,
         ray_address=args.ray_address,
+        out_of_domain=args.out_of_domain,
     )
     try:
         result = run_scan(config)

@@ -69,25 +69,62 @@ def age_group(age: float | None) -> str | None:
     return "adult" if age >= ADULT_AGE else "child"
 
 
-def judge(record: ImageRecord, domain: Domain | None) -> ImageRecord:
-    """Set ``age_group`` and ``in_domain`` on a record whose header was read."""
+def outside(record: ImageRecord, domain: Domain) -> list[tuple[str, str]]:
+    """What puts a record outside `domain`: (criterion, detail) pairs, criterion one of
+    ``modality``, ``view``, ``age`` in that order; empty when nothing known is outside."""
+    found: list[tuple[str, str]] = []
+    if record.modality and record.modality not in domain.modalities:
+        found.append(
+            (
+                "modality",
+                f"modality {record.modality}, the model learned from "
+                f"{'/'.join(sorted(domain.modalities))}",
+            )
+        )
+    if record.view and record.view != "unknown" and record.view not in domain.views:
+        found.append(
+            ("view", f"view {record.view}, the model learned from {'/'.join(sorted(domain.views))}")
+        )
+    if record.patient_age_years is not None:
+        years = int(record.patient_age_years)
+        if not domain.min_age <= years <= domain.max_age:
+            found.append(
+                (
+                    "age",
+                    f"age {years} years, the model learned from ages "
+                    f"{domain.min_age:g}-{domain.max_age:g}",
+                )
+            )
+    return found
+
+
+def judge(record: ImageRecord, domain: Domain | None, skip: bool = False) -> ImageRecord:
+    """Set ``age_group`` and ``in_domain`` on a record whose header was read; with `skip`
+    (``--out-of-domain skip``) an out-of-domain record is ``skipped: out_of_domain:<why>``,
+    why being the first of ``modality``, ``view``, ``age`` that lies outside."""
     record.age_group = age_group(record.patient_age_years)
     if domain is None:
         return record
-    outside = False
-    unknown = False
-    if record.modality:
-        outside |= record.modality not in domain.modalities
-    else:
-        unknown = True
-    if record.view and record.view != "unknown":
-        outside |= record.view not in domain.views
-    else:
-        unknown = True
-    if record.patient_age_years is None:
-        unknown = True
-    else:
-        years = int(record.patient_age_years)
-        outside |= not domain.min_age <= years <= domain.max_age
-    record.in_domain = False if outside else (None if unknown else True)
+    reasons = outside(record, domain)
+    unknown = (
+        not record.modality
+        or not record.view
+        or record.view == "unknown"
+        or record.patient_age_years is None
+    )
+    record.in_domain = False if reasons else (None if unknown else True)
+    if skip and reasons and record.pending:
+        criterion = reasons[0][0]
+        record.skip(f"out_of_domain:{criterion}", "; ".join(d for _, d in reasons))
     return record
+
+
+def study_in_domain(values: list[bool | None]) -> bool | None:
+    """A study's ``in_domain`` from those of the images its score rests on: False when any
+    is outside (a maximum may come from that image), else None when any is undecided,
+    else True (and None for no image)."""
+    if any(v is False for v in values):
+        return False
+    if not values or any(v is None for v in values):
+        return None
+    return True

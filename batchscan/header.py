@@ -153,6 +153,8 @@ class StageOptions:
     domain:
         The model card's training domain, which each image is judged against
         (:mod:`batchscan.domain`); None judges nothing.
+    skip_out_of_domain:
+        ``--out-of-domain skip``: an image outside the domain is skipped, not scored.
     """
 
     all_modalities: bool = False
@@ -161,6 +163,7 @@ class StageOptions:
     pseudonym_key: bytes | None = field(default=None, repr=False)
     min_input_std: float | None = None
     domain: Domain | None = None
+    skip_out_of_domain: bool = False
 
 
 def patient_key(patient_id: str, key: bytes) -> str | None:

@@ -107,6 +107,8 @@ class ScanConfig:
         The image sanity gate's bound (set from the model card by the scan).
     domain:
         The model card's training domain (set from the card by the scan).
+    out_of_domain:
+        ``score`` (default: out-of-domain images are scored and marked) or ``skip``.
     pseudonym_key:
         Key of the ``patient_key`` HMAC, or None for no patient key at all.
     checkpoint_seconds:
@@ -138,6 +140,7 @@ class ScanConfig:
     ray_address: str | None = None
     min_input_std: float | None = None
     domain: Domain | None = None
+    out_of_domain: str = "score"
 
     def __post_init__(self) -> None:
         if self.prepare is None:  # the real stages; tests inject faulty ones
@@ -153,6 +156,7 @@ class ScanConfig:
             pseudonym_key=self.pseudonym_key,
             min_input_std=self.min_input_std,
             domain=self.domain,
+            skip_out_of_domain=self.out_of_domain == "skip",
         )
 
 
@@ -181,7 +185,7 @@ def prepare_record(record: ImageRecord, options: StageOptions) -> np.ndarray | N
     if not record.pending or not _stable(record):
         return None
     read_header(record, options)
-    judge(record, options.domain)
+    judge(record, options.domain, options.skip_out_of_domain)
     image = decode_record(record, options)
     if image is None:
         return None

@@ -65,6 +65,8 @@ STUDIES_SCHEMA: Final = pa.schema(
         pa.field("n_images_scored", pa.int64(), nullable=False),
         pa.field("n_images_total", pa.int64(), nullable=False),
         pa.field("views", pa.string()),
+        pa.field("age_group", pa.string()),
+        pa.field("in_domain", pa.bool_()),
         pa.field("accession_number", pa.string()),
         pa.field("study_date", pa.string()),
         pa.field("model_version", pa.string(), nullable=False),
@@ -89,6 +91,11 @@ RUNS_SCHEMA: Final = pa.schema(
         pa.field("seconds", pa.float64()),
         pa.field("model_version", pa.string()),
         pa.field("code_version", pa.string()),
+        pa.field("studies", pa.int64()),
+        pa.field("studies_flagged", pa.int64()),
+        pa.field("studies_in_domain", pa.int64()),
+        pa.field("studies_out_of_domain", pa.int64()),
+        pa.field("studies_domain_unknown", pa.int64()),
     ]
 )
 

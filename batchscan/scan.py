@@ -45,7 +45,7 @@ from batchscan.report import (
     write_studies,
 )
 from batchscan.runlock import report_dir_lock
-from batchscan.state import STATE_FILE, StateError, StateStore
+from batchscan.state import RUN_STUDY_COUNTS, STATE_FILE, StateError, StateStore
 
 log = logging.getLogger("batchscan")
 
@@ -89,6 +89,8 @@ def check_config(config: ScanConfig) -> None:
         raise UsageError(f"--workers must be 0 or more, got {config.workers}")
     if config.max_pixel_bytes < 1:
         raise UsageError("--max-pixel-bytes must be positive")
+    if config.out_of_domain not in ("score", "skip"):
+        raise UsageError(f"--out-of-domain must be score or skip, got {config.out_of_domain!r}")
     if config.engine not in ("local", "ray"):
         raise UsageError(f"--engine must be local or ray, got {config.engine!r}")
     if config.engine == "ray" and importlib.util.find_spec("ray") is None:
@@ -159,7 +161,7 @@ class Progress:
             self._bar.close()
 
 
-def summary_text(manifest: dict[str, Any], studies: int, flagged: int) -> str:
+def summary_text(manifest: dict[str, Any]) -> str:
     """The closing paragraph: short, because cron mails it."""
     counts = manifest["counts_by_status"]
     top = sorted(manifest["counts_by_reason"].items(), key=lambda kv: (-kv[1], kv[0]))[:5]
@@ -170,8 +172,12 @@ def summary_text(manifest: dict[str, Any], studies: int, flagged: int) -> str:
         f"({manifest['files_processed']} new or changed, {manifest['files_reused']} unchanged, "
         f"{manifest.get('files_removed', 0)} removed) in {manifest['seconds']:.1f} s; "
         f"scored {counts[SCORED]}, skipped {counts[SKIPPED]}, "
-        f"failed {counts[FAILED]} (top reasons: {reasons}); {studies} studies, "
-        f"{flagged} flagged at threshold {manifest['model']['threshold']:.3f}; "
+        f"failed {counts[FAILED]} (top reasons: {reasons}); {manifest['studies']} studies "
+        f"({manifest['studies_in_domain']} in the model's training domain, "
+        f"{manifest['studies_out_of_domain']} outside, "
+        f"{manifest['studies_domain_unknown']} undecided), "
+        f"{manifest['studies_flagged']} flagged at threshold "
+        f"{manifest['model']['threshold']:.3f}; "
         f"{rate if rate is not None else 0:.1f} images/s this run; "
         f"model {manifest['model']['version']}; "
         f"reports in {manifest['arguments']['out']}."
@@ -227,6 +233,7 @@ def settings_key(config: ScanConfig, checked: ModelCard) -> str:
         "pseudonym_key": key_id,
         "min_input_std": checked.min_input_std,
         "domain": checked.card.get("domain"),
+        "out_of_domain": config.out_of_domain,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -307,7 +314,7 @@ def _run(config: ScanConfig, checked: ModelCard, state: StateStore) -> ScanResul
             write_images(state.image_rows(), config.out, run_id, patient_key=with_key)
         )
         temporaries += write_studies(state.study_rows(), config.out, run_id, patient_key=with_key)
-        studies, flagged = state.study_counts()
+        study_counts = state.study_counts()
         model_info = {
             "path": str(checked.path),
             "version": checked.version,
@@ -324,7 +331,7 @@ def _run(config: ScanConfig, checked: ModelCard, state: StateStore) -> ScanResul
         }
         totals = (finished.files, finished.by_status, finished.by_reason)
         manifest = manifest_for(config, stats, totals, run_id, started_at, model_info, engine)
-        manifest.update(files_removed=finished.removed, studies=studies, studies_flagged=flagged)
+        manifest.update(files_removed=finished.removed, **study_counts)
         state.end_run(run_id, "ok", _run_facts(manifest))
         temporaries.append(write_runs(state.run_rows(), config.out, run_id))
         temporaries.append(write_manifest(manifest, config.out, run_id))
@@ -336,7 +343,7 @@ def _run(config: ScanConfig, checked: ModelCard, state: StateStore) -> ScanResul
         with contextlib.suppress(Exception):
             state.end_run(run_id, "failed", {"seconds": round(stats.seconds, 3)})
         raise
-    return ScanResult(manifest=manifest, summary=summary_text(manifest, studies, flagged))
+    return ScanResult(manifest=manifest, summary=summary_text(manifest))
 
 
 def _run_facts(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -354,4 +361,5 @@ def _run_facts(manifest: dict[str, Any]) -> dict[str, Any]:
         "images_scored_this_run": manifest["images_scored_this_run"],
         "images_per_second": manifest["images_per_second"],
         "seconds": manifest["seconds"],
+        **{k: manifest[k] for k in RUN_STUDY_COUNTS},
     }

@@ -62,6 +62,14 @@ IMAGE_COLUMNS: Final = (
     *(f.name for f in fields(ImageRecord) if f.name != "abs_path"),
     "model_version",
 )
+#: Scored studies counted at the end of a run (manifest, runs.parquet, the summary line).
+RUN_STUDY_COUNTS: Final = (
+    "studies",
+    "studies_flagged",
+    "studies_in_domain",
+    "studies_out_of_domain",
+    "studies_domain_unknown",
+)
 RUN_COLUMNS: Final = (
     "run_id",
     "started_at",
@@ -79,12 +87,32 @@ RUN_COLUMNS: Final = (
     "seconds",
     "model_version",
     "code_version",
+    *RUN_STUDY_COUNTS,
 )
 
 _INTEGER_COLUMNS: Final = {"size", "mtime_ns", "rows", "columns", "decode_scale", "in_domain"}
 _REAL_COLUMNS: Final = {"score", "patient_age_years"}
 #: Columns SQLite keeps as 0/1 that the reports type as booleans.
 _BOOL_COLUMNS: Final = ("in_domain",)
+_STUDY_TYPES: Final = {
+    "study_instance_uid": "TEXT NOT NULL",
+    "score": "REAL NOT NULL",
+    "flag": "INTEGER NOT NULL",
+    "score_basis": "TEXT NOT NULL",
+    "n_images_scored": "INTEGER NOT NULL",
+    "n_images_total": "INTEGER NOT NULL",
+    "in_domain": "INTEGER",
+    "model_version": "TEXT NOT NULL",
+}
+_RUN_TYPES: Final = {
+    "started_at": "TEXT NOT NULL",
+    "finished_at": "TEXT",
+    "outcome": "TEXT NOT NULL",
+    "images_per_second": "REAL",
+    "seconds": "REAL",
+    "model_version": "TEXT",
+    "code_version": "TEXT",
+}
 
 
 def _sql_type(name: str) -> str:
@@ -105,17 +133,8 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE INDEX IF NOT EXISTS files_study ON files (study_instance_uid);
 CREATE INDEX IF NOT EXISTS files_sop ON files (sop_instance_uid);
 CREATE TABLE IF NOT EXISTS studies (
-    study_instance_uid TEXT PRIMARY KEY,
-    score REAL NOT NULL,
-    flag INTEGER NOT NULL,
-    score_basis TEXT NOT NULL,
-    n_images_scored INTEGER NOT NULL,
-    n_images_total INTEGER NOT NULL,
-    views TEXT,
-    accession_number TEXT,
-    study_date TEXT,
-    patient_key TEXT,
-    model_version TEXT NOT NULL
+    {", ".join(f'"{c}" {_STUDY_TYPES.get(c, "TEXT")}' for c in STUDY_COLUMNS)},
+    PRIMARY KEY (study_instance_uid)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS touched (
     kind TEXT NOT NULL,
@@ -125,21 +144,7 @@ CREATE TABLE IF NOT EXISTS touched (
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     seq INTEGER NOT NULL,
-    started_at TEXT NOT NULL,
-    finished_at TEXT,
-    outcome TEXT NOT NULL,
-    files_found INTEGER,
-    files_processed INTEGER,
-    files_reused INTEGER,
-    files_removed INTEGER,
-    scored INTEGER,
-    skipped INTEGER,
-    failed INTEGER,
-    images_scored_this_run INTEGER,
-    images_per_second REAL,
-    seconds REAL,
-    model_version TEXT,
-    code_version TEXT
+    {", ".join(f'"{c}" {_RUN_TYPES.get(c, "INTEGER")}' for c in RUN_COLUMNS[1:])}
 ) WITHOUT ROWID;
 """
 
@@ -209,12 +214,20 @@ class StateStore:
 
     def _add_new_columns(self) -> None:
         """Add the report columns a newer batchscan knows to a state an older one made
-        (additive, so the schema version stays; their rows are re-read anyway, because the
-        code version is part of the settings key)."""
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
-        for name in IMAGE_COLUMNS:
-            if name not in have:
-                self._db.execute(f'ALTER TABLE files ADD COLUMN "{name}" {_sql_type(name)}')
+        (additive, so the schema version stays; file rows are re-read anyway, because the
+        code version is part of the settings key, and their studies re-aggregated; older
+        runs keep nulls in the new run columns)."""
+        wanted = {
+            "files": {c: _sql_type(c) for c in IMAGE_COLUMNS},
+            # NOT NULL cannot be added to existing rows: new study columns are nullable
+            "studies": {c: _STUDY_TYPES.get(c, "TEXT").split()[0] for c in STUDY_COLUMNS},
+            "runs": {c: _RUN_TYPES.get(c, "INTEGER").split()[0] for c in RUN_COLUMNS},
+        }
+        for table, columns in wanted.items():
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, sql_type in columns.items():
+                if name not in have:
+                    self._db.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {sql_type}')
 
     # -- the run -----------------------------------------------------------------------
 
@@ -433,8 +446,9 @@ class StateStore:
         rows = aggregate(images)
         if len(rows):
             frame = rows[list(STUDY_COLUMNS)].astype(object).where(rows.notna(), None)
+            names = ", ".join(f'"{c}"' for c in STUDY_COLUMNS)
             self._db.executemany(
-                f"INSERT INTO studies VALUES ({','.join('?' * len(STUDY_COLUMNS))})",
+                f"INSERT INTO studies ({names}) VALUES ({','.join('?' * len(STUDY_COLUMNS))})",
                 [
                     tuple(v.item() if hasattr(v, "item") else v for v in row)
                     for row in frame.itertuples(index=False)
@@ -459,7 +473,11 @@ class StateStore:
 
     def study_rows(self, chunk: int = 8192) -> Iterator[dict[str, list[Any]]]:
         """Every study row, by study UID, as column lists."""
-        return self._columns("studies", STUDY_COLUMNS, "study_instance_uid", chunk)
+        for part in self._columns("studies", STUDY_COLUMNS, "study_instance_uid", chunk):
+            for name in _BOOL_COLUMNS:
+                if name in part:
+                    part[name] = [None if v is None else bool(v) for v in part[name]]
+            yield part
 
     def run_rows(self) -> dict[str, list[Any]]:
         """The run history, oldest first."""
@@ -478,10 +496,14 @@ class StateStore:
         while rows := cursor.fetchmany(chunk):
             yield {name: [row[i] for row in rows] for i, name in enumerate(columns)}
 
-    def study_counts(self) -> tuple[int, int]:
-        """(studies, studies flagged) in the state."""
-        total, flagged = self._db.execute("SELECT COUNT(*), SUM(flag) FROM studies").fetchone()
-        return int(total), int(flagged or 0)
+    def study_counts(self) -> dict[str, int]:
+        """Scored studies in the state: ``studies``, ``studies_flagged``, and by training
+        domain ``studies_in_domain``, ``studies_out_of_domain``, ``studies_domain_unknown``."""
+        row = self._db.execute(
+            "SELECT COUNT(*), SUM(flag), SUM(in_domain = 1), SUM(in_domain = 0), "
+            "SUM(in_domain IS NULL) FROM studies"
+        ).fetchone()
+        return {name: int(value or 0) for name, value in zip(RUN_STUDY_COUNTS, row, strict=True)}
 
     # -- transactions ------------------------------------------------------------------
 

@@ -88,7 +88,7 @@ def test_scan_reports_age_and_domain(tmp_path: Path) -> None:
         ds.PatientAge = age
         ds.PatientBirthDate = ""  # only PatientAge tells
         ds.save_as(archive / name, enforce_file_format=True)
-    run_scan(ScanConfig(archive=archive, out=out, workers=1, jit_compile=False))
+    result = run_scan(ScanConfig(archive=archive, out=out, workers=1, jit_compile=False))
     images = pd.read_parquet(out / "images.parquet").set_index("path")
     assert images.loc["child", ["patient_age_years", "age_group", "in_domain"]].tolist() == [
         4.0,
@@ -103,3 +103,78 @@ def test_scan_reports_age_and_domain(tmp_path: Path) -> None:
     assert str(schema.field("in_domain").type) == "bool"
     assert str(schema.field("patient_age_years").type) == "double"
     assert "PatientBirthDate" not in images.columns
+
+    # study rows, the counts of the summary line, the manifest and runs.parquet
+    studies = pd.read_parquet(out / "studies.parquet").set_index("accession_number")
+    assert studies.loc["child", ["age_group", "in_domain"]].tolist() == ["child", True]
+    assert studies.loc["adult", ["age_group", "in_domain"]].tolist() == ["adult", False]
+    assert pd.isna(studies.loc["unknown", "in_domain"])
+    assert str(pq.read_schema(out / "studies.parquet").field("in_domain").type) == "bool"
+    counts = {k: result.manifest[k] for k in ("studies_in_domain", "studies_out_of_domain")}
+    assert counts == {"studies_in_domain": 1, "studies_out_of_domain": 1}
+    assert result.manifest["studies_domain_unknown"] == 1
+    assert "1 in the model's training domain, 1 outside, 1 undecided" in result.summary
+    runs = pd.read_parquet(out / "runs.parquet")
+    assert runs.iloc[-1][["studies", "studies_in_domain", "studies_out_of_domain"]].tolist() == [
+        3,
+        1,
+        1,
+    ]
+    csv = pd.read_csv(out / "studies.csv").set_index("accession_number")
+    assert csv.loc["adult", "in_domain"] in (False, "false")
+
+    # --out-of-domain skip: the adult is skipped with its reason; the others are as before
+    skipped = run_scan(
+        ScanConfig(archive=archive, out=out, workers=1, jit_compile=False, out_of_domain="skip")
+    )
+    images = pd.read_parquet(out / "images.parquet").set_index("path")
+    assert images.loc["adult", ["status", "reason"]].tolist() == ["skipped", "out_of_domain:view"]
+    assert "age 52 years" in images.loc["adult", "detail"]
+    assert images.loc["child", "status"] == "scored"
+    assert skipped.manifest["studies_out_of_domain"] == 0 and skipped.manifest["studies"] == 2
+
+
+def test_study_in_domain_rests_on_the_scored_images() -> None:
+    from batchscan.aggregate import aggregate_studies
+
+    columns = ["study_instance_uid", "status", "score", "view", "accession_number"]
+    rows = [
+        ("1", "scored", 0.2, "AP", "A", True, "child"),
+        ("1", "scored", 0.9, "AP", "A", False, "child"),  # one outside: the study is
+        ("1", "skipped", None, "LL", "A", False, "child"),
+        ("2", "scored", 0.2, "AP", "B", True, None),
+        ("2", "scored", 0.4, "LL", "B", False, None),  # not what the score rests on
+        ("3", "scored", 0.2, "AP", "C", None, "adult"),
+    ]
+    images = pd.DataFrame(rows, columns=[*columns, "in_domain", "age_group"])
+    images["study_date"] = None
+    studies = aggregate_studies(images, 0.5, "m").set_index("study_instance_uid")
+    assert studies["in_domain"].tolist() == [False, True, None]
+    assert studies["age_group"].tolist() == ["child", None, "adult"]
+
+
+def test_state_of_an_older_batchscan_gets_the_new_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    from batchscan.state import RUN_COLUMNS, StateStore
+
+    path = tmp_path / "state.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('schema_version', '1');"
+        "CREATE TABLE studies (study_instance_uid TEXT PRIMARY KEY, score REAL NOT NULL, "
+        "flag INTEGER NOT NULL, score_basis TEXT NOT NULL, n_images_scored INTEGER NOT NULL,"
+        " n_images_total INTEGER NOT NULL, views TEXT, accession_number TEXT, study_date TEXT,"
+        " patient_key TEXT, model_version TEXT NOT NULL) WITHOUT ROWID;"
+        "CREATE TABLE runs (run_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, "
+        "started_at TEXT NOT NULL, outcome TEXT NOT NULL) WITHOUT ROWID;"
+        "INSERT INTO runs VALUES ('old', 1, '2026-01-01', 'ok');"
+    )
+    db.commit()
+    db.close()
+    state = StateStore(path)
+    assert state.study_counts()["studies_in_domain"] == 0
+    assert list(state.run_rows()) == list(RUN_COLUMNS)
+    assert state.run_rows()["studies_in_domain"] == [None]
+    state.close()
