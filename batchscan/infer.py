@@ -1,4 +1,6 @@
-"""Batched inference: model inputs (N, 64, 64, 3) -> pneumonia scores (N,), float64.
+"""Batched inference: model inputs (N, 64, 64, 3) -> pneumonia scores (N,), float64, and
+with them each image's out-of-distribution distance (:mod:`batchscan.ood`) when the model's
+card names OOD statistics: the same forward pass also returns the penultimate layer.
 
 Runs in the one process that holds the model. The forward pass is a ``tf.function``,
 XLA-compiled by default (``jit_compile``), called on batches padded up to a power of two so
@@ -15,8 +17,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from batchscan import ood
 from batchscan.model import LoadedModel
 from batchscan.preprocess import CHANNELS, INPUT_SIZE
+from batchscan.records import Scores
 
 Precision = Literal["auto", "float32", "mixed"]
 
@@ -86,25 +90,47 @@ class Scorer:
         model = _mixed_precision_copy(loaded.keras_model) if use_mixed else loaded.keras_model
         self.precision = "mixed" if use_mixed else "float32"
         self.device = "GPU" if gpu_available() else "CPU"
+        self.ood = loaded.ood
+        if self.ood is not None:  # one pass gives the score and the layer OOD reads
+            import keras
+
+            layer = model.get_layer(self.ood.layer).output
+            model = keras.Model(model.inputs, [model.layers[-1].output, layer])
 
         def forward(x: Any) -> Any:
-            return tf.cast(model(x, training=False), tf.float32)
+            outputs = model(x, training=False)
+            if self.ood is None:
+                return tf.cast(outputs, tf.float32), tf.zeros((tf.shape(x)[0], 0), tf.float32)
+            return tf.cast(outputs[0], tf.float32), tf.cast(outputs[1], tf.float32)
 
         self._forward = tf.function(forward, jit_compile=jit_compile, reduce_retracing=True)
 
     def score(self, inputs: np.ndarray) -> np.ndarray:
         """Scores of `inputs` (N, 64, 64, 3) float32, as float64 (N,), in batches."""
+        return self.score_ood(inputs).score
+
+    def score_ood(self, inputs: np.ndarray) -> Scores:
+        """Scores of `inputs` (N, 64, 64, 3) float32, as float64 (N,), with their OOD
+        distances when the model has OOD statistics."""
         if inputs.ndim != 4 or inputs.shape[1:] != (INPUT_SIZE, INPUT_SIZE, CHANNELS):
             raise ValueError(f"expected (N, 64, 64, 3) inputs, got {inputs.shape}")
+        threshold = self.ood.threshold if self.ood is not None else None
+        if not len(inputs):
+            return Scores(np.empty(0), np.empty(0) if threshold is not None else None, threshold)
         out = np.empty(len(inputs), dtype=np.float64)
+        features: list[np.ndarray] = []
         for start in range(0, len(inputs), self.batch_size):
             chunk = inputs[start : start + self.batch_size]
             size = bucket_size(len(chunk), self.batch_size)
             if size != len(chunk):
                 padded = np.zeros((size, *chunk.shape[1:]), dtype=np.float32)
                 padded[: len(chunk)] = chunk
-                chunk_scores = self._forward(padded).numpy()[: len(chunk)]
-            else:
-                chunk_scores = self._forward(np.ascontiguousarray(chunk, np.float32)).numpy()
-            out[start : start + len(chunk)] = chunk_scores.reshape(-1)
-        return np.clip(out, 0.0, 1.0)
+                chunk = padded
+            scores, layer = self._forward(np.ascontiguousarray(chunk, np.float32))
+            n = min(self.batch_size, len(inputs) - start)
+            out[start : start + n] = scores.numpy().reshape(-1)[:n]
+            features.append(layer.numpy()[:n])
+        distances = (
+            ood.distances(np.concatenate(features), self.ood) if self.ood is not None else None
+        )
+        return Scores(np.clip(out, 0.0, 1.0), distances, threshold)

@@ -22,6 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
+from batchscan import ood
+from batchscan.ood import OodStatistics
 from batchscan.preprocess import CHANNELS, INPUT_SIZE, spec_is_supported
 
 #: Stem of the model shipped inside the package and used when ``--model`` is not given.
@@ -90,6 +92,8 @@ class LoadedModel:
         ``<stem>-<first 12 hex digits of sha256>``: identifies the exact file in reports.
     threshold:
         Operating threshold on the (calibrated) score; a study at or above it is flagged.
+    ood:
+        The out-of-distribution statistics the card names (:mod:`batchscan.ood`), or None.
     """
 
     keras_model: Any
@@ -97,6 +101,7 @@ class LoadedModel:
     path: Path
     version: str
     threshold: float
+    ood: OodStatistics | None = None
 
 
 def build_seed_model() -> Any:
@@ -210,6 +215,7 @@ class ModelCard:
     path: Path
     version: str
     threshold: float
+    ood: OodStatistics | None = None
 
     @property
     def min_input_std(self) -> float | None:
@@ -230,7 +236,17 @@ def check_model(model_path: Path | None = None) -> ModelCard:
     path = Path(model_path) if model_path is not None else default_model_path()
     card = read_card(path)  # checks the card's model_sha256 against the file, when present
     version = model_version(path, card.get("model_sha256"))
-    return ModelCard(card=card, path=path, version=version, threshold=float(card["threshold"]))
+    try:
+        statistics = ood.load(path, card)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from exc
+    return ModelCard(
+        card=card,
+        path=path,
+        version=version,
+        threshold=float(card["threshold"]),
+        ood=statistics,
+    )
 
 
 def load_model(model_path: Path | None = None) -> LoadedModel:
@@ -267,4 +283,5 @@ def load_model(model_path: Path | None = None) -> LoadedModel:
         path=path,
         version=checked.version,
         threshold=checked.threshold,
+        ood=checked.ood,
     )

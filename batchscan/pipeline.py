@@ -40,7 +40,7 @@ from batchscan.dicom import decode_record
 from batchscan.domain import Domain, judge
 from batchscan.header import DEFAULT_MAX_PIXEL_BYTES, StageOptions, read_header
 from batchscan.preprocess import preprocess
-from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord, chunks
+from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord, Scores, chunks
 from batchscan.sanity import passes
 from batchscan.workers import (
     DEFAULT_FILE_TIMEOUT,
@@ -225,7 +225,7 @@ def prepare_batch(records: list[ImageRecord], options: StageOptions) -> Prepared
 
 
 def score_prepared(
-    batches: list[PreparedBatch], score: Callable[[np.ndarray], np.ndarray]
+    batches: list[PreparedBatch], score: Callable[[np.ndarray], Scores]
 ) -> list[ImageRecord]:
     """Score the inputs of several prepared batches in one call; returns all their records."""
     inputs = [b.inputs for b in batches if len(b.inputs)]
@@ -234,8 +234,7 @@ def score_prepared(
         offset = 0
         for batch in batches:
             for position in batch.index:
-                record = batch.records[int(position)]
-                record.status, record.reason, record.score = SCORED, None, float(scores[offset])
+                scores.apply(batch.records[int(position)], offset)
                 offset += 1
     return [record for batch in batches for record in batch.records]
 
@@ -245,7 +244,7 @@ class InferenceBuffer:
 
     def __init__(
         self,
-        score: Callable[[np.ndarray], np.ndarray],
+        score: Callable[[np.ndarray], Scores],
         batch_size: int,
         sink: Callable[[list[ImageRecord]], None],
     ) -> None:
@@ -321,7 +320,7 @@ def _prepared_stream(
 def run_local(
     config: ScanConfig,
     records: Iterable[ImageRecord],
-    score: Callable[[np.ndarray], np.ndarray],
+    score: Callable[[np.ndarray], Scores],
     sink: Callable[[list[ImageRecord]], None],
     progress: Callable[[RunStats], None] | None = None,
     stats: RunStats | None = None,

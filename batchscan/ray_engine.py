@@ -49,7 +49,7 @@ from batchscan.pipeline import (
     worker_context,
 )
 from batchscan.preprocess import CHANNELS, INPUT_SIZE
-from batchscan.records import SCORED, ImageRecord, chunks
+from batchscan.records import ImageRecord, chunks
 from batchscan.workers import PrepareRecord, WorkerPool
 
 #: Records handed to Ray per Dataset: bounds the driver's memory on any archive size.
@@ -136,8 +136,9 @@ class ScoreActor:
         if todo:
             shape = (INPUT_SIZE, INPUT_SIZE, CHANNELS)
             inputs = np.stack([np.frombuffer(blobs[i], np.float32).reshape(shape) for i in todo])
-            for i, score in zip(todo, self._scorer.score(inputs), strict=True):
-                records[i].status, records[i].reason, records[i].score = SCORED, None, float(score)
+            scores = self._scorer.score_ood(inputs)
+            for k, i in enumerate(todo):
+                scores.apply(records[i], k)
         return to_table(records)
 
 

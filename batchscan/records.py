@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Final, Literal, TypeVar
 
+import numpy as np
+
 from batchscan.paths import readable
 
 T = TypeVar("T")
@@ -67,6 +69,12 @@ class ImageRecord:
         Age at the study (PatientAge, else birth and study dates; 90 and over as 90), its
         group and whether the image lies in the model's training domain
         (:mod:`batchscan.domain`); None when unknown.
+    score:
+        The model's pneumonia probability for this image, once scored.
+    ood_score, ood:
+        Out-of-distribution distance of the scored image from the training set
+        (:mod:`batchscan.ood`) and whether it lies beyond the training set's 99th
+        percentile; None when not scored or the model card has no OOD statistics.
     """
 
     path: str
@@ -98,6 +106,8 @@ class ImageRecord:
     age_group: str | None = None
     in_domain: bool | None = None
     score: float | None = None
+    ood_score: float | None = None
+    ood: bool | None = None
 
     def skip(self, reason: str, detail: str | None = None) -> ImageRecord:
         """Mark as skipped (not an eligible image) and return self."""
@@ -113,6 +123,33 @@ class ImageRecord:
     def pending(self) -> bool:
         """True while no stage has decided this record's fate."""
         return self.status == PENDING
+
+
+@dataclass(frozen=True, slots=True)
+class Scores:
+    """What the scoring stage gives for N model inputs.
+
+    Attributes
+    ----------
+    score:
+        Pneumonia probabilities, float64 (N,).
+    ood_score:
+        Out-of-distribution distances, float64 (N,), or None when the model has no OOD
+        statistics.
+    ood_threshold:
+        The distance above which an image is ``ood`` (from the card), or None.
+    """
+
+    score: np.ndarray
+    ood_score: np.ndarray | None = None
+    ood_threshold: float | None = None
+
+    def apply(self, record: ImageRecord, i: int) -> None:
+        """Mark `record` scored with the `i`-th score and OOD distance."""
+        record.status, record.reason, record.score = SCORED, None, float(self.score[i])
+        if self.ood_score is not None and self.ood_threshold is not None:
+            distance = float(self.ood_score[i])
+            record.ood_score, record.ood = distance, distance > self.ood_threshold
 
 
 def _shorten(text: str | None, limit: int = 200) -> str | None:

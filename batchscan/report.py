@@ -52,6 +52,8 @@ IMAGES_SCHEMA: Final = pa.schema(
         pa.field("size", pa.int64()),
         pa.field("mtime_ns", pa.int64()),
         pa.field("score", pa.float64()),
+        pa.field("ood_score", pa.float64()),
+        pa.field("ood", pa.bool_()),
         pa.field("model_version", pa.string(), nullable=False),
     ]
 )

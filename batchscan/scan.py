@@ -35,7 +35,7 @@ from batchscan.discover import iter_files
 from batchscan.domain import Domain
 from batchscan.model import ModelCard, ModelError, check_model, load_model
 from batchscan.pipeline import RunStats, ScanConfig, manifest_for, new_run_id, run_local
-from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord
+from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord, Scores
 from batchscan.report import (
     publish,
     remove_temporaries,
@@ -197,8 +197,8 @@ class LazyScorer:
         self.device: str | None = None
         self.precision: str | None = None
 
-    def __call__(self, inputs: np.ndarray) -> np.ndarray:
-        """Scores of model inputs (see :meth:`batchscan.infer.Scorer.score`)."""
+    def __call__(self, inputs: np.ndarray) -> Scores:
+        """Scores of model inputs (see :meth:`batchscan.infer.Scorer.score_ood`)."""
         if self._scorer is None:
             from batchscan.infer import Scorer
 
@@ -213,7 +213,7 @@ class LazyScorer:
                 precision=self._config.precision,  # type: ignore[arg-type]
             )
             self.device, self.precision = self._scorer.device, self._scorer.precision
-        return self._scorer.score(inputs)
+        return self._scorer.score_ood(inputs)
 
 
 def settings_key(config: ScanConfig, checked: ModelCard) -> str:
@@ -234,6 +234,7 @@ def settings_key(config: ScanConfig, checked: ModelCard) -> str:
         "min_input_std": checked.min_input_std,
         "domain": checked.card.get("domain"),
         "out_of_domain": config.out_of_domain,
+        "ood": (checked.card.get("ood") or {}).get("sha256"),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -90,10 +90,18 @@ RUN_COLUMNS: Final = (
     *RUN_STUDY_COUNTS,
 )
 
-_INTEGER_COLUMNS: Final = {"size", "mtime_ns", "rows", "columns", "decode_scale", "in_domain"}
-_REAL_COLUMNS: Final = {"score", "patient_age_years"}
+_INTEGER_COLUMNS: Final = {
+    "size",
+    "mtime_ns",
+    "rows",
+    "columns",
+    "decode_scale",
+    "in_domain",
+    "ood",
+}
+_REAL_COLUMNS: Final = {"score", "patient_age_years", "ood_score"}
 #: Columns SQLite keeps as 0/1 that the reports type as booleans.
-_BOOL_COLUMNS: Final = ("in_domain",)
+_BOOL_COLUMNS: Final = ("in_domain", "ood")
 _STUDY_TYPES: Final = {
     "study_instance_uid": "TEXT NOT NULL",
     "score": "REAL NOT NULL",

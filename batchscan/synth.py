@@ -126,6 +126,7 @@ class RadiographSpec:
     patient_id: str = "PAT0001"
     window: tuple[float, float] | None = None  # (center, width) in stored values
     padding_value: int | None = None
+    patient_age: str | None = None  # an AS value such as 004Y
 
 
 def stored_values(display: np.ndarray, spec: RadiographSpec) -> np.ndarray:
@@ -155,6 +156,8 @@ def build_dataset(pixels: np.ndarray, spec: RadiographSpec) -> Dataset:
     ds.PatientName = spec.patient_name
     ds.PatientBirthDate = spec.patient_birth_date
     ds.PatientID = spec.patient_id
+    if spec.patient_age is not None:
+        ds.PatientAge = spec.patient_age
     ds.AccessionNumber = spec.accession
     ds.StudyDate = spec.study_date
     ds.StudyTime = "101500"
@@ -235,13 +238,71 @@ def write_radiograph(path: Path | str, display: np.ndarray, spec: RadiographSpec
     return path
 
 
+#: The header window under which 8-bit stored values v display as exactly v / 255, the
+#: way the training pictures were read (DICOM's linear window: (v - 127.5) / 255 + 0.5).
+UINT8_WINDOW: Final = (128.0, 256.0)
+#: Header of the labels files written here, as ``batchscan evaluate`` reads them.
+LABEL_COLUMNS: Final = ("accession_number", "label")
+
+
+def write_labelled_studies(
+    root: Path | str,
+    pictures: list[np.ndarray] | np.ndarray,
+    labels: list[int] | np.ndarray,
+    *,
+    prefix: str,
+    views: list[str] | None = None,
+    ages: list[str | None] | None = None,
+    modality: str = "CR",
+) -> list[tuple[str, int]]:
+    """Write 8-bit pictures (uint8, 0 = black) as one-image studies, a hospital's way.
+
+    Each picture becomes ``<root>/<accession>/IM0001`` in its own study, with accession
+    ``<prefix><index:06d>``, the view and PatientAge given (AP and none by default), and
+    the window :data:`UINT8_WINDOW`, so that the scan's display image is the picture
+    itself. Returns the (accession, label) rows for a labels file (:func:`write_labels`).
+    """
+    root = Path(root)
+    rows: list[tuple[str, int]] = []
+    for i, (picture, label) in enumerate(zip(pictures, labels, strict=True)):
+        accession = f"{prefix}{i:06d}"
+        spec = RadiographSpec(
+            modality=modality,
+            view=views[i] if views is not None else "AP",
+            bits_stored=8,
+            accession=accession,
+            study_description="CHEST",
+            patient_name="ANON",
+            patient_birth_date="",
+            patient_id=f"{prefix}P{i:06d}",
+            window=UINT8_WINDOW,
+            patient_age=ages[i] if ages is not None else None,
+        )
+        pixels = np.asarray(picture, dtype=np.uint8)
+        ds = build_dataset(pixels, spec)
+        path = root / accession / "IM0001"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        rows.append((accession, int(label)))
+    return rows
+
+
+def write_labels(path: Path | str, rows: list[tuple[str, int]]) -> Path:
+    """Write a labels file (``accession_number,label``; 1 = pneumonia, 0 = normal)."""
+    path = Path(path)
+    lines = [",".join(LABEL_COLUMNS)] + [f"{accession},{label}" for accession, label in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 def write_demo_archive(root: Path | str, *, size: int = 1024, studies: int = 6) -> list[Path]:
     """A small realistic archive: what ``batchscan demo`` writes.
 
     Per study a PA (or AP) and a lateral, CR or DX, in rotating transfer syntaxes, nested as
     ``<year>/<accession>/<series>/<file>``; plus a CT slice (skipped), a DICOMDIR-free
     report text file (not DICOM), a truncated radiograph (failed) and a nested empty file.
-    Half of the studies carry a pneumonia-like opacity.
+    Half of the studies carry a pneumonia-like opacity; ``labels.csv`` says which (1), as a
+    hospital's labels file for ``batchscan evaluate`` would (it is itself not DICOM).
     """
     root = Path(root)
     written: list[Path] = []
@@ -287,4 +348,6 @@ def write_demo_archive(root: Path | str, *, size: int = 1024, studies: int = 6) 
     notes = root / "2026/README.txt"
     notes.write_text("Export from PACS, not DICOM.\n")
     written.append(notes)
+    labels = [(f"ACC{1000 + i}", int(i % 2 == 1)) for i in range(studies)]
+    written.append(write_labels(root / "labels.csv", labels))
     return written

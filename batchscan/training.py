@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from batchscan import __version__
+from batchscan import __version__, ood
 from batchscan import metrics as m
 from batchscan.model import build_seed_model, sha256_of
 from batchscan.preprocess import PREPROCESSING_SPEC, preprocess_many
@@ -357,6 +357,24 @@ def sanity_bound(inputs: np.ndarray) -> dict[str, Any]:
     }
 
 
+def layer_features(model: Any, x: np.ndarray, layer: str, batch_size: int = 512) -> np.ndarray:
+    """The activations of `layer` for model inputs `x`, float64 (N, units)."""
+    import keras
+
+    features = keras.Model(model.inputs, model.get_layer(layer).output)
+    return features.predict(x, batch_size=batch_size, verbose=0).reshape(len(x), -1)
+
+
+def write_ood_statistics(
+    model: Any, x_train: np.ndarray, y_train: np.ndarray, model_path: Path
+) -> dict[str, Any]:
+    """Fit the OOD statistics (:mod:`batchscan.ood`) on the train split, write them beside
+    `model_path` as ``<stem>.ood.npz`` and return the card's ``ood`` entry."""
+    stats = ood.fit(layer_features(model, x_train, ood.LAYER), y_train)
+    path = model_path.with_suffix(".ood.npz")
+    return ood.card_section(stats, path, ood.save(stats, path), len(x_train))
+
+
 def predict_scores(model: Any, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Model scores as float64, shape (N,)."""
     return model.predict(x, batch_size=batch_size, verbose=0).reshape(-1).astype(np.float64)
@@ -447,6 +465,7 @@ def write_model(
         "threshold": threshold,
         "threshold_rule": THRESHOLD_RULE,
         "sanity": sanity_bound(dataset.x["train"]),
+        "ood": write_ood_statistics(model, dataset.x["train"], dataset.y["train"], out_path),
         "metrics": card_metrics,
         **{
             k: card_metrics[k]
