@@ -35,8 +35,23 @@ STUDY_COLUMNS: Final = (
     "in_domain",
     "accession_number",
     "study_date",
+    "modality",
+    "manufacturer",
+    "manufacturer_model",
+    "patient_sex",
     "patient_key",
     "model_version",
+)
+#: Study facts taken from the first of its images that has them.
+_FIRST_OF_IMAGES: Final = (
+    "age_group",
+    "accession_number",
+    "study_date",
+    "modality",
+    "manufacturer",
+    "manufacturer_model",
+    "patient_sex",
+    "patient_key",
 )
 
 
@@ -56,11 +71,10 @@ def aggregate_studies(images: pd.DataFrame, threshold: float, model_version: str
     Returns
     -------
     pandas.DataFrame
-        Columns ``study_instance_uid``, ``score``, ``flag``, ``score_basis``,
-        ``n_images_scored``, ``n_images_total``, ``views``, ``age_group``, ``in_domain``
-        (None when no image says), ``accession_number``,
-        ``study_date``, ``patient_key`` (None unless the images carry one), ``model_version``;
-        sorted by study UID.
+        The columns of :data:`STUDY_COLUMNS`, sorted by study UID: the score and its basis,
+        counts and views; ``in_domain`` judged on the images the score rests on; the facts
+        of :data:`_FIRST_OF_IMAGES` from the first image that has them (None when none has;
+        ``patient_key`` only when the images carry one).
     """
     columns = list(STUDY_COLUMNS)
     known = images[images["study_instance_uid"].notna()]
@@ -98,14 +112,12 @@ def aggregate_studies(images: pd.DataFrame, threshold: float, model_version: str
         {
             "n_images_total": grouped.size(),
             "views": grouped["view"].agg(lambda v: ",".join(sorted({x for x in v.dropna()}))),
-            "age_group": grouped["age_group"].agg(first)
-            if "age_group" in known
-            else pd.Series(None, index=any_max.index, dtype=object),
-            "accession_number": grouped["accession_number"].agg(first),
-            "study_date": grouped["study_date"].agg(first),
-            "patient_key": grouped["patient_key"].agg(first)
-            if "patient_key" in known
-            else pd.Series(None, index=any_max.index, dtype=object),
+            **{
+                name: grouped[name].agg(first)
+                if name in known
+                else pd.Series(None, index=any_max.index, dtype=object)
+                for name in _FIRST_OF_IMAGES
+            },
         }
     ).reindex(any_max.index)
     out = pd.DataFrame(
@@ -120,14 +132,11 @@ def aggregate_studies(images: pd.DataFrame, threshold: float, model_version: str
             .to_numpy(dtype=np.int64),
             "n_images_total": facts["n_images_total"].to_numpy(dtype=np.int64),
             "views": facts["views"].to_numpy(dtype=object),
-            "age_group": facts["age_group"].to_numpy(dtype=object),
             "in_domain": domain.to_numpy(dtype=object),
-            "accession_number": facts["accession_number"].to_numpy(dtype=object),
-            "study_date": facts["study_date"].to_numpy(dtype=object),
-            "patient_key": facts["patient_key"].to_numpy(dtype=object),
+            **{name: facts[name].to_numpy(dtype=object) for name in _FIRST_OF_IMAGES},
             "model_version": model_version,
         }
     )
-    for name in ("age_group", "in_domain", "accession_number", "study_date", "patient_key"):
+    for name in ("in_domain", *_FIRST_OF_IMAGES):
         out[name] = out[name].astype(object).where(out[name].notna(), None)
     return out[columns].sort_values("study_instance_uid", ignore_index=True)

@@ -400,6 +400,9 @@ def _fill_identity(record: ImageRecord, ds: Dataset) -> None:
     )
     record.body_part = token(_text(ds, "BodyPartExamined"), default="") or None
     record.patient_age_years = patient_age_years(ds)
+    record.patient_sex = patient_sex(ds)
+    record.manufacturer = _text(ds, "Manufacturer")[:64] or None
+    record.manufacturer_model = _text(ds, "ManufacturerModelName")[:64] or None
 
 
 #: PatientAge units (PS3.5 Table 6.2-1, VR AS) in years.
@@ -407,6 +410,12 @@ _AGE_UNITS: Final = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 #: Ages at and above this are reported as this (as HIPAA's safe harbour groups them).
 AGE_CAP: Final = 90.0
 _AGE: Final = re.compile(r"^(\d{1,3})([DWMY])$")
+
+
+def patient_sex(ds: Dataset) -> str | None:
+    """PatientSex as ``M``, ``F`` or ``O``; None when absent or anything else."""
+    value = _text(ds, "PatientSex").upper()
+    return value if value in ("M", "F", "O") else None
 
 
 def patient_age_years(ds: Dataset) -> float | None:

@@ -69,6 +69,10 @@ class ImageRecord:
         Age at the study (PatientAge, else birth and study dates; 90 and over as 90), its
         group and whether the image lies in the model's training domain
         (:mod:`batchscan.domain`); None when unknown.
+    patient_sex:
+        ``M``, ``F``, ``O`` from PatientSex, None otherwise.
+    manufacturer, manufacturer_model:
+        The device (Manufacturer, ManufacturerModelName), for grouping scores by device.
     score:
         The model's pneumonia probability for this image, once scored.
     ood_score, ood:
@@ -103,6 +107,9 @@ class ImageRecord:
     decode_scale: int | None = None
     patient_key: str | None = None
     patient_age_years: float | None = None
+    patient_sex: str | None = None
+    manufacturer: str | None = None
+    manufacturer_model: str | None = None
     age_group: str | None = None
     in_domain: bool | None = None
     score: float | None = None

@@ -47,6 +47,9 @@ IMAGES_SCHEMA: Final = pa.schema(
         pa.field("accession_number", pa.string()),
         pa.field("study_date", pa.string()),
         pa.field("patient_age_years", pa.float64()),
+        pa.field("patient_sex", pa.string()),
+        pa.field("manufacturer", pa.string()),
+        pa.field("manufacturer_model", pa.string()),
         pa.field("age_group", pa.string()),
         pa.field("in_domain", pa.bool_()),
         pa.field("size", pa.int64()),
@@ -71,6 +74,10 @@ STUDIES_SCHEMA: Final = pa.schema(
         pa.field("in_domain", pa.bool_()),
         pa.field("accession_number", pa.string()),
         pa.field("study_date", pa.string()),
+        pa.field("modality", pa.string()),
+        pa.field("manufacturer", pa.string()),
+        pa.field("manufacturer_model", pa.string()),
+        pa.field("patient_sex", pa.string()),
         pa.field("model_version", pa.string(), nullable=False),
     ]
 )

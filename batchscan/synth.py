@@ -127,6 +127,9 @@ class RadiographSpec:
     window: tuple[float, float] | None = None  # (center, width) in stored values
     padding_value: int | None = None
     patient_age: str | None = None  # an AS value such as 004Y
+    patient_sex: str = "F"
+    manufacturer: str = "BATCHSCAN"
+    manufacturer_model: str = "Phantom CR 1"
 
 
 def stored_values(display: np.ndarray, spec: RadiographSpec) -> np.ndarray:
@@ -158,6 +161,9 @@ def build_dataset(pixels: np.ndarray, spec: RadiographSpec) -> Dataset:
     ds.PatientID = spec.patient_id
     if spec.patient_age is not None:
         ds.PatientAge = spec.patient_age
+    ds.PatientSex = spec.patient_sex
+    ds.Manufacturer = spec.manufacturer
+    ds.ManufacturerModelName = spec.manufacturer_model
     ds.AccessionNumber = spec.accession
     ds.StudyDate = spec.study_date
     ds.StudyTime = "101500"
@@ -329,6 +335,9 @@ def write_demo_archive(root: Path | str, *, size: int = 1024, studies: int = 6) 
                 patient_name=f"DEMO^PATIENT{i}",
                 patient_id=f"DEMO{i:04d}",
                 window=(2 ** (depth - 1), 2**depth) if i % 2 == 0 else None,
+                patient_sex="MF"[i % 2],
+                manufacturer=("ACME Imaging", "Northwind Medical")[i % 2],
+                manufacturer_model=("Radiant CR 300", "Lumen DX 2")[i % 2],
             )
             picture = chest_phantom(size, seed=100 * i + j, opacity=opacity)
             name = f"{2025 + i % 2}/{accession}/{j + 1}/IM{j:04d}"
