@@ -135,6 +135,31 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
     if config:
         scan.set_defaults(**config)
 
+    evaluate = commands.add_parser(
+        "evaluate", help="measure the scores of a finished scan against the site's labels"
+    )
+    evaluate.add_argument("report_dir", type=Path, metavar="REPORT_DIR")
+    evaluate.add_argument(
+        "--labels",
+        type=Path,
+        required=True,
+        metavar="LABELS.csv",
+        help="CSV with accession_number or study_instance_uid, and label (0/1 or normal/pneumonia)",
+    )
+    evaluate.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="where evaluation.json and evaluation.html go (default: REPORT_DIR)",
+    )
+    evaluate.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=0.90,
+        metavar="S",
+        help="also report the threshold reaching this sensitivity (default 0.90)",
+    )
+
     demo = commands.add_parser("demo", help="write a small synthetic demo archive")
     demo.add_argument("directory", type=Path, metavar="DIR")
     demo.add_argument("--size", type=int_at_least(1), default=1024, help="image side in pixels")
@@ -191,6 +216,31 @@ def _scan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from batchscan.evaluate import (
+        EvaluationError,
+        LabelsError,
+        evaluate,
+        read_labels,
+        summary,
+        write_evaluation,
+    )
+
+    try:
+        labels = read_labels(args.labels)
+        result = evaluate(args.report_dir, labels, args.target_sensitivity)
+        written = write_evaluation(result, args.out or args.report_dir)
+    except (LabelsError, EvaluationError) as exc:
+        print(f"batchscan: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"batchscan: error: cannot write the evaluation: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(summary(result))
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return EXIT_OK
+
+
 def _demo(args: argparse.Namespace) -> int:
     from batchscan.synth import write_demo_archive
 
@@ -222,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "scan":
             return _scan(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
         return _demo(args)
     except KeyboardInterrupt:
         print("batchscan: interrupted; previous reports left as they were", file=sys.stderr)

@@ -1,0 +1,522 @@
+"""The retrospective audit: the model measured on a hospital's own labelled studies.
+
+``batchscan evaluate REPORT_DIR --labels LABELS.csv`` joins the study scores of a finished
+scan (``studies.parquet``) with the site's labels and says how well the scores separate
+pneumonia from normal *on this archive*, which no model card can say. It is the step a
+hospital takes before it trusts a flag (and after ``batchscan train``, on studies the new
+model did not learn from).
+
+Labels file: CSV with a header naming the join key, ``accession_number`` or
+``study_instance_uid`` (exactly one of them), and ``label``: ``1``/``0`` or ``pneumonia``/
+``normal`` (any case). Other columns are ignored. A malformed file is refused as a whole
+(:class:`LabelsError`, exit 2) with its line and problem: a half-read labels file would
+give a figure that looks right and is not. A key given twice with the same label counts
+once and is reported; a key given with both labels is reported and left out, never resolved
+by guessing.
+
+What is measured, overall and per subgroup (``age_group``, ``in_domain``, view, modality,
+manufacturer): AUC with a 95 % bootstrap interval; sensitivity, specificity, PPV and NPV at
+the model card's threshold (the one the scan flags with); the threshold that reaches a
+chosen sensitivity on these studies and what it costs in specificity; the expected
+calibration error. Prevalence here is the labelled set's, so PPV and NPV hold for a
+population with the same prevalence only.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import pandas as pd
+
+from batchscan import metrics, plots
+from batchscan.report import MANIFEST_FILE, STUDIES_FILE
+
+KEYS: Final = ("accession_number", "study_instance_uid")
+LABEL_COLUMN: Final = "label"
+_LABEL_VALUES: Final = {"1": 1, "0": 0, "pneumonia": 1, "normal": 0}
+#: Subgroups: the study column each is read from (``view`` is made from the scored images).
+SUBGROUPS: Final = ("age_group", "in_domain", "view", "modality", "manufacturer")
+DEFAULT_TARGET_SENSITIVITY: Final = 0.90
+JSON_FILE: Final = "evaluation.json"
+HTML_FILE: Final = "evaluation.html"
+#: Keys listed in the printed summary and in the HTML page (the JSON lists them all).
+SHOWN: Final = 20
+
+
+class LabelsError(ValueError):
+    """A labels file that cannot be used (exit 2); the message names the line."""
+
+
+class EvaluationError(ValueError):
+    """REPORT_DIR holds no scan to evaluate, or an option is out of range (exit 2)."""
+
+
+@dataclass(slots=True)
+class Labels:
+    """A parsed labels file.
+
+    Attributes
+    ----------
+    key:
+        The join column, ``accession_number`` or ``study_instance_uid``.
+    values:
+        Label (1 pneumonia, 0 normal) per key, conflicting keys left out.
+    duplicates:
+        Keys given more than once with the same label (counted once).
+    conflicts:
+        Keys given with both labels (left out of every figure).
+    rows:
+        Data lines read.
+    """
+
+    key: str
+    values: dict[str, int]
+    duplicates: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    rows: int = 0
+
+
+def parse_label(text: str) -> int | None:
+    """1 for ``1``/``pneumonia``, 0 for ``0``/``normal`` (any case, spaces ignored); None
+    for anything else."""
+    return _LABEL_VALUES.get(text.strip().lower())
+
+
+def read_labels(path: Path) -> Labels:
+    """Read and check a labels file (see the module docstring).
+
+    Raises
+    ------
+    LabelsError
+        Unreadable, not UTF-8, no usable header, a line with the wrong number of fields,
+        an empty key, a label that is not 0/1 or normal/pneumonia, or no label at all.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise LabelsError(f"labels file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise LabelsError(f"{path} line {line}: not UTF-8 text") from None
+    except OSError as exc:
+        raise LabelsError(f"cannot read labels file {path}: {exc.strerror}") from None
+    reader = csv.reader(text.splitlines())
+    try:
+        header = [name.strip().lower() for name in next(reader)]
+    except StopIteration:
+        raise LabelsError(f"{path}: empty file (expected a header line)") from None
+    except csv.Error as exc:
+        raise LabelsError(f"{path} line 1: {exc}") from None
+    keys = [k for k in KEYS if k in header]
+    if len(keys) != 1 or LABEL_COLUMN not in header:
+        raise LabelsError(
+            f"{path} line 1: the header must name exactly one of accession_number, "
+            f"study_instance_uid and a label column; found {','.join(header) or 'nothing'}"
+        )
+    key = keys[0]
+    key_at, label_at = header.index(key), header.index(LABEL_COLUMN)
+    seen: dict[str, int] = {}
+    duplicates: set[str] = set()
+    conflicts: set[str] = set()
+    rows = 0
+    try:
+        for line_number, fields in enumerate(reader, start=2):
+            if not fields or all(not f.strip() for f in fields):
+                continue  # blank line
+            if len(fields) != len(header):
+                raise LabelsError(
+                    f"{path} line {line_number}: {len(fields)} fields, the header has {len(header)}"
+                )
+            value = fields[key_at].strip()
+            if not value:
+                raise LabelsError(f"{path} line {line_number}: empty {key}")
+            label = parse_label(fields[label_at])
+            if label is None:
+                raise LabelsError(
+                    f"{path} line {line_number}: label {fields[label_at]!r} is not "
+                    "0/1 or normal/pneumonia"
+                )
+            rows += 1
+            if value in seen:
+                (duplicates if seen[value] == label else conflicts).add(value)
+            else:
+                seen[value] = label
+    except csv.Error as exc:
+        raise LabelsError(f"{path} line {reader.line_num}: {exc}") from None
+    if rows == 0:
+        raise LabelsError(f"{path}: no labels after the header")
+    duplicates -= conflicts
+    values = {k: v for k, v in seen.items() if k not in conflicts}
+    return Labels(key, values, sorted(duplicates), sorted(conflicts), rows)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupMetrics:
+    """The figures of one set of labelled studies (None where undefined, e.g. an AUC
+    with one class only)."""
+
+    n: int
+    n_positive: int
+    auc: float | None
+    auc_ci95: tuple[float, float] | None
+    sensitivity: float | None
+    specificity: float | None
+    ppv: float | None
+    npv: float | None
+    ece: float | None
+    target_threshold: float | None
+    target_sensitivity_reached: float | None
+    target_specificity: float | None
+
+
+def _ratio(numerator: int, denominator: int) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def threshold_for_sensitivity(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
+    """The highest threshold t with sensitivity >= `target` (positive when score >= t)."""
+    positives = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(labels).astype(bool)])
+    needed = math.ceil(target * len(positives) - 1e-9)
+    return float(positives[len(positives) - max(needed, 1)])
+
+
+def group_metrics(
+    labels: np.ndarray, scores: np.ndarray, threshold: float, target: float, seed: int = 0
+) -> GroupMetrics:
+    """All figures of one group at the card `threshold` and the `target` sensitivity."""
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    positive = s >= threshold
+    tp, fp = int((positive & y).sum()), int((positive & ~y).sum())
+    fn, tn = int((~positive & y).sum()), int((~positive & ~y).sum())
+    both = bool(y.any() and (~y).any())
+    target_t = threshold_for_sensitivity(y, s, target) if y.any() else None
+    at_target = s >= target_t if target_t is not None else None
+    return GroupMetrics(
+        n=int(y.size),
+        n_positive=int(y.sum()),
+        auc=metrics.roc_auc(y, s) if both else None,
+        auc_ci95=metrics.bootstrap_auc_interval(y, s, seed=seed) if both and y.size > 2 else None,
+        sensitivity=_ratio(tp, tp + fn),
+        specificity=_ratio(tn, tn + fp),
+        ppv=_ratio(tp, tp + fp),
+        npv=_ratio(tn, tn + fn),
+        ece=metrics.expected_calibration_error(y, s) if y.size else None,
+        target_threshold=target_t,
+        target_sensitivity_reached=_ratio(int((at_target & y).sum()), int(y.sum()))
+        if at_target is not None
+        else None,
+        target_specificity=_ratio(int((~at_target & ~y).sum()), int((~y).sum()))
+        if at_target is not None
+        else None,
+    )
+
+
+def _study_table(report_dir: Path) -> pd.DataFrame:
+    """Scored studies with the subgroup columns (``view``: the views of scored images)."""
+    studies = pd.read_parquet(report_dir / STUDIES_FILE)
+    images_path = report_dir / "images.parquet"
+    if images_path.is_file():
+        images = pd.read_parquet(
+            images_path, columns=["study_instance_uid", "status", "view"]
+        ).query("status == 'scored'")
+        views = images.groupby("study_instance_uid")["view"].agg(
+            lambda v: ",".join(sorted({str(x) for x in v.dropna()})) or None
+        )
+        studies["view"] = studies["study_instance_uid"].map(views)
+    else:
+        studies["view"] = None
+    for name in SUBGROUPS:
+        if name not in studies:
+            studies[name] = None
+    return studies
+
+
+def evaluate(
+    report_dir: Path, labels: Labels, target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
+) -> dict[str, Any]:
+    """Join `labels` with the scan's studies in `report_dir` and measure.
+
+    Returns
+    -------
+    dict
+        The content of ``evaluation.json``: ``model``, ``labels`` (the file's accounting),
+        ``overall`` and ``subgroups`` (:class:`GroupMetrics` as dicts), the unmatched keys,
+        and the scores with labels for the charts (``points``).
+
+    Raises
+    ------
+    EvaluationError
+        If `report_dir` holds no finished scan or `target_sensitivity` is not in (0, 1].
+    """
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise EvaluationError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity:g}")
+    manifest_path = report_dir / MANIFEST_FILE
+    if not (report_dir / STUDIES_FILE).is_file() or not manifest_path.is_file():
+        raise EvaluationError(
+            f"{report_dir} holds no batchscan reports (studies.parquet and manifest.json); "
+            "run batchscan scan first"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        model = manifest["model"]
+        threshold = float(model["threshold"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EvaluationError(f"cannot read {manifest_path}: {exc}") from exc
+    studies = _study_table(report_dir)
+    key = studies[labels.key].astype(object).where(studies[labels.key].notna(), None)
+    key = key.map(lambda v: None if v is None else str(v))
+    labelled = key.isin(labels.values.keys()).to_numpy()
+    matched = studies[labelled].copy()
+    matched["label"] = key[labelled].map(labels.values).astype(int).to_numpy()
+    counts = key[labelled].value_counts()
+    shared = sorted(str(k) for k in counts[counts > 1].index)
+    unlabelled = studies[~labelled & ~key.isin(labels.conflicts).to_numpy()]
+    without_label = sorted(
+        str(k if k is not None else uid)
+        for k, uid in zip(key[unlabelled.index], unlabelled["study_instance_uid"], strict=True)
+    )
+    present = set(key.dropna())
+    unmatched = sorted(k for k in labels.values if k not in present)
+    y, s = matched["label"].to_numpy(), matched["score"].to_numpy(dtype=np.float64)
+    overall = group_metrics(y, s, threshold, target_sensitivity)
+    subgroups: dict[str, dict[str, Any]] = {}
+    for name in SUBGROUPS:
+        values = matched[name].astype(object).where(matched[name].notna(), "unknown")
+        values = values.map(lambda v: str(v).lower() if isinstance(v, bool) else str(v))
+        subgroups[name] = {
+            str(value): asdict(
+                group_metrics(y[mask], s[mask], threshold, target_sensitivity, seed=1)
+            )
+            for value in sorted(values.unique())
+            for mask in [(values == value).to_numpy()]
+        }
+    return {
+        "report_dir": str(report_dir),
+        "model": {
+            "version": model.get("version"),
+            "threshold": threshold,
+            "threshold_rule": model.get("threshold_rule"),
+        },
+        "scan_run_id": manifest.get("run_id"),
+        "target_sensitivity": target_sensitivity,
+        "labels": {
+            "key": labels.key,
+            "rows": labels.rows,
+            "distinct_keys": len(labels.values) + len(labels.conflicts),
+            "duplicates": labels.duplicates,
+            "conflicts": labels.conflicts,
+            "matching_no_scored_study": unmatched,
+            "matching_several_studies": shared,
+        },
+        "scored_studies": len(studies),
+        "scored_studies_without_label": without_label,
+        "overall": asdict(overall),
+        "subgroups": subgroups,
+        "points": {"label": y.tolist(), "score": s.tolist()},
+    }
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, list | tuple):
+        return "-".join(_fmt(v, digits) for v in value)
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:SHOWN])
+    return shown + (f" ... (+{len(keys) - SHOWN} more)" if len(keys) > SHOWN else "")
+
+
+def summary(result: dict[str, Any]) -> str:
+    """What ``batchscan evaluate`` prints: a few lines a person reads in a terminal."""
+    o, lab = result["overall"], result["labels"]
+    target = result["target_sensitivity"]
+    lines = [
+        f"batchscan evaluate: {o['n']} labelled scored studies ({o['n_positive']} pneumonia, "
+        f"{o['n'] - o['n_positive']} normal), joined by {lab['key']}; model "
+        f"{result['model']['version']}",
+        f"AUC {_fmt(o['auc'])} (95 % CI {_fmt(o['auc_ci95'])}); at the card threshold "
+        f"{result['model']['threshold']:.3f}: sensitivity {_fmt(o['sensitivity'])}, "
+        f"specificity {_fmt(o['specificity'])}, PPV {_fmt(o['ppv'])}, NPV {_fmt(o['npv'])}; "
+        f"ECE {_fmt(o['ece'])}",
+        f"threshold for sensitivity >= {target:g}: {_fmt(o['target_threshold'])} "
+        f"(sensitivity {_fmt(o['target_sensitivity_reached'])}, specificity "
+        f"{_fmt(o['target_specificity'])})",
+        f"labels matching no scored study: {len(lab['matching_no_scored_study'])}; scored "
+        f"studies without a label: {len(result['scored_studies_without_label'])}; duplicate "
+        f"labels: {len(lab['duplicates'])}; conflicting labels (left out): "
+        f"{len(lab['conflicts'])}",
+    ]
+    for title, keys in (
+        ("labels matching no scored study", lab["matching_no_scored_study"]),
+        ("conflicting labels", lab["conflicts"]),
+        ("labels matching several studies", lab["matching_several_studies"]),
+    ):
+        if keys:
+            lines.append(f"  {title}: {_listing(keys)}")
+    for name, groups in result["subgroups"].items():
+        parts = [
+            f"{value} n={g['n']} AUC {_fmt(g['auc'])} sens {_fmt(g['sensitivity'])} "
+            f"spec {_fmt(g['specificity'])}"
+            for value, g in groups.items()
+        ]
+        lines.append(f"  by {name}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+_ROWS: Final = (
+    ("studies", "n"),
+    ("pneumonia", "n_positive"),
+    ("AUC", "auc"),
+    ("AUC 95 % CI", "auc_ci95"),
+    ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+    ("PPV", "ppv"),
+    ("NPV", "npv"),
+    ("ECE", "ece"),
+    ("threshold for target sensitivity", "target_threshold"),
+    ("  sensitivity there", "target_sensitivity_reached"),
+    ("  specificity there", "target_specificity"),
+)
+
+_STYLE: Final = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222;padding:0 1em}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;
+text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+.charts{display:flex;flex-wrap:wrap;gap:1em}.charts svg{max-width:100%;height:auto}
+.note{color:#555;font-size:.9em}code{background:#f3f3f3;padding:0 .2em}
+"""
+
+
+def _table(columns: dict[str, dict[str, Any]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        f"<tr><td>{html.escape(label)}</td>"
+        + "".join(f"<td>{html.escape(_fmt(g[key]))}</td>" for g in columns.values())
+        + "</tr>"
+        for label, key in _ROWS
+    )
+    return f"<table><tr><th></th>{head}</tr>{body}</table>"
+
+
+def _subgroup_table(groups: dict[str, dict[str, Any]]) -> str:
+    """One row per subgroup value, the figures across (compact where there are many)."""
+    shown = [r for r in _ROWS if r[1] not in ("target_sensitivity_reached",)]
+    head = "".join(f"<th>{html.escape(label.strip())}</th>" for label, _ in shown)
+    body = "".join(
+        f"<tr><td>{html.escape(value)}</td>"
+        + "".join(f"<td>{html.escape(_fmt(g[key]))}</td>" for _, key in shown)
+        + "</tr>"
+        for value, g in groups.items()
+    )
+    return f"<table><tr><th>value</th>{head}</tr>{body}</table>"
+
+
+def render_html(result: dict[str, Any]) -> str:
+    """``evaluation.html``: one self-contained page (inline SVG charts, no script, no URL)."""
+    y = np.asarray(result["points"]["label"], dtype=int)
+    s = np.asarray(result["points"]["score"], dtype=np.float64)
+    o, lab, model = result["overall"], result["labels"], result["model"]
+    e = html.escape
+    charts = []
+    if o["auc"] is not None:
+        points = {
+            f"card threshold {model['threshold']:.3f}": (
+                1 - o["specificity"],
+                o["sensitivity"],
+            ),
+        }
+        if o["target_threshold"] is not None:
+            points[f"sensitivity >= {result['target_sensitivity']:g}"] = (
+                1 - o["target_specificity"],
+                o["target_sensitivity_reached"],
+            )
+        charts.append(plots.roc_svg(y, s, points, f"ROC, AUC {_fmt(o['auc'])}"))
+    if len(y):
+        charts.append(
+            plots.calibration_svg(y, s, metrics.ECE_BINS, f"Calibration, ECE {_fmt(o['ece'])}")
+        )
+        charts.append(
+            plots.histogram_svg(
+                {"normal": s[y == 0], "pneumonia": s[y == 1]},
+                model["threshold"],
+                "Study scores by label",
+            )
+        )
+    subgroup_html = "".join(
+        f"<h3>by {e(name)}</h3>{_subgroup_table(groups)}"
+        for name, groups in result["subgroups"].items()
+    )
+    accounting = [
+        ("label rows read", lab["rows"]),
+        ("distinct keys", lab["distinct_keys"]),
+        ("scored studies in the report", result["scored_studies"]),
+        ("labelled scored studies (measured)", o["n"]),
+        ("labels matching no scored study", len(lab["matching_no_scored_study"])),
+        ("scored studies without a label", len(result["scored_studies_without_label"])),
+        ("keys given twice, same label (counted once)", len(lab["duplicates"])),
+        ("keys given with both labels (left out)", len(lab["conflicts"])),
+        ("labels matching several studies (each counted)", len(lab["matching_several_studies"])),
+    ]
+    listings = "".join(
+        f"<p><b>{e(title)}</b> ({len(keys)}): {e(_listing(keys))}</p>"
+        for title, keys in (
+            ("Labels matching no scored study", lab["matching_no_scored_study"]),
+            ("Scored studies without a label", result["scored_studies_without_label"]),
+            ("Keys given with both labels", lab["conflicts"]),
+            ("Keys given twice", lab["duplicates"]),
+        )
+        if keys
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>batchscan evaluation: {e(str(model["version"]))}</title>
+<style>{_STYLE}</style></head><body>
+<h1>Model evaluation on this archive's labelled studies</h1>
+<p>Model <code>{e(str(model["version"]))}</code>, card threshold {model["threshold"]:.3f}
+({e(str(model.get("threshold_rule") or ""))}). Reports of scan run
+<code>{e(str(result["scan_run_id"]))}</code> in <code>{e(result["report_dir"])}</code>; labels
+joined by <code>{e(lab["key"])}</code>.</p>
+<h2>Overall</h2>
+{_table({"all labelled studies": o})}
+<p class="note">AUC interval: 95 % percentile bootstrap over studies. PPV and NPV depend on
+the prevalence of this labelled set ({_fmt(o["n_positive"] / o["n"] if o["n"] else None)}).
+The threshold for the target sensitivity is chosen on these same studies: it is optimistic
+for them, and a fair estimate only for new studies like them.</p>
+<div class="charts">{"".join(charts)}</div>
+<h2>Subgroups</h2>
+<p class="note">A subgroup of a few studies gives a wide interval: read its n first.</p>
+{subgroup_html}
+<h2>Accounting of the labels</h2>
+<table>{"".join(f"<tr><td>{e(k)}</td><td>{v}</td></tr>" for k, v in accounting)}</table>
+{listings}
+</body></html>
+"""
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def write_evaluation(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write ``evaluation.json`` and ``evaluation.html`` to `out_dir` (each replaced
+    atomically); returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, html_path = out_dir / JSON_FILE, out_dir / HTML_FILE
+    _atomic_write(json_path, json.dumps(result, indent=2) + "\n")
+    _atomic_write(html_path, render_html(result))
+    return [json_path, html_path]
