@@ -45,7 +45,7 @@ import re
 import struct
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 import pydicom
@@ -394,7 +394,7 @@ def _fill_identity(record: ImageRecord, ds: Dataset) -> None:
     record.sop_class_uid = sop_class or None
     record.transfer_syntax_uid = (meta and _text(meta, "TransferSyntaxUID")) or None
     record.accession_number = _text(ds, "AccessionNumber") or None
-    record.study_date = _text(ds, "StudyDate") or None
+    record.study_date = iso_date(_text(ds, "StudyDate"))
     record.modality = token(_text(ds, "Modality"), default="") or SOP_CLASS_MODALITY.get(
         sop_class or "", None
     )
@@ -410,6 +410,19 @@ _AGE_UNITS: Final = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 #: Ages at and above this are reported as this (as HIPAA's safe harbour groups them).
 AGE_CAP: Final = 90.0
 _AGE: Final = re.compile(r"^(\d{1,3})([DWMY])$")
+
+
+def iso_date(value: str) -> str | None:
+    """A DICOM date (DA ``YYYYMMDD``, or ACR-NEMA's ``YYYY.MM.DD``) as ISO ``YYYY-MM-DD``;
+    None when absent or not a real date (reports type the column as a date, so a dashboard
+    never has to cast or guess)."""
+    digits = value.strip().replace(".", "")
+    if len(digits) != 8 or not digits.isdigit():
+        return None
+    try:
+        return date(int(digits[:4]), int(digits[4:6]), int(digits[6:])).isoformat()
+    except ValueError:
+        return None
 
 
 def patient_sex(ds: Dataset) -> str | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
+from datetime import date
 from pathlib import Path
 from typing import Any, Final
 
@@ -45,7 +46,7 @@ IMAGES_SCHEMA: Final = pa.schema(
         pa.field("decoder", pa.string()),
         pa.field("decode_scale", pa.int32()),
         pa.field("accession_number", pa.string()),
-        pa.field("study_date", pa.string()),
+        pa.field("study_date", pa.date32()),
         pa.field("patient_age_years", pa.float64()),
         pa.field("patient_sex", pa.string()),
         pa.field("manufacturer", pa.string()),
@@ -73,7 +74,7 @@ STUDIES_SCHEMA: Final = pa.schema(
         pa.field("age_group", pa.string()),
         pa.field("in_domain", pa.bool_()),
         pa.field("accession_number", pa.string()),
-        pa.field("study_date", pa.string()),
+        pa.field("study_date", pa.date32()),
         pa.field("modality", pa.string()),
         pa.field("manufacturer", pa.string()),
         pa.field("manufacturer_model", pa.string()),
@@ -164,7 +165,22 @@ def _write_parquet(
 
 
 def _table(part: dict[str, list[Any]], schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_pydict({name: part[name] for name in schema.names}, schema=schema)
+    columns = {}
+    for field in schema:
+        values = part[field.name]
+        if field.type == pa.date32():  # stored as ISO text; anything else is no date
+            values = [_date(v) for v in values]
+        columns[field.name] = values
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def _date(value: Any) -> date | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        return None
 
 
 def write_images(

@@ -49,6 +49,10 @@ from batchscan.state import RUN_STUDY_COUNTS, STATE_FILE, StateError, StateStore
 
 log = logging.getLogger("batchscan")
 
+#: Version of what a stored file row holds: raised when a release adds or changes columns,
+#: so that rows stored by an older release are read again rather than reported half-empty
+#: (3: domain, OOD, device columns and ISO study dates).
+ROW_FORMAT = 3
 #: Seconds between progress log lines when stderr is not a terminal (cron).
 LOG_EVERY_SECONDS = 60.0
 
@@ -225,6 +229,7 @@ def settings_key(config: ScanConfig, checked: ModelCard) -> str:
         else None
     )
     settings = {
+        "rows": ROW_FORMAT,
         "model": checked.version,
         "code": __version__,
         "all_modalities": config.all_modalities,

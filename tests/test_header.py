@@ -124,3 +124,11 @@ def test_raw_dataset_without_preamble_is_read(pydicom_test_files: Path) -> None:
         assert record.sop_instance_uid, name
     # a file with a stray byte before its first element is unreadable even for pydicom
     assert _classify(pydicom_test_files / "no_meta.dcm", ALL).reason == "not_dicom"
+
+
+def test_study_dates_become_iso_or_nothing() -> None:
+    from batchscan.header import iso_date
+
+    assert iso_date("20260413") == "2026-04-13"
+    assert iso_date("2026.04.13") == "2026-04-13"  # ACR-NEMA
+    assert [iso_date(v) for v in ("", "20261340", "2026041", "garbage", "20260230")] == [None] * 5

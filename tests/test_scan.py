@@ -137,13 +137,23 @@ def test_report_types(scanned) -> None:
         "flag": "bool",
         "n_images_scored": "int64",
         "accession_number": "string",
-        "study_date": "string",
+        "study_date": "date32[day]",
+        "manufacturer": "string",
+        "patient_sex": "string",
         "model_version": "string",
     }
     for name, kind in expected.items():
         assert str(studies.field(name).type) == kind, name
+    assert str(images.field("study_date").type) == "date32[day]"
     frame = pd.read_parquet(out / "studies.parquet")
     assert frame["flag"].dtype == bool and frame["score"].dtype == np.float64
+    import datetime
+
+    dates = frame.set_index("accession_number")["study_date"]
+    assert dates["ACC1000"] == datetime.date(2026, 1, 10)  # demo StudyDate 20260110
+    csv = (out / "studies.csv").read_text()
+    assert '"ACC1000",2026-01-10,' in csv  # ISO in the CSV
+    assert set(frame["patient_sex"]) <= {"M", "F", "O", None}
 
 
 def test_no_patient_identifiers_in_any_output(scanned, capsys) -> None:
