@@ -160,6 +160,11 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
         help="also report the threshold reaching this sensitivity (default 0.90)",
     )
 
+    report = commands.add_parser(
+        "report", help="make REPORT_DIR/report.html again from the state, without scanning"
+    )
+    report.add_argument("report_dir", type=Path, metavar="REPORT_DIR")
+
     demo = commands.add_parser("demo", help="write a small synthetic demo archive")
     demo.add_argument("directory", type=Path, metavar="DIR")
     demo.add_argument("--size", type=int_at_least(1), default=1024, help="image side in pixels")
@@ -241,6 +246,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _report(args: argparse.Namespace) -> int:
+    from batchscan.report_html import ReportError, regenerate
+    from batchscan.runlock import LockHeldError
+
+    try:
+        written = regenerate(args.report_dir)
+    except ReportError as exc:
+        print(f"batchscan: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LockHeldError as exc:
+        print(f"batchscan: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    print(f"wrote {written}")
+    return EXIT_OK
+
+
 def _demo(args: argparse.Namespace) -> int:
     from batchscan.synth import write_demo_archive
 
@@ -274,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             return _scan(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "report":
+            return _report(args)
         return _demo(args)
     except KeyboardInterrupt:
         print("batchscan: interrupted; previous reports left as they were", file=sys.stderr)

@@ -390,21 +390,12 @@ _ROWS: Final = (
     ("  specificity there", "target_specificity"),
 )
 
-_STYLE: Final = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222;padding:0 1em}
-h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;
-text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
-.charts{display:flex;flex-wrap:wrap;gap:1em}.charts svg{max-width:100%;height:auto}
-.note{color:#555;font-size:.9em}code{background:#f3f3f3;padding:0 .2em}
-"""
-
 
 def _table(columns: dict[str, dict[str, Any]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
         f"<tr><td>{html.escape(label)}</td>"
-        + "".join(f"<td>{html.escape(_fmt(g[key]))}</td>" for g in columns.values())
+        + "".join(f'<td class="n">{html.escape(_fmt(g[key]))}</td>' for g in columns.values())
         + "</tr>"
         for label, key in _ROWS
     )
@@ -417,7 +408,7 @@ def _subgroup_table(groups: dict[str, dict[str, Any]]) -> str:
     head = "".join(f"<th>{html.escape(label.strip())}</th>" for label, _ in shown)
     body = "".join(
         f"<tr><td>{html.escape(value)}</td>"
-        + "".join(f"<td>{html.escape(_fmt(g[key]))}</td>" for _, key in shown)
+        + "".join(f'<td class="n">{html.escape(_fmt(g[key]))}</td>' for _, key in shown)
         + "</tr>"
         for value, g in groups.items()
     )
@@ -480,11 +471,7 @@ def render_html(result: dict[str, Any]) -> str:
         )
         if keys
     )
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>batchscan evaluation: {e(str(model["version"]))}</title>
-<style>{_STYLE}</style></head><body>
-<h1>Model evaluation on this archive's labelled studies</h1>
+    body = f"""<h1>Model evaluation on this archive's labelled studies</h1>
 <p>Model <code>{e(str(model["version"]))}</code>, card threshold {model["threshold"]:.3f}
 ({e(str(model.get("threshold_rule") or ""))}). Reports of scan run
 <code>{e(str(result["scan_run_id"]))}</code> in <code>{e(result["report_dir"])}</code>; labels
@@ -501,9 +488,8 @@ for them, and a fair estimate only for new studies like them.</p>
 {subgroup_html}
 <h2>Accounting of the labels</h2>
 <table>{"".join(f"<tr><td>{e(k)}</td><td>{v}</td></tr>" for k, v in accounting)}</table>
-{listings}
-</body></html>
-"""
+{listings}"""
+    return plots.page(f"batchscan evaluation: {model['version']}", body)
 
 
 def _atomic_write(path: Path, text: str) -> None:

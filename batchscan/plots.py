@@ -1,4 +1,5 @@
-"""Charts as inline SVG for the self-contained HTML pages (``evaluation.html``).
+"""Charts as inline SVG, and the page frame, for the self-contained HTML pages
+(``report.html``, ``evaluation.html``).
 
 The pages are opened from a file share on a hospital workstation with no network, so each
 chart is an SVG string put straight into the page: no script, no CDN, no image file beside it.
@@ -8,6 +9,7 @@ which keeps the files small and the numbers searchable.
 
 from __future__ import annotations
 
+import html
 import io
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -45,6 +47,13 @@ def _svg(fig: Any) -> str:
     if "<metadata>" in text:  # matplotlib's RDF block names outside vocabularies by URL
         text = text[: text.index("<metadata>")] + text[text.index("</metadata>") + 11 :]
     return text
+
+
+def _integer_ticks(ax: Any) -> None:
+    """Counts have whole-number ticks (no 0.25 of a study)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -135,3 +144,123 @@ def histogram_svg(
         ax.set_title(title)
         ax.legend(loc="upper center", fontsize=8)
         return _svg(fig)
+
+
+def binned_svg(
+    groups: Mapping[str, Sequence[int]],
+    edges: np.ndarray,
+    threshold: float | None,
+    title: str,
+    *,
+    normalize: bool = False,
+    xlabel: str = "study score",
+) -> str:
+    """Step outlines of histograms already counted per bin (in SQL), one per group;
+    `normalize` shows each group as a share of its own total, so groups of very different
+    sizes (devices, model versions) can be compared."""
+    palette = [*COLOURS.values(), "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
+    styles = ("-", "--", "-.", ":")
+    with _figure() as (fig, ax):
+        for i, (name, counts) in enumerate(groups.items()):
+            values = np.asarray(counts, dtype=float)
+            total = values.sum()
+            if total == 0:
+                continue
+            heights = values / total if normalize else values
+            ax.stairs(
+                heights,
+                edges,
+                lw=1.5,
+                ls=styles[i % len(styles)],
+                color=palette[i % len(palette)],
+                label=f"{name} (n={int(total)})",
+            )
+        if threshold is not None:
+            ax.axvline(threshold, color="black", lw=0.8, ls=":", label=f"threshold {threshold:.3f}")
+        ax.set(xlabel=xlabel, ylabel="share of studies" if normalize else "studies")
+        if not normalize:
+            _integer_ticks(ax)
+        ax.set_xlim(edges[0], edges[-1])
+        ax.set_title(title)
+        ax.legend(loc="upper center", fontsize=7)
+        return _svg(fig)
+
+
+def bars_svg(
+    labels: Sequence[str], series: Mapping[str, Sequence[float]], title: str, ylabel: str
+) -> str:
+    """Side-by-side bars per label (e.g. studies scored and flagged per week)."""
+    x = np.arange(len(labels))
+    width = 0.8 / max(len(series), 1)
+    palette = ["#7f7f7f", COLOURS[1], COLOURS[0]]
+    with _figure() as (fig, ax):
+        fig.set_size_inches(9.0, 3.2)
+        for i, (name, values) in enumerate(series.items()):
+            ax.bar(x + i * width, values, width, label=name, color=palette[i % len(palette)])
+        step = max(1, len(labels) // 12)
+        ax.set_xticks(x[::step] + 0.4 - width / 2, [labels[i] for i in range(0, len(labels), step)])
+        ax.tick_params(axis="x", labelsize=7, rotation=30)
+        ax.set(ylabel=ylabel)
+        _integer_ticks(ax)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        return _svg(fig)
+
+
+def lines_svg(
+    x: Sequence[str], series: Mapping[str, Sequence[float | None]], title: str, ylabel: str
+) -> str:
+    """Lines over an ordered x axis (e.g. the flag rate per run, one line per model)."""
+    positions = np.arange(len(x))
+    with _figure() as (fig, ax):
+        fig.set_size_inches(9.0, 3.2)
+        for name, values in series.items():
+            y = np.array([np.nan if v is None else v for v in values], dtype=float)
+            ax.plot(positions, y, marker="o", ms=3, lw=1, label=name)
+        step = max(1, len(x) // 12)
+        ax.set_xticks(positions[::step], [x[i] for i in range(0, len(x), step)])
+        ax.tick_params(axis="x", labelsize=7, rotation=30)
+        ax.set(ylabel=ylabel, ylim=(0, 1))
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+        return _svg(fig)
+
+
+#: The style of every page: readable on a workstation screen and in a printout.
+STYLE: Final = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;color:#222;padding:0 1em}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;
+text-align:left;vertical-align:top}th{background:#f3f3f3}td.n{text-align:right}
+.small{font-size:.8em}
+.charts{display:flex;flex-wrap:wrap;gap:1em}.charts svg{max-width:100%;height:auto}
+.note{color:#555;font-size:.9em}code{background:#f3f3f3;padding:0 .2em}
+.sheet{display:flex;flex-wrap:wrap;gap:.6em}.sheet figure{margin:0;text-align:center;
+font-size:.75em;width:100px}.sheet img{width:96px;height:96px;image-rendering:pixelated;
+border:1px solid #999}
+"""
+
+
+def page(title: str, body: str) -> str:
+    """A whole self-contained HTML page: inline style, no script, no outside resource."""
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n"
+        f"{body}\n</body></html>\n"
+    )
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """An HTML table of escaped cells (floats with three decimals)."""
+
+    def cell(value: object) -> str:
+        if value is None:
+            return "<td></td>"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"<td>{html.escape(str(value))}</td>"
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        return f'<td class="n">{text}</td>'  # numbers right-aligned, to compare by eye
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"

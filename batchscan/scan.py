@@ -39,11 +39,13 @@ from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord, Scores
 from batchscan.report import (
     publish,
     remove_temporaries,
+    temporary_path,
     write_images,
     write_manifest,
     write_runs,
     write_studies,
 )
+from batchscan.report_html import REPORT_FILE, ReportInputs, write_report
 from batchscan.runlock import report_dir_lock
 from batchscan.state import RUN_STUDY_COUNTS, STATE_FILE, StateError, StateStore
 
@@ -341,6 +343,10 @@ def _run(config: ScanConfig, checked: ModelCard, state: StateStore) -> ScanResul
         state.end_run(run_id, "ok", _run_facts(manifest))
         temporaries.append(write_runs(state.run_rows(), config.out, run_id))
         temporaries.append(write_manifest(manifest, config.out, run_id))
+        page = ReportInputs(config.out, manifest, checked.card, config.archive)
+        temporaries.append(
+            write_report(state, page, temporary_path(config.out / REPORT_FILE, run_id))
+        )
         for temporary, final in temporaries:
             publish(temporary, final)
     except BaseException:

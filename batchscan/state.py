@@ -513,6 +513,11 @@ class StateStore:
         ).fetchone()
         return {name: int(value or 0) for name, value in zip(RUN_STUDY_COUNTS, row, strict=True)}
 
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a read-only query (the HTML report's aggregates are computed here, in
+        SQL, so that a report of ten million files never loads them into Python)."""
+        return self._db.execute(sql, params).fetchall()
+
     # -- transactions ------------------------------------------------------------------
 
     def _maybe_commit(self) -> None:
