@@ -11,7 +11,7 @@ renders each report.html to PNG with headless Chromium (Debian's ``chromium``: a
 chromium) at a desktop width, full page, into --out. Look at the PNGs.
 
 cost: builds a state of --files file rows (half of them scored, studies of four images, all
-hard links to one real DICOM file so that thumbnails are really decoded) and times
+hard links to a few real DICOM files so that thumbnails are really decoded) and times
 ``batchscan report`` on it against the time to write the Parquet reports from the same
 state, in the same run; prints a table.
 """
@@ -136,11 +136,16 @@ def cost(files: int, repeat: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="batchscan-report-cost-"))
     archive = work / "archive"
     archive.mkdir()
-    source = write_radiograph(work / "one.dcm", chest_phantom(512, seed=1), RadiographSpec())
+    # a filesystem allows some 65,000 links to one file: link to a few (different pictures)
+    sources = [
+        write_radiograph(work / f"src{k}.dcm", chest_phantom(512, seed=k), RadiographSpec())
+        for k in range(1 + files // 50_000)
+    ]
     rng = np.random.default_rng(0)
     records = []
     for i in range(files):
         name = f"f{i:07d}"
+        source = sources[i % len(sources)]
         os.link(source, archive / name)
         scored = i % 2 == 0
         manufacturer, model, modality = DEVICES[i % 3]
