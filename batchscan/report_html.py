@@ -166,7 +166,7 @@ def _section_runs(state: StateStore, manifest: dict[str, Any]) -> str:
         for i, run in enumerate(done):
             series[str(run[12])][i] = run[9] / run[8]
         chart = plots.lines_svg(
-            [str(r[1])[:10] for r in done],
+            [str(r[1]) for r in done],
             series,
             "Share of studies flagged after each run, by model version",
             "flagged share",
@@ -318,7 +318,7 @@ def _section_model(inputs: ReportInputs) -> str:
         ["version", model["version"]],
         ["threshold", f"{model['threshold']:.3f}"],
         ["threshold rule", card.get("threshold_rule", "")],
-        ["test AUC (held-out split of the training data)", card.get("test_auc")],
+        ["test AUC (held-out split of the training data)", f"{card.get('test_auc', 0.0):.3f}"],
         [
             "test sensitivity / specificity",
             f"{card.get('test_sensitivity', float('nan')):.3f}"

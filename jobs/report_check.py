@@ -45,12 +45,12 @@ def _batchscan(*args: str) -> None:
         raise SystemExit(f"batchscan {' '.join(args)} failed:\n{done.stderr.decode()}")
 
 
-def _varied_archive(root: Path, studies: int, size: int = 256) -> None:
+def _varied_archive(root: Path, studies: int, size: int = 256, first: int = 0) -> None:
     """Studies spread over 26 weeks, three devices, children and adults, some with an
     opacity, a frontal and (every third study) a lateral each."""
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(7 + first)
     start = date(2026, 5, 4)
-    for i in range(studies):
+    for i in range(first, first + studies):
         manufacturer, model, modality = DEVICES[i % len(DEVICES)]
         day = start + timedelta(days=int(rng.integers(0, 182)))
         child = rng.random() < 0.4
@@ -118,7 +118,7 @@ def screenshots(out: Path, studies: int) -> None:
     archive = work / "varied"
     _varied_archive(archive, studies // 2)
     _batchscan("scan", str(archive), "--out", str(work / "varied_reports"), "--no-progress")
-    _varied_archive(archive / "later", studies - studies // 2)  # a second night's studies
+    _varied_archive(archive / "later", studies - studies // 2, first=studies // 2)  # next night
     _batchscan("scan", str(archive), "--out", str(work / "varied_reports"), "--no-progress")
     _screenshot(work / "varied_reports/report.html", out / "report_varied.png")
     for name in ("report_demo.png", "report_varied.png"):

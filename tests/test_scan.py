@@ -173,6 +173,7 @@ def test_no_temporary_files_left(scanned) -> None:
         ".batchscan.lock",
         "images.parquet",
         "manifest.json",
+        "report.html",
         "runs.parquet",
         "state.sqlite",
         "studies.csv",
