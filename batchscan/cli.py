@@ -160,6 +160,30 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
         help="also report the threshold reaching this sensitivity (default 0.90)",
     )
 
+    train = commands.add_parser(
+        "train", help="fine-tune (or retrain) the model on the site's labelled archive"
+    )
+    train.add_argument("archive", type=Path, metavar="ARCHIVE_DIR")
+    train.add_argument("--labels", type=Path, required=True, metavar="LABELS.csv")
+    train.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR")
+    train.add_argument("--name", default="site_cnn", help="model file stem (default site_cnn)")
+    train.add_argument(
+        "--base", type=Path, metavar="MODEL", help="model to fine-tune (default: the bundled)"
+    )
+    train.add_argument(
+        "--from-scratch", action="store_true", help="train the seed architecture anew"
+    )
+    train.add_argument("--epochs", type=int_at_least(1), metavar="N")
+    train.add_argument("--batch-size", type=int_at_least(1), default=64, metavar="N")
+    train.add_argument("--learning-rate", type=float, metavar="LR")
+    train.add_argument("--patience", type=int_at_least(1), default=8, metavar="N")
+    train.add_argument("--seed", type=int, default=1234)
+    train.add_argument("--no-augment", action="store_true")
+    train.add_argument("--workers", type=int_at_least(0), default=default_workers(), metavar="N")
+    train.add_argument("--cache", type=Path, metavar="PATH", help="model-input cache file")
+    train.add_argument("--pseudonym-key-file", type=Path, metavar="PATH")
+    train.add_argument("--no-progress", action="store_true")
+
     report = commands.add_parser(
         "report", help="make REPORT_DIR/report.html again from the state, without scanning"
     )
@@ -246,6 +270,52 @@ def _evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _train(args: argparse.Namespace) -> int:
+    from batchscan.evaluate import LabelsError, read_labels
+    from batchscan.model import ModelError
+    from batchscan.site_training import TrainingError, TrainRequest, run_training
+
+    try:
+        if not args.archive.is_dir():
+            raise TrainingError(f"archive folder not found: {args.archive}")
+        out = args.out.resolve()
+        if out == args.archive.resolve() or args.archive.resolve() in out.parents:
+            raise TrainingError(f"--out {args.out} is inside the archive; it is never written")
+        request = TrainRequest(
+            archive=args.archive,
+            labels_path=args.labels,
+            labels=read_labels(args.labels),
+            out=args.out,
+            name=args.name,
+            base=args.base,
+            from_scratch=args.from_scratch,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            patience=args.patience,
+            seed=args.seed,
+            workers=args.workers,
+            cache=args.cache,
+            pseudonym_key=pseudonym_key(args.pseudonym_key_file),
+            progress=not args.no_progress and sys.stderr.isatty(),
+            augment=not args.no_augment,
+        )
+        card = run_training(request)
+    except (LabelsError, TrainingError, ModelError, ConfigError) as exc:
+        print(f"batchscan: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    m = card["metrics"]
+    print(
+        f"batchscan train: wrote {args.out / card['model_file']} ({card['mode']}, "
+        f"{card['training_data']['splits']['train']['studies']} training studies; model "
+        f"inputs cache {card['_run']['cache']}); val AUC {m['val_auc']:.3f}; local test AUC "
+        f"{m['test_auc']:.3f} (95 % CI {m['test_auc_ci95'][0]:.3f}-{m['test_auc_ci95'][1]:.3f}"
+        f"), sensitivity {m['test_sensitivity']:.3f}, specificity "
+        f"{m['test_specificity']:.3f} at threshold {card['threshold']:.3f}"
+    )
+    return EXIT_OK
+
+
 def _report(args: argparse.Namespace) -> int:
     from batchscan.report_html import ReportError, regenerate
     from batchscan.runlock import LockHeldError
@@ -297,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "train":
+            return _train(args)
         return _demo(args)
     except KeyboardInterrupt:
         print("batchscan: interrupted; previous reports left as they were", file=sys.stderr)

@@ -52,7 +52,7 @@ class Domain:
         spec = card.get("domain")
         if not isinstance(spec, dict):
             return None
-        low, high = spec["age_years"]
+        low, high = spec.get("age_years") or (0, 200)  # no ages known: age not judged
         return cls(
             min_age=float(low),
             max_age=float(high),
@@ -73,7 +73,7 @@ def outside(record: ImageRecord, domain: Domain) -> list[tuple[str, str]]:
     """What puts a record outside `domain`: (criterion, detail) pairs, criterion one of
     ``modality``, ``view``, ``age`` in that order; empty when nothing known is outside."""
     found: list[tuple[str, str]] = []
-    if record.modality and record.modality not in domain.modalities:
+    if domain.modalities and record.modality and record.modality not in domain.modalities:
         found.append(
             (
                 "modality",
@@ -81,7 +81,12 @@ def outside(record: ImageRecord, domain: Domain) -> list[tuple[str, str]]:
                 f"{'/'.join(sorted(domain.modalities))}",
             )
         )
-    if record.view and record.view != "unknown" and record.view not in domain.views:
+    if (
+        domain.views
+        and record.view
+        and record.view != "unknown"
+        and record.view not in domain.views
+    ):
         found.append(
             ("view", f"view {record.view}, the model learned from {'/'.join(sorted(domain.views))}")
         )

@@ -291,10 +291,11 @@ class RunStats:
         return time.perf_counter() - self.started
 
 
-def _prepared_stream(
+def prepared_stream(
     config: ScanConfig, records: Iterator[ImageRecord], on_found: Callable[[int], None]
 ) -> Iterator[PreparedBatch]:
-    """Prepared batches as workers finish them, with a bounded number of chunks in flight."""
+    """Prepared batches as workers finish them, with a bounded number of chunks in flight
+    (what scoring and ``batchscan train`` both consume: the same stages, the same pool)."""
     options = config.stage_options
 
     def counted() -> Iterator[list[ImageRecord]]:
@@ -346,7 +347,7 @@ def run_local(
         stats.found += n
 
     buffer = InferenceBuffer(score, config.batch_size, finished)
-    for prepared in _prepared_stream(config, iter(records), found):
+    for prepared in prepared_stream(config, iter(records), found):
         buffer.add(prepared)
     buffer.flush()
     check_accounting(stats)

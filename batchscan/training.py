@@ -250,8 +250,11 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return np.exp(-np.logaddexp(0.0, -z))
 
 
-def train(dataset: Dataset, config: TrainConfig) -> tuple[Any, dict[str, Any]]:
+def train(dataset: Dataset, config: TrainConfig, base: Any = None) -> tuple[Any, dict[str, Any]]:
     """Train, select on val, calibrate on val, pick the threshold on val.
+
+    With `base` (a Keras model of the seed architecture) training starts from its weights
+    (fine-tuning, as ``batchscan train`` does by default); otherwise from scratch.
 
     Returns
     -------
@@ -290,6 +293,8 @@ def train(dataset: Dataset, config: TrainConfig) -> tuple[Any, dict[str, Any]]:
     train_ds = train_ds.prefetch(tf.data.AUTOTUNE)
 
     model = build_seed_model()
+    if base is not None:
+        model.set_weights(base.get_weights())
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
         loss="binary_crossentropy",
@@ -400,8 +405,12 @@ def write_model(
     config: TrainConfig,
     out_path: Path,
     command: str | None = None,
+    card_facts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Save `model` as `out_path` (.keras), score val and test once, write the card beside it.
+
+    `card_facts` replace or add card entries (``batchscan train`` states the domain it saw,
+    its base model, split and archive instead of PneumoniaMNIST's).
 
     Returns
     -------
@@ -480,6 +489,7 @@ def write_model(
         "intended_use": INTENDED_USE,
         "domain": DOMAIN,
         "limits": LIMITS,
+        **(card_facts or {}),
     }
     out_path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return card
