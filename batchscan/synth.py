@@ -259,6 +259,7 @@ def write_labelled_studies(
     prefix: str,
     views: list[str] | None = None,
     ages: list[str | None] | None = None,
+    patient_ids: list[str] | None = None,
     modality: str = "CR",
 ) -> list[tuple[str, int]]:
     """Write 8-bit pictures (uint8, 0 = black) as one-image studies, a hospital's way.
@@ -266,7 +267,8 @@ def write_labelled_studies(
     Each picture becomes ``<root>/<accession>/IM0001`` in its own study, with accession
     ``<prefix><index:06d>``, the view and PatientAge given (AP and none by default), and
     the window :data:`UINT8_WINDOW`, so that the scan's display image is the picture
-    itself. Returns the (accession, label) rows for a labels file (:func:`write_labels`).
+    itself; PatientID from `patient_ids` (one patient per study by default). Returns the
+    (accession, label) rows for a labels file (:func:`write_labels`).
     """
     root = Path(root)
     rows: list[tuple[str, int]] = []
@@ -280,7 +282,7 @@ def write_labelled_studies(
             study_description="CHEST",
             patient_name="ANON",
             patient_birth_date="",
-            patient_id=f"{prefix}P{i:06d}",
+            patient_id=patient_ids[i] if patient_ids is not None else f"{prefix}P{i:06d}",
             window=UINT8_WINDOW,
             patient_age=ages[i] if ages is not None else None,
         )
