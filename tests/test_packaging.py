@@ -52,5 +52,6 @@ def test_dockerfile_matches_pyproject() -> None:
 
 def test_model_ships_as_package_data() -> None:
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert "*.keras" in data["package-data"]["batchscan.models"]
+    assert {"*.keras", "*.json", "*.npz"} <= set(data["package-data"]["batchscan.models"])
+    assert (ROOT / "batchscan" / "models" / "pneumonia_cnn_seed.ood.npz").is_file()
     assert (ROOT / "batchscan" / "models" / "__init__.py").is_file()
