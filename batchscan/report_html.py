@@ -98,8 +98,8 @@ def _figure(inputs: ReportInputs, stored_path: Any, caption: str) -> str:
         try:
             path = os.path.join(os.fspath(inputs.archive), from_state(stored_path))
             image = f'<img alt="model input" src="{_thumbnail(model_input(path, options))}">'
-        except (OSError, ValueError):
-            pass  # moved, changed or gone since the scan
+        except Exception:  # moved, changed or gone since the scan: the page goes on
+            pass
     return f"<figure>{image}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
