@@ -59,7 +59,12 @@ def _shifted(picture: np.ndarray) -> np.ndarray:
 
 
 def _write_split(
-    data: Path, split: str, target: Path, prefix: str, limit: int | None = None, shift=False
+    data: Path,
+    split: str,
+    target: Path,
+    prefix: str,
+    limit: int | None = None,
+    shift: bool = False,
 ) -> Path:
     with (data / "labels.csv").open(newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["split"] == split]
