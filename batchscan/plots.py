@@ -56,6 +56,13 @@ def _integer_ticks(ax: Any) -> None:
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _sparse_xticks(ax: Any, positions: np.ndarray, labels: Sequence[str]) -> None:
+    """At most about 12 slanted labels along an ordered x axis (weeks, runs)."""
+    step = max(1, len(labels) // 12)
+    ax.set_xticks(positions[::step], [labels[i] for i in range(0, len(labels), step)])
+    ax.tick_params(axis="x", labelsize=7, rotation=30)
+
+
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """False and true positive rates at every distinct threshold (positive: score >= t)."""
     y = np.asarray(labels).astype(bool)
@@ -120,30 +127,14 @@ def histogram_svg(
     threshold: float | None,
     title: str,
     xlabel: str = "study score",
-    styles: Sequence[str] = ("-", "--", "-.", ":"),
 ) -> str:
-    """Overlaid score histograms of named groups (step outlines, counts), with the
-    operating threshold as a vertical line."""
+    """Overlaid score histograms of named groups of raw scores (counted here, in 25 bins on
+    [0, 1], and drawn by :func:`binned_svg`)."""
     edges = np.linspace(0.0, 1.0, 26)
-    palette = [*list(COLOURS.values()), "#2ca02c", "#9467bd"]
-    with _figure() as (fig, ax):
-        for i, (name, values) in enumerate(groups.items()):
-            if len(values):
-                ax.hist(
-                    np.clip(values, 0, 1),
-                    bins=edges,
-                    histtype="step",
-                    lw=1.5,
-                    ls=styles[i % len(styles)],
-                    color=palette[i % len(palette)],
-                    label=f"{name} (n={len(values)})",
-                )
-        if threshold is not None:
-            ax.axvline(threshold, color="black", lw=0.8, ls=":", label=f"threshold {threshold:.3f}")
-        ax.set(xlabel=xlabel, ylabel="studies", xlim=(0, 1))
-        ax.set_title(title)
-        ax.legend(loc="upper center", fontsize=8)
-        return _svg(fig)
+    counts = {
+        name: np.histogram(np.clip(values, 0, 1), bins=edges)[0] for name, values in groups.items()
+    }
+    return binned_svg(counts, edges, threshold, title, xlabel=xlabel)
 
 
 def binned_svg(
@@ -197,9 +188,7 @@ def bars_svg(
         fig.set_size_inches(9.0, 3.2)
         for i, (name, values) in enumerate(series.items()):
             ax.bar(x + i * width, values, width, label=name, color=palette[i % len(palette)])
-        step = max(1, len(labels) // 12)
-        ax.set_xticks(x[::step] + 0.4 - width / 2, [labels[i] for i in range(0, len(labels), step)])
-        ax.tick_params(axis="x", labelsize=7, rotation=30)
+        _sparse_xticks(ax, x + 0.4 - width / 2, labels)
         ax.set(ylabel=ylabel)
         _integer_ticks(ax)
         ax.set_title(title)
@@ -217,9 +206,7 @@ def lines_svg(
         for name, values in series.items():
             y = np.array([np.nan if v is None else v for v in values], dtype=float)
             ax.plot(positions, y, marker="o", ms=3, lw=1, label=name)
-        step = max(1, len(x) // 12)
-        ax.set_xticks(positions[::step], [x[i] for i in range(0, len(x), step)])
-        ax.tick_params(axis="x", labelsize=7, rotation=30)
+        _sparse_xticks(ax, positions, x)
         ax.set(ylabel=ylabel, ylim=(0, 1))
         ax.set_title(title)
         ax.legend(fontsize=7)

@@ -134,7 +134,7 @@ def _top_groups(state: StateStore, expression: str) -> tuple[list[list[object]],
     return rows, counts
 
 
-def _section_runs(state: StateStore, manifest: dict[str, Any]) -> str:
+def _section_runs(state: StateStore) -> str:
     runs = state.query(
         "SELECT run_id, replace(substr(started_at, 1, 16), 'T', ' '), outcome, files_found, "
         "files_processed, scored, skipped, "
@@ -365,7 +365,7 @@ def render(state: StateStore, inputs: ReportInputs) -> str:
         + _section_weeks(state)
         + _section_groups(state, threshold)
         + _section_accounting(manifest)
-        + _section_runs(state, manifest)
+        + _section_runs(state)
         + _section_sample(state, inputs)
         + _section_model(inputs)
     )

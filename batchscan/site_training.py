@@ -102,6 +102,7 @@ def _split_key(seed: int) -> bytes:
 def collect(
     archive: Path,
     records: list[ImageRecord],
+    fingerprint: str,
     labels: Labels,
     *,
     workers: int,
@@ -110,9 +111,8 @@ def collect(
     min_input_std: float | None,
     progress: bool = False,
 ) -> Examples:
-    """Run the scan's stages over the `records` discovery found in `archive` and keep the
-    images of labelled studies."""
-    fingerprint = archive_fingerprint(records)
+    """Run the scan's stages over the `records` discovery found in `archive` (whose
+    :func:`archive_fingerprint` is `fingerprint`) and keep the images of labelled studies."""
     config = ScanConfig(
         archive=archive,
         out=archive,  # never written: only the stage options are used
@@ -328,13 +328,15 @@ def run_training(request: TrainRequest) -> dict[str, Any]:
     request.out.mkdir(parents=True, exist_ok=True)
     cache = request.cache or request.out / f"{request.name}.inputs.npz"
     records = list(iter_files(request.archive))
-    key = _cache_key(archive_fingerprint(records), labels_sha, settings)
+    fingerprint = archive_fingerprint(records)
+    key = _cache_key(fingerprint, labels_sha, settings)
     examples = load_cache(cache, key)
     cache_state = "reused"
     if examples is None:
         examples = collect(
             request.archive,
             records,
+            fingerprint,
             request.labels,
             workers=request.workers,
             pseudonym_key=request.pseudonym_key,

@@ -13,7 +13,7 @@ import pytest
 from batchscan.cli import main
 from batchscan.discover import iter_files
 from batchscan.evaluate import read_labels
-from batchscan.site_training import collect, split_by_patient
+from batchscan.site_training import archive_fingerprint, collect, split_by_patient
 from batchscan.synth import RadiographSpec, chest_phantom, write_labels, write_radiograph
 
 
@@ -51,7 +51,14 @@ def test_split_keeps_each_patient_on_one_side(archive: Path) -> None:
     labels = read_labels(archive.parent / "labels.csv")
     records = list(iter_files(archive))
     examples = collect(
-        archive, records, labels, workers=0, pseudonym_key=None, seed=1, min_input_std=None
+        archive,
+        records,
+        archive_fingerprint(records),
+        labels,
+        workers=0,
+        pseudonym_key=None,
+        seed=1,
+        min_input_std=None,
     )
     assert len(examples.inputs) == 48  # the frontal image of each labelled study
     assert examples.accounting["not scored: view:LL"] == 48
