@@ -190,7 +190,7 @@ def prepare_record(record: ImageRecord, options: StageOptions) -> np.ndarray | N
     if image is None:
         return None
     try:
-        tensor = preprocess(image.pixels, image.offset)
+        tensor = preprocess(image.pixels, image.sampling)
     except Exception as exc:  # e.g. a degenerate 1 x N image
         record.fail(f"preprocess_error:{type(exc).__name__}", str(exc))
         return None

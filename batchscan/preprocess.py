@@ -10,6 +10,11 @@ job both call :func:`preprocess`, and the steps are written down as
 A 28 x 28 training image enters the very same function: its crop is a no-op and its resize
 to 28 x 28 is the identity.
 
+A picture decoded at reduced resolution is resized like pixels when its samples are box
+averages; a JPEG 2000 wavelet band is not pixel-like, and step 2 is then the least-squares
+estimate of what it gives on the full-resolution picture (:mod:`batchscan.sampling`): the
+same picture, estimated from fewer samples, not another preprocessing.
+
 Version 2 dropped version 1's rounding of the 28 x 28 picture to uint8 levels: it was the
 identity on the training pictures, but on a radiograph it turned differences of 0.0001 in a
 pixel into a whole grey level, and the model's score moved by up to 0.02 between two
@@ -22,6 +27,8 @@ from typing import Any, Final
 
 import numpy as np
 from PIL import Image
+
+from batchscan.sampling import Sampling, resize
 
 #: Side of the intermediate square picture (the resolution of the training data).
 SOURCE_SIZE: Final = 28
@@ -38,10 +45,10 @@ PREPROCESSING_SPEC: Final[dict[str, Any]] = {
     "input": "2-D display image, float in [0, 1], 0 = black (MONOCHROME2 sense); uint8 "
     "input is taken as x / 255",
     "steps": [
-        "centre-crop to the short edge (square; a decoder's sub-pixel origin offset is "
-        "compensated in the crop box)",
+        "centre-crop to the short edge (square)",
         f"resize to {SOURCE_SIZE}x{SOURCE_SIZE} with Pillow BICUBIC (antialiased when reducing),"
-        " float32, clipped to [0, 1]",
+        " float32, clipped to [0, 1]; from a wavelet band, the least-squares estimate of that "
+        "resize of the full-resolution picture",
         f"resize to {INPUT_SIZE}x{INPUT_SIZE} with Pillow BILINEAR (float32), clipped to [0, 1]",
         f"repeat the channel {CHANNELS} times",
     ],
@@ -82,17 +89,17 @@ def centre_square(image: np.ndarray) -> np.ndarray:
     return image[top : top + side, left : left + side]
 
 
-def to_source(display: np.ndarray, offset: float = 0.0) -> np.ndarray:
+def to_source(display: np.ndarray, sampling: Sampling | None = None) -> np.ndarray:
     """Steps 1-2 of the spec: crop the centre square and reduce it to 28 x 28.
 
     Parameters
     ----------
     display:
         2-D array, float in [0, 1] (any float dtype) with 0 = black.
-    offset:
-        Where the decoder put the picture relative to the pixel grid, in pixels (a JPEG
-        2000 resolution level samples its pixels off centre, see
-        :mod:`batchscan.decoders.jpeg2000`), in [0, 1); the crop box is moved by it.
+    sampling:
+        What `display`'s samples are (:mod:`batchscan.sampling`); None, or samples that are
+        box averages, are resized as pixels; from a wavelet band the resize is estimated
+        (:func:`batchscan.sampling.resize`).
 
     Returns
     -------
@@ -102,30 +109,12 @@ def to_source(display: np.ndarray, offset: float = 0.0) -> np.ndarray:
     Raises
     ------
     ValueError
-        If `display` is not a non-empty 2-D array, or `offset` is outside [0, 1).
+        If `display` is not a non-empty 2-D array, or not the shape its sampling makes.
     """
     if display.ndim != 2 or min(display.shape) < 1:
         raise ValueError(f"expected a non-empty 2-D image, got shape {display.shape}")
-    if offset:
-        if not 0.0 <= offset < 1.0:
-            raise ValueError(f"offset must be in [0, 1), got {offset}")
-        rows, cols = display.shape
-        side = min(rows, cols)
-        top, left = (rows - side) // 2 + offset, (cols - side) // 2 + offset
-        # one replicated row and column, so that the shifted box stays inside the picture
-        padded = np.pad(np.asarray(display, dtype=np.float32), ((0, 1), (0, 1)), mode="edge")
-        picture = Image.fromarray(padded, mode="F")
-        picture = picture.resize(
-            (SOURCE_SIZE, SOURCE_SIZE),
-            Image.Resampling.BICUBIC,
-            box=(left, top, left + side, top + side),
-        )
-    else:
-        square = np.ascontiguousarray(centre_square(display), dtype=np.float32)
-        picture = Image.fromarray(square, mode="F")
-        if picture.size != (SOURCE_SIZE, SOURCE_SIZE):
-            picture = picture.resize((SOURCE_SIZE, SOURCE_SIZE), Image.Resampling.BICUBIC)
-    return np.clip(np.asarray(picture, dtype=np.float32), 0.0, 1.0)
+    picture = resize(display, (SOURCE_SIZE, SOURCE_SIZE), sampling, square=True)
+    return np.clip(picture, 0.0, 1.0)
 
 
 def source_to_input(source: np.ndarray) -> np.ndarray:
@@ -138,7 +127,7 @@ def source_to_input(source: np.ndarray) -> np.ndarray:
     return np.repeat(large[:, :, np.newaxis], CHANNELS, axis=2)
 
 
-def preprocess(display: np.ndarray, offset: float = 0.0) -> np.ndarray:
+def preprocess(display: np.ndarray, sampling: Sampling | None = None) -> np.ndarray:
     """Turn one display-normalized image into the model input, as :data:`PREPROCESSING_SPEC`.
 
     This is the only route from pixels to model input, for training and inference alike.
@@ -148,8 +137,8 @@ def preprocess(display: np.ndarray, offset: float = 0.0) -> np.ndarray:
     display:
         2-D array, float in [0, 1], 0 = black; or a (28, 28) uint8 training picture, which
         is taken as ``display / 255``.
-    offset:
-        The decoder's sub-pixel origin offset (see :func:`to_source`); 0 for a full decode.
+    sampling:
+        What the decoder's samples are (see :func:`to_source`); None for pixels.
 
     Returns
     -------
@@ -159,11 +148,11 @@ def preprocess(display: np.ndarray, offset: float = 0.0) -> np.ndarray:
     Raises
     ------
     ValueError
-        If `display` is not a non-empty 2-D array.
+        If `display` is not a non-empty 2-D array (of the shape its sampling makes).
     """
     if display.dtype == np.uint8:
         display = display.astype(np.float32) / 255.0
-    return source_to_input(to_source(display, offset))
+    return source_to_input(to_source(display, sampling))
 
 
 def preprocess_many(images: np.ndarray | list[np.ndarray]) -> np.ndarray:

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         chosen = [s for s in SYNTAXES if not args.syntaxes or s in args.syntaxes.split(",")]
         # with the header's window (as CR/DX files carry) and without (percentile fallback):
-        # JPEG 2000 drops more levels in the first case, see batchscan.decoders.jpeg2000
+        # (JPEG 2000 then estimates the window sample from its band, see batchscan.sampling)
         for syntax, window in product(chosen, ((2048.0, 4096.0), None)):
             paths = []
             for i, image in enumerate(images):

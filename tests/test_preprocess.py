@@ -45,20 +45,6 @@ def test_large_image_matches_its_small_version() -> None:
     assert np.abs(preprocess(big) - preprocess(small)).max() < 1e-6
 
 
-def test_offset_moves_the_crop_by_sub_pixels() -> None:
-    """A picture sampled half a pixel off the grid, given its offset, preprocesses like the
-    on-grid picture (what the JPEG 2000 decoder's offset is for)."""
-    xx = np.linspace(0.0, 1.0, 512, dtype=np.float64)
-    on_grid = np.sin(6 * xx)[None, :] * np.cos(5 * xx)[:, None] * 0.4 + 0.5
-    shifted_xx = xx - 0.5 / 511  # the same content sampled half a pixel earlier
-    shifted = np.sin(6 * shifted_xx)[None, :] * np.cos(5 * shifted_xx)[:, None] * 0.4 + 0.5
-    plain = np.abs(preprocess(on_grid.astype(np.float32)) - preprocess(shifted.astype(np.float32)))
-    fixed = np.abs(
-        preprocess(on_grid.astype(np.float32)) - preprocess(shifted.astype(np.float32), offset=0.5)
-    )
-    assert fixed.max() < plain.max() / 2
-
-
 def test_rejects_non_2d() -> None:
     with pytest.raises(ValueError):
         preprocess(np.zeros((4, 4, 3), np.float32))

@@ -13,6 +13,7 @@ from batchscan.dicom import decode_pixels, read_dataset
 from batchscan.header import StageOptions
 from batchscan.model import load_model
 from batchscan.pipeline import model_input
+from batchscan.sampling import IRREVERSIBLE_9_7, REVERSIBLE_5_3, Box, WaveletBand, apply_steps
 from batchscan.synth import RadiographSpec, chest_phantom, write_radiograph
 from tests.conftest import real_file
 
@@ -37,10 +38,14 @@ def test_rg1_scores_agree_with_full_decoding(model) -> None:
 
 
 def test_rg1_is_decoded_small(tmp_path: Path) -> None:
+    """RG1's 1841 rows allow one JPEG 2000 level only (Pillow's rounding); a box average
+    does the rest, and the sampling says both."""
     ds = read_dataset(str(real_file("RG1_J2KR.dcm")))
-    arr, scale, offset, _ = decode_pixels(ds, DEFAULT_MIN_EDGE)
+    arr, scale, sampling, _ = decode_pixels(ds, DEFAULT_MIN_EDGE)
     assert scale == 4 and min(arr.shape) >= DEFAULT_MIN_EDGE
-    assert offset == pytest.approx(0.25 / 2)  # one JPEG 2000 level (offset 0.25), then box x2
+    assert sampling.shape == (int(ds.Rows), int(ds.Columns))
+    assert sampling.steps == (WaveletBand(REVERSIBLE_5_3, 1), Box(2))
+    assert sampling.sampled_shape() == arr.shape
 
 
 @pytest.mark.parametrize(
@@ -56,44 +61,30 @@ def test_generated_radiographs_agree(tmp_path: Path, model, syntax) -> None:
     assert np.abs(full - reduced).max() <= 0.01, (full, reduced)
 
 
-def test_jpeg2000_levels_match_box_averages(tmp_path: Path) -> None:
-    """Pillow's reduced decode, once its 16-bit scaling is undone, is a low-pass of the
-    same picture: close to the box average of the full decode, never off in scale."""
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEG2000], ids=lambda s: s.name)
+def test_jpeg2000_band_is_what_its_sampling_says(tmp_path: Path, syntax) -> None:
+    """OpenJPEG's reduced decode, once Pillow's 16-bit scaling is undone, equals the
+    sampling's own model of it (5/3 or 9/7 low-pass, mirrored borders, even samples) applied
+    to the full decode, to within the codec's integer rounding (and, lossy, quantization);
+    the codec clips the band to the stored range (the low-pass overshoots at sharp edges)."""
     path = write_radiograph(
         tmp_path / "j2k",
         chest_phantom(512, seed=2),
-        RadiographSpec(transfer_syntax=JPEG2000Lossless, bits_stored=12),
+        RadiographSpec(transfer_syntax=syntax, bits_stored=12),
     )
     ds = read_dataset(str(path))
-    full = ds.pixel_array
+    full = ds.pixel_array.astype(np.float64)
     from batchscan.decoders import first_frame
 
-    for level, windowed in ((1, False), (2, False), (2, True)):
-        reduced, used, offset, _ = jpeg2000.decode(first_frame(ds), ds, level, windowed=windowed)
-        # with a header window as far as asked (and >= OVERSAMPLED_EDGE), else one level
-        assert used == (2 if windowed else min(level, jpeg2000.MAX_LEVEL_PERCENTILE))
-        assert offset == jpeg2000.grid_offset(used)
-        box = box_reduce(full, 2**used).astype(np.int64)
-        assert abs(reduced.astype(np.int64).mean() - box.mean()) < 0.01 * box.mean()
-
-
-def test_box_compensation_matches_a_box_average() -> None:
-    """The fitted [a, 1 - 2a, a] brings the wavelet's level-3 response closer to a box
-    average of 8 pixels over the band a 28 px picture keeps; a sharpens (9/7) or blurs
-    (5/3) as the filters say, and does nothing at level 0."""
-    for transform in (0, 1):
-        a = jpeg2000.box_compensation(transform, 3, 256)
-        band = np.linspace(1e-6, 2 * np.pi * 28 / 256, 64)
-        omega = band / 8
-        taps = jpeg2000._LOW_PASS[transform]
-        wavelet = np.prod([jpeg2000._response(taps, 2**j * omega) for j in range(3)], axis=0)
-        box = np.sin(8 * omega / 2) / (8 * np.sin(omega / 2))
-        fixed = wavelet * (1 + a * (2 * np.cos(band) - 2))
-        assert np.abs(fixed - box).max() < np.abs(wavelet - box).max()
-    assert jpeg2000.box_compensation(1, 3, 256) > 0 > jpeg2000.box_compensation(0, 3, 256)
-    assert jpeg2000.box_compensation(1, 0, 256) == 0.0
-    flat = np.full((8, 8), 1000, dtype=np.uint16)
-    np.testing.assert_array_equal(jpeg2000.compensate(flat, 0.12), flat)
+    for asked, used in ((1, 1), (2, 2), (3, 3)):  # >= 224 px short edge: one level at least
+        band, level, sampling, _ = jpeg2000.decode(first_frame(ds), ds, asked)
+        wavelet = REVERSIBLE_5_3 if syntax == JPEG2000Lossless else IRREVERSIBLE_9_7
+        assert (level, sampling.steps) == (used, (WaveletBand(wavelet, used),))
+        model = apply_steps(sampling.steps, apply_steps(sampling.steps, full).T).T
+        model = np.clip(model, 0, 4095)
+        assert band.shape == model.shape == sampling.sampled_shape()
+        tolerance = 4 if syntax == JPEG2000Lossless else 40  # of 4096 stored values
+        assert np.abs(band - model).max() <= tolerance
 
 
 def test_pillow_rounding_limits_levels() -> None:
@@ -137,18 +128,18 @@ def test_scan_decodes_reduced_unless_full_resolution(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEG2000], ids=lambda s: s.name)
-def test_jpeg2000_drops_two_levels_only_with_a_header_window(tmp_path: Path, model, syntax) -> None:
-    """A 2048 px file reaches the 512 px decode size through two codestream levels (low-pass
-    compensated) when its window comes from the header; through one level and a box
-    average when the window would be computed from the pixels (see
-    batchscan.decoders.jpeg2000). Scores agree with the full decode within 0.005 either way."""
+def test_jpeg2000_drops_three_levels_and_scores_agree(tmp_path: Path, model, syntax) -> None:
+    """A 2048 px file is decoded as its 256 px band (three levels, 8x the 28 px picture)
+    whether its window comes from the header or from the pixels, and scores agree with the
+    full decode within 0.005 either way (the picture and the fallback window's sample are
+    estimated from the band, see batchscan.sampling)."""
     picture = chest_phantom(2048, seed=7, opacity=0.6)
     paths = []
     for name, window in (("windowed", (2048.0, 4096.0)), ("percentile", None)):
         spec = RadiographSpec(transfer_syntax=syntax, window=window)
         paths.append(write_radiograph(tmp_path / name, picture, spec))
     decoded = [decode_pixels(read_dataset(str(p)), DEFAULT_MIN_EDGE) for p in paths]
-    assert [(d.scale, d.values.shape) for d in decoded] == [(4, (512, 512)), (4, (512, 512))]
-    assert [d.offset for d in decoded] == [jpeg2000.grid_offset(2), jpeg2000.grid_offset(1) / 2]
+    assert [(d.scale, d.values.shape) for d in decoded] == [(8, (256, 256)), (8, (256, 256))]
+    assert all(d.sampling.banded for d in decoded)
     full, reduced = _scores(model, paths, FULL), _scores(model, paths, REDUCED)
     assert np.abs(full - reduced).max() <= 0.005, (full, reduced)

@@ -1,7 +1,7 @@
 """Decoders: one small module per codec behind one interface, tried in order.
 
 Each module (like pydicom's decoder plugins) has ``NAME``, ``is_available(ds)`` and
-``decode(frame, ds, level, *, windowed) -> Decoded | None``; :data:`DECODERS` is the order
+``decode(frame, ds, level) -> Decoded | None``; :data:`DECODERS` is the order
 they are offered a frame, and the first that returns pixels names itself in the ``decoder``
 column of ``images.parquet``. A decoder that raises or returns None passes the frame on, so
 a frame one codec refuses is still read by the next (the 12-bit JPEG files with a wrong
@@ -92,13 +92,13 @@ def first_frame(ds: Dataset) -> bytes | None:
     return next(generate_frames(ds.PixelData, number_of_frames=1))
 
 
-def decode_frame(ds: Dataset, min_edge: int | None, *, windowed: bool = False) -> Decoded:
+def decode_frame(ds: Dataset, min_edge: int | None) -> Decoded:
     """Decode the first frame with the first decoder of :data:`DECODERS` that can.
 
     With `min_edge`, reduced-resolution codecs may return the picture at 1 / 2**level, as
-    long as its short edge stays >= `min_edge` (see :func:`reduction_level`); `windowed`
-    says the display window will come from the header's VOI, not from the pixels, so some
-    codecs may drop more levels (see :mod:`batchscan.decoders.jpeg2000`).
+    long as its short edge stays >= `min_edge` (see :func:`reduction_level`); JPEG 2000 goes
+    further, to a wavelet band the preprocessing reads as such (see
+    :mod:`batchscan.decoders.jpeg2000`). The result's sampling says which.
 
     Raises
     ------
@@ -112,12 +112,12 @@ def decode_frame(ds: Dataset, min_edge: int | None, *, windowed: bool = False) -
         if not decoder.is_available(ds):
             continue
         if decoder is pydicom_plugins:
-            result = decoder.decode(None, ds, level, windowed=windowed)
+            result = decoder.decode(None, ds, level)
         else:
             try:
                 if not framed:
                     frame, framed = first_frame(ds), True
-                result = decoder.decode(frame, ds, level, windowed=windowed)
+                result = decoder.decode(frame, ds, level)
             except Exception:  # corrupt data: the next decoder, finally pydicom, says what
                 continue
         if result is not None:

@@ -7,6 +7,8 @@ from typing import NamedTuple
 import numpy as np
 from pydicom.dataset import Dataset
 
+from batchscan.sampling import Sampling
+
 
 class Decoded(NamedTuple):
     """One decoded frame.
@@ -17,17 +19,23 @@ class Decoded(NamedTuple):
         Stored values (the dtype pydicom would give) at 1 / 2**level of the full size.
     level:
         How many times the codec halved the picture (0 = full resolution).
-    offset:
-        Sub-pixel offset of the decoded grid (array coordinate minus true coordinate, in
-        decoded pixels; 0 for a box-like reduction).
+    sampling:
+        What the values are made of: the full-resolution shape and the codec's reduction
+        (see :mod:`batchscan.sampling`).
     decoder:
         Which decoder made it (the ``decoder`` column of ``images.parquet``).
     """
 
     values: np.ndarray
     level: int
-    offset: float
+    sampling: Sampling
     decoder: str
+
+
+def full_resolution(values: np.ndarray, decoder: str) -> Decoded:
+    """A frame decoded at full resolution (no reduction)."""
+    shape = (int(values.shape[0]), int(values.shape[1])) if values.ndim >= 2 else (values.size, 1)
+    return Decoded(values, 0, Sampling(shape), decoder)
 
 
 def syntax_of(ds: Dataset) -> str:

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit
 
 from batchscan.decoders.base import Decoded, syntax_of
+from batchscan.sampling import Box, Sampling
 
 NAME: Final = "pillow-libjpeg"
 SYNTAXES: Final = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit})
@@ -30,12 +31,10 @@ def is_available(ds: Dataset) -> bool:
         return False
 
 
-def decode(
-    frame: bytes | None, ds: Dataset, level: int, *, windowed: bool = False
-) -> Decoded | None:
-    """Decode at 1 / 2**r (r <= min(level, 3)); returns uint8 stored values, r and the grid
-    offset (0: a scaled IDCT output pixel stands for its whole block, like a box average).
-    `windowed` does not matter here: DCT scaling is a block average, whatever the window."""
+def decode(frame: bytes | None, ds: Dataset, level: int) -> Decoded | None:
+    """Decode at 1 / 2**r (r <= min(level, 3)); returns uint8 stored values, r and their
+    sampling: a box average of 2**r pixels (what a scaled IDCT output pixel stands for, its
+    block's low frequencies; the preprocessing resizes it like pixels)."""
     from PIL import Image
 
     if frame is None or level == 0:
@@ -52,4 +51,4 @@ def decode(
     r = achieved.bit_length() - 1
     if (1 << r) != achieved or r == 0:
         return None
-    return Decoded(values, r, 0.0, NAME)
+    return Decoded(values, r, Sampling((height, width), (Box(achieved),)), NAME)

@@ -13,34 +13,20 @@ Two Pillow facts this module works around, both checked by the tests:
   dimensions are used (any level for sizes divisible by 2**level; for RG1's 1955 x 1841
   only level 1); the remaining reduction is done by box averaging.
 
-Three facts of the wavelet transform, measured on PneumoniaMNIST images written as 2048 px
-DICOM (choices made on the val split, figures checked on test by
-``jobs/reduced_decode_check.py``):
-
-* sample k of resolution level r sits on full-resolution pixel k * 2**r, not in the middle
-  of its 2**r pixels as a box average does: the decoded grid is offset by
-  0.5 - 2**-(r + 1) of its pixels, which the preprocessing compensates (:func:`grid_offset`);
-* the iterated wavelet low-pass (5/3 for lossless, 9/7 for lossy) is sharper than the box
-  average the other codecs' reduced path uses. A 3-tap filter fitted to the ratio of the two
-  frequency responses (:func:`box_compensation`, derived from the filters, not from data)
-  makes the band respond like the box: with the header's window, the largest score change at
-  level 2 went from 0.0033 to 0.0028 (test, lossless; lossy 0.0025 -> 0.0026), at level 3
-  from 0.0062 to 0.0016 on val but only from 0.0078 to 0.0059 on test (lossy 0.0055): one
-  image in 100 beyond the 0.005 target, so the band stops at 512 px
-  (:data:`OVERSAMPLED_EDGE`), at which a 2048 px file decodes in ~33 ms instead of ~9;
-* where the display window is computed from the pixels (the percentile fallback of
-  :mod:`batchscan.dicom`), the window itself moves with the decoder's filter: on val,
-  giving both paths the full decode's window brought level 3 from 0.010 to 0.003, and no
-  estimator tried (coarser or finer samples, 1/99 or 2/98 percentiles, a blurred sample)
-  came under 0.01. So a file with its own VOI (as CR and DX files have) is decoded down to
-  a short edge of :data:`OVERSAMPLED_EDGE` (two levels of a 2048 px image), and a file
-  without one at most :data:`MAX_LEVEL_PERCENTILE` level (level 2 moved val scores by
-  0.0054); box averaging does the rest.
+The band is not a box average of the full image (its samples sit on the first pixel of
+their block, its low-pass is sharper than a box, and it is mirrored at the border), so the
+decoder says what it is (:class:`batchscan.sampling.WaveletBand`) and the preprocessing
+estimates the full image's 28 px picture from it, as the fallback window estimates its box
+sample (:mod:`batchscan.sampling`). That makes the band's size a matter of how much the
+28 px picture needs, not of how alike a band and a box average are: the decoder goes down to
+a short edge of :data:`OVERSAMPLED_EDGE` (8x the picture; three levels of a 2048 px image,
+~9 ms instead of ~33 ms at two levels and ~550 ms in full), whether the window comes from the
+header or from the pixels. Measured with ``jobs/reduced_decode_check.py`` (PneumoniaMNIST
+written as 2048 px DICOM; levels chosen on the val split, figures on test): FIGURES.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import struct
 from typing import Final
@@ -50,87 +36,15 @@ from pydicom.dataset import Dataset
 from pydicom.uid import HTJ2K, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, JPEG2000Lossless
 
 from batchscan.decoders.base import Decoded, reduction_level, syntax_of
+from batchscan.sampling import LOW_PASS, Sampling, WaveletBand
 
 NAME: Final = "pillow-openjpeg"
 #: JPEG 2000 and High-Throughput JPEG 2000 (OpenJPEG 2.5 decodes both codestreams).
 SYNTAXES: Final = frozenset({JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K})
-#: Most resolution levels dropped for a file without a VOI in its header (see the module doc).
-MAX_LEVEL_PERCENTILE: Final = 1
-
-
-#: Smallest short edge (pixels) a file with its own VOI is decoded down to: 16x the 28 px
-#: picture the preprocessing makes. 224 px (8x; three levels of a 2048 px image) moved
-#: test-split scores by up to 0.0059 even with the low-pass compensation (module doc).
-OVERSAMPLED_EDGE: Final = 448
-#: Analysis low-pass filters of the two JPEG 2000 wavelets (ISO 15444-1 Annex F), DC gain 1.
-_LOW_PASS: Final = {
-    1: np.array([-1.0, 2.0, 6.0, 2.0, -1.0]) / 8.0,  # 5/3 reversible (lossless)
-    0: np.array(  # 9/7 irreversible (lossy)
-        [
-            0.026748757411,
-            -0.016864118443,
-            -0.078223266529,
-            0.266864118443,
-            0.602949018236,
-            0.266864118443,
-            -0.078223266529,
-            -0.016864118443,
-            0.026748757411,
-        ]
-    ),
-}
-
-
-def _response(taps: np.ndarray, omega: np.ndarray) -> np.ndarray:
-    half = len(taps) // 2
-    k = np.arange(-half, half + 1)
-    return (taps[None, :] * np.cos(np.outer(omega, k))).sum(axis=1)
-
-
-@functools.lru_cache(maxsize=64)
-def box_compensation(transform: int, level: int, size: int, picture: int = 28) -> float:
-    """Side tap `a` of the filter [a, 1 - 2a, a] that makes a level-`level` low-pass band
-    respond like the 2**level box average the other codecs' reduced path uses.
-
-    The wavelet's iterated low-pass is sharper than a box average (the cause of most of the
-    score change at deeper levels); the tap is a least-squares fit of the ratio of the two
-    frequency responses over the band the `picture`-px reduction keeps (up to twice its
-    Nyquist frequency, for the bicubic transition band) at a band image of `size` px.
-    """
-    taps = _LOW_PASS.get(transform)
-    if taps is None or level == 0:
-        return 0.0
-    band = np.linspace(1e-6, min(np.pi, 2 * np.pi * picture / max(size, 1)), 256)
-    omega = band / 2**level  # the same frequencies at full resolution
-    wavelet = np.prod([_response(taps, 2**j * omega) for j in range(level)], axis=0)
-    box = np.sin(2**level * omega / 2) / (2**level * np.sin(omega / 2))
-    c = 2 * np.cos(band) - 2  # the filter's response is 1 + a * c
-    return float((c * (box / wavelet - 1)).sum() / (c * c).sum())
-
-
-def compensate(values: np.ndarray, a: float) -> np.ndarray:
-    """Filter rows and columns with [a, 1 - 2a, a] (edges replicated); same dtype.
-
-    In float32 with in-place slices (about 1 ms on a 512 px band, against ~30 ms to decode
-    it), so the filter costs the reduced path next to nothing.
-    """
-    if a == 0.0:
-        return values
-    out = values.astype(np.float32)
-    for axis in (0, 1):
-        x = out if axis == 0 else out.T
-        y = np.multiply(x, np.float32(1 - 2 * a))
-        side = np.multiply(x, np.float32(a))
-        y[1:] += side[:-1]
-        y[:-1] += side[1:]
-        y[0] += side[0]
-        y[-1] += side[-1]
-        out = y if axis == 0 else y.T
-    if values.dtype.kind in "iu":
-        info = np.iinfo(values.dtype)
-        np.rint(out, out=out)
-        return np.clip(out, info.min, info.max).astype(values.dtype)
-    return out.astype(values.dtype)
+#: Smallest short edge (pixels) of the band: 8x the 28 px picture the preprocessing makes.
+#: Four levels (128 px, 4.6x) moved test-split scores by up to 0.0018 with the header's window
+#: but 0.0075 (val) with the percentile window; three stay within 0.005 either way.
+OVERSAMPLED_EDGE: Final = 224
 
 
 _SIZ: Final = b"\xff\x51"
@@ -171,39 +85,27 @@ def _pillow_agrees(size: int, level: int) -> bool:
     return int((size + (power >> 1)) / power) == -(-size // power)
 
 
-def grid_offset(level: int) -> float:
-    """Offset of a level-`level` grid against box averaging, in its own pixels."""
-    return 0.5 - 2.0 ** -(level + 1) if level else 0.0
+def decode(frame: bytes | None, ds: Dataset, level: int) -> Decoded | None:
+    """Decode `frame` at 1 / 2**r of its size, r the largest number of levels whose short
+    edge stays >= :data:`OVERSAMPLED_EDGE` (or `level`, if larger) and that Pillow sizes as
+    OpenJPEG does.
 
-
-def decode(
-    frame: bytes | None, ds: Dataset, level: int, *, windowed: bool = False
-) -> Decoded | None:
-    """Decode `frame` at 1 / 2**r of its size: when `windowed` (the display window comes from
-    the header), the largest r whose short edge stays >= :data:`OVERSAMPLED_EDGE` (or
-    `level`, if larger); else r <= min(`level`, :data:`MAX_LEVEL_PERCENTILE`). The band is
-    filtered by :func:`box_compensation` so that it matches a box average.
-
-    Returns stored values (the dtype pydicom would give), r and the grid offset; None when
-    no level > 0 is usable (signed data, several components, image offsets, a precision
-    over 16 bits).
+    Returns stored values (the dtype pydicom would give), r and their sampling (a
+    :class:`~batchscan.sampling.WaveletBand`); None when no level > 0 is usable (signed
+    data, several components, image offsets, a precision over 16 bits, a wavelet other
+    than JPEG 2000's two).
     """
     from PIL import Image
 
-    if frame is None:
+    if frame is None or level == 0:  # level 0: full resolution asked for
         return None
     facts = _codestream_facts(frame)
     if facts is None:
         return None
     width, height, precision, signed, levels, transform = facts
-    if signed or precision > 16:
+    if signed or precision > 16 or transform not in LOW_PASS:
         return None
-    if level == 0:  # full resolution asked for
-        return None
-    if windowed:
-        usable = min(max(level, reduction_level(height, width, OVERSAMPLED_EDGE)), levels)
-    else:
-        usable = min(level, levels, MAX_LEVEL_PERCENTILE)
+    usable = min(max(level, reduction_level(height, width, OVERSAMPLED_EDGE)), levels)
     while usable > 0 and not (_pillow_agrees(width, usable) and _pillow_agrees(height, usable)):
         usable -= 1
     if usable == 0:
@@ -216,5 +118,5 @@ def decode(
         values = values.astype(np.uint16, copy=False)
         if picture.mode.startswith("I;16") and precision < 16:
             values = values >> (16 - precision)
-    a = box_compensation(transform, usable, min(values.shape))
-    return Decoded(compensate(values, a), usable, grid_offset(usable), NAME)
+    sampling = Sampling((height, width), (WaveletBand(transform, usable),))
+    return Decoded(values, usable, sampling, NAME)

@@ -12,7 +12,7 @@ from typing import Final
 from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import Decoder, get_decoder
 
-from batchscan.decoders.base import Decoded, syntax_of
+from batchscan.decoders.base import Decoded, full_resolution, syntax_of
 from batchscan.records import INTERPRETER_EXITS
 
 NAME: Final = "pydicom"
@@ -36,9 +36,7 @@ def is_available(ds: Dataset) -> bool:
     return True
 
 
-def decode(
-    frame: bytes | None, ds: Dataset, level: int, *, windowed: bool = False
-) -> Decoded | None:
+def decode(frame: bytes | None, ds: Dataset, level: int) -> Decoded | None:
     """Decode the first frame in full through pydicom.
 
     Raises
@@ -49,7 +47,7 @@ def decode(
     """
     decoder = get_decoder(syntax_of(ds))
     if decoder.is_native:
-        return Decoded(decoder.as_array(ds, index=0)[0], 0, 0.0, NAME)
+        return full_resolution(decoder.as_array(ds, index=0)[0], NAME)
     plugins = preference_order(decoder)
     errors: list[tuple[str, BaseException]] = []
     for plugin in plugins:
@@ -60,7 +58,7 @@ def decode(
         except BaseException as exc:  # the next plugin may read it (a Rust panic too)
             errors.append((plugin, exc))
             continue
-        return Decoded(values, 0, 0.0, f"{NAME}:{plugin}")
+        return full_resolution(values, f"{NAME}:{plugin}")
     if len(errors) == 1:
         raise errors[0][1]
     raise AllPluginsFailedError(

@@ -27,7 +27,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
 )
 
-from batchscan.decoders.base import Decoded, syntax_of
+from batchscan.decoders.base import Decoded, full_resolution, syntax_of
 
 NAME: Final = "libjpeg-turbo"
 SYNTAXES: Final = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1})
@@ -60,9 +60,7 @@ def _precision(frame: bytes) -> int:
     return 16
 
 
-def decode(
-    frame: bytes | None, ds: Dataset, level: int, *, windowed: bool = False
-) -> Decoded | None:
+def decode(frame: bytes | None, ds: Dataset, level: int) -> Decoded | None:
     """The stored values of `frame` at full resolution (level 0), as pydicom would give them
     (signed when Pixel Representation is 1); None when the frame is not what the header
     says (another size, colour), so that the next decoder decides."""
@@ -82,4 +80,4 @@ def decode(
         if 0 < bits <= width:
             signed = np.where(signed >= 1 << (bits - 1), signed - (1 << bits), signed)
         values = signed.astype(np.int16 if width == 16 else np.int8)
-    return Decoded(values, 0, 0.0, NAME)
+    return full_resolution(values, NAME)
