@@ -307,8 +307,8 @@ def window_sample(
     arr: np.ndarray, sampling: Sampling | None = None, padding: np.ndarray | None = None
 ) -> np.ndarray:
     """The image resized (Pillow BICUBIC, antialiased) to a short edge of
-    :data:`FALLBACK_WINDOW_EDGE` pixels, rounded into `arr`'s range and type; flattened, and
-    without the samples that `padding` (a mask of `arr`) reaches.
+    :data:`FALLBACK_WINDOW_EDGE` pixels, float64, clipped to the range of `arr`'s anatomy;
+    flattened, and without the samples that `padding` (a mask of `arr`) reaches.
 
     The fallback window is taken from this, not from the pixels themselves, so that it
     depends on the anatomy and not on the pixel count: at full resolution detector noise
@@ -324,19 +324,19 @@ def window_sample(
     rows, columns = sampling.shape if sampling is not None else arr.shape[:2]
     short = min(rows, columns)
     if arr.ndim != 2 or min(arr.shape) <= FALLBACK_WINDOW_EDGE or short <= FALLBACK_WINDOW_EDGE:
-        return (arr if padding is None else arr[~padding]).ravel()
+        return (arr if padding is None else arr[~padding]).astype(np.float64).ravel()
     size = (
         max(1, round(rows * FALLBACK_WINDOW_EDGE / short)),
         max(1, round(columns * FALLBACK_WINDOW_EDGE / short)),
     )
-    sample = np.rint(resize(arr, size, sampling))
+    sample = resize(arr, size, sampling).astype(np.float64)
     anatomy = arr
     if padding is not None and padding.any() and not padding.all():
         sample = sample[np.abs(resize(padding.astype(np.float32), size, sampling)) < 1e-3]
         anatomy = arr[~padding]
     # the resize's overshoot at edges stays within what the image holds
     np.clip(sample, anatomy.min(), anatomy.max(), out=sample)
-    return sample.astype(arr.dtype).ravel()
+    return sample.ravel()
 
 
 def normalize(arr: np.ndarray, ds: Dataset, sampling: Sampling | None = None) -> DisplayImage:
@@ -373,15 +373,16 @@ def normalize(arr: np.ndarray, ds: Dataset, sampling: Sampling | None = None) ->
             padding = is_padding(values)
 
             def from_histogram(modality: np.ndarray) -> tuple[float, float]:
-                counts = np.bincount(sample().astype(np.int64) - low, minlength=values.size)
-                weights = np.where(padding, 0, counts).astype(np.float64)
-                total = weights.sum()
-                if total == 0:
+                # the sample unrounded, through the modality table interpolated: the window
+                # is then a continuous function of the sample, so two decodes whose samples
+                # differ a little get windows that differ as little (rounding to stored
+                # values made an 8-bit window jump by a whole grey level)
+                kept = sample()
+                kept = kept[~is_padding(np.rint(kept))]
+                if not kept.size:
                     return float(modality.min()), float(modality.max())
-                order = np.argsort(modality, kind="stable")
-                cumulative = np.cumsum(weights[order]) / total
-                pick = np.searchsorted(cumulative, np.asarray(FALLBACK_PERCENTILES) / 100.0)
-                low_v, high_v = modality[order][np.minimum(pick, order.size - 1)]
+                mapped = np.interp(kept, values, modality)
+                low_v, high_v = np.percentile(mapped, FALLBACK_PERCENTILES)
                 return float(low_v), float(high_v)
 
             lut, source, modality_source = _display_lut(values, padding, ds, from_histogram)
@@ -392,6 +393,8 @@ def normalize(arr: np.ndarray, ds: Dataset, sampling: Sampling | None = None) ->
 
     def from_sample(_: np.ndarray) -> tuple[float, float]:
         values = sample()
+        if arr.dtype.kind in "iu":  # stored values, as a Modality LUT indexes them
+            values = np.rint(values).astype(np.int64)
         kept = values[~is_padding(values)].astype(np.float64)
         if not kept.size:
             return 0.0, 1.0
