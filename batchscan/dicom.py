@@ -321,10 +321,10 @@ def window_sample(
     sample that padding reaches is a blend of padding and anatomy, neither of them, so it is
     left out.
     """
-    rows, columns = sampling.shape if sampling is not None else arr.shape[:2]
-    short = min(rows, columns)
-    if arr.ndim != 2 or min(arr.shape) <= FALLBACK_WINDOW_EDGE or short <= FALLBACK_WINDOW_EDGE:
+    if arr.ndim != 2 or min(arr.shape) <= FALLBACK_WINDOW_EDGE:
         return (arr if padding is None else arr[~padding]).astype(np.float64).ravel()
+    rows, columns = sampling.shape if sampling is not None else arr.shape
+    short = min(rows, columns)
     size = (
         max(1, round(rows * FALLBACK_WINDOW_EDGE / short)),
         max(1, round(columns * FALLBACK_WINDOW_EDGE / short)),

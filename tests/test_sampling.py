@@ -92,3 +92,8 @@ def test_preprocess_reads_a_band_through_its_sampling() -> None:
     boxed = Box(2).apply(Box(2).apply(image).T).T.astype(np.float32)
     same = preprocess(boxed, Sampling(image.shape, (Box(2),)))
     assert np.array_equal(same, preprocess(boxed))
+
+
+def test_only_bands_small_enough_to_estimate_from() -> None:
+    assert Sampling((4280, 3520), (WaveletBand(REVERSIBLE_5_3, 3),)).estimable()
+    assert not Sampling((60000, 4000), (WaveletBand(REVERSIBLE_5_3, 4),)).estimable()

@@ -93,7 +93,8 @@ def decode(frame: bytes | None, ds: Dataset, level: int) -> Decoded | None:
     Returns stored values (the dtype pydicom would give), r and their sampling (a
     :class:`~batchscan.sampling.WaveletBand`); None when no level > 0 is usable (signed
     data, several components, image offsets, a precision over 16 bits, a wavelet other
-    than JPEG 2000's two).
+    than JPEG 2000's two, a size other than the header's, a band too large to estimate
+    from: :meth:`~batchscan.sampling.Sampling.estimable`).
     """
     from PIL import Image
 
@@ -105,10 +106,13 @@ def decode(frame: bytes | None, ds: Dataset, level: int) -> Decoded | None:
     width, height, precision, signed, levels, transform = facts
     if signed or precision > 16 or transform not in LOW_PASS:
         return None
+    if (height, width) != (int(ds.Rows), int(ds.Columns)):  # the header's size is the one
+        return None  # checked against the pixel cap: pydicom decides
     usable = min(max(level, reduction_level(height, width, OVERSAMPLED_EDGE)), levels)
     while usable > 0 and not (_pillow_agrees(width, usable) and _pillow_agrees(height, usable)):
         usable -= 1
-    if usable == 0:
+    sampling = Sampling((height, width), (WaveletBand(transform, usable),))
+    if usable == 0 or not sampling.estimable():
         return None
     with Image.open(io.BytesIO(frame)) as picture:
         picture.reduce = usable  # Pillow's Jpeg2KImageFile setter: OpenJPEG's reduce factor
@@ -118,5 +122,4 @@ def decode(frame: bytes | None, ds: Dataset, level: int) -> Decoded | None:
         values = values.astype(np.uint16, copy=False)
         if picture.mode.startswith("I;16") and precision < 16:
             values = values >> (16 - precision)
-    sampling = Sampling((height, width), (WaveletBand(transform, usable),))
     return Decoded(values, usable, sampling, NAME)
