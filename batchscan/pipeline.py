@@ -62,13 +62,19 @@ WORKER_MALLOC: Final = {
     "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
     "MALLOC_TRIM_THRESHOLD_": str(128 * 1024 * 1024),
 }
+#: One BLAS thread per decode process: there is one process per core already, and numpy's
+#: OpenBLAS threads, spinning on the other workers' cores, made two workers slower than one
+#: on JPEG 2000 bands (their small matrix products, :mod:`batchscan.sampling`; measured 12.0
+#: s against 8.6 s for the same 308 files). Read when a process loads numpy: the forkserver's.
+WORKER_THREADS: Final = {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def worker_context() -> BaseContext:
     """The multiprocessing context decode processes start from: ``forkserver`` (the main
     process holds TensorFlow, which must not be forked), with the stages preloaded and
-    :data:`WORKER_MALLOC` in the environment, where glibc reads it when the server starts."""
-    for name, value in WORKER_MALLOC.items():
+    :data:`WORKER_MALLOC` and :data:`WORKER_THREADS` in the environment, where glibc and
+    numpy read them when the server starts (this process's numpy is loaded already)."""
+    for name, value in (WORKER_MALLOC | WORKER_THREADS).items():
         os.environ.setdefault(name, value)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["batchscan.pipeline"])
