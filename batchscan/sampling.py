@@ -23,8 +23,10 @@ cached per image size; :func:`resize` is the one view needed (the preprocessing'
 The image model is the classic one of image coding (A. K. Jain, *Fundamentals of Digital Image
 Processing*, 1989, ch. 2 and 5): an exponential covariance exp(-d / L) with L a tenth of the
 image side (:data:`CORRELATION`), plus white noise at 1e-3 of the variance (:data:`NOISE`). It
-is not fitted to any data set; the scores hardly move when L or the noise change tenfold
-(figures in :mod:`batchscan.decoders.jpeg2000`).
+is not fitted to any data set, and the scores hardly depend on it: on 150 val images written
+as 2048 px JPEG 2000 (three levels), the largest score change against the full decode stayed
+0.0011 (header window) / 0.0016 (percentile window) with L five times larger or the noise ten
+times larger or smaller; L four times smaller gave 0.0011 / 0.0036.
 """
 
 from __future__ import annotations
