@@ -52,9 +52,11 @@ from batchscan.state import RUN_STUDY_COUNTS, STATE_FILE, StateError, StateStore
 log = logging.getLogger("batchscan")
 
 #: Version of what a stored file row holds: raised when a release adds or changes columns,
-#: so that rows stored by an older release are read again rather than reported half-empty
-#: (3: domain, OOD, device columns and ISO study dates).
-ROW_FORMAT = 3
+#: or changes how a file's score is made, so that rows stored by an older release are read
+#: again rather than reported half-empty or scored two ways in one archive (3: domain, OOD,
+#: device columns and ISO study dates; 4: JPEG 2000 bands and the percentile window's sample
+#: estimated, batchscan.sampling).
+ROW_FORMAT = 4
 #: Seconds between progress log lines when stderr is not a terminal (cron).
 LOG_EVERY_SECONDS = 60.0
 
