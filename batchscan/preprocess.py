@@ -80,15 +80,6 @@ def spec_is_supported(spec: object) -> bool:
     )
 
 
-def centre_square(image: np.ndarray) -> np.ndarray:
-    """Return the centred square view of `image` whose side is the short edge (no copy)."""
-    rows, cols = image.shape
-    side = min(rows, cols)
-    top = (rows - side) // 2
-    left = (cols - side) // 2
-    return image[top : top + side, left : left + side]
-
-
 def to_source(display: np.ndarray, sampling: Sampling | None = None) -> np.ndarray:
     """Steps 1-2 of the spec: crop the centre square and reduce it to 28 x 28.
 

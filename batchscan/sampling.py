@@ -225,6 +225,15 @@ def resize_view(n: int, steps: tuple[Step, ...], top: int, side: int, size: int)
     return np.ascontiguousarray(_pillow_resize(basis, (basis.shape[0], size)).T)
 
 
+def centre_square(image: np.ndarray) -> np.ndarray:
+    """Return the centred square view of `image` whose side is the short edge (no copy)."""
+    rows, cols = image.shape
+    side = min(rows, cols)
+    top = (rows - side) // 2
+    left = (cols - side) // 2
+    return image[top : top + side, left : left + side]
+
+
 def resize(
     values: np.ndarray,
     size: tuple[int, int],
@@ -245,12 +254,7 @@ def resize(
         If a band's `values` are not the shape its sampling makes.
     """
     if sampling is None or not sampling.banded:
-        if square:
-            rows, columns = values.shape
-            side = min(rows, columns)
-            top, left = (rows - side) // 2, (columns - side) // 2
-            values = values[top : top + side, left : left + side]
-        return _pillow_resize(values, size)
+        return _pillow_resize(centre_square(values) if square else values, size)
     views = []
     for n, out in zip(sampling.shape, size, strict=True):
         side = min(sampling.shape) if square else n

@@ -7,12 +7,12 @@ import pytest
 
 from batchscan.preprocess import (
     PREPROCESSING_SPEC,
-    centre_square,
     preprocess,
     preprocess_many,
     spec_is_supported,
     to_source,
 )
+from batchscan.sampling import centre_square
 
 
 def test_output_is_model_input() -> None:
