@@ -8,7 +8,10 @@ model did not learn from).
 
 Labels file: CSV with a header naming the join key, ``accession_number`` or
 ``study_instance_uid`` (exactly one of them), and ``label``: ``1``/``0`` or ``pneumonia``/
-``normal`` (any case). Other columns are ignored. A malformed file is refused as a whole
+``normal`` (any case), or ``uncertain`` (what ``batchscan labels`` writes for a hedged
+report). Other columns are ignored. Uncertain rows are left out and counted by default;
+``uncertain="pneumonia"`` or ``"normal"`` counts them as that label instead (the CheXpert
+labeler's U-Ones and U-Zeros policies). A malformed file is refused as a whole
 (:class:`LabelsError`, exit 2) with its line and problem: a half-read labels file would
 give a figure that looks right and is not. A key given twice with the same label counts
 once and is reported; a key given with both labels is reported and left out, never resolved
@@ -31,7 +34,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
 import pandas as pd
@@ -42,6 +45,10 @@ from batchscan.report import MANIFEST_FILE, STUDIES_FILE
 KEYS: Final = ("accession_number", "study_instance_uid")
 LABEL_COLUMN: Final = "label"
 _LABEL_VALUES: Final = {"1": 1, "0": 0, "pneumonia": 1, "normal": 0}
+UNCERTAIN: Final = "uncertain"
+#: What an ``uncertain`` row becomes: left out (default), or counted as pneumonia or normal.
+UNCERTAIN_POLICIES: Final = ("drop", "pneumonia", "normal")
+UncertainPolicy = Literal["drop", "pneumonia", "normal"]
 #: Subgroups: the study column each is read from (``view`` is made from the scored images).
 SUBGROUPS: Final = ("age_group", "in_domain", "view", "modality", "manufacturer")
 DEFAULT_TARGET_SENSITIVITY: Final = 0.90
@@ -75,6 +82,13 @@ class Labels:
         Keys given with both labels (left out of every figure).
     rows:
         Data lines read.
+    uncertain:
+        Rows labelled ``uncertain`` (left out under the ``drop`` policy, else counted as
+        the policy's label).
+    uncertain_policy:
+        ``drop``, ``pneumonia`` or ``normal``.
+    uncertain_keys:
+        Keys whose every row is ``uncertain`` and that were left out (``drop`` only).
     """
 
     key: str
@@ -82,6 +96,9 @@ class Labels:
     duplicates: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
     rows: int = 0
+    uncertain: int = 0
+    uncertain_policy: str = "drop"
+    uncertain_keys: list[str] = field(default_factory=list)
 
 
 def parse_label(text: str) -> int | None:
@@ -90,15 +107,28 @@ def parse_label(text: str) -> int | None:
     return _LABEL_VALUES.get(text.strip().lower())
 
 
-def read_labels(path: Path) -> Labels:
+def read_labels(path: Path, uncertain: UncertainPolicy = "drop") -> Labels:
     """Read and check a labels file (see the module docstring).
+
+    Parameters
+    ----------
+    path:
+        The labels file.
+    uncertain:
+        What an ``uncertain`` row becomes: ``drop`` (left out, counted), ``pneumonia`` or
+        ``normal``.
 
     Raises
     ------
     LabelsError
         Unreadable, not UTF-8, no usable header, a line with the wrong number of fields,
-        an empty key, a label that is not 0/1 or normal/pneumonia, or no label at all.
+        an empty key, a label that is not 0/1, normal/pneumonia or uncertain, no label at
+        all, or an unknown `uncertain` policy.
     """
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise LabelsError(
+            f"uncertain labels: {uncertain!r} is not one of {', '.join(UNCERTAIN_POLICIES)}"
+        )
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -126,7 +156,8 @@ def read_labels(path: Path) -> Labels:
     seen: dict[str, int] = {}
     duplicates: set[str] = set()
     conflicts: set[str] = set()
-    rows = 0
+    rows = n_uncertain = 0
+    dropped: set[str] = set()
     try:
         for line_number, fields in enumerate(reader, start=2):
             if not fields or all(not f.strip() for f in fields):
@@ -139,12 +170,20 @@ def read_labels(path: Path) -> Labels:
             if not value:
                 raise LabelsError(f"{path} line {line_number}: empty {key}")
             label = parse_label(fields[label_at])
-            if label is None:
+            if fields[label_at].strip().lower() == UNCERTAIN:
+                rows += 1
+                n_uncertain += 1
+                if uncertain == "drop":
+                    dropped.add(value)
+                    continue
+                label = _LABEL_VALUES[uncertain]
+            elif label is None:
                 raise LabelsError(
                     f"{path} line {line_number}: label {fields[label_at]!r} is not "
-                    "0/1 or normal/pneumonia"
+                    "0/1, normal/pneumonia or uncertain"
                 )
-            rows += 1
+            else:
+                rows += 1
             if value in seen:
                 (duplicates if seen[value] == label else conflicts).add(value)
             else:
@@ -153,9 +192,20 @@ def read_labels(path: Path) -> Labels:
         raise LabelsError(f"{path} line {reader.line_num}: {exc}") from None
     if rows == 0:
         raise LabelsError(f"{path}: no labels after the header")
+    if not seen:
+        raise LabelsError(f"{path}: all {rows} labels are uncertain (see --uncertain)")
     duplicates -= conflicts
     values = {k: v for k, v in seen.items() if k not in conflicts}
-    return Labels(key, values, sorted(duplicates), sorted(conflicts), rows)
+    return Labels(
+        key,
+        values,
+        sorted(duplicates),
+        sorted(conflicts),
+        rows,
+        n_uncertain,
+        uncertain,
+        sorted(dropped - seen.keys()),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +329,9 @@ def evaluate(
     matched["label"] = key[labelled].map(labels.values).astype(int).to_numpy()
     counts = key[labelled].value_counts()
     shared = sorted(str(k) for k in counts[counts > 1].index)
-    unlabelled = studies[~labelled & ~key.isin(labels.conflicts).to_numpy()]
+    left_out = key.isin(labels.conflicts) | key.isin(labels.uncertain_keys)
+    uncertain_scored = int((key.isin(labels.uncertain_keys) & ~key.isin(labels.values)).sum())
+    unlabelled = studies[~labelled & ~left_out.to_numpy()]
     without_label = sorted(
         str(k if k is not None else uid)
         for k, uid in zip(key[unlabelled.index], unlabelled["study_instance_uid"], strict=True)
@@ -314,6 +366,9 @@ def evaluate(
             "distinct_keys": len(labels.values) + len(labels.conflicts),
             "duplicates": labels.duplicates,
             "conflicts": labels.conflicts,
+            "uncertain_rows": labels.uncertain,
+            "uncertain_policy": labels.uncertain_policy,
+            "uncertain_scored_studies_left_out": uncertain_scored,
             "matching_no_scored_study": unmatched,
             "matching_several_studies": shared,
         },
@@ -358,6 +413,16 @@ def summary(result: dict[str, Any]) -> str:
         f"labels: {len(lab['duplicates'])}; conflicting labels (left out): "
         f"{len(lab['conflicts'])}",
     ]
+    if lab.get("uncertain_rows"):
+        policy = lab["uncertain_policy"]
+        lines.append(
+            f"uncertain labels: {lab['uncertain_rows']} rows, "
+            + (
+                f"left out ({lab['uncertain_scored_studies_left_out']} of them scored studies)"
+                if policy == "drop"
+                else f"counted as {policy}"
+            )
+        )
     for title, keys in (
         ("labels matching no scored study", lab["matching_no_scored_study"]),
         ("conflicting labels", lab["conflicts"]),
@@ -459,6 +524,10 @@ def render_html(result: dict[str, Any]) -> str:
         ("scored studies without a label", len(result["scored_studies_without_label"])),
         ("keys given twice, same label (counted once)", len(lab["duplicates"])),
         ("keys given with both labels (left out)", len(lab["conflicts"])),
+        (
+            f"uncertain label rows ({lab.get('uncertain_policy', 'drop')})",
+            lab.get("uncertain_rows", 0),
+        ),
         ("labels matching several studies (each counted)", len(lab["matching_several_studies"])),
     ]
     listings = "".join(

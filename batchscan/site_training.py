@@ -323,6 +323,8 @@ def run_training(request: TrainRequest) -> dict[str, Any]:
         "key": request.pseudonym_key is not None,
         "seed": request.seed if request.pseudonym_key is None else None,
         "labels_key": request.labels.key,
+        # The same file gives other labels under another policy for its uncertain rows.
+        "uncertain": request.labels.uncertain_policy,
     }
     labels_sha = hashlib.sha256(request.labels_path.read_bytes()).hexdigest()
     request.out.mkdir(parents=True, exist_ok=True)
@@ -391,6 +393,10 @@ def run_training(request: TrainRequest) -> dict[str, Any]:
         "training_data": {
             "name": dataset.name,
             "labels_sha256": labels_sha,
+            "uncertain_labels": {
+                "rows": request.labels.uncertain,
+                "policy": request.labels.uncertain_policy,
+            },
             "archive_fingerprint": examples.fingerprint,
             "files_in_archive": examples.files,
             "accounting": examples.accounting,
