@@ -43,7 +43,13 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     scan = commands.add_parser("scan", help="score an archive folder")
-    scan.add_argument("archive", type=Path, metavar="ARCHIVE_DIR", nargs="?")
+    scan.add_argument(
+        "archive",
+        type=Path,
+        metavar="ARCHIVE_DIR",
+        nargs="?",
+        help="the archive folder (only read; required here or in --config)",
+    )
     scan.add_argument("--out", type=Path, metavar="REPORT_DIR", help="where reports go (required)")
     scan.add_argument(
         "--config",
@@ -72,7 +78,13 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
         metavar="PATH",
         help="a .keras model with its .json card (default: the bundled model)",
     )
-    scan.add_argument("--batch-size", type=int_at_least(1), default=256, metavar="N")
+    scan.add_argument(
+        "--batch-size",
+        type=int_at_least(1),
+        default=256,
+        metavar="N",
+        help="images per inference batch (default 256; larger on a GPU)",
+    )
     scan.add_argument(
         "--workers",
         type=int_at_least(0),
@@ -138,14 +150,18 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
     evaluate = commands.add_parser(
         "evaluate", help="measure the scores of a finished scan against the site's labels"
     )
-    evaluate.add_argument("report_dir", type=Path, metavar="REPORT_DIR")
+    evaluate.add_argument(
+        "report_dir", type=Path, metavar="REPORT_DIR", help="the --out folder of a finished scan"
+    )
     evaluate.add_argument(
         "--labels",
         type=Path,
         required=True,
         metavar="LABELS.csv",
-        help="CSV with accession_number or study_instance_uid, and label (0/1 or normal/pneumonia)",
+        help="CSV with accession_number or study_instance_uid, and label (0/1, "
+        "normal/pneumonia or uncertain), e.g. from batchscan labels",
     )
+    _uncertain_option(evaluate)
     evaluate.add_argument(
         "--out",
         type=Path,
@@ -163,9 +179,24 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
     train = commands.add_parser(
         "train", help="fine-tune (or retrain) the model on the site's labelled archive"
     )
-    train.add_argument("archive", type=Path, metavar="ARCHIVE_DIR")
-    train.add_argument("--labels", type=Path, required=True, metavar="LABELS.csv")
-    train.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR")
+    train.add_argument(
+        "archive", type=Path, metavar="ARCHIVE_DIR", help="the site's archive (only read)"
+    )
+    train.add_argument(
+        "--labels",
+        type=Path,
+        required=True,
+        metavar="LABELS.csv",
+        help="labels of the archive's studies, as for evaluate (e.g. from batchscan labels)",
+    )
+    _uncertain_option(train)
+    train.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="MODEL_DIR",
+        help="where the model, its card, OOD statistics and input cache go",
+    )
     train.add_argument("--name", default="site_cnn", help="model file stem (default site_cnn)")
     train.add_argument(
         "--base", type=Path, metavar="MODEL", help="model to fine-tune (default: the bundled)"
@@ -173,27 +204,140 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
     train.add_argument(
         "--from-scratch", action="store_true", help="train the seed architecture anew"
     )
-    train.add_argument("--epochs", type=int_at_least(1), metavar="N")
-    train.add_argument("--batch-size", type=int_at_least(1), default=64, metavar="N")
-    train.add_argument("--learning-rate", type=float, metavar="LR")
-    train.add_argument("--patience", type=int_at_least(1), default=8, metavar="N")
-    train.add_argument("--seed", type=int, default=1234)
-    train.add_argument("--no-augment", action="store_true")
-    train.add_argument("--workers", type=int_at_least(0), default=default_workers(), metavar="N")
-    train.add_argument("--cache", type=Path, metavar="PATH", help="model-input cache file")
-    train.add_argument("--pseudonym-key-file", type=Path, metavar="PATH")
-    train.add_argument("--no-progress", action="store_true")
+    train.add_argument(
+        "--epochs",
+        type=int_at_least(1),
+        metavar="N",
+        help="most epochs (default 30 fine-tuning, 60 from scratch; early stopping may end sooner)",
+    )
+    train.add_argument(
+        "--batch-size",
+        type=int_at_least(1),
+        default=64,
+        metavar="N",
+        help="training batch size (default 64)",
+    )
+    train.add_argument(
+        "--learning-rate",
+        type=float,
+        metavar="LR",
+        help="Adam learning rate (default 1e-3, the shipped model's, fine-tuning or not)",
+    )
+    train.add_argument(
+        "--patience",
+        type=int_at_least(1),
+        default=8,
+        metavar="N",
+        help="stop after N epochs without a better validation AUC (default 8)",
+    )
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=1234,
+        metavar="N",
+        help="seed of the patient split, the augmentation and the weights (default 1234)",
+    )
+    train.add_argument(
+        "--no-augment", action="store_true", help="train without the radiograph augmentation"
+    )
+    train.add_argument(
+        "--workers",
+        type=int_at_least(0),
+        default=default_workers(),
+        metavar="N",
+        help="decode processes (default: all cores; 0: in-process)",
+    )
+    train.add_argument(
+        "--cache",
+        type=Path,
+        metavar="PATH",
+        help="model-input cache file (default MODEL_DIR/<name>.inputs.npz)",
+    )
+    train.add_argument(
+        "--pseudonym-key-file",
+        type=Path,
+        metavar="PATH",
+        help="key of the pseudonymised patient key that the split groups by (also "
+        "BATCHSCAN_PSEUDONYM_KEY); without one, an HMAC of PatientID kept in memory",
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    labels = commands.add_parser(
+        "labels", help="label studies pneumonia/normal/uncertain from their radiology reports"
+    )
+    labels.add_argument(
+        "reports",
+        type=Path,
+        metavar="REPORTS",
+        help="CSV (header line; quoted multi-line text) or JSON Lines (.jsonl) of reports, UTF-8",
+    )
+    labels.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="LABELS.csv",
+        help="labels file to write: key, label, reason (one row per report)",
+    )
+    labels.add_argument(
+        "--audit",
+        type=Path,
+        metavar="AUDIT.csv",
+        help="also write the sentences that decided each label, for a person to check "
+        "(holds report text: keep it where the reports are kept)",
+    )
+    labels.add_argument(
+        "--key",
+        choices=("accession_number", "study_instance_uid"),
+        default="accession_number",
+        help="the column that names the study (default accession_number)",
+    )
+    labels.add_argument(
+        "--text-column",
+        default="report",
+        metavar="NAME",
+        help="the column (or JSON field) with the report text (default report)",
+    )
+    labels.add_argument(
+        "--airspace",
+        choices=("pneumonia", "uncertain"),
+        default="pneumonia",
+        help="an airspace finding (consolidation, infiltrate, airspace disease) asserted "
+        "without a pneumonia word: pneumonia (default) or uncertain",
+    )
+    labels.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     report = commands.add_parser(
         "report", help="make REPORT_DIR/report.html again from the state, without scanning"
     )
-    report.add_argument("report_dir", type=Path, metavar="REPORT_DIR")
+    report.add_argument(
+        "report_dir", type=Path, metavar="REPORT_DIR", help="the --out folder of a scan"
+    )
 
     demo = commands.add_parser("demo", help="write a small synthetic demo archive")
-    demo.add_argument("directory", type=Path, metavar="DIR")
-    demo.add_argument("--size", type=int_at_least(1), default=1024, help="image side in pixels")
-    demo.add_argument("--studies", type=int_at_least(1), default=6)
+    demo.add_argument(
+        "directory", type=Path, metavar="DIR", help="folder to create (must not hold files)"
+    )
+    demo.add_argument(
+        "--size", type=int_at_least(1), default=1024, help="image side in pixels (default 1024)"
+    )
+    demo.add_argument(
+        "--studies",
+        type=int_at_least(1),
+        default=6,
+        metavar="N",
+        help="studies with a frontal and a lateral image (default 6)",
+    )
     return parser
+
+
+def _uncertain_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--uncertain",
+        choices=("drop", "pneumonia", "normal"),
+        default="drop",
+        help="labels marked uncertain: left out and counted (drop, default), or counted as "
+        "pneumonia or normal",
+    )
 
 
 def _scan(args: argparse.Namespace) -> int:
@@ -256,7 +400,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
 
     try:
-        labels = read_labels(args.labels)
+        labels = read_labels(args.labels, args.uncertain)
         result = evaluate(args.report_dir, labels, args.target_sensitivity)
         written = write_evaluation(result, args.out or args.report_dir)
     except (LabelsError, EvaluationError) as exc:
@@ -284,7 +428,7 @@ def _train(args: argparse.Namespace) -> int:
         request = TrainRequest(
             archive=args.archive,
             labels_path=args.labels,
-            labels=read_labels(args.labels),
+            labels=read_labels(args.labels, args.uncertain),
             out=args.out,
             name=args.name,
             base=args.base,
@@ -313,6 +457,29 @@ def _train(args: argparse.Namespace) -> int:
         f"), sensitivity {m['test_sensitivity']:.3f}, specificity "
         f"{m['test_specificity']:.3f} at threshold {card['threshold']:.3f}"
     )
+    return EXIT_OK
+
+
+def _labels(args: argparse.Namespace) -> int:
+    from batchscan.report_labels import ReportsError, run_labels
+
+    try:
+        run = run_labels(
+            args.reports,
+            args.out,
+            audit=args.audit,
+            key=args.key,
+            text_column=args.text_column,
+            airspace=args.airspace,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
+    except ReportsError as exc:
+        print(f"batchscan: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"batchscan: error: cannot write the labels: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(run.summary())
     return EXIT_OK
 
 
@@ -369,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "labels":
+            return _labels(args)
         return _demo(args)
     except KeyboardInterrupt:
         print("batchscan: interrupted; previous reports left as they were", file=sys.stderr)

@@ -41,3 +41,17 @@ def test_readme_lists_every_reason_and_nothing_else() -> None:
     code, readme = _code_reasons(), _readme_reasons()
     assert code - readme == set(), "reasons the code emits that README does not list"
     assert readme - code == set(), "reasons README lists that the code never emits"
+
+
+def test_readme_lists_every_labels_reason() -> None:
+    """README's table of `batchscan labels` reasons is the code's list, with the code's labels."""
+    from batchscan.report_labels import REASONS
+
+    text = (ROOT / "README.md").read_text()
+    table = text[
+        text.index("| reason | label | the report") : text.index("How a report is decided")
+    ]
+    rows = [line.split("|") for line in table.splitlines()[2:] if line.startswith("| `")]
+    readme = {row[1].strip().strip("`"): row[2].strip() for row in rows}
+    assert list(readme) == list(REASONS)
+    assert set(readme.values()) == {"pneumonia", "normal", "uncertain"}
