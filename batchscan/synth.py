@@ -11,6 +11,7 @@ patient name and birth date present (so tests can prove they never reach a repor
 
 from __future__ import annotations
 
+import csv
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,6 +304,40 @@ def write_labels(path: Path | str, rows: list[tuple[str, int]]) -> Path:
     return path
 
 
+#: Radiology reports of the demo's studies, as a RIS export would give them: normal studies
+#: first, then pneumonia, one of them hedged (``batchscan labels`` calls it uncertain).
+DEMO_REPORTS: Final = (
+    (
+        "INDICATION: Cough.\nCOMPARISON: None.\nFINDINGS: The heart is normal in size. The "
+        "lungs are clear without focal consolidation. No pleural effusion or pneumothorax.\n"
+        "IMPRESSION: No acute cardiopulmonary process.",
+        "INDICATION: Fever, rule out pneumonia.\nFINDINGS: Lungs are well expanded and clear. "
+        "No infiltrate.\nIMPRESSION: No evidence of pneumonia.",
+        "FINDINGS: Mild streaky opacity at the left base, likely atelectasis. No focal "
+        "airspace disease.\nIMPRESSION: Minimal left basilar atelectasis. No pneumonia.",
+    ),
+    (
+        "INDICATION: Fever and cough.\nFINDINGS: Airspace consolidation in the right lower "
+        "lobe with air bronchograms.\nIMPRESSION: Right lower lobe pneumonia.",
+        "FINDINGS: Patchy opacity in the left lower lobe.\nIMPRESSION: Left lower lobe "
+        "opacity, atelectasis versus early pneumonia.",
+        "FINDINGS: Dense consolidation in the right middle lobe.\nIMPRESSION: Findings "
+        "consistent with right middle lobe pneumonia.",
+    ),
+)
+
+
+def write_reports(path: Path | str, rows: list[tuple[str, str]]) -> Path:
+    """Write a reports file as ``batchscan labels`` reads it (``accession_number,report``;
+    quoted multi-line text)."""
+    path = Path(path)
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("accession_number", "report"))
+        writer.writerows(rows)
+    return path
+
+
 def write_demo_archive(root: Path | str, *, size: int = 1024, studies: int = 6) -> list[Path]:
     """A small realistic archive: what ``batchscan demo`` writes.
 
@@ -310,7 +345,8 @@ def write_demo_archive(root: Path | str, *, size: int = 1024, studies: int = 6) 
     ``<year>/<accession>/<series>/<file>``; plus a CT slice (skipped), a DICOMDIR-free
     report text file (not DICOM), a truncated radiograph (failed) and a nested empty file.
     Half of the studies carry a pneumonia-like opacity; ``labels.csv`` says which (1), as a
-    hospital's labels file for ``batchscan evaluate`` would (it is itself not DICOM).
+    hospital's labels file for ``batchscan evaluate`` would, and ``reports.csv`` holds a
+    radiology report per study for ``batchscan labels`` (neither is DICOM).
     """
     root = Path(root)
     written: list[Path] = []
@@ -361,4 +397,6 @@ def write_demo_archive(root: Path | str, *, size: int = 1024, studies: int = 6) 
     written.append(notes)
     labels = [(f"ACC{1000 + i}", int(i % 2 == 1)) for i in range(studies)]
     written.append(write_labels(root / "labels.csv", labels))
+    reports = [(a, DEMO_REPORTS[label][i // 2 % 3]) for i, (a, label) in enumerate(labels)]
+    written.append(write_reports(root / "reports.csv", reports))
     return written

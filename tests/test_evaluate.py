@@ -123,6 +123,21 @@ def test_evaluate_the_demo_from_the_command_line(tmp_path: Path, capsys) -> None
     assert err.count("\n") == 1 and "holds no batchscan reports" in err
     bad_target = ["--target-sensitivity", "1.5"]
     assert main(["evaluate", str(reports), "--labels", str(labels), *bad_target]) == 2
+    # The loop from reports: the demo's reports give its labels, the hedged one uncertain.
+    from_reports = tmp_path / "from_reports.csv"
+    assert main(["labels", str(archive / "reports.csv"), "--out", str(from_reports)]) == 0
+    assert "6 reports: 2 pneumonia, 3 normal, 1 uncertain" in capsys.readouterr().out
+    made = pd.read_csv(from_reports).set_index("accession_number")
+    assert made.loc["ACC1003", "label"] == "uncertain"
+    for i in (0, 1, 2, 4, 5):
+        assert made.loc[f"ACC{1000 + i}", "label"] == ("pneumonia" if i % 2 else "normal")
+    assert main(["evaluate", str(reports), "--labels", str(from_reports), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "5 labelled scored studies (2 pneumonia, 3 normal)" in printed
+    assert "uncertain labels: 1 rows, left out (1 of them scored studies)" in printed
+    ones = ["--uncertain", "pneumonia", "--out", str(out)]
+    assert main(["evaluate", str(reports), "--labels", str(from_reports), *ones]) == 0
+    assert "6 labelled scored studies (3 pneumonia, 3 normal)" in capsys.readouterr().out
 
 
 @pytest.mark.slow
