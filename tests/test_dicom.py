@@ -10,7 +10,7 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian
 
-from batchscan.dicom import decode_record, normalize, read_display_image
+from batchscan.dicom import FALLBACK_PERCENTILES, decode_record, normalize, read_display_image
 from batchscan.header import StageOptions, read_header
 from batchscan.preprocess import preprocess
 from batchscan.records import ImageRecord
@@ -111,17 +111,53 @@ def test_voi_lut_sequence_is_preferred() -> None:
     assert image.pixels.min() >= 0.0 and image.pixels.max() <= 1.0
 
 
-def test_fallback_window_ignores_padding() -> None:
+def test_fallback_window_keeps_padding_in_its_sample_as_dcmtk_does() -> None:
+    """DCMTK's histogram window is the same with and without Pixel Padding Value (measured,
+    jobs/window_check.py); padding is shown black either way."""
     arr = np.full((100, 100), 500, dtype=np.uint16)
     arr[:, :50] = np.linspace(1000, 2000, 50, dtype=np.uint16)
     arr[0, 0] = 4095  # one hot pixel: the percentile window is not dragged by it
-    padded = arr.copy()
-    padded[90:, :] = 0
-    out = normalize(padded, _dataset(padded, PixelPaddingValue=0))
+    arr[90:, :] = 0
+    out = normalize(arr, _dataset(arr, PixelPaddingValue=0))
     assert out.voi_source == "percentile"
     assert out.pixels[95, 10] == 0.0  # padding shown black
     plain = normalize(arr, _dataset(arr))
-    assert np.allclose(out.pixels[:90], plain.pixels[:90])
+    assert np.allclose(out.pixels, plain.pixels)
+    low, high = np.percentile(arr, FALLBACK_PERCENTILES)
+    assert low == 0 and abs(out.pixels[50, 70] - (500 - low) / (high - low)) < 0.02
+
+
+def _padded_ct(n: int = 256) -> np.ndarray:
+    """A windowless CT slice stored signed, -2000 outside a circular field of view."""
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[:n, :n] / (n - 1) * 2 - 1
+    hu = np.full((n, n), -1000.0)  # air inside the field of view
+    body = (x / 0.8) ** 2 + (y / 0.62) ** 2 < 1
+    hu[body] = 40
+    for cx in (-0.38, 0.38):
+        hu[((x - cx) / 0.28) ** 2 + (y / 0.42) ** 2 < 1] = -850
+    stored = np.rint(hu + rng.normal(0, 12, hu.shape) + 1024).astype(np.int16)
+    stored[x**2 + y**2 > 0.98] = -2000
+    return stored
+
+
+def test_padded_signed_windowless_ct_is_windowed_where_dcmtk_windows_it() -> None:
+    """Regression: leaving padding out of the window's sample moved a padded CT's display far
+    from DCMTK's (dcm2pnm +Wh 1: the 0.5/99.5 percentiles of all stored values; on NEMA
+    WG04 CT1 the median went 0.82 -> 0.56). The reference here is that window, computed on
+    the full-resolution pixels."""
+    arr = _padded_ct()
+    ds = _dataset(arr, RescaleSlope=1, RescaleIntercept=-1024, PixelPaddingValue=-2000)
+    out = normalize(arr, ds)
+    assert out.voi_source == "percentile"
+    hu = arr.astype(np.float64) - 1024
+    low, high = np.percentile(hu, FALLBACK_PERCENTILES)
+    assert low == -3024  # padding is in DCMTK's histogram
+    reference = np.clip((hu - low) / (high - low), 0, 1)
+    anatomy = arr != -2000
+    assert np.all(out.pixels[~anatomy] == 0.0)
+    assert np.abs(out.pixels - reference)[anatomy].mean() < 0.01
+    assert abs(np.median(out.pixels[anatomy]) - np.median(reference[anatomy])) < 0.01
 
 
 def test_bits_above_bits_stored_are_masked(tmp_path: Path, picture) -> None:
