@@ -23,7 +23,7 @@ from batchscan.synth import write_demo_archive
 
 EXPECTED = {  # demo archive, default mode: per study one frontal scored, the lateral skipped
     "scored": 6,
-    "skipped": 9,  # 6 laterals, the CT, README.txt and labels.csv (not DICOM)
+    "skipped": 10,  # 6 laterals, the CT, README.txt, labels.csv and reports.csv (not DICOM)
     "failed": 1,
 }
 
@@ -81,7 +81,7 @@ def test_every_file_accounted(scanned) -> None:
     assert reasons["2026/CT/slice001.dcm"] == "modality:CT"
     assert reasons["2026/broken/IM0001"] == "truncated_pixel_data"
     assert reasons["2026/README.txt"] == "not_dicom"
-    assert reasons["labels.csv"] == "not_dicom"
+    assert reasons["labels.csv"] == reasons["reports.csv"] == "not_dicom"
     assert set(images.loc[images["view"] == "LL", "reason"]) == {"view:LL"}
     scored = images[images["status"] == "scored"]
     assert scored["reason"].isna().all()

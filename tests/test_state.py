@@ -58,10 +58,10 @@ def studies(out: Path) -> pd.DataFrame:
 def test_second_run_reads_only_what_changed(archive: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     first = scan(archive, out, "--workers", "0")
-    assert (first["files_processed"], first["files_reused"]) == (20, 0)
+    assert (first["files_processed"], first["files_reused"]) == (21, 0)
     before = images(out)
     second = scan(archive, out, "--workers", "0")
-    assert (second["files_processed"], second["files_reused"]) == (0, 20)
+    assert (second["files_processed"], second["files_reused"]) == (0, 21)
     assert second["engine"]["device"] is None, "nothing to score: the model is never loaded"
     pd.testing.assert_frame_equal(images(out), before)
 
@@ -70,9 +70,9 @@ def test_second_run_reads_only_what_changed(archive: Path, tmp_path: Path) -> No
     os.utime(pa_file, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))  # same size, touched
     (archive / "2026/ACC1001/1/IM0000").unlink()  # a study's only frontal image deleted
     third = scan(archive, out, "--workers", "0")
-    assert (third["files_processed"], third["files_reused"], third["files_removed"]) == (1, 18, 1)
+    assert (third["files_processed"], third["files_reused"], third["files_removed"]) == (1, 19, 1)
     after = images(out)
-    assert "2026/ACC1001/1/IM0000" not in after.index and len(after) == 19
+    assert "2026/ACC1001/1/IM0000" not in after.index and len(after) == 20
     assert after.loc["2025/ACC1000/1/IM0000", "mtime_ns"] == info.st_mtime_ns + 10**9
     study = before.loc["2026/ACC1001/1/IM0000", "study_instance_uid"]
     assert study not in studies(out).index  # only a lateral left: no scored image
@@ -89,7 +89,7 @@ def test_new_model_version_rescores_everything(archive: Path, tmp_path: Path) ->
     ood_file = default_model_path().with_suffix(".ood.npz")  # named by the card
     shutil.copy(ood_file, model.parent / ood_file.name)
     manifest = scan(archive, out, "--workers", "0", "--model", str(model))
-    assert (manifest["files_processed"], manifest["files_reused"]) == (20, 0)
+    assert (manifest["files_processed"], manifest["files_reused"]) == (21, 0)
     assert set(images(out)["model_version"]) == {manifest["model"]["version"]}
     assert manifest["model"]["version"].startswith("retrained-")
 
