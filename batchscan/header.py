@@ -146,10 +146,9 @@ class StageOptions:
         The site's pseudonymisation key: when set, each record gets ``patient_key``, the
         HMAC-SHA256 of its PatientID (see :func:`patient_key`); when None nothing about the
         patient is read.
-    min_input_std:
-        The image sanity gate: a picture whose model input varies less than this (the
-        flattest training image, from the model card) is ``skipped: blank_image``; None
-        scores every picture.
+    blank_gate:
+        The image sanity gate (:mod:`batchscan.sanity`): a blank picture (constant, or noise
+        only) is ``skipped: blank_image``; False scores every picture.
     domain:
         The model card's training domain, which each image is judged against
         (:mod:`batchscan.domain`); None judges nothing.
@@ -161,7 +160,7 @@ class StageOptions:
     max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES
     min_edge: int | None = DEFAULT_MIN_EDGE
     pseudonym_key: bytes | None = field(default=None, repr=False)
-    min_input_std: float | None = None
+    blank_gate: bool = False
     domain: Domain | None = None
     skip_out_of_domain: bool = False
 

@@ -217,13 +217,6 @@ class ModelCard:
     threshold: float
     ood: OodStatistics | None = None
 
-    @property
-    def min_input_std(self) -> float | None:
-        """The image sanity gate's bound from the card (``sanity.min_input_std``); None for
-        a card without one (no gate)."""
-        value = (self.card.get("sanity") or {}).get("min_input_std")
-        return float(value) if isinstance(value, int | float) else None
-
 
 def check_model(model_path: Path | None = None) -> ModelCard:
     """Check a model file and its card (see :func:`read_card`) without loading it.

@@ -109,8 +109,9 @@ class ScanConfig:
         The per-record stages run in the workers (default :func:`prepare_record`).
     state:
         The incremental state database (default ``REPORT_DIR/state.sqlite``).
-    min_input_std:
-        The image sanity gate's bound (set from the model card by the scan).
+    blank_gate:
+        Skip blank pictures (:mod:`batchscan.sanity`; on by default, the same rule for
+        every model).
     domain:
         The model card's training domain (set from the card by the scan).
     out_of_domain:
@@ -144,7 +145,7 @@ class ScanConfig:
     checkpoint_seconds: float = 30.0
     engine: str = "local"
     ray_address: str | None = None
-    min_input_std: float | None = None
+    blank_gate: bool = True
     domain: Domain | None = None
     out_of_domain: str = "score"
 
@@ -160,7 +161,7 @@ class ScanConfig:
             max_pixel_bytes=self.max_pixel_bytes,
             min_edge=self.min_edge,
             pseudonym_key=self.pseudonym_key,
-            min_input_std=self.min_input_std,
+            blank_gate=self.blank_gate,
             domain=self.domain,
             skip_out_of_domain=self.out_of_domain == "skip",
         )
@@ -202,7 +203,7 @@ def prepare_record(record: ImageRecord, options: StageOptions) -> np.ndarray | N
         return None
     if not _stable(record):  # rewritten while we read it: the pixels may be a mix
         return None
-    if not passes(record, tensor, options.min_input_std):  # blank or near-constant
+    if options.blank_gate and not passes(record, tensor):  # constant or noise only
         return None
     return tensor
 

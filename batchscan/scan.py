@@ -47,6 +47,7 @@ from batchscan.report import (
 )
 from batchscan.report_html import REPORT_FILE, ReportInputs, write_report
 from batchscan.runlock import report_dir_lock
+from batchscan.sanity import BLANK_RULE
 from batchscan.state import RUN_STUDY_COUNTS, STATE_FILE, StateError, StateStore
 
 log = logging.getLogger("batchscan")
@@ -55,8 +56,9 @@ log = logging.getLogger("batchscan")
 #: or changes how a file's score is made, so that rows stored by an older release are read
 #: again rather than reported half-empty or scored two ways in one archive (3: domain, OOD,
 #: device columns and ISO study dates; 4: JPEG 2000 bands and the percentile window's sample
-#: estimated, batchscan.sampling).
-ROW_FORMAT = 4
+#: estimated, batchscan.sampling; 5: the fallback window keeps pixel padding in its sample,
+#: as DCMTK does, and the blank-image rule is batchscan-blank-v1 for every model).
+ROW_FORMAT = 5
 #: Seconds between progress log lines when stderr is not a terminal (cron).
 LOG_EVERY_SECONDS = 60.0
 
@@ -240,7 +242,7 @@ def settings_key(config: ScanConfig, checked: ModelCard) -> str:
         "max_pixel_bytes": config.max_pixel_bytes,
         "min_edge": config.min_edge,
         "pseudonym_key": key_id,
-        "min_input_std": checked.min_input_std,
+        "blank_rule": BLANK_RULE if config.blank_gate else None,
         "domain": checked.card.get("domain"),
         "out_of_domain": config.out_of_domain,
         "ood": (checked.card.get("ood") or {}).get("sha256"),
@@ -278,10 +280,8 @@ def run_scan(config: ScanConfig) -> ScanResult:
 def _run(config: ScanConfig, checked: ModelCard, state: StateStore) -> ScanResult:
     """The run proper, with the lock held and the state open."""
     run_id = new_run_id()
-    # the card's sanity gate and training domain reach the per-file stages
-    config = replace(
-        config, min_input_std=checked.min_input_std, domain=Domain.from_card(checked.card)
-    )
+    # the card's training domain reaches the per-file stages
+    config = replace(config, domain=Domain.from_card(checked.card))
     remove_temporaries(config.out)  # left by a run that was killed
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     key = settings_key(config, checked)

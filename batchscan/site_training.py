@@ -46,6 +46,7 @@ from batchscan.paths import readable
 from batchscan.pipeline import ScanConfig, prepared_stream
 from batchscan.preprocess import PREPROCESSING_SPEC
 from batchscan.records import ImageRecord
+from batchscan.sanity import BLANK_RULE
 
 #: Shares of patients (by studies) in train / val / test.
 SPLIT_SHARES: Final = (0.70, 0.15, 0.15)
@@ -108,7 +109,6 @@ def collect(
     workers: int,
     pseudonym_key: bytes | None,
     seed: int,
-    min_input_std: float | None,
     progress: bool = False,
 ) -> Examples:
     """Run the scan's stages over the `records` discovery found in `archive` (whose
@@ -118,7 +118,6 @@ def collect(
         out=archive,  # never written: only the stage options are used
         workers=workers,
         pseudonym_key=pseudonym_key or _split_key(seed),
-        min_input_std=min_input_std,
     )
     bar = None
     if progress:
@@ -319,7 +318,7 @@ def run_training(request: TrainRequest) -> dict[str, Any]:
     base_card = check_model(request.base)
     settings = {
         "spec": PREPROCESSING_SPEC["version"],
-        "min_input_std": base_card.min_input_std,
+        "blank_rule": BLANK_RULE,
         "key": request.pseudonym_key is not None,
         "seed": request.seed if request.pseudonym_key is None else None,
         "labels_key": request.labels.key,
@@ -343,7 +342,6 @@ def run_training(request: TrainRequest) -> dict[str, Any]:
             workers=request.workers,
             pseudonym_key=request.pseudonym_key,
             seed=request.seed,
-            min_input_std=base_card.min_input_std,
             progress=request.progress,
         )
         save_cache(cache, examples, key)

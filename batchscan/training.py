@@ -24,11 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from batchscan import __version__, ood
+from batchscan import __version__, ood, sanity
 from batchscan import metrics as m
 from batchscan.model import build_seed_model, sha256_of
 from batchscan.preprocess import PREPROCESSING_SPEC, preprocess_many
-from batchscan.sanity import input_spread
 
 SPLITS = ("train", "val", "test")
 #: Environment variable naming the folder that holds the training data.
@@ -346,20 +345,11 @@ def train(dataset: Dataset, config: TrainConfig, base: Any = None) -> tuple[Any,
 
 
 def sanity_bound(inputs: np.ndarray) -> dict[str, Any]:
-    """The bound of the image sanity gate, taken from the training inputs.
-
-    The spread of a picture is the standard deviation of its model input (what
-    :func:`batchscan.preprocess.preprocess` makes of it). A picture flatter than the flattest
-    one the model learned from (a blank detector readout, a near-constant image) is outside
-    anything the model knows, and its score means nothing: a blank 15,000 px CR scored 1.0.
-    """
-    spread = np.array([input_spread(x) for x in inputs])
-    return {
-        "min_input_std": float(spread.min()),
-        "rule": "an image whose model input has a smaller standard deviation than every "
-        "training image is skipped as blank_image",
-        "computed_on": f"train split ({len(inputs)} images), through batchscan.preprocess",
-    }
+    """The card's ``sanity`` entry: the blank-image rule (:mod:`batchscan.sanity`, the same
+    for every model) and how far this model's training pictures lie from it."""
+    return sanity.describe(
+        inputs, f"train split ({len(inputs)} images), through batchscan.preprocess"
+    )
 
 
 def layer_features(model: Any, x: np.ndarray, layer: str, batch_size: int = 512) -> np.ndarray:

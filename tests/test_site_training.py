@@ -58,7 +58,6 @@ def test_split_keeps_each_patient_on_one_side(archive: Path) -> None:
         workers=0,
         pseudonym_key=None,
         seed=1,
-        min_input_std=None,
     )
     assert len(examples.inputs) == 48  # the frontal image of each labelled study
     assert examples.accounting["not scored: view:LL"] == 48
