@@ -51,6 +51,20 @@ UNCERTAIN_POLICIES: Final = ("drop", "pneumonia", "normal")
 UncertainPolicy = Literal["drop", "pneumonia", "normal"]
 #: Subgroups: the study column each is read from (``view`` is made from the scored images).
 SUBGROUPS: Final = ("age_group", "in_domain", "view", "modality", "manufacturer")
+#: Header attributes checked as shortcuts: each alone as a predictor of the labels, and the
+#: model's AUC within each of their strata.
+SHORTCUT_ATTRIBUTES: Final = (
+    "view",
+    "modality",
+    "manufacturer",
+    "manufacturer_model",
+    "patient_sex",
+    "age_group",
+)
+#: A warning when an attribute alone separates the labels at least this well...
+ATTRIBUTE_AUC_WARNING: Final = 0.60
+#: ... or when the model's AUC within views falls more than this below its overall AUC.
+WITHIN_VIEW_DROP_WARNING: Final = 0.05
 DEFAULT_TARGET_SENSITIVITY: Final = 0.90
 JSON_FILE: Final = "evaluation.json"
 HTML_FILE: Final = "evaluation.html"
@@ -284,10 +298,65 @@ def _study_table(report_dir: Path) -> pd.DataFrame:
         studies["view"] = studies["study_instance_uid"].map(views)
     else:
         studies["view"] = None
-    for name in SUBGROUPS:
+    for name in (*SUBGROUPS, *SHORTCUT_ATTRIBUTES):
         if name not in studies:
             studies[name] = None
     return studies
+
+
+def _strata(column: pd.Series) -> np.ndarray:
+    values = column.astype(object).where(column.notna(), "unknown")
+    return values.map(lambda v: str(v).lower() if isinstance(v, bool) else str(v)).to_numpy()
+
+
+def shortcut_checks(
+    studies: pd.DataFrame, labels: np.ndarray, scores: np.ndarray, overall_auc: float | None
+) -> dict[str, Any]:
+    """For each header attribute (:data:`SHORTCUT_ATTRIBUTES`): its AUC alone as a predictor
+    of the labels (:func:`batchscan.metrics.attribute_auc`) and the model's AUC within its
+    strata (:func:`batchscan.metrics.within_stratum_auc`), with warnings.
+
+    Why: where sick patients are filmed AP at the bedside and healthy ones PA standing, the
+    view alone predicts the label; a model (or a site's fine-tuning) can then score well by
+    recognising the view, and an overall AUC cannot tell. The within-stratum AUC can.
+    """
+    attributes: dict[str, dict[str, Any]] = {}
+    warnings: list[str] = []
+    for name in SHORTCUT_ATTRIBUTES:
+        strata = _strata(studies[name])
+        alone = metrics.attribute_auc(labels, strata)
+        within, pairs = metrics.within_stratum_auc(labels, scores, strata)
+        drop = overall_auc - within if within is not None and overall_auc is not None else None
+        alone_flag = alone is not None and alone >= ATTRIBUTE_AUC_WARNING
+        drop_flag = name == "view" and drop is not None and drop > WITHIN_VIEW_DROP_WARNING
+        attributes[name] = {
+            "values": len(set(strata.tolist())),
+            "attribute_auc": alone,
+            "within_auc": within,
+            "within_pairs": pairs,
+            "drop_from_overall": drop,
+            "warning": alone_flag or drop_flag,
+        }
+        if alone_flag:
+            warnings.append(
+                f"{name} alone predicts the labels at AUC {alone:.3f} (>= "
+                f"{ATTRIBUTE_AUC_WARNING:.2f}): a model can score well by recognising the "
+                f"{name}; the model's AUC within {name} is {_fmt(within)}"
+            )
+        if drop_flag:
+            warnings.append(
+                f"within {name} the model's AUC is {within:.3f}, {drop:.3f} below its overall "
+                f"{overall_auc:.3f}: part of the overall figure comes from the {name}, not "
+                "from the lungs"
+            )
+    return {
+        "attributes": attributes,
+        "warnings": warnings,
+        "rules": {
+            "attribute_auc_warning": ATTRIBUTE_AUC_WARNING,
+            "within_view_drop_warning": WITHIN_VIEW_DROP_WARNING,
+        },
+    }
 
 
 def evaluate(
@@ -351,6 +420,7 @@ def evaluate(
             for value in sorted(values.unique())
             for mask in [(values == value).to_numpy()]
         }
+    shortcuts = shortcut_checks(matched, y, s, overall.auc)
     return {
         "report_dir": str(report_dir),
         "model": {
@@ -376,6 +446,7 @@ def evaluate(
         "scored_studies_without_label": without_label,
         "overall": asdict(overall),
         "subgroups": subgroups,
+        "shortcuts": shortcuts,
         "points": {"label": y.tolist(), "score": s.tolist()},
     }
 
@@ -430,6 +501,16 @@ def summary(result: dict[str, Any]) -> str:
     ):
         if keys:
             lines.append(f"  {title}: {_listing(keys)}")
+    shortcuts = result.get("shortcuts") or {"attributes": {}, "warnings": []}
+    if shortcuts["attributes"]:
+        lines.append(
+            "shortcut check (attribute alone -> labels AUC; model AUC within its strata): "
+            + "; ".join(
+                f"{name} {_fmt(a['attribute_auc'])} / {_fmt(a['within_auc'])}"
+                for name, a in shortcuts["attributes"].items()
+            )
+        )
+    lines += [f"WARNING: {w}" for w in shortcuts["warnings"]]
     for name, groups in result["subgroups"].items():
         parts = [
             f"{value} n={g['n']} AUC {_fmt(g['auc'])} sens {_fmt(g['sensitivity'])} "
@@ -480,6 +561,44 @@ def _subgroup_table(groups: dict[str, dict[str, Any]]) -> str:
     return f"<table><tr><th>value</th>{head}</tr>{body}</table>"
 
 
+def _shortcut_html(shortcuts: dict[str, Any] | None, overall_auc: float | None) -> str:
+    """The shortcut section: a marked box with the warnings when there are any, and the
+    table of every attribute (its rows marked where it warns)."""
+    if not shortcuts or not shortcuts["attributes"]:
+        return ""
+    e = html.escape
+    flag = ' class="flag"'
+    rows = "".join(
+        f"<tr{flag if a['warning'] else ''}><td>{e(name)}</td>"
+        f'<td class="n">{a["values"]}</td><td class="n">{e(_fmt(a["attribute_auc"]))}</td>'
+        f'<td class="n">{e(_fmt(a["within_auc"]))}</td><td class="n">{a["within_pairs"]}</td>'
+        f'<td class="n">{e(_fmt(a["drop_from_overall"]))}</td></tr>'
+        for name, a in shortcuts["attributes"].items()
+    )
+    table = (
+        "<table><tr><th>attribute</th><th>values</th><th>AUC of the attribute alone</th>"
+        "<th>model AUC within its strata</th><th>positive-negative pairs within</th>"
+        f"<th>below overall ({e(_fmt(overall_auc))})</th></tr>{rows}</table>"
+    )
+    rules = shortcuts["rules"]
+    note = (
+        '<p class="note">The attribute alone: the AUC of ranking studies by the share of '
+        "pneumonia among studies with the same value (the best that attribute allows here). "
+        "Within its strata: the model's AUC over pairs of a pneumonia and a normal study with "
+        "the same value, pooled. A warning when an attribute alone reaches "
+        f"{rules['attribute_auc_warning']:.2f}, or the within-view AUC falls more than "
+        f"{rules['within_view_drop_warning']:.2f} below the overall one.</p>"
+    )
+    if shortcuts["warnings"]:
+        items = "".join(f"<li>{e(w)}</li>" for w in shortcuts["warnings"])
+        return (
+            '<div class="warn"><h2>Shortcut check: warning</h2>'
+            f"<ul>{items}</ul><p>Read the figures within the strata before the overall "
+            f"ones.</p>{table}{note}</div>"
+        )
+    return f"<h2>Shortcut check</h2>{table}{note}"
+
+
 def render_html(result: dict[str, Any]) -> str:
     """``evaluation.html``: one self-contained page (inline SVG charts, no script, no URL)."""
     y = np.asarray(result["points"]["label"], dtype=int)
@@ -515,6 +634,7 @@ def render_html(result: dict[str, Any]) -> str:
         f"<h3>by {e(name)}</h3>{_subgroup_table(groups)}"
         for name, groups in result["subgroups"].items()
     )
+    shortcut_html = _shortcut_html(result.get("shortcuts"), o["auc"])
     accounting = [
         ("label rows read", lab["rows"]),
         ("distinct keys", lab["distinct_keys"]),
@@ -552,6 +672,7 @@ the prevalence of this labelled set ({_fmt(o["n_positive"] / o["n"] if o["n"] el
 The threshold for the target sensitivity is chosen on these same studies: it is optimistic
 for them, and a fair estimate only for new studies like them.</p>
 <div class="charts">{"".join(charts)}</div>
+{shortcut_html}
 <h2>Subgroups</h2>
 <p class="note">A subgroup of a few studies gives a wide interval: read its n first.</p>
 {subgroup_html}

@@ -47,6 +47,43 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def attribute_auc(labels: np.ndarray, values: np.ndarray | list[object]) -> float | None:
+    """How well a header attribute alone separates the labels: the AUC of the score "share of
+    positives among the studies with this value" (the best ranking the attribute allows on
+    these studies, so in-sample; 0.5 when it says nothing). None with one class only.
+
+    A view, a device or a ward that predicts the labels lets a model score well without
+    looking at the lungs (a shortcut); this says how much there is to take.
+    """
+    y = np.asarray(labels).reshape(-1).astype(bool)
+    keys = np.asarray([str(v) for v in values], dtype=object)
+    if y.all() or not y.any():
+        return None
+    share = {k: y[keys == k].mean() for k in set(keys.tolist())}
+    return roc_auc(y, np.array([share[k] for k in keys]))
+
+
+def within_stratum_auc(
+    labels: np.ndarray, scores: np.ndarray, strata: np.ndarray | list[object]
+) -> tuple[float | None, int]:
+    """The AUC over pairs of a positive and a negative study of the same stratum (pooled:
+    each stratum weighted by its number of such pairs), and that number of pairs.
+
+    What a score is worth once the stratum (the view, say) is held fixed: a model that ranks
+    by the view alone gets 0.5 here, whatever its overall AUC. (None, 0) without such a pair.
+    """
+    y, s = _as_arrays(labels, scores)
+    keys = np.asarray([str(v) for v in strata], dtype=object)
+    total, pairs = 0.0, 0
+    for key in set(keys.tolist()):
+        mask = keys == key
+        n_pos, n_neg = int(y[mask].sum()), int((~y[mask]).sum())
+        if n_pos and n_neg:
+            total += roc_auc(y[mask], s[mask]) * n_pos * n_neg
+            pairs += n_pos * n_neg
+    return (total / pairs if pairs else None), pairs
+
+
 def bootstrap_auc_interval(
     labels: np.ndarray, scores: np.ndarray, *, resamples: int = 2000, seed: int = 0
 ) -> tuple[float, float]:

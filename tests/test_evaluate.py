@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,10 @@ from batchscan.evaluate import (
     LabelsError,
     group_metrics,
     read_labels,
+    summary,
     threshold_for_sensitivity,
 )
+from batchscan.metrics import roc_auc
 from batchscan.model import check_model
 from batchscan.synth import write_demo_archive, write_labelled_studies, write_labels
 
@@ -162,3 +165,60 @@ def test_evaluate_reproduces_the_card_test_auc_through_dicom(
     assert abs(result["overall"]["sensitivity"] - card["test_sensitivity"]) <= 0.02
     assert abs(result["overall"]["specificity"] - card["test_specificity"]) <= 0.02
     assert set(result["subgroups"]["in_domain"]) == {"true"}  # AP, CR, age 3
+
+
+def test_shortcut_checks_warn_when_the_view_predicts_the_labels() -> None:
+    from batchscan.evaluate import render_html, shortcut_checks
+
+    rng = np.random.default_rng(0)
+    n = 400
+    y = rng.random(n) < 0.5
+    # sick patients filmed AP far more often: the view alone predicts the label
+    ap = np.where(y, rng.random(n) < 0.75, rng.random(n) < 0.25)
+    scores = 0.6 * ap + 0.4 * rng.random(n)  # a model that mostly read the view
+    studies = pd.DataFrame(
+        {
+            "view": np.where(ap, "AP", "PA"),
+            "modality": "DX",
+            "manufacturer": rng.choice(["A", "B"], n),
+            "manufacturer_model": None,
+            "patient_sex": rng.choice(["F", "M"], n),
+            "age_group": "adult",
+        }
+    )
+    overall = roc_auc(y, scores)
+    checks = shortcut_checks(studies, y.astype(int), scores, overall)
+    view = checks["attributes"]["view"]
+    assert view["attribute_auc"] == pytest.approx(0.75, abs=0.05)
+    assert view["within_auc"] == pytest.approx(0.5, abs=0.08)
+    assert view["warning"]
+    assert len(checks["warnings"]) == 2  # the view alone, and the drop within views
+    assert not checks["attributes"]["patient_sex"]["warning"]
+    assert checks["attributes"]["modality"]["attribute_auc"] == 0.5
+    assert checks["attributes"]["manufacturer_model"]["values"] == 1  # all unknown
+    result = {
+        "report_dir": "r",
+        "model": {"version": "m", "threshold": 0.5, "threshold_rule": "t"},
+        "scan_run_id": "x",
+        "target_sensitivity": 0.9,
+        "labels": {
+            "key": "accession_number",
+            "rows": n,
+            "distinct_keys": n,
+            "duplicates": [],
+            "conflicts": [],
+            "matching_no_scored_study": [],
+            "matching_several_studies": [],
+        },
+        "scored_studies": n,
+        "scored_studies_without_label": [],
+        "overall": asdict(group_metrics(y, scores, 0.5, 0.9)),
+        "subgroups": {},
+        "shortcuts": checks,
+        "points": {"label": y.astype(int).tolist(), "score": scores.tolist()},
+    }
+    page = render_html(result)
+    assert '<div class="warn"><h2>Shortcut check: warning</h2>' in page
+    assert page.count('<tr class="flag">') == 1
+    printed = summary(result)
+    assert printed.count("WARNING: ") == 2 and "view alone predicts the labels" in printed

@@ -49,3 +49,31 @@ def test_ece_of_perfect_calibration_is_small() -> None:
     y = rng.random(50000) < p
     assert expected_calibration_error(y, p) < 0.01
     assert expected_calibration_error(y, np.clip(p + 0.2, 0, 1)) > 0.1
+
+
+def test_attribute_auc_says_how_much_a_header_value_predicts() -> None:
+    from batchscan.metrics import attribute_auc
+
+    y = np.array([1, 1, 1, 0, 0, 0])
+    assert attribute_auc(y, ["AP", "AP", "AP", "PA", "PA", "PA"]) == 1.0
+    assert attribute_auc(y, ["AP"] * 6) == 0.5  # one value says nothing
+    assert attribute_auc(y, ["AP", "PA", "AP", "PA", "AP", "PA"]) == pytest.approx(
+        roc_auc(y, np.array([2, 1, 2, 1, 2, 1]) / 3)
+    )
+    assert attribute_auc(np.ones(3), ["a", "b", "c"]) is None
+
+
+def test_within_stratum_auc_pools_pairs_of_the_same_stratum() -> None:
+    from batchscan.metrics import within_stratum_auc
+
+    # a "model" that scores the view: perfect overall, chance within each view
+    view = np.array(["AP"] * 4 + ["PA"] * 4)
+    y = np.array([1, 1, 1, 0, 1, 0, 0, 0])
+    by_view = (view == "AP").astype(float)
+    assert roc_auc(y, by_view) == 0.75
+    auc, pairs = within_stratum_auc(y, by_view, view)
+    assert (auc, pairs) == (0.5, 3 * 1 + 1 * 3)
+    # a model right within each view: 1.0 whatever the views' mixes
+    good = y + 0.1 * (view == "AP")
+    assert within_stratum_auc(y, good, view) == (1.0, 6)
+    assert within_stratum_auc(np.array([1, 0]), np.array([0.9, 0.1]), ["a", "b"]) == (None, 0)
