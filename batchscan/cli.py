@@ -241,6 +241,13 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
         "--no-augment", action="store_true", help="train without the radiograph augmentation"
     )
     train.add_argument(
+        "--balance",
+        choices=("none", "view"),
+        default="none",
+        help="view: weight examples so that every view carries the same class balance (the "
+        "view can then not stand in for the lungs); none (default): class weighting only",
+    )
+    train.add_argument(
         "--workers",
         type=int_at_least(0),
         default=default_workers(),
@@ -443,6 +450,7 @@ def _train(args: argparse.Namespace) -> int:
             pseudonym_key=pseudonym_key(args.pseudonym_key_file),
             progress=not args.no_progress and sys.stderr.isatty(),
             augment=not args.no_augment,
+            balance=None if args.balance == "none" else args.balance,
         )
         card = run_training(request)
     except (LabelsError, TrainingError, ModelError, ConfigError) as exc:
@@ -456,6 +464,17 @@ def _train(args: argparse.Namespace) -> int:
         f"{m['test_auc']:.3f} (95 % CI {m['test_auc_ci95'][0]:.3f}-{m['test_auc_ci95'][1]:.3f}"
         f"), sensitivity {m['test_sensitivity']:.3f}, specificity "
         f"{m['test_specificity']:.3f} at threshold {card['threshold']:.3f}"
+    )
+    views = card["test_by_view"]
+    print(
+        "local test AUC by view: "
+        + "; ".join(
+            f"{view} n={v['n']} AUC {'n/a' if v['auc'] is None else format(v['auc'], '.3f')}"
+            for view, v in views["views"].items()
+        )
+        + "; within views (pooled) "
+        + ("n/a" if views["within_view_auc"] is None else f"{views['within_view_auc']:.3f}")
+        + (f"; examples balanced by {card['balance']['by']}" if card["balance"]["by"] else "")
     )
     return EXIT_OK
 

@@ -39,6 +39,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from batchscan import metrics
 from batchscan.discover import iter_files
 from batchscan.evaluate import Labels
 from batchscan.model import check_model, load_model
@@ -215,8 +216,11 @@ def load_cache(path: Path, key: str) -> Examples | None:
 
 
 def split_by_patient(examples: Examples, seed: int) -> np.ndarray:
-    """``train``/``val``/``test`` per image: patients shuffled with `seed` (within their
-    class) and cut at :data:`SPLIT_SHARES` of the studies, so no patient is on two sides.
+    """``train``/``val``/``test`` per image: patients shuffled with `seed` within their
+    class and view and cut at :data:`SPLIT_SHARES` of the studies, so no patient is on two
+    sides and each split has the archive's mix of views per class (a view that tracks the
+    label tracks it alike in every split, and its test figure per view is not left to
+    chance).
 
     Raises
     ------
@@ -232,16 +236,27 @@ def split_by_patient(examples: Examples, seed: int) -> np.ndarray:
             f"{per_class.get(0, 0)} normal with a scorable image; need at least "
             f"{MIN_STUDIES_PER_CLASS} of each"
         )
-    # stratified by patient: a patient's class is the majority of its studies' labels, and
-    # each class's patients are shuffled and cut at the shares of their studies, so every
-    # split gets both classes whenever each class has a few patients
+    # stratified by patient: a patient's class is the majority of its studies' labels and
+    # its view the most common of its images'; each (class, view) stratum's patients are
+    # shuffled and cut at the shares of their studies, so every split gets both classes
+    # (and each view's mix) whenever each stratum has a few patients
     rng = np.random.default_rng(seed)
     pairs = set(zip(examples.group.tolist(), examples.study, strict=True))
     studies_of: Counter[int] = Counter(g for g, _ in pairs)
     positives: Counter[int] = Counter(g for g, st in pairs if studies[st] == 1)
+    views_of: dict[int, Counter[str]] = {}
+    for g, v in zip(examples.group.tolist(), examples.view, strict=True):
+        views_of.setdefault(g, Counter())[v] += 1
+    stratum = {
+        g: (
+            int(positives[g] * 2 >= studies_of[g]),
+            min(views_of[g], key=lambda v: (-views_of[g][v], v)),
+        )
+        for g in studies_of
+    }
     side: dict[int, str] = {}
-    for cls in (0, 1):
-        members = sorted(g for g in studies_of if int(positives[g] * 2 >= studies_of[g]) == cls)
+    for key in sorted(set(stratum.values())):
+        members = sorted(g for g in studies_of if stratum[g] == key)
         total = sum(studies_of[g] for g in members)
         cut_val = SPLIT_SHARES[0] * total
         cut_test = (SPLIT_SHARES[0] + SPLIT_SHARES[1]) * total
@@ -259,6 +274,44 @@ def split_by_patient(examples: Examples, seed: int) -> np.ndarray:
                 f"{per_class.get(0, 0)} normal studies); label more studies of that class"
             )
     return split
+
+
+def balance_weights(labels: np.ndarray, views: list[str] | np.ndarray) -> np.ndarray:
+    """Per-example weights under which every view carries the same class balance: an
+    example of class c in view v weighs n_v / (2 n_{v,c}). The view then says nothing about
+    the label (a model cannot gain by recognising it), and within each view the classes
+    weigh alike, as class weighting does for the whole set. A view with one class only
+    keeps weight 1 (there is no balance to restore in it)."""
+    y = np.asarray(labels).astype(int)
+    v = np.asarray(views, dtype=object)
+    weights = np.ones(len(y), dtype=np.float64)
+    for view in set(v.tolist()):
+        mask = v == view
+        counts = np.bincount(y[mask], minlength=2)
+        if counts.min() == 0:
+            continue
+        for c in (0, 1):
+            weights[mask & (y == c)] = mask.sum() / (2.0 * counts[c])
+    return weights
+
+
+def by_view(labels: np.ndarray, scores: np.ndarray, views: list[str]) -> dict[str, Any]:
+    """The test figures per view (studies, pneumonia, AUC) and the AUC pooled within views:
+    what the model is worth with the view held fixed."""
+    y = np.asarray(labels).astype(int)
+    s = np.asarray(scores, dtype=np.float64)
+    v = np.asarray(views, dtype=object)
+    per_view = {}
+    for view in sorted(set(v.tolist())):
+        mask = v == view
+        both = 0 < y[mask].sum() < mask.sum()
+        per_view[view] = {
+            "n": int(mask.sum()),
+            "pneumonia": int(y[mask].sum()),
+            "auc": metrics.roc_auc(y[mask], s[mask]) if both else None,
+        }
+    within, pairs = metrics.within_stratum_auc(y, s, v)
+    return {"views": per_view, "within_view_auc": within, "within_view_pairs": pairs}
 
 
 def domain_seen(examples: Examples, mask: np.ndarray, name: str) -> dict[str, Any]:
@@ -303,6 +356,7 @@ class TrainRequest:
     pseudonym_key: bytes | None = None
     progress: bool = False
     augment: bool = True
+    balance: str | None = None
 
 
 def run_training(request: TrainRequest) -> dict[str, Any]:
@@ -313,7 +367,7 @@ def run_training(request: TrainRequest) -> dict[str, Any]:
     dict
         The card, plus ``cache`` (``reused`` or ``written``) under ``_run``.
     """
-    from batchscan.training import Dataset, TrainConfig, train, write_model
+    from batchscan.training import Dataset, TrainConfig, predict_scores, train, write_model
 
     base_card = check_model(request.base)
     settings = {
@@ -352,6 +406,12 @@ def run_training(request: TrainRequest) -> dict[str, Any]:
         for s in ("train", "val", "test")
     }
     y = {s: examples.label[split == s] for s in ("train", "val", "test")}
+    views = {s: [v for v, k in zip(examples.view, split, strict=True) if k == s] for s in y}
+    weights = (
+        {s: balance_weights(y[s], views[s]) for s in ("train", "val")}
+        if request.balance == "view"
+        else None
+    )
     dataset = Dataset(
         x=x,
         y=y,
@@ -372,7 +432,8 @@ def run_training(request: TrainRequest) -> dict[str, Any]:
         verbose=1 if request.progress else 2,
     )
     base_model = load_model(request.base).keras_model if fine_tune else None
-    model, report = train(dataset, config, base=base_model)
+    model, report = train(dataset, config, base=base_model, sample_weight=weights)
+    test_by_view = by_view(y["test"], predict_scores(model, x["test"]), views["test"])
     out_path = request.out / f"{request.name}.keras"
     studies = {
         s: {
@@ -412,6 +473,13 @@ def run_training(request: TrainRequest) -> dict[str, Any]:
         if request.from_scratch
         else {"version": base_card.version, "name": base_card.card.get("name")},
         "mode": "from_scratch" if request.from_scratch else "fine_tune",
+        "balance": {
+            "by": request.balance,
+            "rule": "example of class c in view v weighs n_v / (2 n_v,c), in train and val"
+            if request.balance == "view"
+            else "class weighting over the whole training split",
+        },
+        "test_by_view": test_by_view,
         "limits": [
             "Not a medical device; not for diagnosis; every flag needs a radiologist's read.",
             "Learned from this site's labelled studies: its figures hold for studies like "

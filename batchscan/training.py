@@ -249,11 +249,19 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return np.exp(-np.logaddexp(0.0, -z))
 
 
-def train(dataset: Dataset, config: TrainConfig, base: Any = None) -> tuple[Any, dict[str, Any]]:
+def train(
+    dataset: Dataset,
+    config: TrainConfig,
+    base: Any = None,
+    sample_weight: dict[str, np.ndarray] | None = None,
+) -> tuple[Any, dict[str, Any]]:
     """Train, select on val, calibrate on val, pick the threshold on val.
 
     With `base` (a Keras model of the seed architecture) training starts from its weights
-    (fine-tuning, as ``batchscan train`` does by default); otherwise from scratch.
+    (fine-tuning, as ``batchscan train`` does by default); otherwise from scratch. With
+    `sample_weight` (``train`` and ``val`` arrays, e.g. ``batchscan train --balance view``)
+    each example of the loss and of the validation AUC that early stopping follows counts
+    by its weight, instead of class weighting.
 
     Returns
     -------
@@ -272,20 +280,24 @@ def train(dataset: Dataset, config: TrainConfig, base: Any = None) -> tuple[Any,
         order = order[: config.max_train]
     x_train, y_train = x_train[order], y_train[order]
     x_val, y_val = dataset.x["val"], dataset.y["val"]
+    w_train = sample_weight["train"][order].astype(np.float32) if sample_weight else None
 
     class_weight = None
-    if config.class_weighting:
+    if config.class_weighting and sample_weight is None:
         n = len(y_train)
         counts = np.bincount(y_train, minlength=2)
         class_weight = {c: float(n / (2.0 * max(counts[c], 1))) for c in (0, 1)}
 
-    train_ds = tf.data.Dataset.from_tensor_slices((x_train, y_train.astype(np.float32)))
+    columns: tuple[np.ndarray, ...] = (x_train, y_train.astype(np.float32))
+    if w_train is not None:
+        columns = (*columns, w_train)
+    train_ds = tf.data.Dataset.from_tensor_slices(columns)
     train_ds = train_ds.shuffle(len(x_train), seed=config.seed, reshuffle_each_iteration=True)
     train_ds = train_ds.batch(config.batch_size)
     if config.augment:
         augment = _augmenter(config)
         train_ds = train_ds.map(
-            lambda x, y: (tf.clip_by_value(augment(x, training=True), 0.0, 1.0), y),
+            lambda x, *rest: (tf.clip_by_value(augment(x, training=True), 0.0, 1.0), *rest),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
@@ -310,7 +322,9 @@ def train(dataset: Dataset, config: TrainConfig, base: Any = None) -> tuple[Any,
     started = time.perf_counter()
     history = model.fit(
         train_ds,
-        validation_data=(x_val, y_val.astype(np.float32)),
+        validation_data=(x_val, y_val.astype(np.float32))
+        if sample_weight is None
+        else (x_val, y_val.astype(np.float32), sample_weight["val"].astype(np.float32)),
         epochs=config.epochs,
         class_weight=class_weight,
         callbacks=callbacks,

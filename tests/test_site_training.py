@@ -13,7 +13,14 @@ import pytest
 from batchscan.cli import main
 from batchscan.discover import iter_files
 from batchscan.evaluate import read_labels
-from batchscan.site_training import archive_fingerprint, collect, split_by_patient
+from batchscan.site_training import (
+    Examples,
+    archive_fingerprint,
+    balance_weights,
+    by_view,
+    collect,
+    split_by_patient,
+)
 from batchscan.synth import RadiographSpec, chest_phantom, write_labels, write_radiograph
 
 
@@ -94,10 +101,15 @@ def test_train_writes_model_card_cache_and_scan_uses_it(
     assert (models / "site_cnn.ood.npz").is_file() and card["ood"]["file"] == "site_cnn.ood.npz"
     cache = np.load(models / "site_cnn.inputs.npz")
     assert "PAT0" not in str(cache["study"]) and cache["inputs"].shape == (48, 64, 64)
+    assert "local test AUC by view: AP n=" in printed
+    assert card["balance"]["by"] is None and set(card["test_by_view"]["views"]) == {"AP"}
     # a second run decodes nothing
-    assert main([*argv, *fast, "--from-scratch", "--name", "site_cnn"]) == 0
-    assert "cache reused" in capsys.readouterr().out
-    assert json.loads((models / "site_cnn.json").read_text())["mode"] == "from_scratch"
+    balanced = ["--from-scratch", "--name", "site_cnn", "--balance", "view"]
+    assert main([*argv, *fast, *balanced]) == 0
+    printed = capsys.readouterr().out
+    assert "cache reused" in printed and "examples balanced by view" in printed
+    card = json.loads((models / "site_cnn.json").read_text())
+    assert card["mode"] == "from_scratch" and card["balance"]["by"] == "view"
     # the new model scores
     out = tmp_path / "reports"
     model = models / "site_cnn.keras"
@@ -120,3 +132,53 @@ def test_too_few_studies_per_class_is_refused(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert "too few labelled studies to split: 3 pneumonia and 3 normal" in err
     assert err.count("\n") == 1
+
+
+def _examples(labels: list[int], views: list[str]) -> Examples:
+    n = len(labels)
+    return Examples(
+        inputs=np.zeros((n, 64, 64), np.float32),
+        label=np.array(labels),
+        group=np.arange(n),
+        study=[f"S{i}" for i in range(n)],
+        age=np.full(n, 40.0),
+        view=views,
+        modality=["DX"] * n,
+        manufacturer=["A"] * n,
+        fingerprint="f",
+        files=n,
+    )
+
+
+def test_split_is_stratified_by_label_and_view() -> None:
+    rng = np.random.default_rng(0)
+    labels = (rng.random(600) < 0.5).astype(int).tolist()
+    # normals mostly AP, pneumonia mostly PA: the view tracks the label
+    views = ["AP" if rng.random() < (0.8 if y == 0 else 0.3) else "PA" for y in labels]
+    split = split_by_patient(_examples(labels, views), seed=3)
+    y, v = np.array(labels), np.array(views)
+    for cls in (0, 1):
+        share_ap = (v[y == cls] == "AP").mean()
+        for side in ("train", "val", "test"):
+            mask = (split == side) & (y == cls)
+            assert abs((v[mask] == "AP").mean() - share_ap) < 0.03, (cls, side)
+
+
+def test_balance_weights_make_the_view_say_nothing_about_the_label() -> None:
+    labels = np.array([0] * 8 + [1] * 2 + [0] * 2 + [1] * 8)
+    views = ["AP"] * 10 + ["PA"] * 10
+    w = balance_weights(labels, views)
+    for view in ("AP", "PA"):
+        mask = np.array(views) == view
+        assert w[mask & (labels == 0)].sum() == pytest.approx(w[mask & (labels == 1)].sum())
+        assert w[mask].sum() == pytest.approx(mask.sum())
+    assert np.all(balance_weights(np.array([1, 1, 0]), ["AP", "AP", "PA"]) == 1.0)
+
+
+def test_by_view_gives_each_view_and_the_pooled_within_view_auc() -> None:
+    labels = np.array([1, 0, 1, 0, 1, 1])
+    scores = np.array([0.9, 0.1, 0.4, 0.6, 0.8, 0.7])
+    result = by_view(labels, scores, ["AP", "AP", "PA", "PA", "LL", "LL"])
+    assert result["views"]["AP"] == {"n": 2, "pneumonia": 1, "auc": 1.0}
+    assert result["views"]["PA"]["auc"] == 0.0 and result["views"]["LL"]["auc"] is None
+    assert result["within_view_auc"] == 0.5 and result["within_view_pairs"] == 2
