@@ -401,6 +401,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         EvaluationError,
         LabelsError,
         evaluate,
+        explain_errors,
         read_labels,
         summary,
         write_evaluation,
@@ -409,7 +410,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     try:
         labels = read_labels(args.labels, args.uncertain)
         result = evaluate(args.report_dir, labels, args.target_sensitivity)
-        written = write_evaluation(result, args.out or args.report_dir)
+        written = write_evaluation(
+            result, args.out or args.report_dir, explain_errors(args.report_dir, result)
+        )
     except (LabelsError, EvaluationError) as exc:
         print(f"batchscan: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -41,6 +41,7 @@ import pandas as pd
 
 from batchscan import metrics, plots
 from batchscan.report import MANIFEST_FILE, STUDIES_FILE
+from batchscan.saliency import Figure
 
 KEYS: Final = ("accession_number", "study_instance_uid")
 LABEL_COLUMN: Final = "label"
@@ -70,6 +71,8 @@ JSON_FILE: Final = "evaluation.json"
 HTML_FILE: Final = "evaluation.html"
 #: Keys listed in the printed summary and in the HTML page (the JSON lists them all).
 SHOWN: Final = 20
+#: False positives and false negatives shown in evaluation.html with their maps.
+ERRORS_SHOWN: Final = 6
 
 
 class LabelsError(ValueError):
@@ -304,6 +307,58 @@ def _study_table(report_dir: Path) -> pd.DataFrame:
     return studies
 
 
+def _worst(
+    matched: pd.DataFrame, keys: np.ndarray, mask: np.ndarray, *, descending: bool
+) -> list[dict[str, Any]]:
+    """The :data:`ERRORS_SHOWN` studies of `mask` furthest on the wrong side (by score)."""
+    rows = matched[mask].assign(error_key=keys[mask])
+    rows = rows.sort_values(["score", "study_instance_uid"], ascending=[not descending, True])
+    return [
+        {"key": str(r.error_key), "study_instance_uid": str(r.study_instance_uid), "score": r.score}
+        for r in rows.head(ERRORS_SHOWN).itertuples()
+    ]
+
+
+def explain_errors(report_dir: Path, result: dict[str, Any]) -> dict[str, Figure]:
+    """Pictures and maps (:mod:`batchscan.saliency`) of the shown errors' top-scored images,
+    made again from the archive through the scan's stages with the scan's model; per study
+    UID. Empty when the archive or the model is gone; a study whose file cannot be made
+    again is left out (its row stays in the table)."""
+    from batchscan.header import StageOptions
+    from batchscan.model import load_model
+    from batchscan.saliency import Explainer, explain_file
+
+    uids = [e["study_instance_uid"] for rows in result["errors"].values() for e in rows]
+    manifest = json.loads((report_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+    arguments = manifest.get("arguments", {})
+    archive = Path(str(arguments.get("archive")))
+    if not uids or not archive.is_dir():
+        return {}
+    try:
+        explainer = Explainer(load_model(Path(manifest["model"]["path"])).keras_model)
+    except Exception:  # the model moved since the scan: no maps to draw
+        return {}
+    columns = ["study_instance_uid", "status", "score", "path", "path_bytes"]
+    images = pd.read_parquet(report_dir / "images.parquet", columns=columns)
+    images = images[(images["status"] == "scored") & images["study_instance_uid"].isin(uids)]
+    best = images.sort_values(["score", "path"], ascending=[False, True]).drop_duplicates(
+        "study_instance_uid"
+    )
+    options = StageOptions(
+        all_modalities=True,
+        max_pixel_bytes=int(arguments.get("max_pixel_bytes") or 2**29),
+        min_edge=arguments.get("min_edge"),
+    )
+    figures = {}
+    for row in best.itertuples():
+        name = os.fsdecode(row.path_bytes) if row.path_bytes is not None else row.path
+        try:
+            figures[row.study_instance_uid] = explain_file(archive / name, options, explainer)
+        except Exception:  # moved, changed or gone since the scan
+            continue
+    return figures
+
+
 def _strata(column: pd.Series) -> np.ndarray:
     values = column.astype(object).where(column.notna(), "unknown")
     return values.map(lambda v: str(v).lower() if isinstance(v, bool) else str(v)).to_numpy()
@@ -421,6 +476,11 @@ def evaluate(
             for mask in [(values == value).to_numpy()]
         }
     shortcuts = shortcut_checks(matched, y, s, overall.auc)
+    key_of = key[labelled].to_numpy()
+    errors = {
+        "false_positives": _worst(matched, key_of, (y == 0) & (s >= threshold), descending=True),
+        "false_negatives": _worst(matched, key_of, (y == 1) & (s < threshold), descending=False),
+    }
     return {
         "report_dir": str(report_dir),
         "model": {
@@ -447,6 +507,7 @@ def evaluate(
         "overall": asdict(overall),
         "subgroups": subgroups,
         "shortcuts": shortcuts,
+        "errors": errors,
         "points": {"label": y.tolist(), "score": s.tolist()},
     }
 
@@ -599,8 +660,44 @@ def _shortcut_html(shortcuts: dict[str, Any] | None, overall_auc: float | None) 
     return f"<h2>Shortcut check</h2>{table}{note}"
 
 
-def render_html(result: dict[str, Any]) -> str:
-    """``evaluation.html``: one self-contained page (inline SVG charts, no script, no URL)."""
+def _errors_html(result: dict[str, Any], figures: dict[str, Figure]) -> str:
+    """The worst errors at the card threshold, each with its picture and map when made."""
+    errors = result.get("errors")
+    if not errors or not any(errors.values()):
+        return ""
+    e = html.escape
+    parts = [
+        "<h2>The worst errors, and where their scores came from</h2>",
+        '<p class="note">At the card threshold: the normal studies scored highest (false '
+        "positives) and the pneumonia studies scored lowest (false negatives). Each image: "
+        "the picture the model saw with a map of the places that raised its score (HiResCAM; "
+        "blue to red: more), and the 64 x 64 model input. A map on a marker, a tube or the "
+        "edge of the picture is a shortcut; one on the lungs is a reading the labels "
+        "disagree with (or a label that is wrong).</p>",
+    ]
+    for title, rows in (
+        ("False positives", errors["false_positives"]),
+        ("False negatives", errors["false_negatives"]),
+    ):
+        if not rows:
+            continue
+        sheet = []
+        for row in rows:
+            figure = figures.get(row["study_instance_uid"])
+            pictures = ""
+            if figure is not None:
+                if figure.overlay:
+                    pictures += f'<img class="map" alt="map" src="{figure.overlay}">'
+                pictures += f'<img alt="model input" src="{figure.model_input}">'
+            caption = f"{row['key']} score {row['score']:.3f}"
+            sheet.append(f"<figure>{pictures}<figcaption>{e(caption)}</figcaption></figure>")
+        parts.append(f"<h3>{title}</h3><div class='sheet maps'>{''.join(sheet)}</div>")
+    return "".join(parts)
+
+
+def render_html(result: dict[str, Any], figures: dict[str, Figure] | None = None) -> str:
+    """``evaluation.html``: one self-contained page (inline SVG charts, no script, no URL;
+    pictures inline), with the errors' `figures` (per study UID) where they were made."""
     y = np.asarray(result["points"]["label"], dtype=int)
     s = np.asarray(result["points"]["score"], dtype=np.float64)
     o, lab, model = result["overall"], result["labels"], result["model"]
@@ -676,6 +773,7 @@ for them, and a fair estimate only for new studies like them.</p>
 <h2>Subgroups</h2>
 <p class="note">A subgroup of a few studies gives a wide interval: read its n first.</p>
 {subgroup_html}
+{_errors_html(result, figures or {})}
 <h2>Accounting of the labels</h2>
 <table>{"".join(f"<tr><td>{e(k)}</td><td>{v}</td></tr>" for k, v in accounting)}</table>
 {listings}"""
@@ -688,11 +786,13 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def write_evaluation(result: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Write ``evaluation.json`` and ``evaluation.html`` to `out_dir` (each replaced
-    atomically); returns their paths."""
+def write_evaluation(
+    result: dict[str, Any], out_dir: Path, figures: dict[str, Figure] | None = None
+) -> list[Path]:
+    """Write ``evaluation.json`` and ``evaluation.html`` (with the errors' `figures`) to
+    `out_dir` (each replaced atomically); returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out_dir / JSON_FILE, out_dir / HTML_FILE
     _atomic_write(json_path, json.dumps(result, indent=2) + "\n")
-    _atomic_write(html_path, render_html(result))
+    _atomic_write(html_path, render_html(result, figures))
     return [json_path, html_path]

@@ -36,7 +36,7 @@ import numpy as np
 
 from batchscan import __version__, paths
 from batchscan.decoders import DEFAULT_MIN_EDGE
-from batchscan.dicom import decode_record
+from batchscan.dicom import DisplayImage, decode_record
 from batchscan.domain import Domain, judge
 from batchscan.header import DEFAULT_MAX_PIXEL_BYTES, StageOptions, read_header
 from batchscan.preprocess import preprocess
@@ -189,6 +189,15 @@ def prepare_record(record: ImageRecord, options: StageOptions) -> np.ndarray | N
 
     Returns the model input, or None when the record was skipped or failed on the way.
     """
+    prepared = prepare_display(record, options)
+    return None if prepared is None else prepared[1]
+
+
+def prepare_display(
+    record: ImageRecord, options: StageOptions
+) -> tuple[DisplayImage, np.ndarray] | None:
+    """:func:`prepare_record`, also returning the display picture the model input was made
+    from (for the pictures people look at: the same stages, not a second route)."""
     if not record.pending or not _stable(record):
         return None
     read_header(record, options)
@@ -205,7 +214,7 @@ def prepare_record(record: ImageRecord, options: StageOptions) -> np.ndarray | N
         return None
     if options.blank_gate and not passes(record, tensor):  # constant or noise only
         return None
-    return tensor
+    return image, tensor
 
 
 def model_input(path: str | Path, options: StageOptions) -> np.ndarray:
@@ -216,14 +225,25 @@ def model_input(path: str | Path, options: StageOptions) -> np.ndarray:
     ValueError
         If the file is skipped or fails, with its reason.
     """
+    return display_and_input(path, options)[1]
+
+
+def display_and_input(path: str | Path, options: StageOptions) -> tuple[DisplayImage, np.ndarray]:
+    """The display picture and the model input the scan job makes of one file.
+
+    Raises
+    ------
+    ValueError
+        If the file is skipped or fails, with its reason.
+    """
     info = os.stat(path)
     record = ImageRecord(
         path=str(path), abs_path=str(path), size=info.st_size, mtime_ns=info.st_mtime_ns
     )
-    tensor = prepare_record(record, options)
-    if tensor is None:
+    prepared = prepare_display(record, options)
+    if prepared is None:
         raise ValueError(f"{path}: {record.status} {record.reason}")
-    return tensor
+    return prepared
 
 
 def prepare_batch(records: list[ImageRecord], options: StageOptions) -> PreparedBatch:

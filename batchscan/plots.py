@@ -225,6 +225,8 @@ text-align:left;vertical-align:top}th{background:#f3f3f3}td.n{text-align:right}
 .sheet{display:flex;flex-wrap:wrap;gap:.6em}.sheet figure{margin:0;text-align:center;
 font-size:.75em;width:100px}.sheet img{width:96px;height:96px;image-rendering:pixelated;
 border:1px solid #999}
+.maps figure{width:auto}.maps img.map{width:256px;height:256px;image-rendering:auto;
+margin-right:.3em}.maps img{vertical-align:top}
 .warn{border:2px solid #b00;background:#fff4f4;padding:.2em 1em;margin:1em 0}
 .warn h2{color:#b00;border-bottom-color:#e8b4b4}tr.flag td{background:#fde2e2}
 """

@@ -13,19 +13,25 @@ It must stay fast and small on a state of ten million files, so:
 * images are shown only for a bounded few (the top flagged studies, a random quality-control
   sample found by one early-stopping pass), and their pictures are made again from the
   archive at the end, through the scan's own stages (:func:`batchscan.pipeline.model_input`):
-  the 64 x 64 model input, at model-input size, where no burned-in text is legible.
+  the 64 x 64 model input, at model-input size, where no burned-in text is legible;
+* the images of the top flagged studies also get a map of where their score came from
+  (:mod:`batchscan.saliency`), drawn over the display picture at 256 px. Only those pay for
+  it, and once: the figures are kept in ``report_figures.json`` beside the page, keyed by
+  file, size, mtime, model and decode settings, so a nightly run with nothing new neither
+  decodes them again nor loads the model (TensorFlow) to draw them.
 
 No patient name, ID, birth date or free text is shown: the same columns as the reports.
 """
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import html
-import io
+import json
 import os
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -36,9 +42,12 @@ from batchscan import plots
 from batchscan.header import StageOptions
 from batchscan.paths import from_state, readable
 from batchscan.pipeline import model_input
+from batchscan.saliency import Explainer, Figure, explain_file, input_picture
 from batchscan.state import StateStore
 
 REPORT_FILE: Final = "report.html"
+#: The explained figures of the last page, reused while their files and model are the same.
+FIGURES_FILE: Final = "report_figures.json"
 #: Score bins of the histograms.
 BINS: Final = 20
 #: Flagged studies shown with their pictures, and images per study at most.
@@ -68,39 +77,123 @@ class ReportInputs:
         The model card, or None when the model file is no longer where the run found it.
     archive:
         The archive folder, to make the thumbnails again; None shows none.
+    explainer:
+        Makes the :class:`batchscan.saliency.Explainer` of the run's model, called at most
+        once and only when a figure is not in the cache (the scan hands over the model it
+        has loaded); None draws no maps.
     """
 
     out_dir: Path
     manifest: dict[str, Any]
     card: dict[str, Any] | None
     archive: Path | None
+    explainer: Callable[[], Explainer | None] | None = None
 
 
-def _thumbnail(tensor: np.ndarray) -> str:
-    from PIL import Image
-
-    picture = Image.fromarray(np.rint(np.clip(tensor[..., 0], 0, 1) * 255).astype(np.uint8))
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+def _options(inputs: ReportInputs) -> StageOptions:
+    arguments = inputs.manifest.get("arguments", {})
+    return StageOptions(
+        all_modalities=True,  # the image was scored: show it whatever the filters
+        max_pixel_bytes=int(arguments.get("max_pixel_bytes") or 2**29),
+        min_edge=arguments.get("min_edge"),
+    )
 
 
 def _figure(inputs: ReportInputs, stored_path: Any, caption: str) -> str:
     """One thumbnail with its caption; a plain caption when the picture cannot be made."""
     image = '<div class="note" style="width:96px;height:96px">not available</div>'
     if inputs.archive is not None:
-        arguments = inputs.manifest.get("arguments", {})
-        options = StageOptions(
-            all_modalities=True,  # the image was scored: show it whatever the filters
-            max_pixel_bytes=int(arguments.get("max_pixel_bytes") or 2**29),
-            min_edge=arguments.get("min_edge"),
-        )
         try:
             path = os.path.join(os.fspath(inputs.archive), from_state(stored_path))
-            image = f'<img alt="model input" src="{_thumbnail(model_input(path, options))}">'
+            thumbnail = input_picture(model_input(path, _options(inputs)))
+            image = f'<img alt="model input" src="{thumbnail}">'
         except Exception:  # moved, changed or gone since the scan: the page goes on
             pass
     return f"<figure>{image}<figcaption>{html.escape(caption)}</figcaption></figure>"
+
+
+@dataclass(slots=True)
+class _Figures:
+    """The explained figures of one page: made once per file and model, kept between pages
+    in :data:`FIGURES_FILE`."""
+
+    inputs: ReportInputs
+    cached: dict[str, list[str | None]]
+    used: dict[str, list[str | None]] = field(default_factory=dict)
+    made: int = 0
+    _explainer: Any = None
+    _asked: bool = False
+
+    @classmethod
+    def load(cls, inputs: ReportInputs) -> _Figures:
+        try:
+            cached = json.loads((inputs.out_dir / FIGURES_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            cached = {}
+        return cls(inputs, cached if isinstance(cached, dict) else {})
+
+    def explainer(self) -> Explainer | None:
+        if not self._asked:
+            self._asked = True
+            try:
+                factory = self.inputs.explainer
+                self._explainer = factory() if factory is not None else None
+            except Exception:  # no model to explain with: the pictures without maps
+                self._explainer = None
+        return self._explainer
+
+    def figure(self, stored_path: Any, caption: str) -> str:
+        """The map over the display picture and the model input of one image, with its
+        caption; the model input alone, or a plain caption, when that is all there is."""
+        inputs = self.inputs
+        if inputs.archive is None:
+            return _figure(inputs, stored_path, caption)
+        path = os.path.join(os.fspath(inputs.archive), from_state(stored_path))
+        try:
+            info = os.stat(path)
+        except OSError:
+            return _figure(inputs, stored_path, caption)
+        arguments = inputs.manifest.get("arguments", {})
+        key = hashlib.sha256(
+            json.dumps(
+                [
+                    readable(str(stored_path)),
+                    info.st_size,
+                    info.st_mtime_ns,
+                    inputs.manifest.get("model", {}).get("version"),
+                    arguments.get("min_edge"),
+                    arguments.get("max_pixel_bytes"),
+                ]
+            ).encode()
+        ).hexdigest()
+        entry = self.cached.get(key)
+        if entry is None or (entry[0] is None and inputs.explainer is not None):
+            try:
+                made = explain_file(path, _options(inputs), self.explainer())
+            except Exception:  # moved, changed or gone since the scan: the page goes on
+                return _figure(inputs, stored_path, caption)
+            entry, self.made = [made.overlay, made.model_input], self.made + 1
+        self.used[key] = entry
+        figure = Figure(entry[0], str(entry[1]))
+        drawn = (
+            f'<img class="map" alt="where the score came from" src="{figure.overlay}">'
+            if figure.overlay
+            else ""
+        )
+        return (
+            f'<figure>{drawn}<img alt="model input" src="{figure.model_input}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+
+    def save(self) -> None:
+        """Keep the figures of this page (only those) for the next one, atomically."""
+        target = self.inputs.out_dir / FIGURES_FILE
+        temporary = target.with_name(f".{FIGURES_FILE}.tmp")
+        try:
+            temporary.write_text(json.dumps(self.used), encoding="utf-8")
+            os.replace(temporary, target)
+        except OSError:  # a cache: the page does not depend on it
+            temporary.unlink(missing_ok=True)
 
 
 def _histograms(state: StateStore, column: str) -> dict[str, list[int]]:
@@ -252,7 +345,7 @@ def _section_groups(state: StateStore, threshold: float) -> str:
     return "".join(parts)
 
 
-def _section_flagged(state: StateStore, inputs: ReportInputs) -> str:
+def _section_flagged(state: StateStore, inputs: ReportInputs, figures: _Figures) -> str:
     top = state.query(
         "SELECT study_instance_uid, accession_number, study_date, score, views, in_domain "
         f"FROM studies WHERE flag = 1 ORDER BY score DESC, study_instance_uid LIMIT {TOP_STUDIES}"
@@ -278,12 +371,16 @@ def _section_flagged(state: StateStore, inputs: ReportInputs) -> str:
         )
         for path, image_score, view in images:
             caption = f"{acc or uid[-8:]} {view or ''} {image_score:.3f}"
-            sheet.append(_figure(inputs, path, caption))
+            sheet.append(figures.figure(path, caption))
     return (
         "<h2>Top flagged studies</h2>"
         + plots.table(["accession", "study date", "score", "views", "in domain"], rows)
-        + "<h3>What the model saw (64 x 64 model inputs of their images)</h3>"
-        + f"<div class='sheet'>{''.join(sheet)}</div>"
+        + "<h3>What the model saw, and where its score came from</h3>"
+        + "<p class='note'>Each image: the picture the model saw (the centre square of the "
+        "display picture) with a map of the places that raised its score (HiResCAM on the "
+        "last convolution layer; blue to red: more), and the 64 x 64 model input beside it. A "
+        "map on a marker, a tube or the edge of the picture rather than the lungs is a reason "
+        "to doubt the flag.</p>" + f"<div class='sheet maps'>{''.join(sheet)}</div>"
     )
 
 
@@ -355,12 +452,13 @@ def render(state: StateStore, inputs: ReportInputs) -> str:
         f"<code>{html.escape(readable(str(manifest['arguments'].get('archive'))))}</code>. "
         f"Page made {now}.</p>"
     )
+    figures = _Figures.load(inputs)
     body = (
         "<h1>batchscan report</h1>"
         + "<p class='note'>Research and triage aid, not a diagnosis: every flag needs a "
         "radiologist.</p>"
         + summary
-        + _section_flagged(state, inputs)
+        + _section_flagged(state, inputs, figures)
         + _section_scores(state, threshold)
         + _section_weeks(state)
         + _section_groups(state, threshold)
@@ -369,6 +467,7 @@ def render(state: StateStore, inputs: ReportInputs) -> str:
         + _section_sample(state, inputs)
         + _section_model(inputs)
     )
+    figures.save()
     return plots.page("batchscan report", body)
 
 
@@ -420,7 +519,19 @@ def regenerate(report_dir: Path) -> Path:
     except (ModelError, OSError):
         card = None
     archive = Path(str(manifest["arguments"].get("archive")))
-    inputs = ReportInputs(report_dir, manifest, card, archive if archive.is_dir() else None)
+
+    def explainer() -> Explainer:
+        from batchscan.model import load_model
+
+        return Explainer(load_model(Path(manifest["model"]["path"])).keras_model)
+
+    inputs = ReportInputs(
+        report_dir,
+        manifest,
+        card,
+        archive if archive.is_dir() else None,
+        explainer=explainer if card is not None else None,
+    )
     with report_dir_lock(report_dir):
         try:
             state = StateStore(state_path)

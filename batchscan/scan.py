@@ -204,20 +204,33 @@ class LazyScorer:
     def __init__(self, config: ScanConfig, checked: ModelCard) -> None:
         self._config, self._checked = config, checked
         self._scorer: Any = None
+        self._loaded: Any = None
         self.device: str | None = None
         self.precision: str | None = None
+
+    def loaded(self) -> Any:
+        """The model (:class:`batchscan.model.LoadedModel`), loaded once for scoring and
+        for the maps of report.html alike."""
+        if self._loaded is None:
+            try:
+                self._loaded = load_model(self._checked.path)
+            except ModelError as exc:
+                raise UsageError(str(exc)) from exc
+        return self._loaded
+
+    def explainer(self) -> Any:
+        """The map maker of report.html, on the model this run loaded (or loads now)."""
+        from batchscan.saliency import Explainer
+
+        return Explainer(self.loaded().keras_model)
 
     def __call__(self, inputs: np.ndarray) -> Scores:
         """Scores of model inputs (see :meth:`batchscan.infer.Scorer.score_ood`)."""
         if self._scorer is None:
             from batchscan.infer import Scorer
 
-            try:
-                loaded = load_model(self._checked.path)
-            except ModelError as exc:
-                raise UsageError(str(exc)) from exc
             self._scorer = Scorer(
-                loaded,
+                self.loaded(),
                 self._config.batch_size,
                 jit_compile=self._config.jit_compile,
                 precision=self._config.precision,  # type: ignore[arg-type]
@@ -345,7 +358,9 @@ def _run(config: ScanConfig, checked: ModelCard, state: StateStore) -> ScanResul
         state.end_run(run_id, "ok", _run_facts(manifest))
         temporaries.append(write_runs(state.run_rows(), config.out, run_id))
         temporaries.append(write_manifest(manifest, config.out, run_id))
-        page = ReportInputs(config.out, manifest, checked.card, config.archive)
+        page = ReportInputs(
+            config.out, manifest, checked.card, config.archive, explainer=scorer.explainer
+        )
         temporaries.append(
             write_report(state, page, temporary_path(config.out / REPORT_FILE, run_id))
         )

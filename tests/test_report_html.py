@@ -3,6 +3,7 @@ model saw, no outside URL and no patient identifier; ``batchscan report`` remake
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ import pandas as pd
 import pytest
 
 from batchscan.cli import main
+from batchscan.report_html import FIGURES_FILE
 from batchscan.synth import write_demo_archive
 
 SECTIONS = (
@@ -68,7 +70,7 @@ def test_report_has_every_section_and_the_reports_numbers(scanned) -> None:
 def test_report_is_self_contained_and_names_no_patient(scanned) -> None:
     _, out = scanned
     page = (out / "report.html").read_text()
-    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)  # inline pictures
+    text = re.sub(r"data:image/(?:png|jpeg);base64,[A-Za-z0-9+/=]+", "", page)  # inline
     urls = set(re.findall(r"(?:https?:|file:|//)[^\s\"'<>)]*", text))
     assert urls <= {"http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"}
     assert "<script" not in page and "<link" not in page
@@ -86,6 +88,15 @@ def test_report_command_remakes_the_page(scanned, tmp_path: Path, capsys) -> Non
     page = (copy / "report.html").read_text()
     assert all(f">{section}" in page for section in SECTIONS)
     assert "not available" not in page  # the archive is still there: pictures made again
+    # the maps come from the figure cache: with the model gone, the page still has them
+    maps = page.count('class="map"')
+    assert maps >= 1 and maps == len(json.loads((copy / FIGURES_FILE).read_text()))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["model"]["path"] = str(tmp_path / "gone.keras")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "report.html").unlink()
+    assert main(["report", str(copy)]) == 0
+    assert (copy / "report.html").read_text().count('class="map"') == maps
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "holds no batchscan reports" in capsys.readouterr().err
 

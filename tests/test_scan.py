@@ -174,6 +174,7 @@ def test_no_temporary_files_left(scanned) -> None:
         "images.parquet",
         "manifest.json",
         "report.html",
+        "report_figures.json",
         "runs.parquet",
         "state.sqlite",
         "studies.csv",
