@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from batchscan import __version__
 from batchscan.config import ConfigError, int_at_least, load_config, pseudonym_key, seconds
+from batchscan.paths import PRIVATE_UMASK
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 
@@ -542,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     logging.getLogger("batchscan").setLevel(logging.INFO)
+    # reports, state, labels, models: readable by owner and group only (a stricter umask wins)
+    os.umask(os.umask(0) | PRIVATE_UMASK)
     args = build_parser().parse_args(argv)
     if getattr(args, "config", None) is not None:
         try:

@@ -20,7 +20,21 @@ Ray settings, chosen on purpose:
   crashes never reach Ray, the WorkerPool inside takes them), and every call is a pure
   function of files on shared storage, so a retry on another node gives the same rows;
 * per-file time limits are the WorkerPool's ``--file-timeout``: Ray has no per-task
-  timeout, and killing a whole actor for one slow file would lose its neighbours' work.
+  timeout, and killing a whole actor for one slow file would lose its neighbours' work;
+* a node lost under a run (its raylet killed, the machine gone) is the driver's business,
+  not only Ray's: Ray's own retries are spent in seconds while the cluster still counts the
+  node alive, so when a window's execution fails with a Ray error the driver waits
+  (:data:`NODE_LOSS_PAUSE`, growing) and submits again only the records that have not come
+  back, up to :data:`NODE_LOSS_ATTEMPTS` times. A record comes back once, so no file is
+  lost or scored twice.
+
+Before any file is read, a run on a cluster checks it (:func:`unreachable`, :func:`preflight`):
+the head answers, and accepts this process's token (token authentication, ``RAY_AUTH_MODE=
+token``; a missing or wrong token is exit 2 naming ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH``
+within seconds, where Ray itself retries for 20 s and says "Failed to connect"); every node
+with CPUs runs the same batchscan and Ray versions as the driver (exit 2 naming both); and
+every such node can read the archive at the same path (exit 2 naming the node: the archive
+is mounted read-only at the same path everywhere, or the run does not start).
 
 Ray is an optional extra (``pip install 'batchscan[ray]'``); nothing else imports this
 module, and it imports Ray only when a run starts.
@@ -31,6 +45,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import fields
@@ -56,6 +71,22 @@ from batchscan.workers import PrepareRecord, WorkerPool
 RAY_WINDOW: Final = 50_000
 #: Actor restarts and call retries after an actor's process or node is lost.
 RAY_RETRIES: Final = 3
+#: Times one window is submitted when Ray loses part of the cluster under it.
+NODE_LOSS_ATTEMPTS: Final = 5
+#: Seconds before submitting a window again, times the attempt number: Ray takes a
+#: health-check period or so to mark a lost node dead, and work placed on it before that
+#: fails again.
+NODE_LOSS_PAUSE: Final = 5.0
+#: Seconds the nodes have to answer the preflight.
+PREFLIGHT_TIMEOUT: Final = 60.0
+
+log = logging.getLogger(__name__)
+
+
+class ClusterError(ValueError):
+    """The Ray cluster cannot run this scan as it is (exit 2): the message says why."""
+
+
 _INPUT_BYTES: Final = INPUT_SIZE * INPUT_SIZE * CHANNELS * 4
 #: Arrow types of the record fields, from their annotations; file names travel as their
 #: bytes (a name that is not UTF-8 is a surrogate-escaped str, which Arrow strings refuse).
@@ -147,11 +178,14 @@ CONNECT_TIMEOUT: Final = 10.0
 
 
 def unreachable(address: str, timeout: float = CONNECT_TIMEOUT) -> str | None:
-    """Why the Ray cluster at `address` cannot be reached, or None if its head answers.
+    """Why the Ray cluster at `address` cannot be used, or None if its head answers and
+    accepts this process's token.
 
     Ray itself retries an unreachable head without end, which would hang a cron job; a plain
     TCP connection to ``host:port`` (``ray://host:port`` for Ray Client) tells within
-    `timeout` seconds. ``auto`` (the cluster this node belongs to) is left to Ray.
+    `timeout` seconds. Then, for a head's GCS address (not Ray Client), one GCS call with
+    this process's token (:func:`token_problem`). ``auto`` (the cluster this node belongs
+    to) is left to Ray.
     """
     if address == "auto":
         return None
@@ -160,9 +194,141 @@ def unreachable(address: str, timeout: float = CONNECT_TIMEOUT) -> str | None:
         return f"not HOST:PORT or ray://HOST:PORT: {address!r}"
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):
-            return None
+            pass
     except OSError as exc:
         return f"no answer from {host}:{port} ({exc.strerror or type(exc).__name__})"
+    if address.startswith("ray://"):
+        return None
+    return token_problem(f"{host}:{port}", timeout)
+
+
+def auth_token() -> tuple[str | None, str]:
+    """The token this process will present, as Ray looks for it (``RAY_AUTH_TOKEN``, then
+    the file ``RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token``), and where it came from.
+
+    Raises
+    ------
+    ClusterError
+        ``RAY_AUTH_TOKEN_PATH`` names a file that cannot be read or is empty (Ray aborts).
+    """
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
+        return None, "RAY_AUTH_MODE=disabled"
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token, "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        try:
+            token = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ClusterError(
+                f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token ({exc.strerror})"
+            ) from None
+        if not token:
+            raise ClusterError(f"RAY_AUTH_TOKEN_PATH={path}: the file is empty")
+        return token, f"RAY_AUTH_TOKEN_PATH={path}"
+    default = Path.home() / ".ray" / "auth_token"
+    try:
+        token = default.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None, "no RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
+    return (token or None), str(default)
+
+
+def token_problem(address: str, timeout: float = CONNECT_TIMEOUT) -> str | None:
+    """Why the GCS at `address` refuses this process (a token missing or wrong), or None.
+
+    One ``GetClusterId`` call with the token as Ray sends it (``authorization: Bearer``),
+    answered in milliseconds; Ray's own connect retries for 20 s and then says only "Failed
+    to connect to Ray cluster".
+    """
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    try:
+        token, source = auth_token()
+    except ClusterError as exc:
+        return str(exc)
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    with grpc.insecure_channel(address) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        try:
+            stub.GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout, metadata=metadata
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                given = "none was given" if token is None else f"the one from {source} is wrong"
+                return (
+                    f"the cluster wants its authentication token and {given}: set "
+                    "RAY_AUTH_TOKEN to the token the cluster was started with (or "
+                    "RAY_AUTH_TOKEN_PATH to a file holding it), with RAY_AUTH_MODE=token"
+                )
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return f"the head at {address} does not answer as a Ray GCS ({exc.code().name})"
+    return None
+
+
+def node_facts(archive: str) -> dict[str, Any]:
+    """What one node runs and sees (a Ray task pinned to the node runs this there)."""
+    import ray
+
+    from batchscan import __version__
+
+    readable = os.path.isdir(archive) and os.access(archive, os.R_OK | os.X_OK)
+    return {
+        "batchscan": __version__,
+        "ray": ray.__version__,
+        "host": socket.gethostname(),
+        "archive_readable": readable,
+    }
+
+
+def preflight(archive: Path, timeout: float = PREFLIGHT_TIMEOUT) -> int:
+    """Check every alive node with CPUs before any file is read; returns how many.
+
+    Raises
+    ------
+    ClusterError
+        A node runs another batchscan or Ray version than this driver, cannot read the
+        archive at the same path, cannot run batchscan at all, or does not answer.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from batchscan import __version__
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    if not nodes:
+        raise ClusterError("the Ray cluster has no node with CPUs to decode on")
+    task = ray.remote(num_cpus=0, max_retries=0)(node_facts)
+    pending = {
+        n["NodeManagerAddress"] + " " + n["NodeID"][:8]: task.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(str(archive))
+        for n in nodes
+    }
+    for name, ref in pending.items():
+        try:
+            facts = ray.get(ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise ClusterError(f"node {name} did not answer within {timeout:.0f} s") from None
+        except ray.exceptions.RayError as exc:
+            cause = str(exc).strip().splitlines()[-1][:300]
+            raise ClusterError(f"node {name} cannot run batchscan: {cause}") from None
+        for what, mine in (("batchscan", __version__), ("Ray", ray.__version__)):
+            theirs = facts["batchscan" if what == "batchscan" else "ray"]
+            if theirs != mine:
+                raise ClusterError(
+                    f"node {name} ({facts['host']}) runs {what} {theirs}, this driver {what} "
+                    f"{mine}: install the same release on every node"
+                )
+        if not facts["archive_readable"]:
+            raise ClusterError(
+                f"node {name} ({facts['host']}) cannot read the archive at {archive}: mount it "
+                "(read-only) at the same path on every node"
+            )
+    return len(nodes)
 
 
 def _start_ray(config: ScanConfig) -> bool:
@@ -233,52 +399,87 @@ def run_ray(
         for window in chunks(records, RAY_WINDOW):
             if started is None:  # the first window: only now is Ray worth starting
                 started = _start_ray(config)
+                if config.ray_address:
+                    preflight(config.archive.resolve())
                 context = ray.data.DataContext.get_current()
                 context.enable_progress_bars = False
                 context.print_on_execution_start = False
-                cpus, gpus = cluster_resources()
             stats.found += len(window)
-            dataset = ray.data.from_arrow(to_table(window)).repartition(
-                max(1, -(-len(window) // config.files_per_task))
-            )
-            dataset = _map_batches(
-                dataset,
-                PrepareActor,
-                fn_constructor_kwargs={
-                    "options": config.stage_options,
-                    "prepare": config.prepare,
-                    "file_timeout": config.file_timeout,
-                },
-                batch_size=config.files_per_task,
-                batch_format="pyarrow",
-                zero_copy_batch=True,
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus)),
-                num_cpus=1,
-            )
-            dataset = _map_batches(
-                dataset,
-                ScoreActor,
-                fn_constructor_kwargs={
-                    "model_path": str(model_path),
-                    "batch_size": config.batch_size,
-                    "jit_compile": config.jit_compile,
-                    "precision": config.precision,
-                },
-                batch_size=config.batch_size,
-                batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, gpus)),
-                num_gpus=1 if gpus else 0,
-                num_cpus=0 if not gpus else 1,
-            )
-            _quiet_ray_data()
-            for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                finished = from_table(table)
-                stats.count(finished)
-                sink(finished)
-                if progress is not None:
-                    progress(stats)
+            remaining = window
+            for attempt in range(1, NODE_LOSS_ATTEMPTS + 1):
+                returned: set[str] = set()
+                try:
+                    for finished in _window(config, remaining, model_path):
+                        returned.update(r.path for r in finished)
+                        stats.count(finished)
+                        sink(finished)
+                        if progress is not None:
+                            progress(stats)
+                    break
+                except ray.exceptions.RayError as exc:
+                    remaining = [r for r in remaining if r.path not in returned]
+                    if not remaining:
+                        break
+                    if attempt == NODE_LOSS_ATTEMPTS:
+                        raise
+                    pause = NODE_LOSS_PAUSE * attempt
+                    log.warning(
+                        "Ray lost part of the cluster under the run (%s); %d files of this "
+                        "window not back, submitted again in %.0f s (attempt %d of %d)",
+                        type(exc).__name__,
+                        len(remaining),
+                        pause,
+                        attempt + 1,
+                        NODE_LOSS_ATTEMPTS,
+                    )
+                    time.sleep(pause)
     finally:
         if started:
             ray.shutdown()
     check_accounting(stats)
     return stats
+
+
+def _window(
+    config: ScanConfig, records: list[ImageRecord], model_path: Path
+) -> Iterable[list[ImageRecord]]:
+    """One window of records through the prepare and score actors; finished records in
+    batches, in completion order."""
+    import ray
+
+    cpus, gpus = cluster_resources()
+    dataset = ray.data.from_arrow(to_table(records)).repartition(
+        max(1, -(-len(records) // config.files_per_task))
+    )
+    dataset = _map_batches(
+        dataset,
+        PrepareActor,
+        fn_constructor_kwargs={
+            "options": config.stage_options,
+            "prepare": config.prepare,
+            "file_timeout": config.file_timeout,
+        },
+        batch_size=config.files_per_task,
+        batch_format="pyarrow",
+        zero_copy_batch=True,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus)),
+        num_cpus=1,
+    )
+    dataset = _map_batches(
+        dataset,
+        ScoreActor,
+        fn_constructor_kwargs={
+            "model_path": str(model_path),
+            "batch_size": config.batch_size,
+            "jit_compile": config.jit_compile,
+            "precision": config.precision,
+        },
+        batch_size=config.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, gpus)),
+        num_gpus=1 if gpus else 0,
+        num_cpus=0 if not gpus else 1,
+    )
+    _quiet_ray_data()
+    for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield from_table(table)

@@ -34,6 +34,7 @@ from batchscan.aggregate import aggregate_studies
 from batchscan.discover import iter_files
 from batchscan.domain import Domain
 from batchscan.model import ModelCard, ModelError, check_model, load_model
+from batchscan.paths import make_private, private_files
 from batchscan.pipeline import RunStats, ScanConfig, manifest_for, new_run_id, run_local
 from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord, Scores
 from batchscan.report import (
@@ -112,7 +113,7 @@ def check_config(config: ScanConfig) -> None:
 
         problem = unreachable(config.ray_address)
         if problem:
-            raise UsageError(f"cannot reach the Ray cluster at --ray-address: {problem}")
+            raise UsageError(f"Ray cluster at --ray-address {config.ray_address}: {problem}")
     out = config.out.resolve()
     root = archive.resolve()
     if out == root or root in out.parents:
@@ -278,12 +279,14 @@ def run_scan(config: ScanConfig) -> ScanResult:
         checked = check_model(config.model_path)
     except ModelError as exc:
         raise UsageError(str(exc)) from exc
-    with report_dir_lock(config.out):
+    with private_files(), report_dir_lock(config.out):
         try:
             path = config.state if config.state is not None else config.out / STATE_FILE
             state = StateStore(path, config.checkpoint_seconds)
         except StateError as exc:
             raise UsageError(str(exc)) from exc
+        for made in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            make_private(made)
         try:
             return _run(config, checked, state)
         finally:
@@ -317,9 +320,12 @@ def _run(config: ScanConfig, checked: ModelCard, state: StateStore) -> ScanResul
             state.save(records, run_id, key, checked.version)
 
         if config.engine == "ray":
-            from batchscan.ray_engine import run_ray
+            from batchscan.ray_engine import ClusterError, run_ray
 
-            run_ray(config, pending, checked.path, save, progress, stats)
+            try:
+                run_ray(config, pending, checked.path, save, progress, stats)
+            except ClusterError as exc:
+                raise UsageError(f"the Ray cluster cannot run this scan: {exc}") from exc
         else:
             run_local(config, pending, scorer, save, progress, stats)
         progress.close()

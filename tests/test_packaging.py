@@ -55,3 +55,14 @@ def test_model_ships_as_package_data() -> None:
     assert {"*.keras", "*.json", "*.npz"} <= set(data["package-data"]["batchscan.models"])
     assert (ROOT / "batchscan" / "models" / "pneumonia_cnn_seed.ood.npz").is_file()
     assert (ROOT / "batchscan" / "models" / "__init__.py").is_file()
+
+
+def test_the_version_changes_with_each_release() -> None:
+    """pyproject's version is the CHANGELOG's newest entry and what the installed package
+    says (--version, manifest.json and runs.parquet take it from there)."""
+    from batchscan import __version__
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    newest = re.search(r"^## (\d+\.\d+\.\d+)", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert newest is not None and newest.group(1) == project["version"]
+    assert __version__ == project["version"], "reinstall: the package says another version"

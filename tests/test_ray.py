@@ -103,5 +103,50 @@ def test_unreachable_cluster_is_exit_2_not_a_hang(archive: Path, tmp_path: Path,
     argv = ["scan", str(archive), "--out", str(tmp_path / "r"), "--engine", "ray"]
     assert main([*argv, "--ray-address", f"127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err
-    assert "cannot reach the Ray cluster" in err and err.count("\n") == 1
+    assert "Ray cluster at --ray-address" in err and "no answer from" in err
+    assert err.count("\n") == 1
     assert main([*argv, "--ray-address", "nonsense"]) == 2
+
+
+def test_a_window_failing_half_way_is_submitted_again_for_what_did_not_come_back(
+    local_ray, archive: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """As when a node is lost under a run and Ray's own retries are spent: the driver submits
+    again only the records that have not come back, so every file has exactly one row."""
+    import ray
+
+    from batchscan import ray_engine
+
+    real, calls = ray_engine._window, []
+
+    def flaky(config, records, model_path):
+        calls.append(len(records))
+        batches = real(config, records, model_path)
+        if len(calls) == 1:
+            yield next(batches)  # some records come back, then the node "goes"
+            raise ray.exceptions.RayError("a node was lost")
+        yield from batches
+
+    monkeypatch.setattr(ray_engine, "_window", flaky)
+    monkeypatch.setattr(ray_engine, "NODE_LOSS_PAUSE", 0.01)
+    outs = {}
+    for engine in ("local", "ray"):
+        outs[engine] = tmp_path / engine
+        run_scan(
+            ScanConfig(
+                archive=archive,
+                out=outs[engine],
+                workers=2,
+                files_per_task=2,
+                batch_size=2,  # small blocks: part of the window comes back before the "loss"
+                engine=engine,
+            )
+        )
+    assert len(calls) == 2 and 0 < calls[1] < calls[0]
+    (local_images, local_studies), (ray_images, ray_studies) = map(_reports, outs.values())
+    pd.testing.assert_frame_equal(ray_studies, local_studies, atol=1e-6)
+    assert ray_images.index.is_unique and ray_images.index.equals(local_images.index)
+    pd.testing.assert_frame_equal(
+        ray_images[["status", "reason"]], local_images[["status", "reason"]]
+    )
+    pd.testing.assert_series_equal(ray_images["score"], local_images["score"], atol=1e-6)

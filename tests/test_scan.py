@@ -253,3 +253,26 @@ def test_console_script_runs(demo: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == 1 and "scored 6" in result.stdout
     assert result.stderr == ""
+
+
+def test_reports_and_state_are_readable_by_owner_and_group_only(tmp_path: Path) -> None:
+    """They hold accession numbers, ages and study dates: 0640 at most, a stricter umask
+    wins, and a state left 0644 by an older release loses its "other" bits."""
+    import stat
+
+    from batchscan.cli import main
+
+    archive, out = tmp_path / "archive", tmp_path / "out"
+    write_demo_archive(archive, size=128, studies=2)
+    out.mkdir()
+    (out / "state.sqlite").touch(mode=0o644)
+    (out / "state.sqlite").chmod(0o644)
+    previous = os.umask(0o022)
+    try:
+        assert main(["scan", str(archive), "--out", str(out), "--workers", "0"]) == 0
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()}
+    assert {"images.parquet", "studies.csv", "report.html", "state.sqlite"} <= set(modes)
+    assert all(mode & 0o027 == 0 for mode in modes.values()), {k: oct(v) for k, v in modes.items()}
+    assert modes["images.parquet"] == 0o640
