@@ -66,3 +66,17 @@ def test_the_version_changes_with_each_release() -> None:
     newest = re.search(r"^## (\d+\.\d+\.\d+)", (ROOT / "CHANGELOG.md").read_text(), re.M)
     assert newest is not None and newest.group(1) == project["version"]
     assert __version__ == project["version"], "reinstall: the package says another version"
+
+
+def test_kuberay_example_has_token_auth_and_a_read_only_archive() -> None:
+    yaml = __import__("pytest").importorskip("yaml")
+    cluster = yaml.safe_load((ROOT / "jobs/kuberay/raycluster.yaml").read_text())
+    assert cluster["kind"] == "RayCluster"
+    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+    for group in groups:
+        container = group["template"]["spec"]["containers"][0]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token" and "RAY_AUTH_TOKEN" in env
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert mounts["/archive"]["readOnly"] is True
+    assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
