@@ -15,18 +15,19 @@ with the local engine; only the expensive middle moves to the cluster, as a Ray 
 
 Ray settings, chosen on purpose:
 
-* actors are restarted (``max_restarts``) and their calls retried (``max_task_retries``)
-  :data:`RAY_RETRIES` times: an actor only dies when its node or process goes (file-level
-  crashes never reach Ray, the WorkerPool inside takes them), and every call is a pure
-  function of files on shared storage, so a retry on another node gives the same rows;
+* actors are not restarted by Ray (``max_restarts`` 0): an actor only dies when its node or
+  process goes (file-level crashes never reach Ray, the WorkerPool inside takes them), and
+  then the driver re-submits (below). Measured on a cluster started with ``ray start``: with
+  Ray's restarts on, an actor of a killed node waited to be restarted for a CPU that the
+  surviving actors held, and the run hung;
 * per-file time limits are the WorkerPool's ``--file-timeout``: Ray has no per-task
   timeout, and killing a whole actor for one slow file would lose its neighbours' work;
-* a node lost under a run (its raylet killed, the machine gone) is the driver's business,
-  not only Ray's: Ray's own retries are spent in seconds while the cluster still counts the
-  node alive, so when a window's execution fails with a Ray error the driver waits
-  (:data:`NODE_LOSS_PAUSE`, growing) and submits again only the records that have not come
-  back, up to :data:`NODE_LOSS_ATTEMPTS` times. A record comes back once, so no file is
-  lost or scored twice.
+* a node lost under a run (its raylet killed, the machine gone) is the driver's business:
+  when a window's execution fails with a Ray error, the driver waits until the cluster has
+  declared the node dead (its alive nodes shrink; at most :data:`NODE_DEATH_WAIT`), so that
+  the next actor pool is sized for and placed on the nodes that are left, then submits again
+  only the records that have not come back, up to :data:`NODE_LOSS_ATTEMPTS` times. A record
+  comes back once, so no file is lost or scored twice.
 
 Before any file is read, a run on a cluster checks it (:func:`unreachable`, :func:`preflight`):
 the head answers, and accepts this process's token (token authentication, ``RAY_AUTH_MODE=
@@ -69,14 +70,16 @@ from batchscan.workers import PrepareRecord, WorkerPool
 
 #: Records handed to Ray per Dataset: bounds the driver's memory on any archive size.
 RAY_WINDOW: Final = 50_000
-#: Actor restarts and call retries after an actor's process or node is lost.
-RAY_RETRIES: Final = 3
+#: Actor restarts by Ray (none: the driver re-submits what a lost actor did not return).
+RAY_RETRIES: Final = 0
 #: Times one window is submitted when Ray loses part of the cluster under it.
 NODE_LOSS_ATTEMPTS: Final = 5
-#: Seconds before submitting a window again, times the attempt number: Ray takes a
-#: health-check period or so to mark a lost node dead, and work placed on it before that
-#: fails again.
+#: Seconds before submitting a window again, times the attempt number (after a failure that
+#: lost no node: a transient error).
 NODE_LOSS_PAUSE: Final = 5.0
+#: Seconds to wait for the cluster to declare a lost node dead (Ray's health checks take
+#: about 35 s by default); work placed on it before that fails or waits again.
+NODE_DEATH_WAIT: Final = 90.0
 #: Seconds the nodes have to answer the preflight.
 PREFLIGHT_TIMEOUT: Final = 60.0
 
@@ -367,12 +370,14 @@ def cluster_resources() -> tuple[int, int]:
 
 
 def _map_batches(dataset: Any, fn: type, **arguments: Any) -> Any:
-    """``Dataset.map_batches`` with :data:`RAY_RETRIES` for the actor pool.
+    """``Dataset.map_batches`` with :data:`RAY_RETRIES` restarts for the actor pool.
 
-    Ray Data's default would be endless restarts and retries; a bounded count turns a
-    systematically dying actor (a node that cannot load the model) into a failed run instead
-    of a loop. Ray 2.60 takes these only through the deprecated ``ray_remote_args``
-    (pyproject pins ``ray<2.64``), hence the warning filter.
+    Ray Data's default would be endless restarts and retries, which on a lost node waited for
+    CPUs held by the surviving actors (the run hung); with none, the loss fails the window at
+    once and the driver re-submits what did not come back (:func:`run_ray`), and a
+    systematically dying actor (a node that cannot load the model) fails the run after
+    :data:`NODE_LOSS_ATTEMPTS` instead of looping. Ray 2.60 takes these only through the
+    deprecated ``ray_remote_args`` (pyproject pins ``ray<2.64``), hence the warning filter.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
@@ -408,6 +413,7 @@ def run_ray(
             remaining = window
             for attempt in range(1, NODE_LOSS_ATTEMPTS + 1):
                 returned: set[str] = set()
+                alive = _alive_nodes()
                 try:
                     for finished in _window(config, remaining, model_path):
                         returned.update(r.path for r in finished)
@@ -422,22 +428,40 @@ def run_ray(
                         break
                     if attempt == NODE_LOSS_ATTEMPTS:
                         raise
-                    pause = NODE_LOSS_PAUSE * attempt
                     log.warning(
                         "Ray lost part of the cluster under the run (%s); %d files of this "
-                        "window not back, submitted again in %.0f s (attempt %d of %d)",
+                        "window not back, submitted again (attempt %d of %d) once the cluster "
+                        "has settled",
                         type(exc).__name__,
                         len(remaining),
-                        pause,
                         attempt + 1,
                         NODE_LOSS_ATTEMPTS,
                     )
-                    time.sleep(pause)
+                    if not _await_node_loss(alive, NODE_DEATH_WAIT):
+                        time.sleep(NODE_LOSS_PAUSE * attempt)
     finally:
         if started:
             ray.shutdown()
     check_accounting(stats)
     return stats
+
+
+def _alive_nodes() -> set[str]:
+    """IDs of the nodes the cluster counts alive now."""
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+def _await_node_loss(before: set[str], timeout: float) -> bool:
+    """Wait until a node of `before` is no longer counted alive; False after `timeout`
+    seconds without that (the failure lost no node)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if before - _alive_nodes():
+            return True
+        time.sleep(1.0)
+    return False
 
 
 def _window(
@@ -448,8 +472,11 @@ def _window(
     import ray
 
     cpus, gpus = cluster_resources()
-    dataset = ray.data.from_arrow(to_table(records)).repartition(
-        max(1, -(-len(records) // config.files_per_task))
+    # one block per task, made here: a repartition would run CPU tasks beside the actors,
+    # and on a cluster left with one CPU after a node loss the actor holding it waited for
+    # a split task that waited for the CPU (measured: the run hung)
+    dataset = ray.data.from_arrow(
+        [to_table(part) for part in chunks(records, config.files_per_task)]
     )
     dataset = _map_batches(
         dataset,

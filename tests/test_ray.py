@@ -129,6 +129,7 @@ def test_a_window_failing_half_way_is_submitted_again_for_what_did_not_come_back
 
     monkeypatch.setattr(ray_engine, "_window", flaky)
     monkeypatch.setattr(ray_engine, "NODE_LOSS_PAUSE", 0.01)
+    monkeypatch.setattr(ray_engine, "NODE_DEATH_WAIT", 0.1)  # no node is lost here
     outs = {}
     for engine in ("local", "ray"):
         outs[engine] = tmp_path / engine
