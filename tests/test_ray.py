@@ -151,3 +151,13 @@ def test_a_window_failing_half_way_is_submitted_again_for_what_did_not_come_back
         ray_images[["status", "reason"]], local_images[["status", "reason"]]
     )
     pd.testing.assert_series_equal(ray_images["score"], local_images["score"], atol=1e-6)
+
+
+def test_preflight_refuses_a_node_that_cannot_read_the_archive(local_ray, tmp_path: Path) -> None:
+    """Every node with CPUs must see the archive at the same path (checked before any file is
+    read); here the one node is asked about a path it does not have."""
+    from batchscan.ray_engine import ClusterError, preflight
+
+    assert preflight(tmp_path) == 1  # one node with CPUs, same releases, sees the folder
+    with pytest.raises(ClusterError, match=r"cannot read the archive at .*same path"):
+        preflight(tmp_path / "not-mounted-here")
