@@ -119,14 +119,22 @@ def test_a_wrong_or_missing_token_is_refused_at_once(
     assert ("none was given" if token is None else "is wrong") in line
 
 
+def _run_and_kill(cluster, archive: Path, out: Path, after: float, kill) -> tuple[int, str]:
+    """Start a cluster run, call `kill(driver)` `after` seconds in (while it still runs),
+    and return the driver's exit status and stderr once it has ended."""
+    driver = cluster.popen(*_scan(cluster, archive, out))
+    time.sleep(max(3.0, after))
+    assert driver.poll() is None, "the run ended before the fault could be made"
+    kill(driver)
+    _, err = driver.communicate(timeout=900)
+    return driver.returncode, err
+
+
 def test_a_killed_driver_is_finished_by_the_next_run(
     cluster, archive: Path, local: Path, clean_seconds: float
 ) -> None:
     out = archive.parent / "ray_driver_killed"
-    driver = cluster.popen(*_scan(cluster, archive, out))
-    time.sleep(max(3.0, clean_seconds / 2))
-    driver.send_signal(signal.SIGKILL)
-    driver.wait(timeout=60)
+    _run_and_kill(cluster, archive, out, clean_seconds / 2, lambda d: d.send_signal(signal.SIGKILL))
     done = cluster.run(*_scan(cluster, archive, out))
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_reports(out, local)
@@ -136,12 +144,9 @@ def test_losing_a_worker_node_mid_run_loses_nothing(
     cluster, archive: Path, local: Path, clean_seconds: float
 ) -> None:
     out = archive.parent / "ray_node_lost"
-    driver = cluster.popen(*_scan(cluster, archive, out))
-    time.sleep(max(3.0, clean_seconds / 3))
-    assert driver.poll() is None, "the run ended before the node could be lost"
-    cluster.kill_node(cluster.raylets[0])
-    _, err = driver.communicate(timeout=900)
-    assert driver.returncode == 0, err[-3000:]
+    lose = lambda _: cluster.kill_node(cluster.raylets[0])  # noqa: E731
+    status, err = _run_and_kill(cluster, archive, out, clean_seconds / 3, lose)
+    assert status == 0, err[-3000:]
     assert_same_reports(out, local)
 
 
