@@ -324,18 +324,15 @@ def explain_errors(report_dir: Path, result: dict[str, Any]) -> dict[str, Figure
     made again from the archive through the scan's stages with the scan's model; per study
     UID. Empty when the archive or the model is gone; a study whose file cannot be made
     again is left out (its row stays in the table)."""
-    from batchscan.header import StageOptions
-    from batchscan.model import load_model
-    from batchscan.saliency import Explainer, explain_file
+    from batchscan.saliency import explain_file, run_explainer, shown_options
 
     uids = [e["study_instance_uid"] for rows in result["errors"].values() for e in rows]
     manifest = json.loads((report_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
-    arguments = manifest.get("arguments", {})
-    archive = Path(str(arguments.get("archive")))
+    archive = Path(str(manifest.get("arguments", {}).get("archive")))
     if not uids or not archive.is_dir():
         return {}
     try:
-        explainer = Explainer(load_model(Path(manifest["model"]["path"])).keras_model)
+        explainer = run_explainer(manifest)
     except Exception:  # the model moved since the scan: no maps to draw
         return {}
     columns = ["study_instance_uid", "status", "score", "path", "path_bytes"]
@@ -344,11 +341,7 @@ def explain_errors(report_dir: Path, result: dict[str, Any]) -> dict[str, Figure
     best = images.sort_values(["score", "path"], ascending=[False, True]).drop_duplicates(
         "study_instance_uid"
     )
-    options = StageOptions(
-        all_modalities=True,
-        max_pixel_bytes=int(arguments.get("max_pixel_bytes") or 2**29),
-        min_edge=arguments.get("min_edge"),
-    )
+    options = shown_options(manifest)
     figures = {}
     for row in best.itertuples():
         name = os.fsdecode(row.path_bytes) if row.path_bytes is not None else row.path

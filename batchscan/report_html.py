@@ -33,16 +33,23 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 
 from batchscan import plots
-from batchscan.header import StageOptions
 from batchscan.paths import from_state, readable
 from batchscan.pipeline import model_input
-from batchscan.saliency import Explainer, Figure, explain_file, input_picture
+from batchscan.saliency import (
+    Explainer,
+    Figure,
+    explain_file,
+    input_picture,
+    run_explainer,
+    shown_options,
+)
 from batchscan.state import StateStore
 
 REPORT_FILE: Final = "report.html"
@@ -90,22 +97,13 @@ class ReportInputs:
     explainer: Callable[[], Explainer | None] | None = None
 
 
-def _options(inputs: ReportInputs) -> StageOptions:
-    arguments = inputs.manifest.get("arguments", {})
-    return StageOptions(
-        all_modalities=True,  # the image was scored: show it whatever the filters
-        max_pixel_bytes=int(arguments.get("max_pixel_bytes") or 2**29),
-        min_edge=arguments.get("min_edge"),
-    )
-
-
 def _figure(inputs: ReportInputs, stored_path: Any, caption: str) -> str:
     """One thumbnail with its caption; a plain caption when the picture cannot be made."""
     image = '<div class="note" style="width:96px;height:96px">not available</div>'
     if inputs.archive is not None:
         try:
             path = os.path.join(os.fspath(inputs.archive), from_state(stored_path))
-            thumbnail = input_picture(model_input(path, _options(inputs)))
+            thumbnail = input_picture(model_input(path, shown_options(inputs.manifest)))
             image = f'<img alt="model input" src="{thumbnail}">'
         except Exception:  # moved, changed or gone since the scan: the page goes on
             pass
@@ -169,7 +167,7 @@ class _Figures:
         entry = self.cached.get(key)
         if entry is None or (entry[0] is None and inputs.explainer is not None):
             try:
-                made = explain_file(path, _options(inputs), self.explainer())
+                made = explain_file(path, shown_options(inputs.manifest), self.explainer())
             except Exception:  # moved, changed or gone since the scan: the page goes on
                 return _figure(inputs, stored_path, caption)
             entry, self.made = [made.overlay, made.model_input], self.made + 1
@@ -520,17 +518,12 @@ def regenerate(report_dir: Path) -> Path:
         card = None
     archive = Path(str(manifest["arguments"].get("archive")))
 
-    def explainer() -> Explainer:
-        from batchscan.model import load_model
-
-        return Explainer(load_model(Path(manifest["model"]["path"])).keras_model)
-
     inputs = ReportInputs(
         report_dir,
         manifest,
         card,
         archive if archive.is_dir() else None,
-        explainer=explainer if card is not None else None,
+        explainer=partial(run_explainer, manifest) if card is not None else None,
     )
     with report_dir_lock(report_dir):
         try:

@@ -152,6 +152,30 @@ class Figure:
     model_input: str
 
 
+def shown_options(manifest: dict[str, Any]) -> StageOptions:
+    """The stage options that make a scored image's pictures again as the scan made them
+    (its decode settings from the run's manifest), whatever the filters: it was scored."""
+    arguments = manifest.get("arguments", {})
+    return StageOptions(
+        all_modalities=True,
+        max_pixel_bytes=int(arguments.get("max_pixel_bytes") or 2**29),
+        min_edge=arguments.get("min_edge"),
+    )
+
+
+def run_explainer(manifest: dict[str, Any]) -> Explainer:
+    """The map maker of the model a run scored with (its manifest names the file).
+
+    Raises
+    ------
+    batchscan.model.ModelError, OSError
+        The model file is gone or changed since the run.
+    """
+    from batchscan.model import load_model
+
+    return Explainer(load_model(Path(manifest["model"]["path"])).keras_model)
+
+
 def input_picture(tensor: np.ndarray) -> str:
     """The model input as a PNG ``data:`` URI, at its own 64 x 64 size."""
     grey = np.rint(np.clip(tensor[..., 0], 0, 1) * 255).astype(np.uint8)
