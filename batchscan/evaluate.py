@@ -353,6 +353,8 @@ def explain_errors(report_dir: Path, result: dict[str, Any]) -> dict[str, Figure
 
 
 def _strata(column: pd.Series) -> np.ndarray:
+    """A header column's values as strata: missing ones "unknown", booleans as "true" /
+    "false" (as subgroups and the shortcut check both name them)."""
     values = column.astype(object).where(column.notna(), "unknown")
     return values.map(lambda v: str(v).lower() if isinstance(v, bool) else str(v)).to_numpy()
 
@@ -459,14 +461,13 @@ def evaluate(
     overall = group_metrics(y, s, threshold, target_sensitivity)
     subgroups: dict[str, dict[str, Any]] = {}
     for name in SUBGROUPS:
-        values = matched[name].astype(object).where(matched[name].notna(), "unknown")
-        values = values.map(lambda v: str(v).lower() if isinstance(v, bool) else str(v))
+        values = _strata(matched[name])
         subgroups[name] = {
             str(value): asdict(
                 group_metrics(y[mask], s[mask], threshold, target_sensitivity, seed=1)
             )
-            for value in sorted(values.unique())
-            for mask in [(values == value).to_numpy()]
+            for value in sorted(set(values.tolist()))
+            for mask in [values == value]
         }
     shortcuts = shortcut_checks(matched, y, s, overall.auc)
     key_of = key[labelled].to_numpy()
@@ -676,14 +677,12 @@ def _errors_html(result: dict[str, Any], figures: dict[str, Figure]) -> str:
             continue
         sheet = []
         for row in rows:
-            figure = figures.get(row["study_instance_uid"])
-            pictures = ""
-            if figure is not None:
-                if figure.overlay:
-                    pictures += f'<img class="map" alt="map" src="{figure.overlay}">'
-                pictures += f'<img alt="model input" src="{figure.model_input}">'
+            made = figures.get(row["study_instance_uid"])
             caption = f"{row['key']} score {row['score']:.3f}"
-            sheet.append(f"<figure>{pictures}<figcaption>{e(caption)}</figcaption></figure>")
+            if made is None:  # the file could not be made again: the caption alone
+                sheet.append(f"<figure><figcaption>{e(caption)}</figcaption></figure>")
+            else:
+                sheet.append(plots.figure(caption, made.model_input, made.overlay))
         parts.append(f"<h3>{title}</h3><div class='sheet maps'>{''.join(sheet)}</div>")
     return "".join(parts)
 

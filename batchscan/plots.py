@@ -241,6 +241,20 @@ def page(title: str, body: str) -> str:
     )
 
 
+def figure(caption: str, model_input: str | None, overlay: str | None = None) -> str:
+    """One shown image: its map over the picture (when drawn) and its 64 x 64 model input,
+    both inline images, with a caption; a plain "not available" box without a picture."""
+    pictures = (
+        f'<img class="map" alt="where the score came from" src="{overlay}">' if overlay else ""
+    )
+    pictures += (
+        f'<img alt="model input" src="{model_input}">'
+        if model_input
+        else '<div class="note" style="width:96px;height:96px">not available</div>'
+    )
+    return f"<figure>{pictures}<figcaption>{html.escape(caption)}</figcaption></figure>"
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """An HTML table of escaped cells (floats with three decimals)."""
 

@@ -44,7 +44,6 @@ from batchscan.paths import from_state, readable
 from batchscan.pipeline import model_input
 from batchscan.saliency import (
     Explainer,
-    Figure,
     explain_file,
     input_picture,
     run_explainer,
@@ -99,15 +98,14 @@ class ReportInputs:
 
 def _figure(inputs: ReportInputs, stored_path: Any, caption: str) -> str:
     """One thumbnail with its caption; a plain caption when the picture cannot be made."""
-    image = '<div class="note" style="width:96px;height:96px">not available</div>'
+    thumbnail = None
     if inputs.archive is not None:
         try:
             path = os.path.join(os.fspath(inputs.archive), from_state(stored_path))
             thumbnail = input_picture(model_input(path, shown_options(inputs.manifest)))
-            image = f'<img alt="model input" src="{thumbnail}">'
         except Exception:  # moved, changed or gone since the scan: the page goes on
             pass
-    return f"<figure>{image}<figcaption>{html.escape(caption)}</figcaption></figure>"
+    return plots.figure(caption, thumbnail)
 
 
 @dataclass(slots=True)
@@ -118,7 +116,6 @@ class _Figures:
     inputs: ReportInputs
     cached: dict[str, list[str | None]]
     used: dict[str, list[str | None]] = field(default_factory=dict)
-    made: int = 0
     _explainer: Any = None
     _asked: bool = False
 
@@ -170,18 +167,9 @@ class _Figures:
                 made = explain_file(path, shown_options(inputs.manifest), self.explainer())
             except Exception:  # moved, changed or gone since the scan: the page goes on
                 return _figure(inputs, stored_path, caption)
-            entry, self.made = [made.overlay, made.model_input], self.made + 1
+            entry = [made.overlay, made.model_input]
         self.used[key] = entry
-        figure = Figure(entry[0], str(entry[1]))
-        drawn = (
-            f'<img class="map" alt="where the score came from" src="{figure.overlay}">'
-            if figure.overlay
-            else ""
-        )
-        return (
-            f'<figure>{drawn}<img alt="model input" src="{figure.model_input}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        )
+        return plots.figure(caption, entry[1], entry[0])
 
     def save(self) -> None:
         """Keep the figures of this page (only those) for the next one, atomically."""
