@@ -369,7 +369,7 @@ def write_demo_archive(root: Path | str, *, size: int = 1024, studies: int = 6) 
                 transfer_syntax=syntax,
                 study_uid=study_uid,
                 accession=accession,
-                study_date=f"2026{1 + i % 12:02d}{10 + i:02d}",
+                study_date=f"2026{1 + i % 12:02d}{10 + i % 18:02d}",  # a real date
                 patient_name=f"DEMO^PATIENT{i}",
                 patient_id=f"DEMO{i:04d}",
                 window=(2 ** (depth - 1), 2**depth) if i % 2 == 0 else None,
