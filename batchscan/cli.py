@@ -145,6 +145,13 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
         help="images outside the model card's training domain (age, view, modality): score "
         "them and mark them in_domain=false (default), or skip them as out_of_domain:<why>",
     )
+    scan.add_argument(
+        "--sr-out",
+        type=Path,
+        metavar="DIR",
+        help="also write one DICOM SR per scored study to this outbox folder (outside the "
+        "archive; each SR carries the patient's identity), for batchscan send",
+    )
     if config:
         scan.set_defaults(**config)
 
@@ -321,6 +328,44 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
         "report_dir", type=Path, metavar="REPORT_DIR", help="the --out folder of a scan"
     )
 
+    send = commands.add_parser(
+        "send", help="send the SRs of an outbox that a PACS has not acknowledged (C-STORE)"
+    )
+    send.add_argument(
+        "outbox",
+        type=Path,
+        nargs="?",
+        metavar="OUTBOX",
+        help="the --sr-out folder of scans (required here or as sr_out in --config)",
+    )
+    send.add_argument(
+        "--to",
+        dest="send_to",
+        metavar="AET@HOST:PORT",
+        help="the PACS's Storage SCP (required here or as send_to in --config)",
+    )
+    send.add_argument(
+        "--calling-aet",
+        metavar="AET",
+        default="BATCHSCAN",
+        help="batchscan's AE title (default BATCHSCAN)",
+    )
+    send.add_argument(
+        "--config", type=Path, metavar="PATH", help="TOML file as for scan (sr_out, send_to, ...)"
+    )
+    send.add_argument(
+        "--tls-ca", type=Path, metavar="PEM", help="DICOM TLS: CA of the PACS's certificate"
+    )
+    send.add_argument(
+        "--tls-cert", type=Path, metavar="PEM", help="DICOM TLS: batchscan's certificate"
+    )
+    send.add_argument("--tls-key", type=Path, metavar="PEM", help="DICOM TLS: its private key")
+    if config:
+        send.set_defaults(
+            **{k: v for k, v in config.items() if k in _SEND_KEYS},
+            **({"outbox": config["sr_out"]} if "sr_out" in config else {}),
+        )
+
     demo = commands.add_parser("demo", help="write a small synthetic demo archive")
     demo.add_argument(
         "directory", type=Path, metavar="DIR", help="folder to create (must not hold files)"
@@ -338,6 +383,10 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
     return parser
 
 
+#: Config keys that ``send`` reads (beside ``sr_out``, its OUTBOX).
+_SEND_KEYS = ("send_to", "calling_aet", "tls_ca", "tls_cert", "tls_key")
+
+
 def _uncertain_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--uncertain",
@@ -348,18 +397,26 @@ def _uncertain_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _missing(*required: tuple[object, str]) -> bool:
+    """Say (one line) which required value is given neither on the command line nor in
+    --config; True when one is missing."""
+    for value, name in required:
+        if value is None:
+            print(
+                f"batchscan: error: {name} is required (on the command line or in --config)",
+                file=sys.stderr,
+            )
+            return True
+    return False
+
+
 def _scan(args: argparse.Namespace) -> int:
     from batchscan.decoders import DEFAULT_MIN_EDGE
     from batchscan.pipeline import ScanConfig
     from batchscan.runlock import LockHeldError
     from batchscan.scan import UsageError, run_scan
 
-    if args.archive is None or args.out is None:
-        missing = "ARCHIVE_DIR" if args.archive is None else "--out REPORT_DIR"
-        print(
-            f"batchscan: error: {missing} is required (on the command line or in --config)",
-            file=sys.stderr,
-        )
+    if _missing((args.archive, "ARCHIVE_DIR"), (args.out, "--out REPORT_DIR")):
         return EXIT_USAGE
     try:
         key = pseudonym_key(args.pseudonym_key_file)
@@ -384,6 +441,7 @@ def _scan(args: argparse.Namespace) -> int:
         engine=args.engine,
         ray_address=args.ray_address,
         out_of_domain=args.out_of_domain,
+        sr_out=args.sr_out,
     )
     try:
         result = run_scan(config)
@@ -394,6 +452,33 @@ def _scan(args: argparse.Namespace) -> int:
         print(f"batchscan: {exc}", file=sys.stderr)
         return EXIT_LOCKED
     print(result.summary)
+    return EXIT_OK
+
+
+def _send(args: argparse.Namespace) -> int:
+    if _missing((args.outbox, "OUTBOX"), (args.send_to, "--to AET@HOST:PORT")):
+        return EXIT_USAGE
+    from batchscan.pacs.outbox import OutboxError
+    from batchscan.pacs.send import (
+        Destination,
+        DestinationError,
+        SendError,
+        TlsOptions,
+        send_outbox,
+    )
+
+    try:
+        destination = Destination.parse(args.send_to)
+        tls_files = (args.tls_ca, args.tls_cert, args.tls_key)
+        tls = TlsOptions(*tls_files) if any(f is not None for f in tls_files) else None
+        outcome = send_outbox(args.outbox, destination, args.calling_aet, tls)
+    except (DestinationError, OutboxError) as exc:
+        print(f"batchscan: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SendError as exc:
+        print(f"batchscan: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(outcome.summary())
     return EXIT_OK
 
 
@@ -563,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "labels":
             return _labels(args)
+        if args.command == "send":
+            return _send(args)
         return _demo(args)
     except KeyboardInterrupt:
         print("batchscan: interrupted; previous reports left as they were", file=sys.stderr)

@@ -86,8 +86,24 @@ KEYS: Final[dict[str, tuple[type, Callable[[Any], Any]]]] = {
     "full_resolution": (bool, bool),
     "no_xla": (bool, bool),
     "no_progress": (bool, bool),
+    "sr_out": (str, Path),
+    "send_to": (str, str),
+    "calling_aet": (str, str),
+    "tls_ca": (str, Path),
+    "tls_cert": (str, Path),
+    "tls_key": (str, Path),
 }
-_PATH_KEYS: Final = {"archive", "out", "state", "model", "pseudonym_key_file"}
+_PATH_KEYS: Final = {
+    "archive",
+    "out",
+    "state",
+    "model",
+    "pseudonym_key_file",
+    "sr_out",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+}
 _TYPE_NAMES: Final = {str: "a string", int: "an integer", float: "a number", bool: "true/false"}
 
 

@@ -124,6 +124,9 @@ class ScanConfig:
         ``local`` (this machine) or ``ray`` (:mod:`batchscan.ray_engine`).
     ray_address:
         The Ray cluster to join; None starts a local Ray instance for the run.
+    sr_out:
+        The SR outbox (:mod:`batchscan.pacs`): one DICOM SR per scored study is written
+        there; None writes none.
     """
 
     archive: Path
@@ -148,6 +151,7 @@ class ScanConfig:
     blank_gate: bool = True
     domain: Domain | None = None
     out_of_domain: str = "score"
+    sr_out: Path | None = None
 
     def __post_init__(self) -> None:
         if self.prepare is None:  # the real stages; tests inject faulty ones

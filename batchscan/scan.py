@@ -124,6 +124,22 @@ def check_config(config: ScanConfig) -> None:
         raise UsageError(f"cannot create report folder {config.out}: {exc.strerror}") from exc
     if not os.access(config.out, os.W_OK | os.X_OK):
         raise UsageError(f"report folder not writable: {config.out}")
+    if config.sr_out is not None:
+        _check_sr_out(config.sr_out, root)
+
+
+def _check_sr_out(sr_out: Path, archive_root: Path) -> None:
+    resolved = sr_out.resolve()
+    if resolved == archive_root or archive_root in resolved.parents:
+        raise UsageError(f"--sr-out {sr_out} is inside the archive; the archive is never written")
+    if importlib.util.find_spec("highdicom") is None:
+        raise UsageError("--sr-out needs highdicom: pip install highdicom")
+    try:
+        sr_out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create SR folder {sr_out}: {exc.strerror}") from exc
+    if not os.access(sr_out, os.W_OK | os.X_OK):
+        raise UsageError(f"SR folder not writable: {sr_out}")
 
 
 class Progress:
@@ -192,6 +208,7 @@ def summary_text(manifest: dict[str, Any]) -> str:
         f"{rate if rate is not None else 0:.1f} images/s this run; "
         f"model {manifest['model']['version']}; "
         f"reports in {manifest['arguments']['out']}."
+        + (f" {manifest['sr']['summary']}" if "sr" in manifest else "")
     )
 
 
@@ -361,6 +378,8 @@ def _run(config: ScanConfig, checked: ModelCard, state: StateStore) -> ScanResul
         totals = (finished.files, finished.by_status, finished.by_reason)
         manifest = manifest_for(config, stats, totals, run_id, started_at, model_info, engine)
         manifest.update(files_removed=finished.removed, **study_counts)
+        if config.sr_out is not None:
+            manifest["sr"] = _write_srs(config, checked, state, run_id)
         state.end_run(run_id, "ok", _run_facts(manifest))
         temporaries.append(write_runs(state.run_rows(), config.out, run_id))
         temporaries.append(write_manifest(manifest, config.out, run_id))
@@ -379,6 +398,25 @@ def _run(config: ScanConfig, checked: ModelCard, state: StateStore) -> ScanResul
             state.end_run(run_id, "failed", {"seconds": round(stats.seconds, 3)})
         raise
     return ScanResult(manifest=manifest, summary=summary_text(manifest))
+
+
+def _write_srs(
+    config: ScanConfig, checked: ModelCard, state: StateStore, run_id: str
+) -> dict[str, Any]:
+    """The SR stage (:mod:`batchscan.pacs.write`), imported only when asked for."""
+    from batchscan.pacs.outbox import OutboxError
+    from batchscan.pacs.sr import Algorithm
+    from batchscan.pacs.write import write_srs
+
+    assert config.sr_out is not None
+    algorithm = Algorithm(model_version=checked.version, threshold=checked.threshold)
+    try:
+        outcome = write_srs(
+            state, config.archive, config.sr_out, algorithm, run_id, workers=config.workers
+        )
+    except OutboxError as exc:
+        raise UsageError(str(exc)) from exc
+    return {**outcome.manifest(), "summary": outcome.summary()}
 
 
 def _run_facts(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -518,6 +518,16 @@ class StateStore:
         SQL, so that a report of ten million files never loads them into Python)."""
         return self._db.execute(sql, params).fetchall()
 
+    def stream(
+        self, sql: str, params: tuple[Any, ...] = (), chunk: int = 8192
+    ) -> Iterator[tuple[Any, ...]]:
+        """The rows of a read-only query, `chunk` at a time (a pass over every study
+        holds one chunk in memory, not the archive)."""
+        cursor = self._db.cursor()
+        cursor.execute(sql, params)
+        while rows := cursor.fetchmany(chunk):
+            yield from rows
+
     # -- transactions ------------------------------------------------------------------
 
     def _maybe_commit(self) -> None:

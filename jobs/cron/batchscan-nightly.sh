@@ -10,8 +10,13 @@
 #   another run's log; logs older than BATCHSCAN_KEEP_LOG_DAYS (default 90) are deleted;
 # * prints nothing when the run succeeds (cron mails whatever a job prints) and one line
 #   plus the log's last lines when it does not;
-# * exits with batchscan's own status: 0 done, 1 error, 2 bad arguments or config,
-#   3 the previous run is still going (REPORT_DIR locked).
+# * when the scan succeeded and CONFIG.toml names a PACS (send_to, with sr_out), sends the
+#   SRs the PACS has not acknowledged yet: `batchscan send --config CONFIG.toml`, into the
+#   same log. A PACS that is down does not fail the scan: its SRs wait in the outbox for
+#   the next night, and the wrapper prints one line saying how many;
+# * exits with batchscan's own status: 0 done, 1 error (the scan's, or the send's when the
+#   scan succeeded), 2 bad arguments or config, 3 the previous run is still going
+#   (REPORT_DIR locked).
 #
 # BATCHSCAN names the command when it is not on cron's PATH, e.g. /opt/batchscan/venv/bin/batchscan.
 set -u
@@ -34,12 +39,23 @@ command+=("$batchscan" scan --config "$config" --no-progress)
 
 "${command[@]}" >>"$log" 2>&1
 status=$?
+send_status=0
+if [ $status -eq 0 ] && grep -Eq '^[[:space:]]*send_to[[:space:]]*=' "$config"; then
+    "$batchscan" send --config "$config" >>"$log" 2>&1
+    send_status=$?
+fi
 
 find "$log_dir" -maxdepth 1 -name 'batchscan-*.log' -mtime +"${BATCHSCAN_KEEP_LOG_DAYS:-90}" \
     -delete 2>/dev/null
 
 case $status in
-    0) ;;
+    0)
+        if [ $send_status -ne 0 ]; then
+            echo "batchscan-nightly: scan done, but sending SRs to the PACS failed (status $send_status); see $log"
+            tail -n 1 "$log"
+            status=$send_status
+        fi
+        ;;
     3) echo "batchscan-nightly: previous run still going, skipped (status 3); see $log" ;;
     *)
         echo "batchscan-nightly: batchscan exited with status $status; see $log"

@@ -1,0 +1,245 @@
+"""The ledger of an SR folder (``--sr-out``, the *outbox*): which SR was written for which
+study, and which was delivered to which PACS.
+
+A SQLite file in the outbox (``outbox.sqlite``, WAL journal) beside the SR files, so that
+the folder is self-contained: ``batchscan send OUTBOX`` needs nothing else, a scan and a
+send may run at the same time, and a crash loses nothing:
+
+* an SR file is written first (atomically: a hidden temporary file, fsync, rename) and then
+  recorded; an SR file without its row (a run killed in between) is recorded by the next
+  run that derives the same UID, never written twice;
+* a delivery is recorded, and committed, only after the PACS acknowledged the C-STORE, one
+  SR at a time; a send stopped in the middle leaves the rest undelivered, not lost.
+
+Nothing in the ledger identifies a patient: UIDs, file names, scores and times only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+from batchscan.paths import make_private
+
+OUTBOX_FILE: Final = "outbox.sqlite"
+SCHEMA_VERSION: Final = 1
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS reports (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    sop_instance_uid TEXT NOT NULL UNIQUE,
+    study_instance_uid TEXT NOT NULL,
+    file TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    score REAL NOT NULL,
+    instance_number INTEGER NOT NULL,
+    written_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reports_study ON reports (study_instance_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_instance_uid TEXT PRIMARY KEY,
+    latest_sop TEXT NOT NULL,
+    scored INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    sop_instance_uid TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    delivered_at TEXT NOT NULL,
+    PRIMARY KEY (sop_instance_uid, destination)
+);
+"""
+
+
+class OutboxError(RuntimeError):
+    """The outbox cannot be used (not one, unreadable, another schema)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An SR not yet delivered to a destination."""
+
+    sop_instance_uid: str
+    path: Path
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Outbox:
+    """The ledger of one SR folder.
+
+    Parameters
+    ----------
+    folder:
+        The outbox folder.
+    create:
+        Make the folder and its ledger when missing (the scan); ``batchscan send`` opens
+        only an existing one.
+
+    Raises
+    ------
+    OutboxError
+        The folder is no outbox (and `create` is false), or its ledger cannot be used.
+    """
+
+    def __init__(self, folder: Path, create: bool = False) -> None:
+        self.folder = folder
+        path = folder / OUTBOX_FILE
+        if not create and not path.is_file():
+            raise OutboxError(f"{folder} is no SR outbox (no {OUTBOX_FILE}; made by scan --sr-out)")
+        try:
+            if create:
+                folder.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=60)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                self._db.execute(
+                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise OutboxError(
+                    f"outbox {path} has schema {row[0]}, this batchscan reads {SCHEMA_VERSION}"
+                )
+        except (OSError, sqlite3.DatabaseError) as exc:
+            raise OutboxError(f"cannot use SR outbox {path}: {exc}") from exc
+        for made in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            make_private(made)
+
+    # -- what the scan writes ------------------------------------------------------------
+
+    def has(self, sop_instance_uid: str) -> bool:
+        """True when an SR of this UID is recorded (its content is then already written)."""
+        return (
+            self._db.execute(
+                "SELECT 1 FROM reports WHERE sop_instance_uid=?", (sop_instance_uid,)
+            ).fetchone()
+            is not None
+        )
+
+    def next_instance_number(self, study_instance_uid: str) -> int:
+        """1 for a study's first SR, then one more than its last."""
+        row = self._db.execute(
+            "SELECT MAX(instance_number) FROM reports WHERE study_instance_uid=?",
+            (study_instance_uid,),
+        ).fetchone()
+        return int(row[0] or 0) + 1
+
+    def record_many(self, reports: Iterable[tuple[str, str, Path, str, float, int]]) -> None:
+        """Record SR files just written, in one transaction: each as (SOP Instance UID,
+        Study Instance UID, file, model version, study score, instance number)."""
+        rows = list(reports)
+        if not rows:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for sop, study, file, model_version, score, number in rows:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO reports (sop_instance_uid, study_instance_uid, "
+                    "file, model_version, score, instance_number, written_at) "
+                    "VALUES (?,?,?,?,?,?,?)",
+                    (sop, study, file.relative_to(self.folder).as_posix(), model_version,
+                     score, number, _now()),
+                )  # fmt: skip
+                self._set_study(study, sop)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _set_study(self, study_instance_uid: str, latest_sop: str) -> None:
+        self._db.execute(
+            "INSERT INTO studies VALUES (?, ?, 1) ON CONFLICT (study_instance_uid) "
+            "DO UPDATE SET latest_sop=excluded.latest_sop, scored=1",
+            (study_instance_uid, latest_sop),
+        )
+
+    def begin_pass(self) -> None:
+        """Start a pass over the state's scored studies (each then named to :meth:`seen`),
+        so that :meth:`lost_scored_images` can tell which studies are no longer among them.
+
+        The names go to a temporary table (no disk sync), so that a pass over a million
+        unchanged studies writes nothing to the ledger itself.
+        """
+        self._db.execute("CREATE TEMP TABLE IF NOT EXISTS seen (uid TEXT PRIMARY KEY)")
+        self._db.execute("DELETE FROM seen")
+
+    def seen(self, study_instance_uid: str) -> None:
+        """Note that a study has scored images in this pass."""
+        self._db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (study_instance_uid,))
+
+    def current(self, study_instance_uid: str, latest_sop: str) -> None:
+        """Note that a study's latest SR is `latest_sop` and that it has scored images
+        (written only when that changes: an unchanged study costs one read)."""
+        row = self._db.execute(
+            "SELECT latest_sop, scored FROM studies WHERE study_instance_uid=?",
+            (study_instance_uid,),
+        ).fetchone()
+        if row != (latest_sop, 1):
+            self._set_study(study_instance_uid, latest_sop)
+
+    def lost_scored_images(self) -> list[str]:
+        """The studies with an earlier SR that were not :meth:`seen` in this pass and were
+        not reported lost before, marked now: each is named in one run's summary, once."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            lost = [
+                row[0]
+                for row in self._db.execute(
+                    "SELECT study_instance_uid FROM studies WHERE scored=1 AND "
+                    "study_instance_uid NOT IN (SELECT uid FROM seen) ORDER BY 1"
+                )
+            ]
+            self._db.executemany(
+                "UPDATE studies SET scored=0 WHERE study_instance_uid=?", ((u,) for u in lost)
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return lost
+
+    # -- what send reads and writes ------------------------------------------------------
+
+    def undelivered(self, destination: str) -> list[Pending]:
+        """The SRs not yet acknowledged by `destination`, oldest first."""
+        return [
+            Pending(sop, self.folder / file)
+            for sop, file in self._db.execute(
+                "SELECT sop_instance_uid, file FROM reports WHERE sop_instance_uid NOT IN "
+                "(SELECT sop_instance_uid FROM deliveries WHERE destination=?) ORDER BY seq",
+                (destination,),
+            )
+        ]
+
+    def delivered(self, sop_instance_uid: str, destination: str) -> None:
+        """Record (and commit) that `destination` acknowledged this SR."""
+        self._db.execute(
+            "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?)",
+            (sop_instance_uid, destination, _now()),
+        )
+
+    def count(self, table: str = "reports") -> int:
+        """Rows of a ledger table (``reports``, ``deliveries``, ``studies``)."""
+        if table not in ("reports", "deliveries", "studies"):
+            raise ValueError(f"no ledger table {table!r}")
+        return int(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
+    def close(self) -> None:
+        """Close the ledger."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

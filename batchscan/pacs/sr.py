@@ -1,0 +1,473 @@
+"""One DICOM Structured Report per scored study (``batchscan scan --sr-out DIR``).
+
+Why TID 1500 (Measurement Report) in a Comprehensive SR: it is the template that viewers
+show for AI results (OHIF reads it), highdicom builds and checks it, and it holds what a
+radiologist needs beside the images, as coded, machine-readable content:
+
+* the study group (TID 1501, tracking identifier "batchscan study score"): the algorithm
+  (name, ``model_version``, the threshold as a parameter), the finding type Pneumonia, the
+  study's score and the operating threshold as NUM items, the flag, the training-domain and
+  OOD verdicts as coded qualitative evaluations (Yes / No / Undetermined), and a TEXT item
+  saying plainly that this is no diagnosis;
+* one group per scored image: its score (a NUM that references the image) and its OOD
+  verdict, with the image as the group's source;
+* the scored images in the image library and in CurrentRequestedProcedureEvidenceSequence.
+
+The patient and study modules are copied from the scored images' own headers (read at SR
+time, pixels never: the state holds no identity), so the PACS files the SR into the
+original study; the SR has a series of its own (one per study, "batchscan").
+
+UIDs are derived, not drawn (:func:`derived_uid`): the SOP Instance UID is a ``2.25`` UID
+of a digest of the study, the model and the scored content (each image's UID, score, OOD
+and domain verdicts), so a rerun with nothing new derives the same UID and writes nothing,
+and a new image or a new model derives a new UID and a new SR, the earlier one kept.
+
+Codes: SNOMED CT and DICOM where they exist (Pneumonia 233604007, Plain chest X-ray
+399208008, Yes/No/Undetermined); the score, flag, threshold and verdict names are
+batchscan's own private scheme ``99BSCAN`` (declared in the SR's Coding Scheme
+Identification Sequence), because no standard code names a pneumonia probability.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import highdicom as hd
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.valuerep import DA, TM
+
+from batchscan import __version__
+from batchscan.paths import from_state, open_binary, stat
+from batchscan.records import INTERPRETER_EXITS
+
+# highdicom logs a patient name it finds odd, quoting it ("value of argument patient_name is
+# potentially invalid: ..."): no patient value may reach batchscan's log, which cron mails
+logging.getLogger("highdicom").setLevel(logging.CRITICAL + 1)
+
+#: Version of what an SR says: part of the UID digest, so that a release that changes the
+#: content makes new SRs (and one that does not, none).
+SR_FORMAT: Final = 1
+SERIES_NUMBER: Final = 9901
+SERIES_DESCRIPTION: Final = "batchscan pneumonia score (AI, not a diagnosis)"
+DISCLAIMER: Final = (
+    "Not a diagnosis. batchscan is a research and triage aid, not a medical device: a "
+    "pneumonia CNN's score of the chest radiographs named here, to be read by a radiologist."
+)
+ALGORITHM_NAME: Final = "batchscan pneumonia CNN"
+
+SCHEME: Final = "99BSCAN"
+PNEUMONIA_SCORE: Final = hd.sr.CodedConcept("BSC001", SCHEME, "Pneumonia score")
+FLAGGED: Final = hd.sr.CodedConcept("BSC002", SCHEME, "Flagged for review")
+THRESHOLD: Final = hd.sr.CodedConcept("BSC003", SCHEME, "Operating threshold")
+IN_DOMAIN: Final = hd.sr.CodedConcept("BSC004", SCHEME, "In the model's training domain")
+OUT_OF_DISTRIBUTION: Final = hd.sr.CodedConcept("BSC005", SCHEME, "Out of distribution")
+OOD_DISTANCE: Final = hd.sr.CodedConcept("BSC006", SCHEME, "Out-of-distribution distance")
+PNEUMONIA: Final = hd.sr.CodedConcept("233604007", "SCT", "Pneumonia")
+CHEST_XRAY: Final = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
+#: TID 1501's row for text qualitative evaluations.
+QUALITATIVE_EVALUATIONS: Final = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+
+#: Patient and study attributes highdicom copies from the first source; type 2 in the SR,
+#: so a source without one gets it empty (on the in-memory copy only).
+_COPIED: Final = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+class EvidenceError(RuntimeError):
+    """A source file cannot serve as the SR's evidence; ``reason`` is a short code
+    (``source_changed``, ``source_unreadable``, ``source_mismatch``) that names no value
+    of the header, so it may be logged."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredImage:
+    """One scored image of a study, as the state has it."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    sop_instance_uid: str
+    sop_class_uid: str | None
+    series_instance_uid: str | None
+    view: str | None
+    score: float
+    ood_score: float | None
+    ood: bool | None
+    in_domain: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class StudyResult:
+    """A scored study: its row of ``studies.parquet`` and its scored images."""
+
+    study_instance_uid: str
+    score: float
+    flag: bool
+    score_basis: str
+    in_domain: bool | None
+    images: tuple[ScoredImage, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Algorithm:
+    """What made the scores: the model and its operating threshold."""
+
+    model_version: str
+    threshold: float
+    code_version: str = __version__
+
+
+def study_results(rows: Iterator[tuple[Any, ...]]) -> Iterator[StudyResult]:
+    """Group the rows of :data:`STUDY_IMAGES_SQL` (ordered by study) into studies."""
+    current: list[tuple[Any, ...]] = []
+    for row in rows:
+        if current and row[0] != current[0][0]:
+            yield _study(current)
+            current = []
+        current.append(row)
+    if current:
+        yield _study(current)
+
+
+#: The scored studies with their scored images, ordered by study then image.
+STUDY_IMAGES_SQL: Final = (
+    "SELECT s.study_instance_uid, s.score, s.flag, s.score_basis, s.in_domain, "
+    "f.path, f.size, f.mtime_ns, f.sop_instance_uid, f.sop_class_uid, f.series_instance_uid, "
+    "f.view, f.score, f.ood_score, f.ood, f.in_domain "
+    "FROM studies s JOIN files f ON f.study_instance_uid = s.study_instance_uid "
+    "WHERE f.status = 'scored' AND f.sop_instance_uid IS NOT NULL "
+    "ORDER BY s.study_instance_uid, f.sop_instance_uid"
+)
+
+
+def _bool(value: Any) -> bool | None:
+    return None if value is None else bool(value)
+
+
+def _study(rows: list[tuple[Any, ...]]) -> StudyResult:
+    first = rows[0]
+    return StudyResult(
+        study_instance_uid=first[0],
+        score=float(first[1]),
+        flag=bool(first[2]),
+        score_basis=first[3],
+        in_domain=_bool(first[4]),
+        images=tuple(
+            ScoredImage(
+                path=from_state(r[5]),
+                size=int(r[6]),
+                mtime_ns=int(r[7]),
+                sop_instance_uid=r[8],
+                sop_class_uid=r[9],
+                series_instance_uid=r[10],
+                view=r[11],
+                score=float(r[12]),
+                ood_score=None if r[13] is None else float(r[13]),
+                ood=_bool(r[14]),
+                in_domain=_bool(r[15]),
+            )
+            for r in rows
+        ),
+    )
+
+
+def content_digest(study: StudyResult, algorithm: Algorithm) -> str:
+    """SHA-256 of everything the SR says that comes from the scan (scores to 1e-6): equal
+    digests, equal SRs."""
+    content = {
+        "format": SR_FORMAT,
+        "study": study.study_instance_uid,
+        "model": algorithm.model_version,
+        "threshold": round(algorithm.threshold, 6),
+        "score": round(study.score, 6),
+        "flag": study.flag,
+        "basis": study.score_basis,
+        "in_domain": study.in_domain,
+        "images": [
+            [
+                i.sop_instance_uid,
+                round(i.score, 6),
+                i.ood,
+                None if i.ood_score is None else round(i.ood_score, 4),
+                i.in_domain,
+                i.view,
+            ]
+            for i in study.images
+        ],
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+#: Namespace of batchscan's name-based UUIDs (a fixed random UUID: never change it, or
+#: every SR's UID changes).
+UID_NAMESPACE: Final = uuid.UUID("6f1c2a4e-9b3d-4e57-8a61-0c7d2b9e5f13")
+
+
+def derived_uid(kind: str, name: str) -> str:
+    """A ``2.25`` UID (PS3.5 B.2) of a name-based UUID (RFC 9562 version 5) of `kind` and
+    `name`: the same inputs give the same UID on every machine, and nothing else does.
+
+    (pydicom's ``generate_uid(prefix=None)`` ignores its entropy sources and draws a random
+    UUID, which would make every rerun write new SRs.)
+    """
+    return f"2.25.{uuid.uuid5(UID_NAMESPACE, f'batchscan {kind}: {name}').int}"
+
+
+def sr_instance_uid(digest: str) -> str:
+    """The SR's SOP Instance UID: a ``2.25`` UID of the content digest."""
+    return derived_uid("sr", digest)
+
+
+def sr_series_uid(study_instance_uid: str) -> str:
+    """The Series Instance UID of batchscan's SRs in a study (the same for every SR of it,
+    so that a viewer shows them as one series)."""
+    return derived_uid("sr series", study_instance_uid)
+
+
+def read_evidence(archive: Path, study: StudyResult) -> list[Dataset]:
+    """The headers (no pixel data) of a study's scored images, checked against the state.
+
+    Raises
+    ------
+    EvidenceError
+        A file changed since it was scored (``source_changed``: the next scan scores it
+        again and then writes the SR), cannot be read as DICOM (``source_unreadable``), or
+        is not the image the state names (``source_mismatch``).
+    """
+    evidence = []
+    for image in study.images:
+        path = os.path.join(os.fspath(archive), image.path)
+        try:
+            now = stat(path)
+        except OSError:
+            raise EvidenceError("source_changed") from None
+        if (now.st_size, now.st_mtime_ns) != (image.size, image.mtime_ns):
+            raise EvidenceError("source_changed")
+        try:
+            with open_binary(path) as handle:
+                header = pydicom.dcmread(handle, stop_before_pixels=True)
+        except INTERPRETER_EXITS:
+            raise
+        except BaseException:
+            raise EvidenceError("source_unreadable") from None
+        if (
+            header.get("SOPInstanceUID") != image.sop_instance_uid
+            or header.get("StudyInstanceUID") != study.study_instance_uid
+            or "SOPClassUID" not in header
+            or "SeriesInstanceUID" not in header
+        ):
+            raise EvidenceError("source_mismatch")
+        fit_for_sr(header)
+        evidence.append(header)
+    return evidence
+
+
+def _parses(kind: type, value: Any) -> bool:
+    try:
+        kind(value)
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return True
+
+
+def fit_for_sr(header: Dataset) -> None:
+    """Make a source header's patient and study attributes fit to copy into an SR, in
+    place (on the in-memory copy only; the archive is never written).
+
+    They are type 2 in the SR: a missing one is added empty, and so is a date, time or sex
+    that is no valid DA, TM or CS value (a study date of 20260231, a time of "25:00", a sex
+    of "male"): real archives hold such values, and the PACS files the SR by its Study
+    Instance UID, not by them. Copying them would make an invalid SR (or none at all).
+    """
+    for keyword in _COPIED:
+        if keyword not in header or header[keyword].value is None:
+            setattr(header, keyword, "")
+    for keyword, kind in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
+        value = header[keyword].value
+        if value != "" and not _parses(kind, str(value)):
+            setattr(header, keyword, "")
+    if header.PatientSex not in ("", "M", "F", "O"):
+        header.PatientSex = ""
+
+
+def _yes_no(value: bool | None) -> hd.sr.CodedConcept:
+    code = codes.SCT.Undetermined if value is None else codes.SCT.Yes if value else codes.SCT.No
+    return hd.sr.CodedConcept(code.value, code.scheme_designator, code.meaning)
+
+
+def _score(value: float, **kw: Any) -> Any:
+    # the algorithm is named once per group (TID 1501), which covers its measurements
+    return hd.sr.Measurement(name=PNEUMONIA_SCORE, value=value, unit=codes.UCUM.NoUnits, **kw)
+
+
+def measurement_report(
+    study: StudyResult, evidence: Sequence[Dataset], algorithm: Algorithm
+) -> hd.sr.MeasurementReport:
+    """The TID 1500 content tree of a study's SR (see the module's docstring)."""
+    algorithm_id = hd.sr.AlgorithmIdentification(
+        name=ALGORITHM_NAME,
+        version=algorithm.model_version,
+        parameters=[f"threshold={algorithm.threshold:.6f}", f"batchscan={algorithm.code_version}"],
+    )
+    any_ood = [i.ood for i in study.images]
+    study_ood = None if None in any_ood else any(any_ood)
+    study_group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid("study group", study.study_instance_uid),
+            identifier="batchscan study score",
+        ),
+        finding_type=PNEUMONIA,
+        algorithm_id=algorithm_id,
+        measurements=[
+            _score(round(study.score, 6)),
+            hd.sr.Measurement(
+                name=THRESHOLD, value=round(algorithm.threshold, 6), unit=codes.UCUM.NoUnits
+            ),
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(FLAGGED, _yes_no(study.flag)),
+            hd.sr.QualitativeEvaluation(IN_DOMAIN, _yes_no(study.in_domain)),
+            hd.sr.QualitativeEvaluation(OUT_OF_DISTRIBUTION, _yes_no(study_ood)),
+        ],
+    )
+    study_group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=QUALITATIVE_EVALUATIONS,
+            value=DISCLAIMER,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    by_uid = {ds.SOPInstanceUID: ds for ds in evidence}
+    image_groups = []
+    for image in study.images:
+        source = by_uid[image.sop_instance_uid]
+        reference = hd.sr.SourceImageForMeasurement(source.SOPClassUID, source.SOPInstanceUID)
+        measurements = [_score(round(image.score, 6), referenced_images=[reference])]
+        if image.ood_score is not None:
+            measurements.append(
+                hd.sr.Measurement(
+                    name=OOD_DISTANCE, value=round(image.ood_score, 4), unit=codes.UCUM.NoUnits
+                )
+            )
+        image_groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=derived_uid("image group", image.sop_instance_uid),
+                    identifier=f"batchscan image score ({image.view or 'unknown'} view)",
+                ),
+                finding_type=PNEUMONIA,
+                algorithm_id=algorithm_id,
+                measurements=measurements,
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(OUT_OF_DISTRIBUTION, _yes_no(image.ood)),
+                    hd.sr.QualitativeEvaluation(IN_DOMAIN, _yes_no(image.in_domain)),
+                ],
+                source_images=[
+                    hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)
+                ],
+            )
+        )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derived_uid("device", ALGORITHM_NAME),
+            name="batchscan",
+            manufacturer_name="batchscan",
+            model_name=algorithm.model_version,
+        ),
+    )
+    return hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=CHEST_XRAY,
+        imaging_measurements=[study_group, *image_groups],
+        title=codes.DCM.ImagingMeasurementReport,
+        referenced_images=[ds for ds in evidence if describable(ds)] or None,
+    )
+
+
+def describable(header: Dataset) -> bool:
+    """True when highdicom can describe an image in the SR's image library (TID 1601).
+
+    The library is optional in TID 1500 (the evidence sequence and each group's source
+    image reference the images already), and its entry for a projection radiograph needs
+    Patient Orientation and Imager Pixel Spacing, which many real radiographs leave empty
+    (a cross-sectional image needs its spacing, orientation and position). Such an image is
+    left out of the library rather than described with values it does not carry.
+    """
+    try:
+        hd.sr.ImageLibraryEntryDescriptors(header)
+    except INTERPRETER_EXITS:
+        raise
+    except Exception:
+        return False
+    return True
+
+
+def build_sr(
+    study: StudyResult,
+    evidence: Sequence[Dataset],
+    algorithm: Algorithm,
+    sop_instance_uid: str,
+    instance_number: int,
+) -> hd.sr.ComprehensiveSR:
+    """The SR dataset of a study (complete, unverified: a machine's result)."""
+    sr = hd.sr.ComprehensiveSR(
+        evidence=list(evidence),
+        content=measurement_report(study, evidence, algorithm),
+        series_instance_uid=sr_series_uid(study.study_instance_uid),
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer="batchscan",
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=SERIES_DESCRIPTION,
+    )
+    sr.SoftwareVersions = algorithm.code_version
+    sr.ManufacturerModelName = ALGORITHM_NAME
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = SCHEME
+    scheme.CodingSchemeName = "batchscan result codes"
+    scheme.CodingSchemeResponsibleOrganization = "batchscan"
+    sr.CodingSchemeIdentificationSequence = [scheme]
+    _separate(sr)
+    return sr
+
+
+def _separate(item: Dataset) -> None:
+    """Mark every container SEPARATE: its items are distinct measurements and verdicts, not
+    one sentence (highdicom's default, CONTINUOUS, has viewers such as DCMTK's dsr2html run
+    the values together as prose, without their names)."""
+    if item.get("ValueType") == "CONTAINER":
+        item.ContinuityOfContent = "SEPARATE"
+    for child in item.get("ContentSequence", []):
+        _separate(child)
+
+
+def sr_file(outbox: Path, study_instance_uid: str, sop_instance_uid: str) -> Path:
+    """Where an SR lies in the outbox: one folder per study, one file per SR."""
+    return outbox / study_instance_uid / f"{sop_instance_uid}.dcm"

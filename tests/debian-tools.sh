@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The Debian packages some tests need, installed when missing (part of README's test command
+# and so of CI's): Orthanc, the real PACS that `batchscan send` is tested against; dicom3tools'
+# dciodvfy and DCMTK's dsrdump, the validators every SR the tests make must pass.
+# As root with apt-get (CI): installs what is missing, and fails if it cannot. Otherwise it
+# installs nothing and says so; those tests are then skipped with a visible reason.
+set -euo pipefail
+need=()
+command -v Orthanc >/dev/null || need+=(orthanc)
+command -v dciodvfy >/dev/null || need+=(dicom3tools)
+command -v dsrdump >/dev/null || need+=(dcmtk)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+    echo "debian-tools: not root with apt-get; tests that need ${need[*]} are skipped" >&2
+    exit 0
+fi
+export DEBIAN_FRONTEND=noninteractive
+install() { apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null; }
+install || { apt-get update -q >/dev/null && install; }
+echo "debian-tools: installed ${need[*]}" >&2
