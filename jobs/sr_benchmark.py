@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""What an SR costs per study (``scan --sr-out``, ``batchscan send``), against baselines
+measured in the same run.
+
+    python jobs/sr_benchmark.py [--studies 200] [--size 256] [--repeat 3]
+
+Writes a demo archive of --studies studies (a frontal and a lateral each), scans it once
+(the scan's cost per study is the scale the SR stage is judged against), then times, best
+of --repeat:
+
+* ``headers``: ``pydicom.dcmread(stop_before_pixels=True)`` of every scored file, what any
+  SR writer must read to copy the patient and study modules (the floor);
+* ``sr first``: the SR stage on a new outbox (every study new: read the headers, build the
+  TID 1500 tree with highdicom, encode, write atomically with fsync, record), in this
+  process and in --workers processes (default: all cores, as the scan does);
+* ``sr rerun``: the SR stage again with nothing new (derive each UID, look it up);
+* ``send``: every SR to a real Orthanc on 127.0.0.1 (when Debian's ``orthanc`` is
+  installed), one association, one C-STORE per SR: ``batchscan send`` (each delivery
+  recorded) against DCMTK's ``storescu`` (the reference C-STORE client) on the same files.
+
+Ratios are against ``headers`` (and ``storescu``); the share is the cost against the
+scan's own cost per study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+
+from batchscan.cli import main as batchscan
+from batchscan.pacs.send import Destination, send_outbox
+from batchscan.pacs.sr import STUDY_IMAGES_SQL, Algorithm, study_results
+from batchscan.pacs.write import write_srs
+from batchscan.pipeline import default_workers
+from batchscan.state import STATE_FILE, StateStore
+from batchscan.synth import write_demo_archive
+
+sys.path.insert(0, str(Path(__file__).parent))
+import orthanc_pacs
+
+
+def best(repeat: int, run: Callable[[], object], reset: Callable[[], None] | None = None) -> float:
+    times = []
+    for _ in range(repeat):
+        if reset is not None:
+            reset()
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--studies", type=int, default=200)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=default_workers())
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="sr-benchmark-"))
+    try:
+        archive, out, outbox = root / "archive", root / "reports", root / "outbox"
+        write_demo_archive(archive, size=args.size, studies=args.studies)
+        started = time.perf_counter()
+        code = batchscan(["scan", str(archive), "--out", str(out), "--no-progress"])
+        scan_seconds = time.perf_counter() - started
+        if code != 0:
+            raise SystemExit(f"scan failed with status {code}")
+        state = StateStore(out / STATE_FILE)
+        studies = list(study_results(state.stream(STUDY_IMAGES_SQL)))
+        n = len(studies)
+        manifest = json.loads((out / "manifest.json").read_text())
+        algorithm = Algorithm(manifest["model"]["version"], manifest["model"]["threshold"])
+
+        def headers() -> None:
+            for study in studies:
+                for image in study.images:
+                    pydicom.dcmread(archive / image.path, stop_before_pixels=True)
+
+        def fresh() -> None:
+            shutil.rmtree(outbox, ignore_errors=True)
+
+        rows = [("headers", best(args.repeat, headers))]
+
+        def stage(workers: int) -> Callable[[], object]:
+            return lambda: write_srs(state, archive, outbox, algorithm, "benchmark", workers)
+
+        rows.append(("sr first, 1 process", best(args.repeat, stage(0), fresh)))
+        name = f"sr first, {args.workers} processes"
+        rows.append((name, best(args.repeat, stage(args.workers), fresh)))
+        rows.append(("sr rerun", best(args.repeat, stage(args.workers))))
+        state.close()
+        sends = measure_send(root, outbox, n, args.repeat)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    per_scan = scan_seconds / n
+    base = rows[0][1]
+    print(f"{n} scored studies ({args.size} px images); scan: {per_scan * 1e3:.1f} ms per study")
+    print("| step | seconds | ms per study | studies/s | ratio to headers | share of scan |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, seconds in rows:
+        print(
+            f"| {name} | {seconds:.3f} | {seconds / n * 1e3:.2f} | {n / seconds:,.0f} | "
+            f"{seconds / base:.2f} | {seconds / n / per_scan:.1%} |"
+        )
+    if sends:
+        print()
+        print("| sender (one association, every SR, Orthanc on 127.0.0.1) | seconds | ms per SR "
+              "| SRs/s | ratio to storescu |")  # fmt: skip
+        print("|---|---:|---:|---:|---:|")
+        reference = sends.get("storescu (DCMTK)")
+        for name, seconds in sends.items():
+            ratio = f"{seconds / reference:.2f}" if reference else "-"
+            print(f"| {name} | {seconds:.3f} | {seconds / n * 1e3:.1f} | {n / seconds:,.1f} | "
+                  f"{ratio} |")  # fmt: skip
+
+
+def measure_send(root: Path, outbox: Path, n: int, repeat: int) -> dict[str, float]:
+    """Best-of-`repeat` seconds to send every SR: DCMTK's storescu (the reference C-STORE
+    client, one association for all files) and ``batchscan send`` (which also records each
+    delivery); the ledger is put back after each send, so that every SR is due again."""
+    if problem := orthanc_pacs.orthanc_missing():
+        print(f"send not measured: {problem}")
+        return {}
+    files = sorted(str(p) for p in outbox.glob("*/*.dcm"))
+    ledger, backup = outbox / "outbox.sqlite", root / "ledger.sqlite"
+    shutil.copy(ledger, backup)
+    times: dict[str, float] = {}
+    with orthanc_pacs.Orthanc(root / "orthanc") as pacs:
+        destination = Destination.parse(pacs.destination)
+        storescu = shutil.which("storescu")
+        if storescu is not None:
+            command = [storescu, "-aec", destination.ae_title, destination.host,
+                       str(destination.port), *files]  # fmt: skip
+            times["storescu (DCMTK)"] = best(
+                repeat, lambda: subprocess.run(command, check=True, capture_output=True)
+            )
+
+        def send() -> None:
+            outcome = send_outbox(outbox, destination)
+            assert outcome.sent == n, outcome
+
+        def restore() -> None:
+            for extra in ("-wal", "-shm"):
+                Path(f"{ledger}{extra}").unlink(missing_ok=True)
+            shutil.copy(backup, ledger)
+
+        times["batchscan send"] = best(repeat, send, restore)
+    return times
+
+
+if __name__ == "__main__":
+    main()
