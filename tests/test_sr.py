@@ -411,7 +411,7 @@ def _model(run: dict[str, Any]) -> Algorithm:
     return Algorithm(manifest["model"]["version"], manifest["model"]["threshold"])
 
 
-@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # the test writes them on purpose
+@pytest.mark.filterwarnings("ignore::UserWarning:pydicom")  # the test writes them on purpose
 def test_odd_patient_and_study_values_still_give_a_valid_sr_and_are_never_printed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:

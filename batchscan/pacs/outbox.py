@@ -11,7 +11,9 @@ send may run at the same time, and a crash loses nothing:
 * a delivery is recorded, and committed, only after the PACS acknowledged the C-STORE, one
   SR at a time; a send stopped in the middle leaves the rest undelivered, not lost.
 
-Nothing in the ledger identifies a patient: UIDs, file names, scores and times only.
+Nothing in the ledger identifies a patient: UIDs, file names, digests, scores and times
+only. Each SR's SHA-256 is kept so that ``send`` never delivers a file that is not what was
+written (one truncated or altered on disk is reported, not sent).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ CREATE TABLE IF NOT EXISTS reports (
     sop_instance_uid TEXT NOT NULL UNIQUE,
     study_instance_uid TEXT NOT NULL,
     file TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
     model_version TEXT NOT NULL,
     score REAL NOT NULL,
     instance_number INTEGER NOT NULL,
@@ -66,6 +69,7 @@ class Pending:
 
     sop_instance_uid: str
     path: Path
+    sha256: str
 
 
 def _now() -> str:
@@ -133,21 +137,22 @@ class Outbox:
         ).fetchone()
         return int(row[0] or 0) + 1
 
-    def record_many(self, reports: Iterable[tuple[str, str, Path, str, float, int]]) -> None:
+    def record_many(self, reports: Iterable[tuple[str, str, Path, str, str, float, int]]) -> None:
         """Record SR files just written, in one transaction: each as (SOP Instance UID,
-        Study Instance UID, file, model version, study score, instance number)."""
+        Study Instance UID, file, SHA-256 of its bytes, model version, study score,
+        instance number)."""
         rows = list(reports)
         if not rows:
             return
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            for sop, study, file, model_version, score, number in rows:
+            for sop, study, file, sha256, model_version, score, number in rows:
                 self._db.execute(
                     "INSERT OR IGNORE INTO reports (sop_instance_uid, study_instance_uid, "
-                    "file, model_version, score, instance_number, written_at) "
-                    "VALUES (?,?,?,?,?,?,?)",
-                    (sop, study, file.relative_to(self.folder).as_posix(), model_version,
-                     score, number, _now()),
+                    "file, sha256, model_version, score, instance_number, written_at) "
+                    "VALUES (?,?,?,?,?,?,?,?)",
+                    (sop, study, file.relative_to(self.folder).as_posix(), sha256,
+                     model_version, score, number, _now()),
                 )  # fmt: skip
                 self._set_study(study, sop)
             self._db.execute("COMMIT")
@@ -212,9 +217,9 @@ class Outbox:
     def undelivered(self, destination: str) -> list[Pending]:
         """The SRs not yet acknowledged by `destination`, oldest first."""
         return [
-            Pending(sop, self.folder / file)
-            for sop, file in self._db.execute(
-                "SELECT sop_instance_uid, file FROM reports WHERE sop_instance_uid NOT IN "
+            Pending(sop, self.folder / file, sha256)
+            for sop, file, sha256 in self._db.execute(
+                "SELECT sop_instance_uid, file, sha256 FROM reports WHERE sop_instance_uid NOT IN "
                 "(SELECT sop_instance_uid FROM deliveries WHERE destination=?) ORDER BY seq",
                 (destination,),
             )

@@ -27,6 +27,8 @@ patient's identity. Messages name SRs by UID and the PACS by its address only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import logging
 import re
 import socket
@@ -36,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+import pydicom
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -44,6 +48,7 @@ from pynetdicom.status import code_to_category
 
 from batchscan import __version__
 from batchscan.pacs.outbox import Outbox, Pending
+from batchscan.records import INTERPRETER_EXITS
 
 #: batchscan's own AE title when ``--calling-aet`` is not given.
 DEFAULT_CALLING_AET: Final = "BATCHSCAN"
@@ -150,7 +155,7 @@ class SendOutcome:
     sent: int = 0
     left: int = 0
     refused: dict[str, int] = field(default_factory=dict)  # SR UID -> status
-    missing: list[str] = field(default_factory=list)  # SR UIDs whose file is gone
+    missing: list[str] = field(default_factory=list)  # SR UIDs whose file is gone or broken
 
     def summary(self) -> str:
         """The closing line."""
@@ -226,9 +231,18 @@ def send_outbox(
             evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)],
         )
         if not assoc.is_established:
-            why = "rejected the association" if assoc.is_rejected else "cannot be reached"
+            why = (
+                "rejected the association"
+                if assoc.is_rejected
+                else "cannot be reached (down, another port, or a TLS mismatch)"
+            )
             raise SendError(f"PACS {target} {why}; {len(pending)} SRs left to send")
         try:
+            if not assoc.accepted_contexts:
+                raise SendError(
+                    f"PACS {target} does not accept Comprehensive SR Storage; "
+                    f"{len(pending)} SRs left to send"
+                )
             _store_all(assoc, outbox, pending, target, outcome, on_stored)
         finally:
             if assoc.is_established:
@@ -239,12 +253,28 @@ def send_outbox(
             statuses = sorted({f"0x{s:04X}" for s in outcome.refused.values()})
             parts.append(f"{len(outcome.refused)} refused (status {', '.join(statuses)})")
         if outcome.missing:
-            parts.append(f"{len(outcome.missing)} missing from the outbox folder")
+            parts.append(f"{len(outcome.missing)} missing or unreadable in the outbox folder")
         raise SendError(
             f"PACS {target}: sent {outcome.sent}, {'; '.join(parts)}; "
             f"{outcome.left} SRs left to send"
         )
     return outcome
+
+
+def _read_sr(item: Pending) -> Dataset | None:
+    """The SR file of a ledger row, or None when it is missing, unreadable or not the bytes
+    that were written (the ledger holds their SHA-256: pydicom reads a truncated file as far
+    as it goes, and a PACS would store the half)."""
+    try:
+        data = item.path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != item.sha256:
+            return None
+        dataset = pydicom.dcmread(io.BytesIO(data))
+    except INTERPRETER_EXITS:
+        raise
+    except Exception:
+        return None
+    return dataset
 
 
 def _store_all(
@@ -257,10 +287,16 @@ def _store_all(
 ) -> None:
     """C-STORE each pending SR on the open association, recording each acknowledgement."""
     for number, item in enumerate(pending, start=1):
-        if not item.path.is_file():
+        dataset = _read_sr(item)
+        if dataset is None:  # gone, or no longer the SR the ledger names: sent by no one
             outcome.missing.append(item.sop_instance_uid)
             continue
-        status = assoc.send_c_store(item.path, msg_id=number % 65536 or 1)
+        status = None
+        if assoc.is_established:
+            try:
+                status = assoc.send_c_store(dataset, msg_id=number % 65536 or 1)
+            except RuntimeError:  # pynetdicom noticed that the association is gone
+                status = None
         code = status.get("Status") if status is not None else None
         if code is None:  # no answer: the connection was lost or timed out
             raise SendError(

@@ -18,6 +18,7 @@ again. No patient value reaches a log: reasons are fixed codes and studies are n
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import time
@@ -238,17 +239,19 @@ def write_srs(
             made = iter(encoder([job for job, done in zip(todo, there, strict=True) if not done]))
             recorded = []
             for job, done in zip(todo, there, strict=True):
-                if not done:
+                if done:  # complete (it was renamed into place), so its digest is the SR's
+                    data = job.final.read_bytes()
+                else:
                     data = next(made)
                     if isinstance(data, str):
                         outcome.not_written[data] += 1
                         continue
                     _write_atomically(job.final, data, run_id)
-                recorded.append(job)
+                recorded.append((job, hashlib.sha256(data).hexdigest()))
             outbox.record_many(
-                (j.sop_instance_uid, j.study.study_instance_uid, j.final,
+                (j.sop_instance_uid, j.study.study_instance_uid, j.final, digest,
                  algorithm.model_version, j.study.score, j.instance_number)
-                for j in recorded
+                for j, digest in recorded
             )  # fmt: skip
             outcome.written += len(recorded)
             todo.clear()
