@@ -62,10 +62,20 @@ SHORTCUT_ATTRIBUTES: Final = (
     "patient_sex",
     "age_group",
 )
-#: A warning when an attribute alone separates the labels at least this well...
+#: A warning when an attribute alone separates the labels at least this well (the lower
+#: 95 % bound of its AUC, values held by fewer than MIN_STUDIES_PER_VALUE studies pooled,
+#: so that chance does not warn)...
 ATTRIBUTE_AUC_WARNING: Final = 0.60
-#: ... or when the model's AUC within views falls more than this below its overall AUC.
+#: ... or when the model's AUC within views falls more than this below its overall AUC
+#: (and the lower 95 % bound of the fall is above 0)...
 WITHIN_VIEW_DROP_WARNING: Final = 0.05
+#: ... and only with at least this many labelled studies of each class: below, the figures
+#: are printed without a warning (a warning from five studies teaches users to ignore
+#: warnings).
+MIN_STUDIES_PER_CLASS: Final = 20
+#: Values of an attribute held by fewer studies are pooled into one before its AUC is
+#: bounded: five studies from five devices "predict" their labels perfectly, by chance.
+MIN_STUDIES_PER_VALUE: Final = 10
 DEFAULT_TARGET_SENSITIVITY: Final = 0.90
 JSON_FILE: Final = "evaluation.json"
 HTML_FILE: Final = "evaluation.html"
@@ -359,6 +369,22 @@ def _strata(column: pd.Series) -> np.ndarray:
     return values.map(lambda v: str(v).lower() if isinstance(v, bool) else str(v)).to_numpy()
 
 
+def _pool_rare(strata: np.ndarray) -> np.ndarray:
+    """`strata` with the values of fewer than :data:`MIN_STUDIES_PER_VALUE` studies as one."""
+    values, counts = np.unique(strata, return_counts=True)
+    rare = set(values[counts < MIN_STUDIES_PER_VALUE].tolist())
+    return np.array(["\0rare" if v in rare else v for v in strata], dtype=object)
+
+
+def _view_drop(
+    y: np.ndarray, scores: np.ndarray, strata: np.ndarray, idx: np.ndarray
+) -> float | None:
+    """The overall AUC minus the within-stratum AUC on the resample `idx`."""
+    s = np.asarray(scores)
+    within, _ = metrics.within_stratum_auc(y[idx], s[idx], strata[idx])
+    return None if within is None else metrics.roc_auc(y[idx], s[idx]) - within
+
+
 def shortcut_checks(
     studies: pd.DataFrame, labels: np.ndarray, scores: np.ndarray, overall_auc: float | None
 ) -> dict[str, Any]:
@@ -372,39 +398,71 @@ def shortcut_checks(
     """
     attributes: dict[str, dict[str, Any]] = {}
     warnings: list[str] = []
+    y = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    enough = min(n_pos, n_neg) >= MIN_STUDIES_PER_CLASS
     for name in SHORTCUT_ATTRIBUTES:
         strata = _strata(studies[name])
         alone = metrics.attribute_auc(labels, strata)
+        pooled = _pool_rare(strata)
+        alone_ci = (
+            metrics.paired_bootstrap(
+                y, lambda i, p=pooled: metrics.attribute_auc(y[i], p[i]), resamples=500
+            )
+            if alone is not None
+            else None
+        )
         within, pairs = metrics.within_stratum_auc(labels, scores, strata)
         drop = overall_auc - within if within is not None and overall_auc is not None else None
-        alone_flag = alone is not None and alone >= ATTRIBUTE_AUC_WARNING
-        drop_flag = name == "view" and drop is not None and drop > WITHIN_VIEW_DROP_WARNING
+        drop_ci = (
+            metrics.paired_bootstrap(
+                y, lambda i, st=strata: _view_drop(y, scores, st, i), resamples=500
+            )
+            if name == "view" and drop is not None
+            else None
+        )
+        alone_flag = enough and alone_ci is not None and alone_ci[0] >= ATTRIBUTE_AUC_WARNING
+        drop_flag = (
+            enough
+            and drop is not None
+            and drop > WITHIN_VIEW_DROP_WARNING
+            and drop_ci is not None
+            and drop_ci[0] > 0
+        )
         attributes[name] = {
             "values": len(set(strata.tolist())),
             "attribute_auc": alone,
+            "attribute_auc_ci95": alone_ci,
             "within_auc": within,
             "within_pairs": pairs,
             "drop_from_overall": drop,
+            "drop_ci95": drop_ci,
             "warning": alone_flag or drop_flag,
         }
         if alone_flag:
             warnings.append(
-                f"{name} alone predicts the labels at AUC {alone:.3f} (>= "
-                f"{ATTRIBUTE_AUC_WARNING:.2f}): a model can score well by recognising the "
-                f"{name}; the model's AUC within {name} is {_fmt(within)}"
+                f"{name} alone predicts the labels at AUC {alone:.3f} "
+                f"(95 % CI {_fmt(alone_ci)}, lower bound >= {ATTRIBUTE_AUC_WARNING:.2f}; "
+                f"{n_pos} pneumonia, {n_neg} normal): a model can score well by recognising "
+                f"the {name}; the model's AUC within {name} is {_fmt(within)}"
             )
         if drop_flag:
             warnings.append(
                 f"within {name} the model's AUC is {within:.3f}, {drop:.3f} below its overall "
-                f"{overall_auc:.3f}: part of the overall figure comes from the {name}, not "
-                "from the lungs"
+                f"{overall_auc:.3f} (95 % CI of the fall {_fmt(drop_ci)}): part of the overall "
+                f"figure comes from the {name}, not from the lungs"
             )
     return {
         "attributes": attributes,
         "warnings": warnings,
+        "n_pneumonia": n_pos,
+        "n_normal": n_neg,
+        "enough_to_warn": enough,
         "rules": {
             "attribute_auc_warning": ATTRIBUTE_AUC_WARNING,
             "within_view_drop_warning": WITHIN_VIEW_DROP_WARNING,
+            "min_studies_per_class": MIN_STUDIES_PER_CLASS,
+            "min_studies_per_value": MIN_STUDIES_PER_VALUE,
         },
     }
 
@@ -565,6 +623,13 @@ def summary(result: dict[str, Any]) -> str:
                 for name, a in shortcuts["attributes"].items()
             )
         )
+        if not shortcuts.get("enough_to_warn", True):
+            lines.append(
+                f"  too few labelled studies to warn of a shortcut ({shortcuts['n_pneumonia']} "
+                f"pneumonia, {shortcuts['n_normal']} normal; a warning needs "
+                f"{shortcuts['rules']['min_studies_per_class']} of each): the figures above "
+                "are for reading, not for acting on"
+            )
     lines += [f"WARNING: {w}" for w in shortcuts["warnings"]]
     for name, groups in result["subgroups"].items():
         parts = [
@@ -626,12 +691,14 @@ def _shortcut_html(shortcuts: dict[str, Any] | None, overall_auc: float | None) 
     rows = "".join(
         f"<tr{flag if a['warning'] else ''}><td>{e(name)}</td>"
         f'<td class="n">{a["values"]}</td><td class="n">{e(_fmt(a["attribute_auc"]))}</td>'
+        f'<td class="n">{e(_fmt(a.get("attribute_auc_ci95")))}</td>'
         f'<td class="n">{e(_fmt(a["within_auc"]))}</td><td class="n">{a["within_pairs"]}</td>'
         f'<td class="n">{e(_fmt(a["drop_from_overall"]))}</td></tr>'
         for name, a in shortcuts["attributes"].items()
     )
     table = (
         "<table><tr><th>attribute</th><th>values</th><th>AUC of the attribute alone</th>"
+        "<th>its 95 % CI (rare values pooled)</th>"
         "<th>model AUC within its strata</th><th>positive-negative pairs within</th>"
         f"<th>below overall ({e(_fmt(overall_auc))})</th></tr>{rows}</table>"
     )
@@ -640,10 +707,20 @@ def _shortcut_html(shortcuts: dict[str, Any] | None, overall_auc: float | None) 
         '<p class="note">The attribute alone: the AUC of ranking studies by the share of '
         "pneumonia among studies with the same value (the best that attribute allows here). "
         "Within its strata: the model's AUC over pairs of a pneumonia and a normal study with "
-        "the same value, pooled. A warning when an attribute alone reaches "
-        f"{rules['attribute_auc_warning']:.2f}, or the within-view AUC falls more than "
-        f"{rules['within_view_drop_warning']:.2f} below the overall one.</p>"
+        "the same value, pooled. A warning when the lower 95 % bound of an attribute's AUC "
+        "(bootstrap; values of fewer than "
+        f"{rules.get('min_studies_per_value', 0)} studies pooled into one) reaches "
+        f"{rules['attribute_auc_warning']:.2f}, or the within-view AUC falls "
+        f"more than {rules['within_view_drop_warning']:.2f} below the overall one with a "
+        "fall whose lower 95 % bound is above 0; and only with at least "
+        f"{rules.get('min_studies_per_class', 0)} labelled studies of each class.</p>"
     )
+    if not shortcuts.get("enough_to_warn", True):
+        note += (
+            f'<p class="note">Too few labelled studies to warn ({shortcuts["n_pneumonia"]} '
+            f"pneumonia, {shortcuts['n_normal']} normal): the figures are for reading, not "
+            "for acting on.</p>"
+        )
     if shortcuts["warnings"]:
         items = "".join(f"<li>{e(w)}</li>" for w in shortcuts["warnings"])
         return (

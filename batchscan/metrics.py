@@ -7,6 +7,7 @@ binned approximation of ``keras.metrics.AUC``, because the card quotes it to thr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Final
 
@@ -61,6 +62,33 @@ def attribute_auc(labels: np.ndarray, values: np.ndarray | list[object]) -> floa
         return None
     share = {k: y[keys == k].mean() for k in set(keys.tolist())}
     return roc_auc(y, np.array([share[k] for k in keys]))
+
+
+def paired_bootstrap(
+    labels: np.ndarray,
+    statistic: Callable[[np.ndarray], float | None],
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """95 % percentile bootstrap interval of `statistic` (a function of the indices of a
+    resample of the studies, so that paired figures are resampled together); resamples
+    with one class only, or where `statistic` is None, are left out. None when fewer than
+    half of them count."""
+    y = np.asarray(labels).reshape(-1).astype(bool)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        idx = rng.integers(0, y.size, y.size)
+        if y[idx].all() or not y[idx].any():
+            continue
+        value = statistic(idx)
+        if value is not None:
+            values.append(value)
+    if len(values) < resamples // 2:
+        return None
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def within_stratum_auc(

@@ -222,3 +222,56 @@ def test_shortcut_checks_warn_when_the_view_predicts_the_labels() -> None:
     assert page.count('<tr class="flag">') == 1
     printed = summary(result)
     assert printed.count("WARNING: ") == 2 and "view alone predicts the labels" in printed
+
+
+def test_shortcut_warnings_need_evidence() -> None:
+    """A figure from few studies, or from an attribute whose values each hold a handful of
+    studies, is printed but does not warn (issue: "manufacturer alone predicts the labels
+    at AUC 1.000" from 5 studies)."""
+    from batchscan.evaluate import shortcut_checks
+
+    few = pd.DataFrame(
+        {"view": "PA", "modality": "CR", "manufacturer": list("ABCDE"),
+         "manufacturer_model": None, "patient_sex": "M", "age_group": "adult"}
+    )  # fmt: skip
+    y = np.array([1, 1, 0, 0, 0])
+    checks = shortcut_checks(few, y, np.array([0.9, 0.8, 0.3, 0.2, 0.1]), 1.0)
+    assert checks["attributes"]["manufacturer"]["attribute_auc"] == 1.0
+    assert checks["warnings"] == [] and not checks["enough_to_warn"]
+    result = {"shortcuts": checks}
+    assert "too few labelled studies to warn" in "\n".join(_shortcut_lines(result))
+
+    rng = np.random.default_rng(1)
+    n = 400
+    labels = (rng.random(n) < 0.5).astype(int)
+    many = pd.DataFrame(
+        {"view": rng.choice(["AP", "PA"], n), "modality": "DX",
+         "manufacturer": [f"serial {i}" for i in rng.integers(0, 150, n)],
+         "manufacturer_model": None, "patient_sex": rng.choice(["F", "M"], n),
+         "age_group": "adult"}
+    )  # fmt: skip
+    scores = rng.random(n)
+    checks = shortcut_checks(many, labels, scores, roc_auc(labels, scores))
+    assert checks["attributes"]["manufacturer"]["attribute_auc"] > 0.7  # in sample, by chance
+    assert checks["warnings"] == [], checks["warnings"]
+
+
+def _shortcut_lines(result: dict) -> list[str]:
+    from batchscan.evaluate import summary as evaluate_summary
+
+    full = {
+        "report_dir": "r",
+        "model": {"version": "m", "threshold": 0.5, "threshold_rule": "t"},
+        "scan_run_id": "x",
+        "target_sensitivity": 0.9,
+        "labels": {"key": "accession_number", "rows": 5, "distinct_keys": 5, "duplicates": [],
+                   "conflicts": [], "matching_no_scored_study": [],
+                   "matching_several_studies": []},
+        "scored_studies": 5,
+        "scored_studies_without_label": [],
+        "overall": asdict(group_metrics(np.array([1, 0]), np.array([0.9, 0.1]), 0.5, 0.9)),
+        "subgroups": {},
+        "points": {"label": [], "score": []},
+        **result,
+    }  # fmt: skip
+    return evaluate_summary(full).splitlines()
