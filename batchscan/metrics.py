@@ -70,11 +70,12 @@ def paired_bootstrap(
     *,
     resamples: int = 1000,
     seed: int = 0,
+    min_share: float = 0.5,
 ) -> tuple[float, float] | None:
     """95 % percentile bootstrap interval of `statistic` (a function of the indices of a
     resample of the studies, so that paired figures are resampled together); resamples
     with one class only, or where `statistic` is None, are left out. None when fewer than
-    half of them count."""
+    `min_share` of them count (or none does)."""
     y = np.asarray(labels).reshape(-1).astype(bool)
     rng = np.random.default_rng(seed)
     values = []
@@ -85,7 +86,7 @@ def paired_bootstrap(
         value = statistic(idx)
         if value is not None:
             values.append(value)
-    if len(values) < resamples // 2:
+    if not values or len(values) < resamples * min_share:
         return None
     low, high = np.percentile(values, [2.5, 97.5])
     return float(low), float(high)
@@ -117,15 +118,12 @@ def bootstrap_auc_interval(
 ) -> tuple[float, float]:
     """95 % percentile bootstrap interval of the AUC (cases resampled with replacement)."""
     y, s = _as_arrays(labels, scores)
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(resamples):
-        idx = rng.integers(0, y.size, y.size)
-        if y[idx].all() or not y[idx].any():
-            continue
-        values.append(roc_auc(y[idx], s[idx]))
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(low), float(high)
+    interval = paired_bootstrap(
+        y, lambda i: roc_auc(y[i], s[i]), resamples=resamples, seed=seed, min_share=0.0
+    )
+    if interval is None:
+        raise ValueError("no bootstrap resample holds both classes")
+    return interval
 
 
 def expected_calibration_error(
