@@ -114,32 +114,26 @@ def check_config(config: ScanConfig) -> None:
         problem = unreachable(config.ray_address)
         if problem:
             raise UsageError(f"Ray cluster at --ray-address {config.ray_address}: {problem}")
-    out = config.out.resolve()
     root = archive.resolve()
-    if out == root or root in out.parents:
-        raise UsageError(f"--out {config.out} is inside the archive; the archive is never written")
-    try:
-        config.out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create report folder {config.out}: {exc.strerror}") from exc
-    if not os.access(config.out, os.W_OK | os.X_OK):
-        raise UsageError(f"report folder not writable: {config.out}")
+    _writable_outside(config.out, root, "--out", "report folder")
     if config.sr_out is not None:
-        _check_sr_out(config.sr_out, root)
+        _writable_outside(config.sr_out, root, "--sr-out", "SR folder")
+        if importlib.util.find_spec("highdicom") is None:
+            raise UsageError("--sr-out needs highdicom: pip install highdicom")
 
 
-def _check_sr_out(sr_out: Path, archive_root: Path) -> None:
-    resolved = sr_out.resolve()
+def _writable_outside(folder: Path, archive_root: Path, option: str, what: str) -> None:
+    """Refuse an output `folder` inside the archive, or one that cannot be made or written;
+    make it otherwise (`option` and `what` name it in the one-line message)."""
+    resolved = folder.resolve()
     if resolved == archive_root or archive_root in resolved.parents:
-        raise UsageError(f"--sr-out {sr_out} is inside the archive; the archive is never written")
-    if importlib.util.find_spec("highdicom") is None:
-        raise UsageError("--sr-out needs highdicom: pip install highdicom")
+        raise UsageError(f"{option} {folder} is inside the archive; the archive is never written")
     try:
-        sr_out.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"cannot create SR folder {sr_out}: {exc.strerror}") from exc
-    if not os.access(sr_out, os.W_OK | os.X_OK):
-        raise UsageError(f"SR folder not writable: {sr_out}")
+        raise UsageError(f"cannot create {what} {folder}: {exc.strerror}") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} not writable: {folder}")
 
 
 class Progress:
