@@ -48,7 +48,7 @@ from batchscan.pacs.sr import (
 )
 from batchscan.pipeline import worker_context
 from batchscan.records import INTERPRETER_EXITS
-from batchscan.report import publish
+from batchscan.report import publish, temporary_path
 from batchscan.state import StateStore
 
 log = logging.getLogger("batchscan")
@@ -145,7 +145,7 @@ def encode_sr(
 
 def _write_atomically(final: Path, data: bytes, run_id: str) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = final.with_name(f".{final.name}.{run_id}.tmp")
+    temporary = temporary_path(final, run_id)
     try:
         temporary.write_bytes(data)
         publish(temporary, final)
