@@ -498,11 +498,17 @@ class StateStore:
     def _columns(
         self, table: str, columns: tuple[str, ...], order: str, chunk: int
     ) -> Iterator[dict[str, list[Any]]]:
-        cursor = self._db.cursor()
         names = ", ".join(f'"{c}"' for c in columns)
-        cursor.execute(f"SELECT {names} FROM {table} ORDER BY {order}")
-        while rows := cursor.fetchmany(chunk):
+        for rows in self._fetch_chunks(f"SELECT {names} FROM {table} ORDER BY {order}", (), chunk):
             yield {name: [row[i] for row in rows] for i, name in enumerate(columns)}
+
+    def _fetch_chunks(
+        self, sql: str, params: tuple[Any, ...], chunk: int
+    ) -> Iterator[list[tuple[Any, ...]]]:
+        cursor = self._db.cursor()
+        cursor.execute(sql, params)
+        while rows := cursor.fetchmany(chunk):
+            yield rows
 
     def study_counts(self) -> dict[str, int]:
         """Scored studies in the state: ``studies``, ``studies_flagged``, and by training
@@ -523,9 +529,7 @@ class StateStore:
     ) -> Iterator[tuple[Any, ...]]:
         """The rows of a read-only query, `chunk` at a time (a pass over every study
         holds one chunk in memory, not the archive)."""
-        cursor = self._db.cursor()
-        cursor.execute(sql, params)
-        while rows := cursor.fetchmany(chunk):
+        for rows in self._fetch_chunks(sql, params, chunk):
             yield from rows
 
     # -- transactions ------------------------------------------------------------------
