@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -144,8 +144,7 @@ class Outbox:
         rows = list(reports)
         if not rows:
             return
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             for sop, study, file, sha256, model_version, score, number in rows:
                 self._db.execute(
                     "INSERT OR IGNORE INTO reports (sop_instance_uid, study_instance_uid, "
@@ -155,6 +154,13 @@ class Outbox:
                      model_version, score, number, _now()),
                 )  # fmt: skip
                 self._set_study(study, sop)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction (the ledger is otherwise in autocommit mode)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -194,8 +200,7 @@ class Outbox:
     def lost_scored_images(self) -> list[str]:
         """The studies with an earlier SR that were not :meth:`seen` in this pass and were
         not reported lost before, marked now: each is named in one run's summary, once."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             lost = [
                 row[0]
                 for row in self._db.execute(
@@ -206,10 +211,6 @@ class Outbox:
             self._db.executemany(
                 "UPDATE studies SET scored=0 WHERE study_instance_uid=?", ((u,) for u in lost)
             )
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
         return lost
 
     # -- what send reads and writes ------------------------------------------------------
