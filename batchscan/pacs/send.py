@@ -152,10 +152,15 @@ class SendOutcome:
     """What one send did."""
 
     destination: Destination
+    due: int = 0  # SRs undelivered to it when the send began
     sent: int = 0
-    left: int = 0
     refused: dict[str, int] = field(default_factory=dict)  # SR UID -> status
     missing: list[str] = field(default_factory=list)  # SR UIDs whose file is gone or broken
+
+    @property
+    def left(self) -> int:
+        """SRs still undelivered to the destination."""
+        return self.due - self.sent
 
     def summary(self) -> str:
         """The closing line."""
@@ -209,7 +214,7 @@ def send_outbox(
     target = str(destination)
     with Outbox(outbox_dir) as outbox:
         pending = outbox.undelivered(target)
-        outcome = SendOutcome(destination, left=len(pending))
+        outcome = SendOutcome(destination, due=len(pending))
         if not pending:
             return outcome
         _quiet_pynetdicom()
@@ -308,7 +313,6 @@ def _store_all(
         if code_to_category(int(code)) in ("Success", "Warning"):
             outbox.delivered(item.sop_instance_uid, target)
             outcome.sent += 1
-            outcome.left -= 1
             if on_stored is not None:
                 on_stored(item)
         elif 0xA700 <= int(code) <= 0xA7FF:
