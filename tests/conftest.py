@@ -53,3 +53,22 @@ def npz_path() -> Path:
     if not NPZ.is_file():
         pytest.skip(f"needs the training data at {NPZ} (set BATCHSCAN_DATA); CI has it")
     return NPZ
+
+
+@pytest.fixture(scope="session")
+def demo_srs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A demo archive (6 studies, 256 px) scanned once with ``--sr-out``: its ``archive``,
+    its REPORT_DIR ``out`` and its SR ``outbox``, for the SR and send tests. Read only:
+    a test that changes any of them works on a copy."""
+    from batchscan.cli import main
+    from batchscan.synth import write_demo_archive
+
+    root = tmp_path_factory.mktemp("demo_srs")
+    folders = {"archive": root / "archive", "out": root / "reports", "outbox": root / "sr"}
+    write_demo_archive(folders["archive"], size=256)
+    code = main(
+        ["scan", str(folders["archive"]), "--out", str(folders["out"]), "--sr-out",
+         str(folders["outbox"]), "--workers", "0", "--batch-size", "4", "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    return folders

@@ -28,33 +28,11 @@ needs_orthanc = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def outbox_made(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The SR outbox of a scanned demo archive (6 studies, 6 SRs)."""
-    root = tmp_path_factory.mktemp("send")
-    write_demo_archive(root / "archive", size=256)
-    code = main(
-        [
-            "scan",
-            str(root / "archive"),
-            "--out",
-            str(root / "reports"),
-            "--sr-out",
-            str(root / "outbox"),
-            "--workers",
-            "0",
-            "--no-progress",
-        ]
-    )
-    assert code == 0
-    return root / "outbox"
-
-
 @pytest.fixture
-def outbox(outbox_made: Path, tmp_path: Path) -> Path:
-    """A fresh copy of the outbox (nothing delivered yet)."""
+def outbox(demo_srs: dict[str, Path], tmp_path: Path) -> Path:
+    """A fresh copy of the demo archive's outbox (6 SRs, nothing delivered yet)."""
     copy = tmp_path / "outbox"
-    shutil.copytree(outbox_made, copy)
+    shutil.copytree(demo_srs["outbox"], copy)
     return copy
 
 

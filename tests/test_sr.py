@@ -30,7 +30,6 @@ from batchscan.pacs.sr import (
 )
 from batchscan.pacs.write import encode_sr, write_srs
 from batchscan.state import STATE_FILE, StateStore
-from batchscan.synth import write_demo_archive
 from tests.conftest import real_file
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -89,40 +88,12 @@ def validator_errors(path: Path) -> list[str]:
     return [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line]
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("archive")
-    write_demo_archive(root, size=256)
-    return root
-
-
-@pytest.fixture(scope="module")
-def scanned(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("reports")
-    outbox = tmp_path_factory.mktemp("outbox") / "sr"
-    code = main(
-        [
-            "scan",
-            str(demo),
-            "--out",
-            str(out),
-            "--sr-out",
-            str(outbox),
-            "--workers",
-            "0",
-            "--batch-size",
-            "4",
-            "--no-progress",
-        ]
-    )
-    assert code == 0
-    return {"archive": demo, "out": out, "outbox": outbox}
-
-
-def test_every_scored_study_has_exactly_one_sr_with_its_score(scanned: dict[str, Any]) -> None:
-    studies = pd.read_parquet(scanned["out"] / "studies.parquet").set_index("study_instance_uid")
-    images = pd.read_parquet(scanned["out"] / "images.parquet")
-    files = sr_files(scanned["outbox"])
+def test_every_scored_study_has_exactly_one_sr_with_its_score(
+    demo_srs: dict[str, Any],
+) -> None:
+    studies = pd.read_parquet(demo_srs["out"] / "studies.parquet").set_index("study_instance_uid")
+    images = pd.read_parquet(demo_srs["out"] / "images.parquet")
+    files = sr_files(demo_srs["outbox"])
     assert len(files) == len(studies) == 6
     for path in files:
         sr = pydicom.dcmread(path)
@@ -159,7 +130,7 @@ def test_every_scored_study_has_exactly_one_sr_with_its_score(scanned: dict[str,
         }
         assert referenced == set(scored["sop_instance_uid"])
         source = pydicom.dcmread(
-            scanned["archive"] / scored["path"].iloc[0], stop_before_pixels=True
+            demo_srs["archive"] / scored["path"].iloc[0], stop_before_pixels=True
         )
         for keyword in ("PatientID", "PatientName", "PatientBirthDate", "AccessionNumber"):
             assert sr.get(keyword) == source.get(keyword)
@@ -167,9 +138,11 @@ def test_every_scored_study_has_exactly_one_sr_with_its_score(scanned: dict[str,
         assert sr.SeriesNumber == 9901
 
 
-def test_every_sr_is_valid_by_dciodvfy_and_read_by_dsrdump(scanned: dict[str, Any]) -> None:
+def test_every_sr_is_valid_by_dciodvfy_and_read_by_dsrdump(
+    demo_srs: dict[str, Any],
+) -> None:
     dsrdump = need("dsrdump")
-    files = sr_files(scanned["outbox"])
+    files = sr_files(demo_srs["outbox"])
     assert files
     for path in files:
         assert validator_errors(path) == [], path
@@ -179,9 +152,9 @@ def test_every_sr_is_valid_by_dciodvfy_and_read_by_dsrdump(scanned: dict[str, An
         assert "Pneumonia score" in dump.stdout
 
 
-def _copy_scanned(scanned: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
-    copy = {k: tmp_path / k for k in scanned}
-    for key, folder in scanned.items():
+def _copy_scanned(demo_srs: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    copy = {k: tmp_path / k for k in demo_srs}
+    for key, folder in demo_srs.items():
         shutil.copytree(folder, copy[key])
     return copy
 
@@ -191,9 +164,9 @@ def _published(outbox: Path) -> dict[Path, int]:
 
 
 def test_a_rerun_with_nothing_new_writes_nothing(
-    scanned: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    demo_srs: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run = _copy_scanned(scanned, tmp_path)
+    run = _copy_scanned(demo_srs, tmp_path)
     before = _published(run["outbox"])
     printed = scan(run["archive"], run["out"], run["outbox"], capsys)
     assert "SRs: 0 written, 6 unchanged" in printed
@@ -201,9 +174,9 @@ def test_a_rerun_with_nothing_new_writes_nothing(
 
 
 def test_a_new_image_gives_one_new_sr_for_its_study_alone(
-    scanned: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    demo_srs: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run = _copy_scanned(scanned, tmp_path)
+    run = _copy_scanned(demo_srs, tmp_path)
     before = _published(run["outbox"])
     images = pd.read_parquet(run["out"] / "images.parquet")
     frontal = images[images["status"] == "scored"].iloc[0]
@@ -231,9 +204,9 @@ def test_a_new_image_gives_one_new_sr_for_its_study_alone(
 
 
 def test_a_study_that_loses_every_scored_image_is_listed_once(
-    scanned: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    demo_srs: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run = _copy_scanned(scanned, tmp_path)
+    run = _copy_scanned(demo_srs, tmp_path)
     images = pd.read_parquet(run["out"] / "images.parquet")
     frontal = images[images["status"] == "scored"].iloc[0]
     (run["archive"] / frontal["path"]).unlink()
@@ -249,12 +222,12 @@ def test_a_study_that_loses_every_scored_image_is_listed_once(
 
 
 def test_nothing_of_the_patient_is_printed(
-    scanned: dict[str, Any],
+    demo_srs: dict[str, Any],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    run = _copy_scanned(scanned, tmp_path)
+    run = _copy_scanned(demo_srs, tmp_path)
     shutil.rmtree(run["outbox"])
     printed = scan(run["archive"], run["out"], run["outbox"], capsys) + caplog.text
     assert "SRs: 6 written" in printed
@@ -267,9 +240,9 @@ def test_nothing_of_the_patient_is_printed(
 
 
 def test_a_changed_source_gets_no_sr_until_it_is_scored_again(
-    scanned: dict[str, Any], tmp_path: Path
+    demo_srs: dict[str, Any], tmp_path: Path
 ) -> None:
-    run = _copy_scanned(scanned, tmp_path)
+    run = _copy_scanned(demo_srs, tmp_path)
     shutil.rmtree(run["outbox"])
     images = pd.read_parquet(run["out"] / "images.parquet")
     frontal = images[images["status"] == "scored"].iloc[0]
@@ -285,30 +258,30 @@ def test_a_changed_source_gets_no_sr_until_it_is_scored_again(
 
 
 def test_sr_out_inside_the_archive_is_refused(
-    scanned: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    demo_srs: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = main(
         [
             "scan",
-            str(scanned["archive"]),
+            str(demo_srs["archive"]),
             "--out",
             str(tmp_path / "r"),
             "--sr-out",
-            str(scanned["archive"] / "sr"),
+            str(demo_srs["archive"] / "sr"),
             "--no-progress",
         ]
     )
     assert code == 2
     assert "inside the archive" in capsys.readouterr().err
-    assert not (scanned["archive"] / "sr").exists()
+    assert not (demo_srs["archive"] / "sr").exists()
 
 
 def test_sr_out_from_the_config_file(
-    scanned: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    demo_srs: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tmp_path / "batchscan.toml"
     config.write_text(
-        f'archive = "{scanned["archive"]}"\nout = "reports"\nsr_out = "outbox"\nworkers = 0\n'
+        f'archive = "{demo_srs["archive"]}"\nout = "reports"\nsr_out = "outbox"\nworkers = 0\n'
     )
     assert main(["scan", "--config", str(config), "--no-progress"]) == 0
     assert "SRs: 6 written" in capsys.readouterr().out
@@ -388,11 +361,11 @@ def test_evidence_that_is_not_the_scored_image_is_refused(tmp_path: Path) -> Non
 
 
 def test_the_ledger_survives_a_run_killed_between_file_and_record(
-    scanned: dict[str, Any], tmp_path: Path
+    demo_srs: dict[str, Any], tmp_path: Path
 ) -> None:
     """An SR file whose ledger row is missing (killed in between) is recorded, not made
     again: same UID, same file."""
-    run = _copy_scanned(scanned, tmp_path)
+    run = _copy_scanned(demo_srs, tmp_path)
     with Outbox(run["outbox"]) as outbox:
         assert outbox.count() == 6
     (run["outbox"] / "outbox.sqlite").unlink()
@@ -445,9 +418,9 @@ def test_odd_patient_and_study_values_still_give_a_valid_sr_and_are_never_printe
 
 
 def test_srs_made_in_worker_processes_are_the_same_srs(
-    scanned: dict[str, Any], tmp_path: Path
+    demo_srs: dict[str, Any], tmp_path: Path
 ) -> None:
-    run = _copy_scanned(scanned, tmp_path)
+    run = _copy_scanned(demo_srs, tmp_path)
     shutil.rmtree(run["outbox"])
     state = StateStore(run["out"] / STATE_FILE)
     try:
@@ -456,5 +429,5 @@ def test_srs_made_in_worker_processes_are_the_same_srs(
         state.close()
     assert (outcome.written, outcome.unchanged) == (6, 0)
     assert [p.relative_to(run["outbox"]) for p in sr_files(run["outbox"])] == [
-        p.relative_to(scanned["outbox"]) for p in sr_files(scanned["outbox"])
+        p.relative_to(demo_srs["outbox"]) for p in sr_files(demo_srs["outbox"])
     ]
