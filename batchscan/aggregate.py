@@ -41,6 +41,9 @@ STUDY_COLUMNS: Final = (
     "patient_sex",
     "patient_key",
     "model_version",
+    "shadow_score",
+    "shadow_flag",
+    "shadow_model_version",
 )
 #: Study facts taken from the first of its images that has them.
 _FIRST_OF_IMAGES: Final = (
@@ -55,7 +58,12 @@ _FIRST_OF_IMAGES: Final = (
 )
 
 
-def aggregate_studies(images: pd.DataFrame, threshold: float, model_version: str) -> pd.DataFrame:
+def aggregate_studies(
+    images: pd.DataFrame,
+    threshold: float,
+    model_version: str,
+    shadow: tuple[float, str] | None = None,
+) -> pd.DataFrame:
     """One row per study with at least one scored image.
 
     Parameters
@@ -67,6 +75,9 @@ def aggregate_studies(images: pd.DataFrame, threshold: float, model_version: str
         The model card's operating threshold; ``flag`` is ``score >= threshold``.
     model_version:
         Written on every row.
+    shadow:
+        The shadow model's threshold and version (``--shadow-model``), or None: its study
+        score is taken by the same rule, over the same images, from ``shadow_score``.
 
     Returns
     -------
@@ -87,6 +98,15 @@ def aggregate_studies(images: pd.DataFrame, threshold: float, model_version: str
     score = frontal_max.reindex(any_max.index)
     basis = np.where(score.notna(), "frontal", "all_scored")
     score = score.fillna(any_max)
+    shadow_score = pd.Series(np.nan, index=any_max.index)
+    if shadow is not None and "shadow_score" in scored:
+        values = pd.to_numeric(scored["shadow_score"], errors="coerce")
+        on_frontal = values[frontal.index].groupby(frontal["study_instance_uid"]).max()
+        shadow_score = (
+            on_frontal.reindex(any_max.index)
+            .where(basis == "frontal")
+            .fillna(values.groupby(scored["study_instance_uid"]).max().reindex(any_max.index))
+        )
 
     basis_rows = pd.concat([frontal, scored[~scored["study_instance_uid"].isin(frontal_max.index)]])
     in_domain_col = (
@@ -135,8 +155,17 @@ def aggregate_studies(images: pd.DataFrame, threshold: float, model_version: str
             "in_domain": domain.to_numpy(dtype=object),
             **{name: facts[name].to_numpy(dtype=object) for name in _FIRST_OF_IMAGES},
             "model_version": model_version,
+            "shadow_score": shadow_score.to_numpy(dtype=np.float64),
+            "shadow_flag": [
+                None if np.isnan(v) or shadow is None else bool(v >= shadow[0])
+                for v in shadow_score.to_numpy(dtype=np.float64)
+            ],
+            "shadow_model_version": None if shadow is None else shadow[1],
         }
     )
-    for name in ("in_domain", *_FIRST_OF_IMAGES):
+    out["shadow_score"] = (
+        out["shadow_score"].astype(object).where(out["shadow_score"].notna(), None)
+    )
+    for name in ("in_domain", "shadow_flag", "shadow_model_version", *_FIRST_OF_IMAGES):
         out[name] = out[name].astype(object).where(out[name].notna(), None)
     return out[columns].sort_values("study_instance_uid", ignore_index=True)

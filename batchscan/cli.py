@@ -152,6 +152,14 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
         help="also write one DICOM SR per scored study to this outbox folder (outside the "
         "archive; each SR carries the patient's identity), for batchscan send",
     )
+    scan.add_argument(
+        "--shadow-model",
+        type=Path,
+        metavar="PATH",
+        help="also score every image with this second model, on the same inputs (from the "
+        "input store where it has them), reported as shadow_score beside the score of the "
+        "model in use; batchscan evaluate compares the two",
+    )
     if config:
         scan.set_defaults(**config)
 
@@ -442,6 +450,7 @@ def _scan(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         out_of_domain=args.out_of_domain,
         sr_out=args.sr_out,
+        shadow_model=args.shadow_model,
     )
     try:
         result = run_scan(config)

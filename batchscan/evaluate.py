@@ -297,6 +297,49 @@ def group_metrics(
     )
 
 
+def compare_shadow(
+    y: np.ndarray,
+    s: np.ndarray,
+    shadow_scores: np.ndarray,
+    model: dict[str, Any],
+    shadow: dict[str, Any],
+    target: float,
+) -> dict[str, Any]:
+    """The model in use against the shadow model on the same labelled studies: each one's
+    figures at its own card threshold, the paired AUC difference (shadow minus in use)
+    with its 95 % bootstrap CI, and a sentence saying which is better or that the
+    difference is within noise."""
+    both = bool(y.any() and (~y.astype(bool)).any())
+    in_use = group_metrics(y, s, float(model["threshold"]), target)
+    other = group_metrics(y, shadow_scores, float(shadow["threshold"]), target)
+    difference, interval = (
+        metrics.paired_auc_difference(y, s, shadow_scores) if both else (None, None)
+    )
+    if difference is None or interval is None:
+        verdict = (
+            f"too few labelled studies of both classes ({int(y.sum())} pneumonia, "
+            f"{int((y == 0).sum())} normal) to compare the two models"
+        )
+    else:
+        figures = f"AUC {other.auc:.3f} against {in_use.auc:.3f}, difference {difference:+.3f} " + (
+            f"(95 % CI {interval[0]:+.3f} to {interval[1]:+.3f}) on {len(y)} studies"
+        )
+        if interval[0] > 0:
+            verdict = f"the shadow model {shadow['version']} is better: {figures}"
+        elif interval[1] < 0:
+            verdict = f"the model in use {model['version']} is better: {figures}"
+        else:
+            verdict = f"the difference is within noise, neither model is shown better: {figures}"
+    return {
+        "model_in_use": {"version": model["version"], **asdict(in_use)},
+        "shadow": {"version": shadow["version"], **asdict(other)},
+        "n": len(y),
+        "auc_difference": difference,
+        "auc_difference_ci95": interval,
+        "verdict": verdict,
+    }
+
+
 def _study_table(report_dir: Path) -> pd.DataFrame:
     """Scored studies with the subgroup columns (``view``: the views of scored images)."""
     studies = pd.read_parquet(report_dir / STUDIES_FILE)
@@ -528,6 +571,18 @@ def evaluate(
             for mask in [values == value]
         }
     shortcuts = shortcut_checks(matched, y, s, overall.auc)
+    shadow = model.get("shadow")
+    comparison = None
+    if shadow and "shadow_score" in matched:
+        paired = matched["shadow_score"].notna().to_numpy()
+        comparison = compare_shadow(
+            y[paired],
+            s[paired],
+            matched["shadow_score"].to_numpy(dtype=np.float64)[paired],
+            model,
+            shadow,
+            target_sensitivity,
+        )
     key_of = key[labelled].to_numpy()
     errors = {
         "false_positives": _worst(matched, key_of, (y == 0) & (s >= threshold), descending=True),
@@ -559,6 +614,7 @@ def evaluate(
         "overall": asdict(overall),
         "subgroups": subgroups,
         "shortcuts": shortcuts,
+        "shadow_comparison": comparison,
         "errors": errors,
         "points": {"label": y.tolist(), "score": s.tolist()},
     }
@@ -631,6 +687,16 @@ def summary(result: dict[str, Any]) -> str:
                 "are for reading, not for acting on"
             )
     lines += [f"WARNING: {w}" for w in shortcuts["warnings"]]
+    comparison = result.get("shadow_comparison")
+    if comparison:
+        for role in ("model_in_use", "shadow"):
+            m = comparison[role]
+            lines.append(
+                f"{role.replace('_', ' ')} {m['version']}: AUC {_fmt(m['auc'])} (95 % CI "
+                f"{_fmt(m['auc_ci95'])}); at its threshold sensitivity {_fmt(m['sensitivity'])}, "
+                f"specificity {_fmt(m['specificity'])}"
+            )
+        lines.append(f"shadow comparison: {comparison['verdict']}")
     for name, groups in result["subgroups"].items():
         parts = [
             f"{value} n={g['n']} AUC {_fmt(g['auc'])} sens {_fmt(g['sensitivity'])} "
@@ -764,6 +830,23 @@ def _errors_html(result: dict[str, Any], figures: dict[str, Figure]) -> str:
     return "".join(parts)
 
 
+def _shadow_html(comparison: dict[str, Any] | None) -> str:
+    if not comparison:
+        return ""
+    columns = {
+        f"in use: {comparison['model_in_use']['version']}": comparison["model_in_use"],
+        f"shadow: {comparison['shadow']['version']}": comparison["shadow"],
+    }
+    return (
+        "<h2>Model in use against the shadow model</h2>"
+        f"<p><b>{html.escape(comparison['verdict'])}</b></p>{_table(columns)}"
+        "<p class='note'>Both models scored the same inputs of the same studies; each is "
+        "measured at its own card threshold. The AUC difference's interval is a paired "
+        "bootstrap over studies (both scores resampled together); an interval that holds 0 "
+        "means these studies do not show either model better.</p>"
+    )
+
+
 def render_html(result: dict[str, Any], figures: dict[str, Figure] | None = None) -> str:
     """``evaluation.html``: one self-contained page (inline SVG charts, no script, no URL;
     pictures inline), with the errors' `figures` (per study UID) where they were made."""
@@ -839,6 +922,7 @@ The threshold for the target sensitivity is chosen on these same studies: it is 
 for them, and a fair estimate only for new studies like them.</p>
 <div class="charts">{"".join(charts)}</div>
 {shortcut_html}
+{_shadow_html(result.get("shadow_comparison"))}
 <h2>Subgroups</h2>
 <p class="note">A subgroup of a few studies gives a wide interval: read its n first.</p>
 {subgroup_html}

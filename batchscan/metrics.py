@@ -126,6 +126,27 @@ def bootstrap_auc_interval(
     return interval
 
 
+def paired_auc_difference(
+    labels: np.ndarray,
+    first: np.ndarray,
+    second: np.ndarray,
+    *,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, tuple[float, float] | None]:
+    """AUC of `second` minus AUC of `first` on the same cases, with its 95 % paired
+    bootstrap interval (both scores resampled together, so that what the two models share,
+    the cases, cancels out of the difference); None for the interval when too few
+    resamples hold both classes."""
+    y, a = _as_arrays(labels, first)
+    _, b = _as_arrays(labels, second)
+    difference = roc_auc(y, b) - roc_auc(y, a)
+    interval = paired_bootstrap(
+        y, lambda i: roc_auc(y[i], b[i]) - roc_auc(y[i], a[i]), resamples=resamples, seed=seed
+    )
+    return difference, interval
+
+
 def expected_calibration_error(
     labels: np.ndarray, scores: np.ndarray, bins: int = ECE_BINS
 ) -> float:

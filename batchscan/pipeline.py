@@ -127,6 +127,9 @@ class ScanConfig:
     sr_out:
         The SR outbox (:mod:`batchscan.pacs`): one DICOM SR per scored study is written
         there; None writes none.
+    shadow_model:
+        A second model scored on the same inputs beside the one in use (its scores are
+        reported as ``shadow_score``, never as the score); None for none.
     """
 
     archive: Path
@@ -152,6 +155,7 @@ class ScanConfig:
     domain: Domain | None = None
     out_of_domain: str = "score"
     sr_out: Path | None = None
+    shadow_model: Path | None = None
 
     def __post_init__(self) -> None:
         if self.prepare is None:  # the real stages; tests inject faulty ones
@@ -255,19 +259,29 @@ def prepare_batch(records: list[ImageRecord], options: StageOptions) -> Prepared
     return run_task(records, options, prepare_record)
 
 
+#: Where finished records go: the records, and the model inputs of those scored, by their
+#: position in the list (the scan stores both: :mod:`batchscan.state`,
+#: :mod:`batchscan.input_store`).
+Sink = Callable[[list[ImageRecord], dict[int, np.ndarray]], None]
+
+
 def score_prepared(
     batches: list[PreparedBatch], score: Callable[[np.ndarray], Scores]
-) -> list[ImageRecord]:
-    """Score the inputs of several prepared batches in one call; returns all their records."""
+) -> tuple[list[ImageRecord], dict[int, np.ndarray]]:
+    """Score the inputs of several prepared batches in one call; returns all their records
+    and the inputs of those scored, by position in that list."""
+    records: list[ImageRecord] = []
+    by_position: dict[int, np.ndarray] = {}
+    for batch in batches:
+        for k, position in enumerate(batch.index):
+            by_position[len(records) + int(position)] = batch.inputs[k]
+        records += batch.records
     inputs = [b.inputs for b in batches if len(b.inputs)]
     if inputs:
         scores = score(np.concatenate(inputs))
-        offset = 0
-        for batch in batches:
-            for position in batch.index:
-                scores.apply(batch.records[int(position)], offset)
-                offset += 1
-    return [record for batch in batches for record in batch.records]
+        for offset, position in enumerate(by_position):
+            scores.apply(records[position], offset)
+    return records, by_position
 
 
 class InferenceBuffer:
@@ -277,7 +291,7 @@ class InferenceBuffer:
         self,
         score: Callable[[np.ndarray], Scores],
         batch_size: int,
-        sink: Callable[[list[ImageRecord]], None],
+        sink: Sink,
     ) -> None:
         self._score, self._batch_size, self._sink = score, batch_size, sink
         self._batches: list[PreparedBatch] = []
@@ -293,7 +307,7 @@ class InferenceBuffer:
     def flush(self) -> None:
         """Score whatever is waiting and hand the records on."""
         if self._batches:
-            self._sink(score_prepared(self._batches, self._score))
+            self._sink(*score_prepared(self._batches, self._score))
         self._batches, self._waiting = [], 0
 
 
@@ -304,6 +318,7 @@ class RunStats:
     found: int = 0
     done: int = 0
     reused: int = 0
+    rescored: int = 0
     by_status: Counter[str] = field(default_factory=Counter)
     by_reason: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.perf_counter)
@@ -353,13 +368,13 @@ def run_local(
     config: ScanConfig,
     records: Iterable[ImageRecord],
     score: Callable[[np.ndarray], Scores],
-    sink: Callable[[list[ImageRecord]], None],
+    sink: Sink,
     progress: Callable[[RunStats], None] | None = None,
     stats: RunStats | None = None,
 ) -> RunStats:
     """Run `records` (a stream from discovery) through the stages and `score`; finished
-    records go to `sink` (in completion order). Returns the counts; checks the accounting
-    invariant.
+    records and their model inputs go to `sink` (in completion order). Returns the
+    counts; checks the accounting invariant.
 
     Raises
     ------
@@ -368,9 +383,9 @@ def run_local(
     """
     stats = stats if stats is not None else RunStats()
 
-    def finished(records: list[ImageRecord]) -> None:
+    def finished(records: list[ImageRecord], inputs: dict[int, np.ndarray]) -> None:
         stats.count(records)
-        sink(records)
+        sink(records, inputs)
         if progress is not None:
             progress(stats)
 
@@ -421,7 +436,7 @@ def manifest_for(
     archive; `stats` the work this run did (files processed, reused from the state).
     """
     seconds = stats.seconds
-    scored = stats.by_status[SCORED]
+    scored = stats.by_status[SCORED] + stats.rescored
     files, by_status, by_reason = totals
     arguments = {
         k: (str(v) if isinstance(v, Path) else v)

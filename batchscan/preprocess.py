@@ -37,6 +37,14 @@ INPUT_SIZE: Final = 64
 #: Channels of the model input (the grayscale picture repeated).
 CHANNELS: Final = 3
 
+#: Version of the model input a file gives, whatever makes it: decoders, the windowing and
+#: modality transforms, the blank rule and :func:`preprocess`. The model-input store
+#: (:mod:`batchscan.input_store`) keeps inputs under this version, so a release that leaves
+#: it alone rescores the stored inputs instead of reading the archive again. Raise it with
+#: any change that moves an input; ``tests/test_input_digests.py`` fails when an input of
+#: the test files changes while this stays (5: row format 5 of 0.5.0, the last change).
+INPUT_VERSION: Final = 5
+
 #: The versioned description of :func:`preprocess`. The model card stores it; a model whose
 #: card names another spec is refused, because its scores would be meaningless here.
 PREPROCESSING_SPEC: Final[dict[str, Any]] = {

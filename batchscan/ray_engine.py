@@ -49,7 +49,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -57,9 +57,11 @@ import numpy as np
 import pyarrow as pa
 
 from batchscan.header import StageOptions
+from batchscan.input_store import decode, encode
 from batchscan.pipeline import (
     RunStats,
     ScanConfig,
+    Sink,
     check_accounting,
     default_workers,
     worker_context,
@@ -151,29 +153,46 @@ class PrepareActor:
 class ScoreActor:
     """Scores the prepared inputs of a batch with a model loaded once per actor."""
 
-    def __init__(self, model_path: str, batch_size: int, jit_compile: bool, precision: str):
+    def __init__(
+        self,
+        model_path: str,
+        batch_size: int,
+        jit_compile: bool,
+        precision: str,
+        shadow_path: str | None = None,
+    ):
         from batchscan.infer import Scorer
         from batchscan.model import load_model
 
-        self._scorer = Scorer(
-            load_model(Path(model_path)),
-            batch_size,
-            jit_compile=jit_compile,
-            precision=precision,  # type: ignore[arg-type]
-        )
+        def scorer(path: str) -> Scorer:
+            return Scorer(
+                load_model(Path(path)),
+                batch_size,
+                jit_compile=jit_compile,
+                precision=precision,  # type: ignore[arg-type]
+            )
+
+        self._scorer = scorer(model_path)
+        self._shadow = scorer(shadow_path) if shadow_path is not None else None
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        """The records of `table`, those with an input scored; the inputs dropped."""
+        """The records of `table`, those with an input scored; the inputs go back to the
+        driver in the input store's encoding (8 KB, not 48), for the store."""
         records = from_table(table)
         blobs = table.column("input").to_pylist()
         todo = [i for i, blob in enumerate(blobs) if blob is not None]
-        if todo:
-            shape = (INPUT_SIZE, INPUT_SIZE, CHANNELS)
-            inputs = np.stack([np.frombuffer(blobs[i], np.float32).reshape(shape) for i in todo])
-            scores = self._scorer.score_ood(inputs)
-            for k, i in enumerate(todo):
-                scores.apply(records[i], k)
-        return to_table(records)
+        if not todo:
+            return to_table(records)
+        shape = (INPUT_SIZE, INPUT_SIZE, CHANNELS)
+        inputs = np.stack([np.frombuffer(blobs[i], np.float32).reshape(shape) for i in todo])
+        scores = self._scorer.score_ood(inputs)
+        if self._shadow is not None:
+            scores = replace(scores, shadow=np.clip(self._shadow.score(inputs), 0.0, 1.0))
+        for k, i in enumerate(todo):
+            scores.apply(records[i], k)
+        encoded = dict(zip(todo, (encode(x) for x in inputs), strict=True))
+        stored = [encoded.get(i) for i in range(len(records))]
+        return to_table(records).append_column("stored_input", pa.array(stored, pa.binary()))
 
 
 #: Seconds to wait for a Ray cluster's head to accept a connection before giving up.
@@ -390,7 +409,7 @@ def run_ray(
     config: ScanConfig,
     records: Iterable[ImageRecord],
     model_path: Path,
-    sink: Callable[[list[ImageRecord]], None],
+    sink: Sink,
     progress: Callable[[RunStats], None] | None = None,
     stats: RunStats | None = None,
 ) -> RunStats:
@@ -415,10 +434,10 @@ def run_ray(
                 returned: set[str] = set()
                 alive = _alive_nodes()
                 try:
-                    for finished in _window(config, remaining, model_path):
+                    for finished, inputs in _window(config, remaining, model_path):
                         returned.update(r.path for r in finished)
                         stats.count(finished)
-                        sink(finished)
+                        sink(finished, inputs)
                         if progress is not None:
                             progress(stats)
                     break
@@ -466,9 +485,9 @@ def _await_node_loss(before: set[str], timeout: float) -> bool:
 
 def _window(
     config: ScanConfig, records: list[ImageRecord], model_path: Path
-) -> Iterable[list[ImageRecord]]:
+) -> Iterable[tuple[list[ImageRecord], dict[int, np.ndarray]]]:
     """One window of records through the prepare and score actors; finished records in
-    batches, in completion order."""
+    batches, in completion order, each with the model inputs of those scored."""
     import ray
 
     cpus, gpus = cluster_resources()
@@ -500,6 +519,7 @@ def _window(
             "batch_size": config.batch_size,
             "jit_compile": config.jit_compile,
             "precision": config.precision,
+            "shadow_path": str(config.shadow_model) if config.shadow_model else None,
         },
         batch_size=config.batch_size,
         batch_format="pyarrow",
@@ -509,4 +529,8 @@ def _window(
     )
     _quiet_ray_data()
     for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        yield from_table(table)
+        stored = (
+            table.column("stored_input").to_pylist() if "stored_input" in table.column_names else []
+        )
+        inputs = {i: decode(blob) for i, blob in enumerate(stored) if blob is not None}
+        yield from_table(table), inputs

@@ -79,6 +79,9 @@ class ImageRecord:
         Out-of-distribution distance of the scored image from the training set
         (:mod:`batchscan.ood`) and whether it lies beyond the training set's 99th
         percentile; None when not scored or the model card has no OOD statistics.
+    shadow_score:
+        The shadow model's pneumonia probability (``--shadow-model``), scored on the same
+        input beside the model in use; None without a shadow model.
     """
 
     path: str
@@ -115,6 +118,7 @@ class ImageRecord:
     score: float | None = None
     ood_score: float | None = None
     ood: bool | None = None
+    shadow_score: float | None = None
 
     def skip(self, reason: str, detail: str | None = None) -> ImageRecord:
         """Mark as skipped (not an eligible image) and return self."""
@@ -145,15 +149,19 @@ class Scores:
         statistics.
     ood_threshold:
         The distance above which an image is ``ood`` (from the card), or None.
+    shadow:
+        The shadow model's probabilities, float64 (N,), or None without one.
     """
 
     score: np.ndarray
     ood_score: np.ndarray | None = None
     ood_threshold: float | None = None
+    shadow: np.ndarray | None = None
 
     def apply(self, record: ImageRecord, i: int) -> None:
-        """Mark `record` scored with the `i`-th score and OOD distance."""
+        """Mark `record` scored with the `i`-th score, OOD distance and shadow score."""
         record.status, record.reason, record.score = SCORED, None, float(self.score[i])
+        record.shadow_score = None if self.shadow is None else float(self.shadow[i])
         if self.ood_score is not None and self.ood_threshold is not None:
             distance = float(self.ood_score[i])
             record.ood_score, record.ood = distance, distance > self.ood_threshold

@@ -59,6 +59,7 @@ IMAGES_SCHEMA: Final = pa.schema(
         pa.field("ood_score", pa.float64()),
         pa.field("ood", pa.bool_()),
         pa.field("model_version", pa.string(), nullable=False),
+        pa.field("shadow_score", pa.float64()),
     ]
 )
 
@@ -80,6 +81,9 @@ STUDIES_SCHEMA: Final = pa.schema(
         pa.field("manufacturer_model", pa.string()),
         pa.field("patient_sex", pa.string()),
         pa.field("model_version", pa.string(), nullable=False),
+        pa.field("shadow_score", pa.float64()),
+        pa.field("shadow_flag", pa.bool_()),
+        pa.field("shadow_model_version", pa.string()),
     ]
 )
 
@@ -207,7 +211,13 @@ def write_studies(
         pacsv.CSVWriter(csv_tmp, schema) as csv,
     ):
         for part in parts:
-            part = dict(part, flag=[None if f is None else bool(f) for f in part["flag"]])
+            part = dict(
+                part,
+                **{
+                    name: [None if f is None else bool(f) for f in part[name]]
+                    for name in ("flag", "shadow_flag")
+                },
+            )
             table = _table(part, schema)
             parquet.write_table(table)
             csv.write_table(table)

@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
@@ -33,9 +34,11 @@ from batchscan import __version__
 from batchscan.aggregate import aggregate_studies
 from batchscan.discover import iter_files
 from batchscan.domain import Domain
+from batchscan.input_store import STORE_FILE, InputStore
 from batchscan.model import ModelCard, ModelError, check_model, load_model
-from batchscan.paths import make_private, private_files
+from batchscan.paths import make_private, private_files, state_key
 from batchscan.pipeline import RunStats, ScanConfig, manifest_for, new_run_id, run_local
+from batchscan.preprocess import INPUT_VERSION
 from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord, Scores
 from batchscan.report import (
     publish,
@@ -47,19 +50,21 @@ from batchscan.report import (
     write_studies,
 )
 from batchscan.report_html import REPORT_FILE, ReportInputs, write_report
+from batchscan.rescore import rescore
 from batchscan.runlock import report_dir_lock
 from batchscan.sanity import BLANK_RULE
-from batchscan.state import RUN_STUDY_COUNTS, STATE_FILE, StateError, StateStore
+from batchscan.state import RUN_STUDY_COUNTS, STATE_FILE, RowKeys, StateError, StateStore
 
 log = logging.getLogger("batchscan")
 
-#: Version of what a stored file row holds: raised when a release adds or changes columns,
-#: or changes how a file's score is made, so that rows stored by an older release are read
-#: again rather than reported half-empty or scored two ways in one archive (3: domain, OOD,
-#: device columns and ISO study dates; 4: JPEG 2000 bands and the percentile window's sample
-#: estimated, batchscan.sampling; 5: the fallback window keeps pixel padding in its sample,
-#: as DCMTK does, and the blank-image rule is batchscan-blank-v1 for every model).
-ROW_FORMAT = 5
+#: Version of what a stored file row holds, part of the header key: raised when a release
+#: adds or changes columns or how header facts are read, so that rows stored by an older
+#: release are read again rather than reported half-empty (3: domain, OOD, device columns
+#: and ISO study dates; 4: JPEG 2000 bands, batchscan.sampling; 5: the fallback window keeps
+#: pixel padding in its sample, the blank-image rule batchscan-blank-v1; 6: the four row
+#: keys and the model-input store). What changes an input is versioned on its own
+#: (:data:`batchscan.preprocess.INPUT_VERSION`).
+ROW_FORMAT = 6
 #: Seconds between progress log lines when stderr is not a terminal (cron).
 LOG_EVERY_SECONDS = 60.0
 
@@ -190,7 +195,13 @@ def summary_text(manifest: dict[str, Any]) -> str:
     rate = manifest["images_per_second"]
     return (
         f"batchscan run {manifest['run_id']}: {manifest['files_found']} files "
-        f"({manifest['files_processed']} new or changed, {manifest['files_reused']} unchanged, "
+        f"({manifest['files_processed']} new or changed, {manifest['files_reused']} unchanged"
+        + (
+            f" of which {manifest['files_rescored']} rescored from stored inputs"
+            if manifest.get("files_rescored")
+            else ""
+        )
+        + ", "
         f"{manifest.get('files_removed', 0)} removed) in {manifest['seconds']:.1f} s; "
         f"scored {counts[SCORED]}, skipped {counts[SKIPPED]}, "
         f"failed {counts[FAILED]} (top reasons: {reasons}); {manifest['studies']} studies "
@@ -213,9 +224,12 @@ class LazyScorer:
     of the start-up of a run.
     """
 
-    def __init__(self, config: ScanConfig, checked: ModelCard) -> None:
-        self._config, self._checked = config, checked
+    def __init__(
+        self, config: ScanConfig, checked: ModelCard, shadow: ModelCard | None = None
+    ) -> None:
+        self._config, self._checked, self._shadow = config, checked, shadow
         self._scorer: Any = None
+        self._shadow_scorer: Any = None
         self._loaded: Any = None
         self.device: str | None = None
         self.precision: str | None = None
@@ -237,42 +251,68 @@ class LazyScorer:
         return Explainer(self.loaded().keras_model)
 
     def __call__(self, inputs: np.ndarray) -> Scores:
-        """Scores of model inputs (see :meth:`batchscan.infer.Scorer.score_ood`)."""
+        """Scores of model inputs (see :meth:`batchscan.infer.Scorer.score_ood`), with the
+        shadow model's beside them when there is one."""
         if self._scorer is None:
-            from batchscan.infer import Scorer
-
-            self._scorer = Scorer(
-                self.loaded(),
-                self._config.batch_size,
-                jit_compile=self._config.jit_compile,
-                precision=self._config.precision,  # type: ignore[arg-type]
-            )
+            self._scorer = self._make(self.loaded())
             self.device, self.precision = self._scorer.device, self._scorer.precision
-        return self._scorer.score_ood(inputs)
+            if self._shadow is not None:
+                try:
+                    self._shadow_scorer = self._make(load_model(self._shadow.path))
+                except ModelError as exc:
+                    raise UsageError(f"--shadow-model: {exc}") from exc
+        scores = self._scorer.score_ood(inputs)
+        if self._shadow_scorer is None:
+            return scores
+        return replace(scores, shadow=np.clip(self._shadow_scorer.score(inputs), 0.0, 1.0))
+
+    def _make(self, model: Any) -> Any:
+        from batchscan.infer import Scorer
+
+        return Scorer(
+            model,
+            self._config.batch_size,
+            jit_compile=self._config.jit_compile,
+            precision=self._config.precision,  # type: ignore[arg-type]
+        )
 
 
-def settings_key(config: ScanConfig, checked: ModelCard) -> str:
-    """Names everything that changes a file's row: a stored row made under another key
-    (another model, batchscan version or option) is not reused, the file is read again."""
+def _digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def row_keys(config: ScanConfig, checked: ModelCard, shadow: ModelCard | None = None) -> RowKeys:
+    """The five keys of what makes a file row under this configuration, model and shadow
+    model (:class:`batchscan.state.RowKeys`): a stored row under other header or input keys
+    is read again; one under another domain, model or shadow key is judged and scored
+    again from its stored input. The code version is in none of them: a release reads the
+    archive again only when it raises :data:`ROW_FORMAT` or
+    :data:`batchscan.preprocess.INPUT_VERSION`."""
     key_id = (
         hmac.new(config.pseudonym_key, b"batchscan key id", hashlib.sha256).hexdigest()[:16]
         if config.pseudonym_key is not None
         else None
     )
-    settings = {
+    header = {
         "rows": ROW_FORMAT,
-        "model": checked.version,
-        "code": __version__,
         "all_modalities": config.all_modalities,
         "max_pixel_bytes": config.max_pixel_bytes,
-        "min_edge": config.min_edge,
         "pseudonym_key": key_id,
-        "blank_rule": BLANK_RULE if config.blank_gate else None,
-        "domain": checked.card.get("domain"),
-        "out_of_domain": config.out_of_domain,
-        "ood": (checked.card.get("ood") or {}).get("sha256"),
     }
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    model_input = {
+        "input": INPUT_VERSION,
+        "min_edge": config.min_edge,
+        "blank_rule": BLANK_RULE if config.blank_gate else None,
+    }
+    domain = {"domain": checked.card.get("domain"), "out_of_domain": config.out_of_domain}
+    model = {"model": checked.version, "ood": (checked.card.get("ood") or {}).get("sha256")}
+    return RowKeys(
+        header=_digest(header),
+        input=_digest(model_input),
+        domain=f"{config.out_of_domain}-{_digest(domain)}",
+        model=_digest(model),
+        shadow=_digest({"shadow": shadow.version if shadow is not None else None}),
+    )
 
 
 def run_scan(config: ScanConfig) -> ScanResult:
@@ -290,32 +330,47 @@ def run_scan(config: ScanConfig) -> ScanResult:
         checked = check_model(config.model_path)
     except ModelError as exc:
         raise UsageError(str(exc)) from exc
+    shadow = None
+    if config.shadow_model is not None:
+        try:
+            shadow = check_model(config.shadow_model)
+        except ModelError as exc:
+            raise UsageError(f"--shadow-model: {exc}") from exc
     with private_files(), report_dir_lock(config.out):
+        store = InputStore(config.out / STORE_FILE)
         try:
             path = config.state if config.state is not None else config.out / STATE_FILE
-            state = StateStore(path, config.checkpoint_seconds)
+            state = StateStore(path, config.checkpoint_seconds, on_commit=store.commit)
         except StateError as exc:
+            store.close()
             raise UsageError(str(exc)) from exc
         for made in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
             make_private(made)
         try:
-            return _run(config, checked, state)
+            return _run(config, checked, shadow, state, store)
         finally:
             state.close()
+            store.close()
 
 
-def _run(config: ScanConfig, checked: ModelCard, state: StateStore) -> ScanResult:
+def _run(
+    config: ScanConfig,
+    checked: ModelCard,
+    shadow: ModelCard | None,
+    state: StateStore,
+    store: InputStore,
+) -> ScanResult:
     """The run proper, with the lock held and the state open."""
     run_id = new_run_id()
     # the card's training domain reaches the per-file stages
     config = replace(config, domain=Domain.from_card(checked.card))
     remove_temporaries(config.out)  # left by a run that was killed
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
-    key = settings_key(config, checked)
+    keys = row_keys(config, checked, shadow)
     interrupted = state.begin_run(run_id, started_at, checked.version, __version__)
     if interrupted:
         log.info("previous run interrupted; finishing its work (%d run(s))", interrupted)
-    scorer = LazyScorer(config, checked)
+    scorer = LazyScorer(config, checked, shadow)
     progress = Progress(config.progress)
     stats = RunStats()
     temporaries: list[tuple[Path, Path]] = []
@@ -325,24 +380,56 @@ def _run(config: ScanConfig, checked: ModelCard, state: StateStore) -> ScanResul
         progress(stats)
 
     try:
-        pending = state.pending(iter_files(config.archive), run_id, key, reused)
+        holds = partial(store.holds, input_key=keys.input)
+        pending = state.pending(
+            iter_files(config.archive), run_id, keys, checked.version, reused, holds
+        )
 
-        def save(records: list[ImageRecord]) -> None:
-            state.save(records, run_id, key, checked.version)
+        def save(records: list[ImageRecord], inputs: dict[int, np.ndarray]) -> None:
+            # the inputs first: the state's checkpoint commits them before its rows
+            store.put(
+                ((state_key(r.path), r.size, r.mtime_ns), keys.input, inputs[i])
+                for i, r in enumerate(records)
+                if i in inputs and r.status == SCORED
+            )
+            store.delete(state_key(r.path) for r in records if r.status != SCORED)
+            state.save(records, run_id, keys, checked.version)
 
-        if config.engine == "ray":
-            from batchscan.ray_engine import ClusterError, run_ray
+        def engine(records: Iterable[ImageRecord]) -> None:
+            if config.engine == "ray":
+                from batchscan.ray_engine import ClusterError, run_ray
 
-            try:
-                run_ray(config, pending, checked.path, save, progress, stats)
-            except ClusterError as exc:
-                raise UsageError(f"the Ray cluster cannot run this scan: {exc}") from exc
-        else:
-            run_local(config, pending, scorer, save, progress, stats)
+                try:
+                    run_ray(config, records, checked.path, save, progress, stats)
+                except ClusterError as exc:
+                    raise UsageError(f"the Ray cluster cannot run this scan: {exc}") from exc
+            else:
+                run_local(config, records, scorer, save, progress, stats)
+
+        engine(pending)
+        # the scored files whose model or domain changed: scored from their stored inputs
+        again = rescore(
+            state.to_rescore(run_id, keys, os.path.abspath(config.archive)),
+            store,
+            keys.input,
+            config.stage_options,
+            scorer,
+            lambda records: save(records, {}),
+        )
+        stats.rescored = again.rescored
+        if again.unusable:  # their stored inputs were damaged: read them like new files
+            stats.reused -= len(again.unusable)
+            engine(again.unusable)
         progress.close()
         finished = state.finish(
             run_id,
-            partial(aggregate_studies, threshold=checked.threshold, model_version=checked.version),
+            partial(
+                aggregate_studies,
+                threshold=checked.threshold,
+                model_version=checked.version,
+                shadow=(shadow.threshold, shadow.version) if shadow is not None else None,
+            ),
+            on_removed=store.delete,
         )
         if finished.files != stats.found + stats.reused:
             raise RuntimeError(
@@ -360,6 +447,13 @@ def _run(config: ScanConfig, checked: ModelCard, state: StateStore) -> ScanResul
             "version": checked.version,
             "threshold": checked.threshold,
             "threshold_rule": checked.card.get("threshold_rule"),
+            "shadow": None
+            if shadow is None
+            else {
+                "path": str(shadow.path),
+                "version": shadow.version,
+                "threshold": shadow.threshold,
+            },
         }
         engine = {
             "name": config.engine,
@@ -371,7 +465,12 @@ def _run(config: ScanConfig, checked: ModelCard, state: StateStore) -> ScanResul
         }
         totals = (finished.files, finished.by_status, finished.by_reason)
         manifest = manifest_for(config, stats, totals, run_id, started_at, model_info, engine)
-        manifest.update(files_removed=finished.removed, **study_counts)
+        manifest.update(
+            files_removed=finished.removed,
+            files_rescored=stats.rescored,
+            input_store=_store_facts(store),
+            **study_counts,
+        )
         if config.sr_out is not None:
             manifest["sr"] = _write_srs(config, checked, state, run_id)
         state.end_run(run_id, "ok", _run_facts(manifest))
@@ -411,6 +510,16 @@ def _write_srs(
     except OutboxError as exc:
         raise UsageError(str(exc)) from exc
     return {**outcome.manifest(), "summary": outcome.summary()}
+
+
+def _store_facts(store: InputStore) -> dict[str, Any]:
+    """The manifest's ``input_store`` entry: entries, bytes on disk and per entry, and how
+    often it had to be started afresh this run."""
+    store.commit()
+    facts: dict[str, Any] = {"path": str(store.path), **store.stats(), "resets": store.resets}
+    entries = facts["entries"]
+    facts["bytes_per_image"] = round(facts["bytes"] / entries) if entries else None
+    return facts
 
 
 def _run_facts(manifest: dict[str, Any]) -> dict[str, Any]:

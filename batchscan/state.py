@@ -5,12 +5,17 @@ SQLite database (standard library; WAL journal, so a reader never blocks the run
 ``kill -9`` loses at most the last uncommitted checkpoint) in REPORT_DIR by default.
 
 Per file it keeps the report row (status, reason, UIDs, score...) plus what decides whether
-the row is still valid: size and mtime (as rsync decides), and a *settings key* naming the
-model version, the code version and every option that changes results. A run then:
+the row is still valid: size and mtime (as rsync decides), and the row's :class:`RowKeys`,
+five keys that name what made it: the header options, the model input's options and
+version, the model's training domain, the model, and the shadow model. A run then:
 
-1. streams discovery through :meth:`StateStore.pending`: a file whose size, mtime and
-   settings key match a final row is *reused* (marked seen, never opened); every other file
-   goes on to the stages;
+1. streams discovery through :meth:`StateStore.pending`: a file whose size, mtime and keys
+   match a final row is *reused* (marked seen, never opened); a scored file whose row
+   differs only in the domain, model or shadow key is *rescored* from the model-input store
+   (:mod:`batchscan.input_store`) when the store holds its input, also without opening it
+   (:meth:`StateStore.to_rescore` hands those rows on after the stream); a skipped or failed
+   file whose outcome no model changes keeps its row; every other file goes on to the
+   stages;
 2. stores finished records with :meth:`StateStore.save`, committing a checkpoint every
    :data:`CHECKPOINT_SECONDS`, so a crash costs minutes, not the night;
 3. ends with :meth:`StateStore.finish`, one transaction that drops rows of files that
@@ -54,6 +59,9 @@ CHECKPOINT_SECONDS: Final = 30.0
 #: night.)
 RETRY_PREFIXES: Final = ("unstable", "unreadable", "internal_error", "worker_crash")
 DUPLICATE_PREFIX: Final = "duplicate_of:"
+#: How a domain key made under ``--out-of-domain score`` begins: under it the domain never
+#: changes whether a file is decoded, only how its score is marked.
+SCORE_MODE: Final = "score-"
 #: Rows per SQL statement when looking up or updating many paths.
 _CHUNK: Final = 500
 
@@ -99,7 +107,7 @@ _INTEGER_COLUMNS: Final = {
     "in_domain",
     "ood",
 }
-_REAL_COLUMNS: Final = {"score", "patient_age_years", "ood_score"}
+_REAL_COLUMNS: Final = {"score", "patient_age_years", "ood_score", "shadow_score"}
 #: Columns SQLite keeps as 0/1 that the reports type as booleans.
 _BOOL_COLUMNS: Final = ("in_domain", "ood")
 _STUDY_TYPES: Final = {
@@ -111,6 +119,8 @@ _STUDY_TYPES: Final = {
     "n_images_total": "INTEGER NOT NULL",
     "in_domain": "INTEGER",
     "model_version": "TEXT NOT NULL",
+    "shadow_score": "REAL",
+    "shadow_flag": "INTEGER",
 }
 _RUN_TYPES: Final = {
     "started_at": "TEXT NOT NULL",
@@ -161,6 +171,67 @@ class StateError(RuntimeError):
     """The state database cannot be used (another program's file, a newer schema...)."""
 
 
+@dataclass(frozen=True, slots=True)
+class RowKeys:
+    """What made a file row, in five keys (stored joined by dots in ``settings_key``).
+
+    Attributes
+    ----------
+    header:
+        What changes the header facts of a row: the row format, the header options, the
+        pseudonym key. Another header key means the file is read again.
+    input:
+        What changes the model input: decode options, the blank rule, the declared input
+        version (:data:`batchscan.preprocess.INPUT_VERSION`). Another input key means the
+        file is read again (the stored input is no longer the one this release makes).
+    domain:
+        ``--out-of-domain`` and a digest of the model card's training domain (beginning
+        ``score-`` or ``skip-``): a scored row is judged again from its header facts; a
+        skipped or failed one is read again unless both keys are ``score-`` ones.
+    model:
+        The model and its OOD statistics: a scored row is scored again from its stored
+        input.
+    shadow:
+        The shadow model (``--shadow-model``), or none: likewise.
+    """
+
+    header: str
+    input: str
+    domain: str
+    model: str
+    shadow: str
+
+    def __str__(self) -> str:
+        return ".".join((self.header, self.input, self.domain, self.model, self.shadow))
+
+
+#: What :func:`decide` says of a stored row.
+REUSE: Final = "reuse"
+RESCORE: Final = "rescore"
+READ: Final = "read"
+
+
+def decide(stored_key: str, status: str, reason: str | None, keys: RowKeys) -> str:
+    """What to do with the row of an unchanged file (same path, size, mtime) whose outcome
+    is final: :data:`REUSE` it (with the current keys), :data:`RESCORE` it from its stored
+    input (a scored row, or a duplicate, which keeps its model score), or :data:`READ` the
+    file again."""
+    parts = stored_key.split(".")
+    if parts == str(keys).split("."):
+        return REUSE
+    if len(parts) != 5 or parts[:2] != [keys.header, keys.input]:
+        return READ
+    if status == SCORED or (reason or "").startswith(DUPLICATE_PREFIX):
+        return RESCORE
+    if parts[2] != keys.domain and not (
+        parts[2].startswith(SCORE_MODE) and keys.domain.startswith(SCORE_MODE)
+    ):
+        # under --out-of-domain skip the domain decides whether a file is decoded at all:
+        # a row skipped as out of domain may now be taken in, a decode failure now skipped
+        return READ
+    return REUSE  # skipped or failed for what no model changes
+
+
 @dataclass(slots=True)
 class Finished:
     """What :meth:`StateStore.finish` changed and the report-level counts after it."""
@@ -189,11 +260,21 @@ class StateStore:
         The database file; created with its tables when missing.
     checkpoint_seconds:
         Seconds between commits while results stream in.
+    on_commit:
+        Called before every checkpoint commits.
     """
 
-    def __init__(self, path: Path, checkpoint_seconds: float = CHECKPOINT_SECONDS) -> None:
+    def __init__(
+        self,
+        path: Path,
+        checkpoint_seconds: float = CHECKPOINT_SECONDS,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
         self.path = path
         self.checkpoint_seconds = checkpoint_seconds
+        #: Called before each checkpoint commits (the input store commits with the state,
+        #: first, so that a row a crash leaves has the input it was saved with).
+        self.on_commit = on_commit
         try:
             self._db = sqlite3.connect(path, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -222,9 +303,9 @@ class StateStore:
 
     def _add_new_columns(self) -> None:
         """Add the report columns a newer batchscan knows to a state an older one made
-        (additive, so the schema version stays; file rows are re-read anyway, because the
-        code version is part of the settings key, and their studies re-aggregated; older
-        runs keep nulls in the new run columns)."""
+        (additive, so the schema version stays; a release that adds file columns raises the
+        row format of the header key, so file rows are read again, and their studies
+        re-aggregated; older runs keep nulls in the new run columns)."""
         wanted = {
             "files": {c: _sql_type(c) for c in IMAGE_COLUMNS},
             # NOT NULL cannot be added to existing rows: new study columns are nullable
@@ -267,24 +348,32 @@ class StateStore:
         self,
         records: Iterable[ImageRecord],
         run_id: str,
-        settings_key: str,
+        keys: RowKeys,
+        model_version: str,
         on_reused: Callable[[int], None] | None = None,
+        holds: Callable[[list[tuple[str | bytes, int, int]]], set[str | bytes]] | None = None,
     ) -> Iterator[ImageRecord]:
         """The records that need the stages; the others are reused from the state.
 
         A record is reused when discovery left it pending and a row with the same path,
-        size, mtime and settings key holds a final outcome (see :data:`RETRY_PREFIXES`).
-        Reused rows are marked seen by this run; `on_reused` gets their count per chunk.
+        size and mtime holds a final outcome (see :data:`RETRY_PREFIXES`) that
+        :func:`decide` keeps; a row to rescore is kept only when `holds` (the input
+        store's :meth:`~batchscan.input_store.InputStore.holds`, given (path, size, mtime)
+        identities) says its input is stored. Kept rows are marked seen by this run (with
+        the current keys and `model_version`, except those to rescore, which
+        :meth:`to_rescore` finds by their old keys); `on_reused` gets their count per chunk.
         """
         for chunk in chunks(records, _CHUNK):
-            yield from self._split(chunk, run_id, settings_key, on_reused)
+            yield from self._split(chunk, run_id, keys, model_version, on_reused, holds)
 
     def _split(
         self,
         chunk: list[ImageRecord],
         run_id: str,
-        settings_key: str,
+        keys: RowKeys,
+        model_version: str,
         on_reused: Callable[[int], None] | None,
+        holds: Callable[[list[tuple[str | bytes, int, int]]], set[str | bytes]] | None,
     ) -> list[ImageRecord]:
         paths = [state_key(r.path) for r in chunk if r.pending]
         known: dict[str, tuple[int, int, str, str | None, str]] = {}
@@ -296,33 +385,90 @@ class StateStore:
                 paths,
             ):
                 known[from_state(row[0])] = row[1:]
-        reused, todo = [], []
+        current = str(keys)
+        reused: list[str | bytes] = []
+        rescore: list[tuple[ImageRecord, str | bytes]] = []
+        todo: list[ImageRecord] = []
         for record in chunk:
             row = known.get(record.path)
             if (
-                record.pending
-                and row is not None
-                and row[:3] == (record.size, record.mtime_ns, settings_key)
-                and row[4] in (SCORED, SKIPPED, FAILED)
-                and not _retry(row[3])
+                not record.pending
+                or row is None
+                or row[:2] != (record.size, record.mtime_ns)
+                or row[4] not in (SCORED, SKIPPED, FAILED)
+                or _retry(row[3])
             ):
+                todo.append(record)
+                continue
+            verdict = decide(row[2], row[4], row[3], keys)
+            if verdict == REUSE:
                 reused.append(state_key(record.path))
+            elif verdict == RESCORE and holds is not None:
+                rescore.append((record, state_key(record.path)))
             else:
                 todo.append(record)
+        if rescore and holds is not None:
+            stored = holds([(key, r.size, r.mtime_ns) for r, key in rescore])
+            todo += [r for r, key in rescore if key not in stored]
+            rescore = [(r, key) for r, key in rescore if key in stored]
         if reused:
             self._db.executemany(
-                "UPDATE files SET seen_run=? WHERE path=?", [(run_id, p) for p in reused]
+                "UPDATE files SET seen_run=?, settings_key=?, model_version=? WHERE path=?",
+                [(run_id, current, model_version, p) for p in reused],
             )
-            if on_reused is not None:
-                on_reused(len(reused))
+        if rescore:
+            self._db.executemany(
+                "UPDATE files SET seen_run=? WHERE path=?", [(run_id, p) for _, p in rescore]
+            )
+        if (reused or rescore) and on_reused is not None:
+            on_reused(len(reused) + len(rescore))
         self._maybe_commit()
         return todo
+
+    def to_rescore(
+        self, run_id: str, keys: RowKeys, root: str, chunk: int = 1024
+    ) -> Iterator[list[ImageRecord]]:
+        """The rows :meth:`pending` kept to rescore, as records rebuilt from their header
+        facts (``abs_path`` under the archive `root`; outcome, score and OOD cleared),
+        `chunk` at a time in path order. Saving them with the current keys takes them out
+        of the next chunk, so a run killed half-way resumes where it was."""
+        names = [c for c in IMAGE_COLUMNS if c != "model_version"]
+        columns = ", ".join(f'"{c}"' for c in names)
+        cleared = {"status", "reason", "detail", "score", "ood_score", "ood", "in_domain"}
+        last: str | bytes | None = None
+        while True:
+            after = "" if last is None else "AND path > ?"
+            rows = self._db.execute(
+                f"SELECT {columns} FROM files WHERE seen_run=? AND settings_key != ? "
+                f"AND (status=? OR reason LIKE ?) {after} ORDER BY path LIMIT ?",
+                (
+                    run_id,
+                    str(keys),
+                    SCORED,
+                    DUPLICATE_PREFIX + "%",
+                    *(() if last is None else (last,)),
+                    chunk,
+                ),
+            ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            records = []
+            for row in rows:
+                values = {
+                    name: value
+                    for name, value in zip(names, row, strict=True)
+                    if name not in cleared
+                }
+                path = from_state(values.pop("path"))
+                records.append(ImageRecord(path=path, abs_path=f"{root}/{path}", **values))
+            yield records
 
     def save(
         self,
         records: Iterable[ImageRecord],
         run_id: str,
-        settings_key: str,
+        keys: RowKeys | str,
         model_version: str,
     ) -> None:
         """Store finished records (replacing their old rows) and note what they touch."""
@@ -330,7 +476,7 @@ class StateStore:
         for record in records:
             values = [_text(getattr(record, c)) for c in IMAGE_COLUMNS[:-1]]
             values[0] = state_key(record.path)
-            rows.append((*values, model_version, record.score, settings_key, run_id))
+            rows.append((*values, model_version, record.score, str(keys), run_id))
             if record.study_instance_uid:
                 touched.add(("study", record.study_instance_uid))
             if record.sop_instance_uid:
@@ -369,14 +515,22 @@ class StateStore:
         run_id: str,
         aggregate: Callable[[pd.DataFrame], pd.DataFrame],
         study_chunk: int = 2000,
+        on_removed: Callable[[list[str | bytes]], None] | None = None,
     ) -> Finished:
         """End of a complete run, in one transaction: drop vanished files, resolve duplicate
         SOP instances, re-aggregate the touched studies with `aggregate`.
 
         `aggregate` maps the image rows of some studies (columns of :data:`IMAGE_COLUMNS`)
-        to their study rows (columns of :data:`STUDY_COLUMNS`).
+        to their study rows (columns of :data:`STUDY_COLUMNS`). `on_removed` gets the
+        stored paths of vanished files, in chunks, before their rows go (the input store
+        prunes their entries).
         """
         self.commit()
+        if on_removed is not None:
+            for rows in self._fetch_chunks(
+                "SELECT path FROM files WHERE seen_run != ?", (run_id,), _CHUNK
+            ):
+                on_removed([row[0] for row in rows])
         self._touch(
             (kind, uid)
             for study, sop in self._db.execute(
@@ -475,6 +629,10 @@ class StateStore:
             stored = part["path"]
             part["path_bytes"] = [v if isinstance(v, bytes) else None for v in stored]
             part["path"] = [readable(from_state(v)) for v in stored]
+            part["shadow_score"] = [  # a duplicate keeps it, as its model score, unreported
+                v if status == SCORED else None
+                for v, status in zip(part["shadow_score"], part["status"], strict=True)
+            ]
             for name in _BOOL_COLUMNS:
                 part[name] = [None if v is None else bool(v) for v in part[name]]
             yield part
@@ -540,6 +698,8 @@ class StateStore:
 
     def commit(self) -> None:
         """Commit what is stored so far (a checkpoint) and open the next transaction."""
+        if self.on_commit is not None:  # first: a row committed has its input committed
+            self.on_commit()
         self._db.execute("COMMIT")
         self._db.execute("BEGIN")
         self._last_commit = time.monotonic()

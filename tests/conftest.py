@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -72,3 +73,50 @@ def demo_srs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )  # fmt: skip
     assert code == 0
     return folders
+
+
+@pytest.fixture(scope="session")
+def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second model, as a site would deploy one: the shipped seed CNN with its output
+    layer's weights moved (its features, and so its OOD statistics, stay valid), saved with
+    its own card; its scores differ from the shipped model's on every film."""
+    import json
+
+    import keras
+    import numpy as np
+
+    from batchscan.model import default_model_path, sha256_of
+
+    seed = default_model_path()
+    folder = tmp_path_factory.mktemp("models")
+    path = folder / "site_model.keras"
+    model = keras.models.load_model(seed, compile=False)
+    last = model.layers[-1]
+    kernel, bias = last.get_weights()
+    noise = np.random.default_rng(7).normal(0.0, float(kernel.std()), kernel.shape)
+    last.set_weights([kernel + noise.astype(kernel.dtype), bias + 0.5])
+    model.save(path)
+    card = json.loads(seed.with_suffix(".json").read_text())
+    card.update(name="site_model", model_file=path.name, model_sha256=sha256_of(path))
+    path.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    ood_file = seed.with_suffix(".ood.npz")  # named by the card
+    shutil.copy(ood_file, folder / ood_file.name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo archive (8 studies, 256 px), made once per test module."""
+    from batchscan.synth import write_demo_archive
+
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_archive(root, size=256, studies=8)
+    return root
+
+
+@pytest.fixture
+def archive(demo: Path, tmp_path: Path) -> Path:
+    """A private copy of the demo archive (tests change it)."""
+    copy = tmp_path / "archive"
+    shutil.copytree(demo, copy)
+    return copy

@@ -95,7 +95,7 @@ def test_disk_full_keeps_previous_reports(
         return {
             p.name: p.read_bytes()
             for p in out.iterdir()
-            if not p.name.startswith(".") and not p.name.startswith("state.sqlite")
+            if not p.name.startswith(".") and not p.name.startswith(("state.sqlite", "inputs."))
         }
 
     before = reports()

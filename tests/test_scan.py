@@ -172,6 +172,7 @@ def test_no_temporary_files_left(scanned) -> None:
     assert sorted(p.name for p in out.iterdir()) == [
         ".batchscan.lock",
         "images.parquet",
+        "inputs.sqlite",
         "manifest.json",
         "report.html",
         "report_figures.json",

@@ -15,28 +15,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
 from batchscan.cli import main
 from batchscan.model import default_model_path
-from batchscan.synth import write_demo_archive
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    write_demo_archive(root, size=256, studies=8)
-    return root
-
-
-@pytest.fixture
-def archive(demo: Path, tmp_path: Path) -> Path:
-    """A private copy of the demo archive (tests change it)."""
-    copy = tmp_path / "archive"
-    shutil.copytree(demo, copy)
-    return copy
 
 
 def scan(archive: Path, out: Path, *extra: str) -> dict:
@@ -79,7 +62,9 @@ def test_second_run_reads_only_what_changed(archive: Path, tmp_path: Path) -> No
     assert len(studies(out)) == 7
 
 
-def test_new_model_version_rescores_everything(archive: Path, tmp_path: Path) -> None:
+def test_new_model_version_rescores_everything_from_the_store(
+    archive: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     scan(archive, out, "--workers", "0")
     model = tmp_path / "models" / "retrained.keras"
@@ -89,7 +74,8 @@ def test_new_model_version_rescores_everything(archive: Path, tmp_path: Path) ->
     ood_file = default_model_path().with_suffix(".ood.npz")  # named by the card
     shutil.copy(ood_file, model.parent / ood_file.name)
     manifest = scan(archive, out, "--workers", "0", "--model", str(model))
-    assert (manifest["files_processed"], manifest["files_reused"]) == (21, 0)
+    assert (manifest["files_processed"], manifest["files_reused"]) == (0, 21)
+    assert manifest["files_rescored"] == manifest["counts_by_status"]["scored"] == 8
     assert set(images(out)["model_version"]) == {manifest["model"]["version"]}
     assert manifest["model"]["version"].startswith("retrained-")
 
@@ -142,7 +128,9 @@ def _wait_for(condition, seconds: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def test_kill_9_mid_run_keeps_reports_and_next_run_finishes(archive: Path, tmp_path: Path) -> None:
+def test_kill_9_mid_run_keeps_reports_and_next_run_finishes(
+    archive: Path, tmp_path: Path, other_model: Path
+) -> None:
     held_back = tmp_path / "held_back"
     shutil.move(archive / "2026", held_back)
     out = tmp_path / "out"
@@ -170,6 +158,13 @@ def test_kill_9_mid_run_keeps_reports_and_next_run_finishes(archive: Path, tmp_p
     runs = pd.read_parquet(out / "runs.parquet")
     assert runs["outcome"].tolist() == ["ok", "interrupted", "ok"]
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+    # the input store the killed run left is used: a new model reads (almost) nothing
+    changed = scan(archive, out, "--workers", "0", "--model", str(other_model))
+    assert changed["files_processed"] <= 1 < changed["files_rescored"]
+    scan(archive, clean_out, "--workers", "0", "--model", str(other_model))
+    a, b = images(out), images(clean_out)
+    assert ((a["score"] - b["score"]).abs().fillna(0) < 1e-4).all()
 
 
 def test_second_concurrent_run_exits_3_naming_the_holder(archive: Path, tmp_path: Path) -> None:
