@@ -160,6 +160,21 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
         "input store where it has them), reported as shadow_score beside the score of the "
         "model in use; batchscan evaluate compares the two",
     )
+    scan.add_argument(
+        "--reports-file",
+        type=Path,
+        metavar="PATH",
+        help="the site's RIS export of radiology reports (a file as batchscan labels reads, "
+        "or a folder of them): new or changed reports are labelled and the model is "
+        "measured against them per period (performance.parquet, discrepancies.parquet)",
+    )
+    scan.add_argument(
+        "--monitor-period",
+        choices=("week", "month"),
+        default="month",
+        help="the periods of performance.parquet: ISO weeks (from Monday) or months "
+        "(default month)",
+    )
     if config:
         scan.set_defaults(**config)
 
@@ -451,6 +466,8 @@ def _scan(args: argparse.Namespace) -> int:
         out_of_domain=args.out_of_domain,
         sr_out=args.sr_out,
         shadow_model=args.shadow_model,
+        reports_file=args.reports_file,
+        monitor_period=args.monitor_period,
     )
     try:
         result = run_scan(config)
@@ -461,7 +478,11 @@ def _scan(args: argparse.Namespace) -> int:
         print(f"batchscan: {exc}", file=sys.stderr)
         return EXIT_LOCKED
     print(result.summary)
-    return EXIT_OK
+    for line in result.warnings:
+        print(line)
+    for line in result.problems:
+        print(f"batchscan: error: {line}", file=sys.stderr)
+    return EXIT_ERROR if result.problems else EXIT_OK
 
 
 def _send(args: argparse.Namespace) -> int:

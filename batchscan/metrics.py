@@ -147,6 +147,34 @@ def paired_auc_difference(
     return difference, interval
 
 
+def unpaired_auc_difference_interval(
+    labels_1: np.ndarray,
+    scores_1: np.ndarray,
+    labels_0: np.ndarray,
+    scores_0: np.ndarray,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """95 % bootstrap interval of AUC(set 1) - AUC(set 0) on two independent sets of cases
+    (each resampled on its own: different studies, e.g. a month against the months before);
+    None when fewer than half the resamples hold both classes in both sets."""
+    y1, s1 = _as_arrays(labels_1, scores_1)
+    y0, s0 = _as_arrays(labels_0, scores_0)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        i = rng.integers(0, y1.size, y1.size)
+        j = rng.integers(0, y0.size, y0.size)
+        if y1[i].all() or not y1[i].any() or y0[j].all() or not y0[j].any():
+            continue
+        values.append(roc_auc(y1[i], s1[i]) - roc_auc(y0[j], s0[j]))
+    if len(values) < resamples / 2:
+        return None
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def expected_calibration_error(
     labels: np.ndarray, scores: np.ndarray, bins: int = ECE_BINS
 ) -> float:

@@ -130,6 +130,11 @@ class ScanConfig:
     shadow_model:
         A second model scored on the same inputs beside the one in use (its scores are
         reported as ``shadow_score``, never as the score); None for none.
+    reports_file:
+        The site's RIS export (a file, or a folder of them) to monitor the model against
+        (:mod:`batchscan.monitoring`); None for no monitoring.
+    monitor_period:
+        ``week`` (ISO, from Monday) or ``month``: the periods of ``performance.parquet``.
     """
 
     archive: Path
@@ -156,6 +161,8 @@ class ScanConfig:
     out_of_domain: str = "score"
     sr_out: Path | None = None
     shadow_model: Path | None = None
+    reports_file: Path | None = None
+    monitor_period: str = "month"
 
     def __post_init__(self) -> None:
         if self.prepare is None:  # the real stages; tests inject faulty ones

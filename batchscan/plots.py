@@ -213,6 +213,34 @@ def lines_svg(
         return _svg(fig)
 
 
+def band_svg(
+    x: Sequence[str],
+    values: Sequence[float | None],
+    low: Sequence[float | None],
+    high: Sequence[float | None],
+    title: str,
+    ylabel: str,
+) -> str:
+    """One line over an ordered x axis with its interval as a shaded band (e.g. the AUC per
+    month with its 95 % CI); a point without an interval is drawn without a band."""
+    positions = np.arange(len(x))
+
+    def floats(seq: Sequence[float | None]) -> np.ndarray:
+        return np.array([np.nan if v is None else v for v in seq], dtype=float)
+
+    y, lo, hi = floats(values), floats(low), floats(high)
+    with _figure() as (fig, ax):
+        fig.set_size_inches(9.0, 3.2)
+        ax.fill_between(positions, lo, hi, color=COLOURS[0], alpha=0.2, lw=0, label="95 % CI")
+        ax.plot(positions, y, marker="o", ms=3, lw=1, color=COLOURS[0], label=ylabel)
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="chance")
+        _sparse_xticks(ax, positions, x)
+        ax.set(ylabel=ylabel, ylim=(0, 1.02))
+        ax.set_title(title)
+        ax.legend(fontsize=7, loc="lower left")
+        return _svg(fig)
+
+
 #: The style of every page: readable on a workstation screen and in a printout.
 STYLE: Final = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;color:#222;padding:0 1em}

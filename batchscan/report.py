@@ -19,6 +19,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Final
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -110,6 +111,35 @@ RUNS_SCHEMA: Final = pa.schema(
         pa.field("studies_in_domain", pa.int64()),
         pa.field("studies_out_of_domain", pa.int64()),
         pa.field("studies_domain_unknown", pa.int64()),
+    ]
+)
+
+#: performance.parquet/csv (``--reports-file``): the model against the reports, per period.
+PERFORMANCE_SCHEMA: Final = pa.schema(
+    [
+        pa.field("period_start", pa.date32(), nullable=False),
+        pa.field("n_labelled", pa.int64(), nullable=False),
+        pa.field("n_pneumonia", pa.int64(), nullable=False),
+        pa.field("auc", pa.float64()),
+        pa.field("auc_low", pa.float64()),
+        pa.field("auc_high", pa.float64()),
+        pa.field("sensitivity", pa.float64()),
+        pa.field("specificity", pa.float64()),
+        pa.field("model_version", pa.string(), nullable=False),
+    ]
+)
+#: discrepancies.parquet/csv: studies the model and the report disagree on (no report text).
+DISCREPANCIES_SCHEMA: Final = pa.schema(
+    [
+        pa.field("discrepancy", pa.string(), nullable=False),
+        pa.field("accession_number", pa.string()),
+        pa.field("study_date", pa.date32()),
+        pa.field("score", pa.float64(), nullable=False),
+        pa.field("flag", pa.bool_(), nullable=False),
+        pa.field("report_label", pa.string(), nullable=False),
+        pa.field("report_reason", pa.string()),
+        pa.field("study_instance_uid", pa.string(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
     ]
 )
 
@@ -222,6 +252,35 @@ def write_studies(
             parquet.write_table(table)
             csv.write_table(table)
     return [(parquet_tmp, parquet_final), (csv_tmp, csv_final)]
+
+
+def write_frame(
+    frame: pd.DataFrame, schema: pa.Schema, out_dir: Path, stem: str, run_id: str
+) -> list[tuple[Path, Path]]:
+    """Write a small report table as ``<stem>.parquet`` and ``<stem>.csv`` (same rows, same
+    columns) to temporary files; returns their (temporary, final) pairs."""
+    columns = {
+        field.name: [
+            None if v is None or (isinstance(v, float) and v != v) else v
+            for v in (
+                frame[field.name].astype(str).where(frame[field.name].notna(), None)
+                if field.type == pa.date32()
+                else frame[field.name].astype(object)
+            )
+        ]
+        for field in schema
+    }
+    table = _table(columns, schema)
+    pairs = []
+    for suffix, write in (
+        (".parquet", lambda t, p: pq.write_table(t, p, compression="zstd")),
+        (".csv", lambda t, p: pacsv.write_csv(t, p)),
+    ):
+        final = out_dir / f"{stem}{suffix}"
+        temporary = temporary_path(final, run_id)
+        write(table, temporary)
+        pairs.append((temporary, final))
+    return pairs
 
 
 def write_runs(columns: dict[str, list[Any]], out_dir: Path, run_id: str) -> tuple[Path, Path]:

@@ -38,8 +38,10 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
+import pandas as pd
 
 from batchscan import plots
+from batchscan.monitoring import period_label
 from batchscan.paths import from_state, readable
 from batchscan.pipeline import model_input
 from batchscan.saliency import (
@@ -65,6 +67,8 @@ SAMPLE_IMAGES: Final = 24
 TOP_GROUPS: Final = 8
 WEEKS: Final = 52
 RUNS: Final = 30
+#: Discrepancies listed on the page (all are in discrepancies.csv).
+TOP_DISCREPANCIES: Final = 25
 
 _BIN_SQL: Final = f"MIN(CAST(score * {BINS} AS INTEGER), {BINS - 1})"
 
@@ -87,6 +91,9 @@ class ReportInputs:
         Makes the :class:`batchscan.saliency.Explainer` of the run's model, called at most
         once and only when a figure is not in the cache (the scan hands over the model it
         has loaded); None draws no maps.
+    performance, discrepancies:
+        The monitoring frames of this run (:mod:`batchscan.monitoring`); None reads the
+        last ones published in REPORT_DIR, if any.
     """
 
     out_dir: Path
@@ -94,6 +101,8 @@ class ReportInputs:
     card: dict[str, Any] | None
     archive: Path | None
     explainer: Callable[[], Explainer | None] | None = None
+    performance: pd.DataFrame | None = None
+    discrepancies: pd.DataFrame | None = None
 
 
 def _figure(inputs: ReportInputs, stored_path: Any, caption: str) -> str:
@@ -390,6 +399,102 @@ def _section_sample(state: StateStore, inputs: ReportInputs) -> str:
     )
 
 
+def _monitoring_frame(inputs: ReportInputs, name: str) -> pd.DataFrame | None:
+    given = getattr(inputs, name)
+    if given is not None:
+        return given
+    path = inputs.out_dir / f"{name}.parquet"
+    try:
+        return pd.read_parquet(path) if path.is_file() else None
+    except (OSError, ValueError):  # a damaged file: the page goes on without the section
+        return None
+
+
+def _section_monitoring(inputs: ReportInputs) -> str:
+    """The model against the radiologists' reports: trends per period, and the
+    discrepancies for peer review (only with ``--reports-file``)."""
+    performance = _monitoring_frame(inputs, "performance")
+    if performance is None:
+        return ""
+    monitoring = inputs.manifest.get("monitoring") or {}
+    period = monitoring.get("period", "month")
+    labels = [period_label(d, period) for d in pd.to_datetime(performance["period_start"]).dt.date]
+
+    def values(column: str) -> list[float | None]:
+        return [None if pd.isna(v) else float(v) for v in performance[column]]
+
+    charts = ""
+    if len(performance):
+        charts = (
+            plots.band_svg(
+                labels,
+                values("auc"),
+                values("auc_low"),
+                values("auc_high"),
+                f"AUC against the report labels per {period}, with its 95 % CI",
+                "AUC",
+            )
+            + plots.lines_svg(
+                labels,
+                {"sensitivity": values("sensitivity"), "specificity": values("specificity")},
+                "Sensitivity and specificity at the model's threshold",
+                "rate",
+            )
+            + plots.bars_svg(
+                labels,
+                {
+                    "labelled": list(performance["n_labelled"]),
+                    "pneumonia": list(performance["n_pneumonia"]),
+                },
+                f"Labelled studies per {period}",
+                "studies",
+            )
+        )
+    notes = []
+    if monitoring.get("error"):
+        notes.append(
+            f"<p><b>This run's reports file could not be used</b> "
+            f"({html.escape(monitoring['error'])}): the figures are those of the last good one."
+            "</p>"
+        )
+    if monitoring.get("warning"):
+        notes.append(f"<p><b>{html.escape(monitoring['warning'])}</b></p>")
+    section = (
+        "<h2>Performance against the radiologists' reports</h2>"
+        + "".join(notes)
+        + f"<div class='charts'>{charts}</div>"
+        + "<p class='note'>Labels come from the reports (batchscan labels' rules; uncertain "
+        "reports left out), so they carry the labeler's and the reports' noise; the scores "
+        "are those of the model in use now, on every period. A period of few studies has a "
+        "wide interval and never warns.</p>"
+    )
+    found = _monitoring_frame(inputs, "discrepancies")
+    if found is None:
+        return section
+    rows = [
+        [
+            r.discrepancy.replace("_", " "),
+            r.accession_number or "",
+            r.study_date or "",
+            r.score,
+            r.report_label,
+            r.report_reason or "",
+        ]
+        for r in found.head(TOP_DISCREPANCIES).itertuples()
+    ]
+    return (
+        section
+        + f"<h2>Discrepancies for review ({len(found)})</h2>"
+        + "<p class='note'>Flagged studies whose report says normal (a possible miss, or a "
+        "false alarm to learn from), highest score first; then studies reported pneumonia "
+        "but scored below the threshold, lowest first. All of them are in "
+        "discrepancies.csv.</p>"
+        + plots.table(
+            ["discrepancy", "accession", "study date", "score", "report", "report reason"], rows
+        )
+    )
+
+
 def _section_model(inputs: ReportInputs) -> str:
     model = inputs.manifest["model"]
     card = inputs.card
@@ -446,6 +551,7 @@ def render(state: StateStore, inputs: ReportInputs) -> str:
         + summary
         + _section_flagged(state, inputs, figures)
         + _section_scores(state, threshold)
+        + _section_monitoring(inputs)
         + _section_weeks(state)
         + _section_groups(state, threshold)
         + _section_accounting(manifest)

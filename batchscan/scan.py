@@ -36,14 +36,18 @@ from batchscan.discover import iter_files
 from batchscan.domain import Domain
 from batchscan.input_store import STORE_FILE, InputStore
 from batchscan.model import ModelCard, ModelError, check_model, load_model
+from batchscan.monitoring import LABELS_DB, PERIODS, Monitored, last_evaluation_auc, monitor
 from batchscan.paths import make_private, private_files, state_key
 from batchscan.pipeline import RunStats, ScanConfig, manifest_for, new_run_id, run_local
 from batchscan.preprocess import INPUT_VERSION
 from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord, Scores
 from batchscan.report import (
+    DISCREPANCIES_SCHEMA,
+    PERFORMANCE_SCHEMA,
     publish,
     remove_temporaries,
     temporary_path,
+    write_frame,
     write_images,
     write_manifest,
     write_runs,
@@ -75,10 +79,14 @@ class UsageError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ScanResult:
-    """What a finished run reports back to the command line."""
+    """What a finished run reports back to the command line: the manifest, the summary
+    paragraph, lines to print after it (``WARNING: performance``), and problems that make
+    the run's exit status 1 although it published (a reports file with a bad row)."""
 
     manifest: dict[str, Any]
     summary: str
+    warnings: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
 
 
 def check_config(config: ScanConfig) -> None:
@@ -121,6 +129,12 @@ def check_config(config: ScanConfig) -> None:
             raise UsageError(f"Ray cluster at --ray-address {config.ray_address}: {problem}")
     root = archive.resolve()
     _writable_outside(config.out, root, "--out", "report folder")
+    if config.monitor_period not in PERIODS:
+        raise UsageError(f"--monitor-period must be week or month, got {config.monitor_period!r}")
+    if config.reports_file is not None and not (
+        config.reports_file.is_file() or config.reports_file.is_dir()
+    ):
+        raise UsageError(f"--reports-file not found: {config.reports_file}")
     if config.sr_out is not None:
         _writable_outside(config.sr_out, root, "--sr-out", "SR folder")
         if importlib.util.find_spec("highdicom") is None:
@@ -473,11 +487,37 @@ def _run(
         )
         if config.sr_out is not None:
             manifest["sr"] = _write_srs(config, checked, state, run_id)
+        monitored = _monitor(config, checked, state) if config.reports_file else None
+        if monitored is not None:
+            manifest["monitoring"] = {
+                **monitored.facts,
+                "warning": monitored.warning,
+                "error": monitored.error,
+            }
+            if monitored.error is None:  # else the last good files stay
+                assert monitored.performance is not None and monitored.discrepancies is not None
+                temporaries += write_frame(
+                    monitored.performance, PERFORMANCE_SCHEMA, config.out, "performance", run_id
+                )
+                temporaries += write_frame(
+                    monitored.discrepancies,
+                    DISCREPANCIES_SCHEMA,
+                    config.out,
+                    "discrepancies",
+                    run_id,
+                )
         state.end_run(run_id, "ok", _run_facts(manifest))
         temporaries.append(write_runs(state.run_rows(), config.out, run_id))
         temporaries.append(write_manifest(manifest, config.out, run_id))
+        fresh = monitored is not None and monitored.error is None
         page = ReportInputs(
-            config.out, manifest, checked.card, config.archive, explainer=scorer.explainer
+            config.out,
+            manifest,
+            checked.card,
+            config.archive,
+            explainer=scorer.explainer,
+            performance=monitored.performance if fresh and monitored else None,
+            discrepancies=monitored.discrepancies if fresh and monitored else None,
         )
         temporaries.append(
             write_report(state, page, temporary_path(config.out / REPORT_FILE, run_id))
@@ -490,7 +530,32 @@ def _run(
         with contextlib.suppress(Exception):
             state.end_run(run_id, "failed", {"seconds": round(stats.seconds, 3)})
         raise
-    return ScanResult(manifest=manifest, summary=summary_text(manifest))
+    return ScanResult(
+        manifest=manifest,
+        summary=summary_text(manifest),
+        warnings=tuple(w for w in [monitored.warning if monitored else None] if w),
+        problems=tuple(
+            f"monitoring not updated (the last good performance files stay): {e}"
+            for e in [monitored.error if monitored else None]
+            if e
+        ),
+    )
+
+
+def _monitor(config: ScanConfig, checked: ModelCard, state: StateStore) -> Monitored:
+    """The monitoring stage (:mod:`batchscan.monitoring`) on the state's studies."""
+    assert config.reports_file is not None
+    return monitor(
+        config.reports_file,
+        config.out / LABELS_DB,
+        state.stream(
+            "SELECT study_instance_uid, accession_number, study_date, score, flag FROM studies"
+        ),
+        period=config.monitor_period,
+        threshold=checked.threshold,
+        model_version=checked.version,
+        reference_auc=last_evaluation_auc(config.out),
+    )
 
 
 def _write_srs(

@@ -262,13 +262,15 @@ def write_labelled_studies(
     ages: list[str | None] | None = None,
     patient_ids: list[str] | None = None,
     modality: str = "CR",
+    study_dates: list[str] | None = None,
 ) -> list[tuple[str, int]]:
     """Write 8-bit pictures (uint8, 0 = black) as one-image studies, a hospital's way.
 
     Each picture becomes ``<root>/<accession>/IM0001`` in its own study, with accession
     ``<prefix><index:06d>``, the view and PatientAge given (AP and none by default), and
     the window :data:`UINT8_WINDOW`, so that the scan's display image is the picture
-    itself; PatientID from `patient_ids` (one patient per study by default). Returns the
+    itself; PatientID from `patient_ids` (one patient per study by default), StudyDate from
+    `study_dates` (``YYYYMMDD``; 2026-01-15 by default). Returns the
     (accession, label) rows for a labels file (:func:`write_labels`).
     """
     root = Path(root)
@@ -286,6 +288,7 @@ def write_labelled_studies(
             patient_id=patient_ids[i] if patient_ids is not None else f"{prefix}P{i:06d}",
             window=UINT8_WINDOW,
             patient_age=ages[i] if ages is not None else None,
+            **({"study_date": study_dates[i]} if study_dates is not None else {}),
         )
         pixels = np.asarray(picture, dtype=np.uint8)
         ds = build_dataset(pixels, spec)
