@@ -230,6 +230,13 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
     )
     train.add_argument("--name", default="site_cnn", help="model file stem (default site_cnn)")
     train.add_argument(
+        "--from-scan",
+        type=Path,
+        metavar="REPORT_DIR",
+        help="a scan of this archive: the files it scored take their model inputs from its "
+        "input store (read-only) instead of being read again; only the others are read",
+    )
+    train.add_argument(
         "--base", type=Path, metavar="MODEL", help="model to fine-tune (default: the bundled)"
     )
     train.add_argument(
@@ -566,6 +573,7 @@ def _train(args: argparse.Namespace) -> int:
             seed=args.seed,
             workers=args.workers,
             cache=args.cache,
+            from_scan=args.from_scan,
             pseudonym_key=pseudonym_key(args.pseudonym_key_file),
             progress=not args.no_progress and sys.stderr.isatty(),
             augment=not args.no_augment,

@@ -13,6 +13,7 @@ TensorFlow is imported here lazily, so decode workers that import batchscan neve
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 import numpy as np
@@ -104,6 +105,10 @@ class Scorer:
             return tf.cast(outputs[0], tf.float32), tf.cast(outputs[1], tf.float32)
 
         self._forward = tf.function(forward, jit_compile=jit_compile, reduce_retracing=True)
+        #: Seconds of the first call at each batch shape (tracing and XLA compiling, which
+        #: a run pays once per shape whatever its size), for the manifest and benchmarks.
+        self.compile_seconds = 0.0
+        self._shapes: set[int] = set()
 
     def score(self, inputs: np.ndarray) -> np.ndarray:
         """Scores of `inputs` (N, 64, 64, 3) float32, as float64 (N,), in batches."""
@@ -126,10 +131,14 @@ class Scorer:
                 padded = np.zeros((size, *chunk.shape[1:]), dtype=np.float32)
                 padded[: len(chunk)] = chunk
                 chunk = padded
+            started = time.perf_counter()
             scores, layer = self._forward(np.ascontiguousarray(chunk, np.float32))
             n = min(self.batch_size, len(inputs) - start)
             out[start : start + n] = scores.numpy().reshape(-1)[:n]
             features.append(layer.numpy()[:n])
+            if size not in self._shapes:
+                self._shapes.add(size)
+                self.compile_seconds += time.perf_counter() - started
         distances = (
             ood.distances(np.concatenate(features), self.ood) if self.ood is not None else None
         )

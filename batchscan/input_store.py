@@ -131,10 +131,14 @@ class InputStore:
     ----------
     path:
         The SQLite file; created when missing.
+    readonly:
+        Read another process's store (``batchscan train`` reading a scan's): nothing is
+        created, written or reset; a store that cannot be read answers as an empty one.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = path
+        self.readonly = readonly
         self._db: sqlite3.Connection | None = None
         self.resets = 0
         try:
@@ -145,6 +149,12 @@ class InputStore:
     # -- lifecycle ---------------------------------------------------------------------
 
     def _open(self) -> None:
+        if self.readonly:
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            row = self._db.execute("SELECT value FROM meta WHERE key='encoding'").fetchone()
+            if row is None or row[0] != str(ENCODING):
+                raise sqlite3.DatabaseError(f"entry encoding {row and row[0]}")
+            return
         db = sqlite3.connect(self.path, isolation_level=None)
         try:
             db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # only takes on a new database
@@ -173,8 +183,15 @@ class InputStore:
 
     def _reset(self, exc: BaseException) -> None:
         """Delete a store that cannot be used and start an empty one (its files will be
-        read again)."""
+        read again); a read-only store is only closed."""
         self.resets += 1
+        if self.readonly:
+            log.warning("input store %s cannot be read (%s): its files are read", self.path, exc)
+            if self._db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.close()
+            self._db = None
+            return
         log.warning(
             "input store %s cannot be used (%s): started afresh; the files it held are "
             "read from the archive again",
@@ -196,7 +213,7 @@ class InputStore:
 
     def commit(self) -> None:
         """Commit what was put so far (called with the state's checkpoints)."""
-        if self._db is None:
+        if self._db is None or self.readonly:
             return
         try:
             self._db.execute("COMMIT")
@@ -208,8 +225,9 @@ class InputStore:
         """Commit and close."""
         self.commit()
         if self._db is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute("COMMIT")
+            if not self.readonly:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("COMMIT")
             self._db.close()
             self._db = None
 
@@ -295,7 +313,8 @@ class InputStore:
             return {}
         if bad:
             log.warning("input store %s: %d damaged entries, read again", self.path, len(bad))
-            self.delete(bad)
+            if not self.readonly:
+                self.delete(bad)
         return found
 
     def stats(self) -> dict[str, int]:

@@ -94,6 +94,10 @@ class ReportInputs:
     performance, discrepancies:
         The monitoring frames of this run (:mod:`batchscan.monitoring`); None reads the
         last ones published in REPORT_DIR, if any.
+    stored_input:
+        The model input of a file (by its stored path) from the input store, or None when
+        the store does not hold it; the quality-control thumbnails come from there rather
+        than from the archive. None reads every thumbnail from the archive.
     """
 
     out_dir: Path
@@ -103,12 +107,16 @@ class ReportInputs:
     explainer: Callable[[], Explainer | None] | None = None
     performance: pd.DataFrame | None = None
     discrepancies: pd.DataFrame | None = None
+    stored_input: Callable[[Any], np.ndarray | None] | None = None
 
 
 def _figure(inputs: ReportInputs, stored_path: Any, caption: str) -> str:
     """One thumbnail with its caption; a plain caption when the picture cannot be made."""
     thumbnail = None
-    if inputs.archive is not None:
+    stored = inputs.stored_input(stored_path) if inputs.stored_input is not None else None
+    if stored is not None:
+        thumbnail = input_picture(stored)
+    elif inputs.archive is not None:
         try:
             path = os.path.join(os.fspath(inputs.archive), from_state(stored_path))
             thumbnail = input_picture(model_input(path, shown_options(inputs.manifest)))

@@ -13,10 +13,7 @@ its last checkpoint, from which the next run goes on.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import importlib.util
-import json
 import logging
 import os
 import sys
@@ -35,11 +32,11 @@ from batchscan.aggregate import aggregate_studies
 from batchscan.discover import iter_files
 from batchscan.domain import Domain
 from batchscan.input_store import STORE_FILE, InputStore
+from batchscan.keys import row_keys
 from batchscan.model import ModelCard, ModelError, check_model, load_model
 from batchscan.monitoring import LABELS_DB, PERIODS, Monitored, last_evaluation_auc, monitor
 from batchscan.paths import make_private, private_files, state_key
 from batchscan.pipeline import RunStats, ScanConfig, manifest_for, new_run_id, run_local
-from batchscan.preprocess import INPUT_VERSION
 from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord, Scores
 from batchscan.report import (
     DISCREPANCIES_SCHEMA,
@@ -56,19 +53,10 @@ from batchscan.report import (
 from batchscan.report_html import REPORT_FILE, ReportInputs, write_report
 from batchscan.rescore import rescore
 from batchscan.runlock import report_dir_lock
-from batchscan.sanity import BLANK_RULE
-from batchscan.state import RUN_STUDY_COUNTS, STATE_FILE, RowKeys, StateError, StateStore
+from batchscan.state import RUN_STUDY_COUNTS, STATE_FILE, StateError, StateStore
 
 log = logging.getLogger("batchscan")
 
-#: Version of what a stored file row holds, part of the header key: raised when a release
-#: adds or changes columns or how header facts are read, so that rows stored by an older
-#: release are read again rather than reported half-empty (3: domain, OOD, device columns
-#: and ISO study dates; 4: JPEG 2000 bands, batchscan.sampling; 5: the fallback window keeps
-#: pixel padding in its sample, the blank-image rule batchscan-blank-v1; 6: the four row
-#: keys and the model-input store). What changes an input is versioned on its own
-#: (:data:`batchscan.preprocess.INPUT_VERSION`).
-ROW_FORMAT = 6
 #: Seconds between progress log lines when stderr is not a terminal (cron).
 LOG_EVERY_SECONDS = 60.0
 
@@ -247,6 +235,8 @@ class LazyScorer:
         self._loaded: Any = None
         self.device: str | None = None
         self.precision: str | None = None
+        #: Seconds spent importing TensorFlow and loading the models (0 until scoring).
+        self.load_seconds = 0.0
 
     def loaded(self) -> Any:
         """The model (:class:`batchscan.model.LoadedModel`), loaded once for scoring and
@@ -268,6 +258,7 @@ class LazyScorer:
         """Scores of model inputs (see :meth:`batchscan.infer.Scorer.score_ood`), with the
         shadow model's beside them when there is one."""
         if self._scorer is None:
+            started = time.perf_counter()
             self._scorer = self._make(self.loaded())
             self.device, self.precision = self._scorer.device, self._scorer.precision
             if self._shadow is not None:
@@ -275,10 +266,17 @@ class LazyScorer:
                     self._shadow_scorer = self._make(load_model(self._shadow.path))
                 except ModelError as exc:
                     raise UsageError(f"--shadow-model: {exc}") from exc
+            self.load_seconds = time.perf_counter() - started
         scores = self._scorer.score_ood(inputs)
         if self._shadow_scorer is None:
             return scores
         return replace(scores, shadow=np.clip(self._shadow_scorer.score(inputs), 0.0, 1.0))
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds the scorers spent on their first call at each batch shape."""
+        scorers = [s for s in (self._scorer, self._shadow_scorer) if s is not None]
+        return sum(s.compile_seconds for s in scorers)
 
     def _make(self, model: Any) -> Any:
         from batchscan.infer import Scorer
@@ -289,44 +287,6 @@ class LazyScorer:
             jit_compile=self._config.jit_compile,
             precision=self._config.precision,  # type: ignore[arg-type]
         )
-
-
-def _digest(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def row_keys(config: ScanConfig, checked: ModelCard, shadow: ModelCard | None = None) -> RowKeys:
-    """The five keys of what makes a file row under this configuration, model and shadow
-    model (:class:`batchscan.state.RowKeys`): a stored row under other header or input keys
-    is read again; one under another domain, model or shadow key is judged and scored
-    again from its stored input. The code version is in none of them: a release reads the
-    archive again only when it raises :data:`ROW_FORMAT` or
-    :data:`batchscan.preprocess.INPUT_VERSION`."""
-    key_id = (
-        hmac.new(config.pseudonym_key, b"batchscan key id", hashlib.sha256).hexdigest()[:16]
-        if config.pseudonym_key is not None
-        else None
-    )
-    header = {
-        "rows": ROW_FORMAT,
-        "all_modalities": config.all_modalities,
-        "max_pixel_bytes": config.max_pixel_bytes,
-        "pseudonym_key": key_id,
-    }
-    model_input = {
-        "input": INPUT_VERSION,
-        "min_edge": config.min_edge,
-        "blank_rule": BLANK_RULE if config.blank_gate else None,
-    }
-    domain = {"domain": checked.card.get("domain"), "out_of_domain": config.out_of_domain}
-    model = {"model": checked.version, "ood": (checked.card.get("ood") or {}).get("sha256")}
-    return RowKeys(
-        header=_digest(header),
-        input=_digest(model_input),
-        domain=f"{config.out_of_domain}-{_digest(domain)}",
-        model=_digest(model),
-        shadow=_digest({"shadow": shadow.version if shadow is not None else None}),
-    )
 
 
 def run_scan(config: ScanConfig) -> ScanResult:
@@ -420,7 +380,10 @@ def _run(
             else:
                 run_local(config, records, scorer, save, progress, stats)
 
+        clock = time.perf_counter()
         engine(pending)
+        stages = {"read_and_score": time.perf_counter() - clock}
+        clock = time.perf_counter()
         # the scored files whose model or domain changed: scored from their stored inputs
         again = rescore(
             state.to_rescore(run_id, keys, os.path.abspath(config.archive)),
@@ -431,10 +394,14 @@ def _run(
             lambda records: save(records, {}),
         )
         stats.rescored = again.rescored
+        stages["rescore"] = time.perf_counter() - clock
         if again.unusable:  # their stored inputs were damaged: read them like new files
             stats.reused -= len(again.unusable)
+            clock = time.perf_counter()
             engine(again.unusable)
+            stages["read_and_score"] += time.perf_counter() - clock
         progress.close()
+        clock = time.perf_counter()
         finished = state.finish(
             run_id,
             partial(
@@ -506,6 +473,10 @@ def _run(
                     "discrepancies",
                     run_id,
                 )
+        stages["finish_and_reports"] = time.perf_counter() - clock  # report.html not in it
+        stages["model_load"] = scorer.load_seconds  # inside the stage that first scored
+        stages["compile"] = scorer.compile_seconds  # likewise, per batch shape
+        manifest["seconds_by_stage"] = {k: round(v, 3) for k, v in stages.items()}
         state.end_run(run_id, "ok", _run_facts(manifest))
         temporaries.append(write_runs(state.run_rows(), config.out, run_id))
         temporaries.append(write_manifest(manifest, config.out, run_id))
@@ -518,6 +489,7 @@ def _run(
             explainer=scorer.explainer,
             performance=monitored.performance if fresh and monitored else None,
             discrepancies=monitored.discrepancies if fresh and monitored else None,
+            stored_input=partial(_stored_input, state, store, keys.input),
         )
         temporaries.append(
             write_report(state, page, temporary_path(config.out / REPORT_FILE, run_id))
@@ -540,6 +512,16 @@ def _run(
             if e
         ),
     )
+
+
+def _stored_input(
+    state: StateStore, store: InputStore, input_key: str, stored_path: Any
+) -> np.ndarray | None:
+    """The stored model input of one file of the state (report.html's thumbnails)."""
+    row = state.query("SELECT size, mtime_ns FROM files WHERE path = ?", (stored_path,))
+    if not row:
+        return None
+    return store.get([(stored_path, row[0][0], row[0][1])], input_key).get(stored_path)
 
 
 def _monitor(config: ScanConfig, checked: ModelCard, state: StateStore) -> Monitored:

@@ -33,7 +33,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -42,12 +42,15 @@ import numpy as np
 from batchscan import metrics
 from batchscan.discover import iter_files
 from batchscan.evaluate import Labels
+from batchscan.input_store import STORE_FILE, InputStore
+from batchscan.keys import header_key, input_key
 from batchscan.model import check_model, load_model
-from batchscan.paths import readable
+from batchscan.paths import from_state, readable, state_key
 from batchscan.pipeline import ScanConfig, prepared_stream
 from batchscan.preprocess import PREPROCESSING_SPEC
-from batchscan.records import ImageRecord
+from batchscan.records import SCORED, ImageRecord
 from batchscan.sanity import BLANK_RULE
+from batchscan.state import STATE_FILE, final_rows
 
 #: Shares of patients (by studies) in train / val / test.
 SPLIT_SHARES: Final = (0.70, 0.15, 0.15)
@@ -101,6 +104,44 @@ def _split_key(seed: int) -> bytes:
     return hashlib.sha256(f"batchscan train split {seed}".encode()).digest()
 
 
+def from_scan_store(
+    report_dir: Path, archive: Path, records: list[ImageRecord], keys: tuple[str, str]
+) -> tuple[dict[str, tuple[ImageRecord, np.ndarray]], dict[str, ImageRecord]]:
+    """What a scan into `report_dir` already knows of `records`, read-only and without
+    opening the archive: for each file unchanged since (same size and mtime) whose row was
+    made under the same (header key, input key) `keys` as this command's stages give, the
+    scored ones with their 64 x 64 input from the scan's store, and the others (skipped or
+    failed for good) as decided. Files the scan does not know this way are left out (they
+    are read).
+
+    Raises
+    ------
+    TrainingError
+        If `report_dir` holds no scan state.
+    """
+    state = report_dir / STATE_FILE
+    if not state.is_file():
+        raise TrainingError(f"--from-scan {report_dir} holds no batchscan scan ({STATE_FILE})")
+    pending = {state_key(r.path): r for r in records if r.pending}
+    rows = {
+        path: record
+        for path, (record, stored_keys) in final_rows(
+            state, list(pending), os.path.abspath(archive)
+        ).items()
+        if (record.size, record.mtime_ns) == (pending[path].size, pending[path].mtime_ns)
+        and stored_keys.split(".")[:2] == list(keys)
+    }
+    scored = [(p, r.size, r.mtime_ns) for p, r in rows.items() if r.status == SCORED]
+    store = InputStore(report_dir / STORE_FILE, readonly=True)
+    try:
+        inputs = store.get(scored, keys[1])
+    finally:
+        store.close()
+    stored = {from_state(p): (rows[p], x[..., 0]) for p, x in inputs.items()}
+    decided = {from_state(p): r for p, r in rows.items() if r.status != SCORED}
+    return stored, decided
+
+
 def collect(
     archive: Path,
     records: list[ImageRecord],
@@ -111,23 +152,41 @@ def collect(
     pseudonym_key: bytes | None,
     seed: int,
     progress: bool = False,
+    from_scan: Path | None = None,
 ) -> Examples:
     """Run the scan's stages over the `records` discovery found in `archive` (whose
-    :func:`archive_fingerprint` is `fingerprint`) and keep the images of labelled studies."""
+    :func:`archive_fingerprint` is `fingerprint`) and keep the images of labelled studies;
+    with `from_scan` (a scan's REPORT_DIR), the files that scan scored take their inputs
+    from its model-input store instead (:func:`from_scan_store`), and only the others are
+    read."""
     config = ScanConfig(
         archive=archive,
         out=archive,  # never written: only the stage options are used
         workers=workers,
         pseudonym_key=pseudonym_key or _split_key(seed),
     )
+    # the scan's rows count only when made under this command's header options and key
+    keys = (header_key(replace(config, pseudonym_key=pseudonym_key)), input_key(config))
+    stored, decided = from_scan_store(from_scan, archive, records, keys) if from_scan else ({}, {})
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(records), unit="file", desc="decode")
+        bar = tqdm(total=len(records) - len(stored) - len(decided), unit="file", desc="decode")
     chosen: list[tuple[ImageRecord, np.ndarray]] = []
     accounting: Counter[str] = Counter()
-    for batch in prepared_stream(config, iter([r for r in records if r.pending]), lambda n: None):
+    for record in decided.values():
+        accounting[f"not scored: {record.reason}"] += 1
+    for record, x in stored.values():
+        key = getattr(record, labels.key)
+        if key is None or key not in labels.values:
+            accounting["scored, no label"] += 1
+        else:
+            accounting["labelled example"] += 1
+            accounting["labelled example from the scan's input store"] += 1
+            chosen.append((record, x.astype(np.float32)))
+    todo = [r for r in records if r.pending and r.path not in stored and r.path not in decided]
+    for batch in prepared_stream(config, iter(todo), lambda n: None):
         inputs = dict(zip(batch.index.tolist(), batch.inputs, strict=True))
         for i, record in enumerate(batch.records):
             key = getattr(record, labels.key)
@@ -353,6 +412,7 @@ class TrainRequest:
     seed: int = 1234
     workers: int = 2
     cache: Path | None = None
+    from_scan: Path | None = None
     pseudonym_key: bytes | None = None
     progress: bool = False
     augment: bool = True
@@ -385,8 +445,10 @@ def run_training(request: TrainRequest) -> dict[str, Any]:
     records = list(iter_files(request.archive))
     fingerprint = archive_fingerprint(records)
     key = _cache_key(fingerprint, labels_sha, settings)
-    examples = load_cache(cache, key)
-    cache_state = "reused"
+    # a scan's input store is the cache when there is one: the npz cache is for archives
+    # no scan has read
+    examples = None if request.from_scan else load_cache(cache, key)
+    cache_state = "scan input store" if request.from_scan else "reused"
     if examples is None:
         examples = collect(
             request.archive,
@@ -397,9 +459,11 @@ def run_training(request: TrainRequest) -> dict[str, Any]:
             pseudonym_key=request.pseudonym_key,
             seed=request.seed,
             progress=request.progress,
+            from_scan=request.from_scan,
         )
-        save_cache(cache, examples, key)
-        cache_state = "written"
+        if request.from_scan is None:
+            save_cache(cache, examples, key)
+            cache_state = "written"
     split = split_by_patient(examples, request.seed)
     x = {
         s: np.repeat(examples.inputs[split == s][..., None], 3, axis=-1)
@@ -465,7 +529,13 @@ def run_training(request: TrainRequest) -> dict[str, Any]:
             "unit": "patient (pseudonymised patient key)"
             if request.pseudonym_key is not None
             else "patient (HMAC of PatientID under a key derived from the seed, in memory "
-            "only); a study without PatientID is its own patient",
+            "only); a study without PatientID is its own patient"
+            + (
+                "; examples from the scan's input store (--from-scan) are grouped by that "
+                "scan's patient key, or by study where it had no pseudonym key"
+                if request.from_scan
+                else ""
+            ),
             "shares": list(SPLIT_SHARES),
             "seed": request.seed,
         },

@@ -251,6 +251,50 @@ def _retry(reason: str | None) -> bool:
     return reason is not None and reason.startswith(RETRY_PREFIXES)
 
 
+def _record_of(
+    names: list[str], row: tuple[Any, ...], root: str, cleared: set[str] = frozenset()
+) -> ImageRecord:
+    """The record of a stored row (`names` its columns), under the archive `root`, with the
+    `cleared` fields left at their defaults."""
+    values = {n: v for n, v in zip(names, row, strict=True) if n not in cleared}
+    path = from_state(values.pop("path"))
+    for name in _BOOL_COLUMNS:
+        if values.get(name) is not None:
+            values[name] = bool(values[name])
+    return ImageRecord(path=path, abs_path=f"{root}/{path}", **values)
+
+
+def final_rows(
+    state_path: Path, paths: list[str | bytes], root: str
+) -> dict[str | bytes, tuple[ImageRecord, str]]:
+    """The rows of `paths` in the state at `state_path` whose outcome is final (scored, or
+    skipped or failed for a reason not worth a retry), read-only (another process, such as
+    ``batchscan train``, reading a scan's state while a scan may run), with each row's
+    stored keys (``settings_key``). Missing or unreadable state: no rows.
+    """
+    names = [c for c in IMAGE_COLUMNS if c != "model_version"]
+    columns = ", ".join(f'"{c}"' for c in names)
+    found: dict[str | bytes, tuple[ImageRecord, str]] = {}
+    try:
+        db = sqlite3.connect(f"file:{state_path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return found
+    try:
+        for part in chunks(paths, _CHUNK):
+            marks = ",".join("?" * len(part))
+            for row in db.execute(
+                f"SELECT {columns}, settings_key FROM files WHERE path IN ({marks})", part
+            ):
+                record = _record_of(names, row[:-1], root)
+                if record.status in (SCORED, SKIPPED, FAILED) and not _retry(record.reason):
+                    found[row[0]] = (record, row[-1])
+    except sqlite3.Error:
+        return {}
+    finally:
+        db.close()
+    return found
+
+
 class StateStore:
     """The SQLite state of one REPORT_DIR (opened with its lock held).
 
@@ -453,16 +497,7 @@ class StateStore:
             if not rows:
                 return
             last = rows[-1][0]
-            records = []
-            for row in rows:
-                values = {
-                    name: value
-                    for name, value in zip(names, row, strict=True)
-                    if name not in cleared
-                }
-                path = from_state(values.pop("path"))
-                records.append(ImageRecord(path=path, abs_path=f"{root}/{path}", **values))
-            yield records
+            yield [_record_of(names, row, root, cleared) for row in rows]
 
     def save(
         self,

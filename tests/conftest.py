@@ -79,29 +79,9 @@ def demo_srs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second model, as a site would deploy one: the shipped seed CNN with its output
     layer's weights moved (its features, and so its OOD statistics, stay valid), saved with
-    its own card; its scores differ from the shipped model's on every film."""
-    import json
-
-    import keras
-    import numpy as np
-
-    from batchscan.model import default_model_path, sha256_of
-
-    seed = default_model_path()
-    folder = tmp_path_factory.mktemp("models")
-    path = folder / "site_model.keras"
-    model = keras.models.load_model(seed, compile=False)
-    last = model.layers[-1]
-    kernel, bias = last.get_weights()
-    noise = np.random.default_rng(7).normal(0.0, float(kernel.std()), kernel.shape)
-    last.set_weights([kernel + noise.astype(kernel.dtype), bias + 0.5])
-    model.save(path)
-    card = json.loads(seed.with_suffix(".json").read_text())
-    card.update(name="site_model", model_file=path.name, model_sha256=sha256_of(path))
-    path.with_suffix(".json").write_text(json.dumps(card, indent=2))
-    ood_file = seed.with_suffix(".ood.npz")  # named by the card
-    shutil.copy(ood_file, folder / ood_file.name)
-    return path
+    its own card (``jobs/lifecycle_benchmark.py`` makes it); its scores differ from the
+    shipped model's on every film."""
+    return load_job("lifecycle_benchmark").site_model(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

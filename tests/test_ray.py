@@ -50,12 +50,12 @@ def _reports(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def test_ray_engine_matches_local_and_isolates_a_crashing_file(
-    local_ray, archive: Path, tmp_path: Path
+    local_ray, archive: Path, tmp_path: Path, other_model: Path
 ) -> None:
-    outs = {}
+    outs, stores = {}, {}
     for engine in ("local", "ray"):
         outs[engine] = tmp_path / engine
-        run_scan(
+        result = run_scan(
             ScanConfig(
                 archive=archive,
                 out=outs[engine],
@@ -63,12 +63,18 @@ def test_ray_engine_matches_local_and_isolates_a_crashing_file(
                 files_per_task=4,
                 engine=engine,
                 prepare=faulty_prepare,
+                shadow_model=other_model,
             )
         )
+        stores[engine] = result.manifest["input_store"]["entries"]
     (local_images, local_studies), (ray_images, ray_studies) = map(_reports, outs.values())
     key = ["status", "reason"]
     pd.testing.assert_frame_equal(ray_images[key], local_images[key])
     pd.testing.assert_series_equal(ray_images["score"], local_images["score"], atol=1e-6)
+    pd.testing.assert_series_equal(
+        ray_images["shadow_score"], local_images["shadow_score"], atol=1e-6
+    )
+    assert stores["ray"] == stores["local"] > 0, "the inputs come back from the cluster"
     pd.testing.assert_frame_equal(ray_studies, local_studies, atol=1e-6)
     crashed = ray_images.loc["2025/SEGFAULT_IM"]
     assert (crashed["status"], crashed["reason"]) == ("failed", "worker_crash")

@@ -4,6 +4,7 @@ cache, and ``scan --model`` scoring with the new model."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,48 @@ def test_by_view_gives_each_view_and_the_pooled_within_view_auc() -> None:
     assert result["views"]["AP"] == {"n": 2, "pneumonia": 1, "auc": 1.0}
     assert result["views"]["PA"]["auc"] == 0.0 and result["views"]["LL"]["auc"] is None
     assert result["within_view_auc"] == 0.5 and result["within_view_pairs"] == 2
+
+
+def test_examples_come_from_a_scans_input_store_without_opening_the_archive(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_input_store import Opened
+
+    key = tmp_path / "key"
+    key.write_bytes(b"k" * 32)
+    out = tmp_path / "scan"
+    scanned = ["scan", str(archive), "--out", str(out), "--workers", "0", "--no-progress"]
+    assert main([*scanned, "--pseudonym-key-file", str(key)]) == 0
+    labels = read_labels(archive.parent / "labels.csv")
+
+    def examples(**extra: object) -> Examples:
+        records = list(iter_files(archive))  # the stages mark records: fresh ones each time
+        return collect(
+            archive,
+            records,
+            archive_fingerprint(records),
+            labels,
+            workers=0,
+            pseudonym_key=b"k" * 32,
+            seed=1,
+            **extra,  # type: ignore[arg-type]
+        )
+
+    fresh = examples()
+    with Opened(archive, monkeypatch) as opened:
+        stored = examples(from_scan=out)
+    assert not opened.beyond_pictures, "no archive file is opened"
+    assert stored.accounting["labelled example from the scan's input store"] == 48
+    assert stored.accounting["not scored: view:LL"] == 48  # the scan's decision, unread
+    assert np.abs(stored.inputs - fresh.inputs).max() < 1e-4
+    assert stored.label.tolist() == fresh.label.tolist() and stored.view == fresh.view
+    assert len(np.unique(stored.group)) == 24, "grouped by the scan's patient key"
+    # a file changed since the scan is read again, the others still come from the store
+    changed = sorted(p for p in archive.rglob("IM0"))[0]
+    changed.touch()
+    with Opened(archive, monkeypatch) as opened:
+        again = examples(from_scan=out)
+    assert opened.beyond_pictures == {os.path.realpath(changed)}, "that file alone is read"
+    assert again.accounting["labelled example from the scan's input store"] == 47
+    with pytest.raises(Exception, match="holds no batchscan scan"):
+        examples(from_scan=tmp_path / "nothing")
