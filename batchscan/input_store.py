@@ -182,11 +182,18 @@ class InputStore:
         return [self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")]
 
     def _reset(self, exc: BaseException) -> None:
-        """Delete a store that cannot be used and start an empty one (its files will be
-        read again); a read-only store is only closed."""
+        """Delete a store that is damaged and start an empty one (its files will be read
+        again). A store that is sound but cannot be used now (disk full, locked, an I/O
+        error: SQLite's OperationalError) is kept and left alone for the rest of the run, as
+        is a read-only one: a full disk tonight must not cost the whole store."""
         self.resets += 1
-        if self.readonly:
-            log.warning("input store %s cannot be read (%s): its files are read", self.path, exc)
+        if self.readonly or isinstance(exc, sqlite3.OperationalError):
+            log.warning(
+                "input store %s cannot be used now (%s): kept, and not used for the rest of "
+                "this run (its files are read)",
+                self.path,
+                exc,
+            )
             if self._db is not None:
                 with contextlib.suppress(sqlite3.Error):
                     self._db.close()

@@ -297,3 +297,20 @@ def test_shadow_model_is_scored_beside_from_the_store_and_compared(
     assert opened.beyond_pictures == set() and plain["model"]["shadow"] is None
     assert images(out)["shadow_score"].isna().all()
     assert studies(out)["shadow_model_version"].isna().all()
+
+
+def test_a_store_that_cannot_be_written_now_is_kept(tmp_path: Path, caplog) -> None:
+    path = tmp_path / STORE_FILE
+    store = InputStore(path)
+    x = np.repeat(np.linspace(0, 1, 4096, dtype=np.float32).reshape(64, 64, 1), 3, axis=2)
+    store.put([(("a", 1, 2), "key", x)])
+    store.close()
+    store = InputStore(path)
+    with caplog.at_level(logging.WARNING, logger="batchscan"):
+        store._reset(sqlite3.OperationalError("database or disk is full"))
+    assert "kept" in caplog.text and path.is_file()
+    assert store.holds([("a", 1, 2)], "key") == set(), "not used for the rest of the run"
+    store.close()
+    again = InputStore(path)  # the next run has it all
+    assert set(again.get([("a", 1, 2)], "key")) == {"a"}
+    again.close()
