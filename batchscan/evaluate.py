@@ -27,6 +27,7 @@ population with the same prevalence only.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import html
 import json
@@ -931,6 +932,15 @@ for them, and a fair estimate only for new studies like them.</p>
 <table>{"".join(f"<tr><td>{e(k)}</td><td>{v}</td></tr>" for k, v in accounting)}</table>
 {listings}"""
     return plots.page(f"batchscan evaluation: {model['version']}", body)
+
+
+def last_overall_auc(report_dir: Path) -> float | None:
+    """The overall AUC of the last ``batchscan evaluate`` written into `report_dir`, if any
+    (the reference monitoring falls back to, :mod:`batchscan.monitoring`)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        value = json.loads((report_dir / JSON_FILE).read_text(encoding="utf-8"))["overall"]["auc"]
+        return float(value) if value is not None else None
+    return None
 
 
 def _atomic_write(path: Path, text: str) -> None:

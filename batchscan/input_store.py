@@ -34,13 +34,13 @@ import contextlib
 import logging
 import sqlite3
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 
-from batchscan.paths import make_private
+from batchscan.paths import make_private, sqlite_files
 from batchscan.preprocess import CHANNELS, INPUT_SIZE
 from batchscan.records import chunks
 
@@ -177,9 +177,15 @@ class InputStore:
         for made in self.files():
             make_private(made)
 
-    def files(self) -> list[Path]:
+    def files(self) -> tuple[Path, Path, Path]:
         """The store's files on disk (database, WAL, shared memory)."""
-        return [self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")]
+        return sqlite_files(self.path)
+
+    def _close_quietly(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+        self._db = None
 
     def _reset(self, exc: BaseException) -> None:
         """Delete a store that is damaged and start an empty one (its files will be read
@@ -194,10 +200,7 @@ class InputStore:
                 self.path,
                 exc,
             )
-            if self._db is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.close()
-            self._db = None
+            self._close_quietly()
             return
         log.warning(
             "input store %s cannot be used (%s): started afresh; the files it held are "
@@ -205,10 +208,7 @@ class InputStore:
             self.path,
             exc,
         )
-        if self._db is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.close()
-            self._db = None
+        self._close_quietly()
         for made in self.files():
             with contextlib.suppress(FileNotFoundError):
                 made.unlink()
@@ -242,11 +242,13 @@ class InputStore:
 
     def put(self, entries: Iterable[tuple[Identity, str, np.ndarray]]) -> None:
         """Store (identity, input key, model input) entries, replacing a path's old one."""
+        if self._db is None:  # none this run: nothing to encode for
+            return
         rows = []
         for (path, size, mtime_ns), input_key, model_input in entries:
             data = encode(model_input)
             rows.append((path, size, mtime_ns, input_key, zlib.crc32(data), data))
-        if rows and self._db is not None:
+        if rows:
             try:
                 self._db.executemany(
                     "INSERT OR REPLACE INTO inputs (path, size, mtime_ns, input_key, crc, data) "
@@ -267,54 +269,60 @@ class InputStore:
         except sqlite3.DatabaseError as exc:
             self._reset(exc)
 
+    def _entries(self, columns: str, paths: Iterable[str | bytes]) -> Iterator[tuple[Any, ...]]:
+        """``path, size, mtime_ns, input_key`` and `columns` of the entries of `paths`.
+
+        Raises
+        ------
+        sqlite3.DatabaseError
+            The store cannot be read (the caller resets it).
+        """
+        assert self._db is not None
+        for part in chunks(paths, _CHUNK):
+            marks = ",".join("?" * len(part))
+            yield from self._db.execute(
+                f"SELECT path, size, mtime_ns, input_key, {columns} FROM inputs "
+                f"WHERE path IN ({marks})",
+                part,
+            )
+
     def holds(self, identities: list[Identity], input_key: str) -> set[str | bytes]:
         """The paths of `identities` with an entry of the same size, mtime and input key
         (the checksum is checked when the entry is read)."""
-        found: set[str | bytes] = set()
         if self._db is None:
-            return found
+            return set()
         wanted = {path: (size, mtime) for path, size, mtime in identities}
         try:
-            for part in chunks(list(wanted), _CHUNK):
-                marks = ",".join("?" * len(part))
-                for path, size, mtime, key, length in self._db.execute(
-                    f"SELECT path, size, mtime_ns, input_key, length(data) FROM inputs "
-                    f"WHERE path IN ({marks})",
-                    part,
-                ):
-                    if wanted.get(path) == (size, mtime) and key == input_key and length:
-                        found.add(path)
+            return {
+                path
+                for path, size, mtime, key, length in self._entries("length(data)", wanted)
+                if wanted.get(path) == (size, mtime) and key == input_key and length
+            }
         except sqlite3.DatabaseError as exc:
             self._reset(exc)
             return set()
-        return found
 
     def get(self, identities: list[Identity], input_key: str) -> dict[str | bytes, np.ndarray]:
         """The model inputs of those `identities` with a sound matching entry, by path.
 
-        An entry that does not match or fails its checksum is deleted and left out.
+        A damaged entry (checksum or encoding) is left out and deleted; one made for
+        another file or input key is only left out.
         """
-        found: dict[str | bytes, np.ndarray] = {}
         if self._db is None:
-            return found
+            return {}
         wanted = {path: (size, mtime) for path, size, mtime in identities}
+        found: dict[str | bytes, np.ndarray] = {}
         bad: list[str | bytes] = []
         try:
-            for part in chunks(list(wanted), _CHUNK):
-                marks = ",".join("?" * len(part))
-                for path, size, mtime, key, crc, data in self._db.execute(
-                    f"SELECT path, size, mtime_ns, input_key, crc, data FROM inputs "
-                    f"WHERE path IN ({marks})",
-                    part,
-                ):
-                    model_input = None
-                    if isinstance(data, bytes) and zlib.crc32(data) == crc:
-                        with contextlib.suppress(ValueError):
-                            model_input = decode(data)
-                    if model_input is None:
-                        bad.append(path)
-                    elif wanted.get(path) == (size, mtime) and key == input_key:
-                        found[path] = model_input
+            for path, size, mtime, key, crc, data in self._entries("crc, data", wanted):
+                model_input = None
+                if isinstance(data, bytes) and zlib.crc32(data) == crc:
+                    with contextlib.suppress(ValueError):
+                        model_input = decode(data)
+                if model_input is None:
+                    bad.append(path)
+                elif wanted.get(path) == (size, mtime) and key == input_key:
+                    found[path] = model_input
         except sqlite3.DatabaseError as exc:
             self._reset(exc)
             return {}

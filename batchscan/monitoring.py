@@ -365,16 +365,6 @@ def monitor(
     )
 
 
-def last_evaluation_auc(report_dir: Path) -> float | None:
-    """The overall AUC of the last ``batchscan evaluate`` into `report_dir`, if any."""
-    import json
-
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        value = json.loads((report_dir / "evaluation.json").read_text())["overall"]["auc"]
-        return float(value) if value is not None else None
-    return None
-
-
 def period_label(start: date, period: str) -> str:
     """How a period is named on report.html (``2026-W03`` or ``2026-01``)."""
     if period == "week":

@@ -133,6 +133,12 @@ def private_files() -> Iterator[None]:
         os.umask(previous)
 
 
+def sqlite_files(path: Path) -> tuple[Path, Path, Path]:
+    """A SQLite database's files on disk in WAL mode: the database, its WAL and its shared
+    memory (each to be made private, or removed, together)."""
+    return path, Path(f"{path}-wal"), Path(f"{path}-shm")
+
+
 def make_private(path: Path) -> None:
     """Take the group-write and all "other" bits off an existing file (one an older release
     made 0644); never adds a bit."""

@@ -228,30 +228,40 @@ def write_images(
     return _write_parquet(parts, schema, out_dir / IMAGES_FILE, run_id)
 
 
-def write_studies(
-    parts: Iterable[dict[str, list[Any]]], out_dir: Path, run_id: str, *, patient_key: bool
+def _write_parquet_and_csv(
+    parts: Iterable[dict[str, list[Any]]], schema: pa.Schema, out_dir: Path, stem: str, run_id: str
 ) -> list[tuple[Path, Path]]:
-    """Write the studies as Parquet and CSV (same rows, same columns) to temporary files;
-    returns their (temporary, final) pairs."""
-    schema = with_patient_key(STUDIES_SCHEMA, patient_key)
-    parquet_final, csv_final = out_dir / STUDIES_FILE, out_dir / STUDIES_CSV
+    """Stream column chunks into ``<stem>.parquet`` and ``<stem>.csv`` (same rows, same
+    columns) as temporary files; returns their (temporary, final) pairs."""
+    parquet_final, csv_final = out_dir / f"{stem}.parquet", out_dir / f"{stem}.csv"
     parquet_tmp, csv_tmp = temporary_path(parquet_final, run_id), temporary_path(csv_final, run_id)
     with (
         pq.ParquetWriter(parquet_tmp, schema, compression="zstd") as parquet,
         pacsv.CSVWriter(csv_tmp, schema) as csv,
     ):
         for part in parts:
-            part = dict(
-                part,
-                **{
-                    name: [None if f is None else bool(f) for f in part[name]]
-                    for name in ("flag", "shadow_flag")
-                },
-            )
             table = _table(part, schema)
             parquet.write_table(table)
             csv.write_table(table)
     return [(parquet_tmp, parquet_final), (csv_tmp, csv_final)]
+
+
+def write_studies(
+    parts: Iterable[dict[str, list[Any]]], out_dir: Path, run_id: str, *, patient_key: bool
+) -> list[tuple[Path, Path]]:
+    """Write the studies as Parquet and CSV (same rows, same columns) to temporary files;
+    returns their (temporary, final) pairs."""
+    flags = ("flag", "shadow_flag")  # SQLite keeps 0/1
+    return _write_parquet_and_csv(
+        (
+            dict(part, **{n: [None if f is None else bool(f) for f in part[n]] for n in flags})
+            for part in parts
+        ),
+        with_patient_key(STUDIES_SCHEMA, patient_key),
+        out_dir,
+        STUDIES_FILE.removesuffix(".parquet"),
+        run_id,
+    )
 
 
 def write_frame(
@@ -259,28 +269,15 @@ def write_frame(
 ) -> list[tuple[Path, Path]]:
     """Write a small report table as ``<stem>.parquet`` and ``<stem>.csv`` (same rows, same
     columns) to temporary files; returns their (temporary, final) pairs."""
+    values = frame[list(schema.names)].astype(object)
+    values = values.where(values.notna(), None)
     columns = {
-        field.name: [
-            None if v is None or (isinstance(v, float) and v != v) else v
-            for v in (
-                frame[field.name].astype(str).where(frame[field.name].notna(), None)
-                if field.type == pa.date32()
-                else frame[field.name].astype(object)
-            )
+        field.name: [  # dates go in as ISO text, as the state keeps them
+            str(v) if v is not None and field.type == pa.date32() else v for v in values[field.name]
         ]
         for field in schema
     }
-    table = _table(columns, schema)
-    pairs = []
-    for suffix, write in (
-        (".parquet", lambda t, p: pq.write_table(t, p, compression="zstd")),
-        (".csv", lambda t, p: pacsv.write_csv(t, p)),
-    ):
-        final = out_dir / f"{stem}{suffix}"
-        temporary = temporary_path(final, run_id)
-        write(table, temporary)
-        pairs.append((temporary, final))
-    return pairs
+    return _write_parquet_and_csv([columns], schema, out_dir, stem, run_id)
 
 
 def write_runs(columns: dict[str, list[Any]], out_dir: Path, run_id: str) -> tuple[Path, Path]:

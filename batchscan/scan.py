@@ -34,8 +34,8 @@ from batchscan.domain import Domain
 from batchscan.input_store import STORE_FILE, InputStore
 from batchscan.keys import row_keys
 from batchscan.model import ModelCard, ModelError, check_model, load_model
-from batchscan.monitoring import LABELS_DB, PERIODS, Monitored, last_evaluation_auc, monitor
-from batchscan.paths import make_private, private_files, state_key
+from batchscan.monitoring import LABELS_DB, PERIODS, Monitored, monitor
+from batchscan.paths import make_private, private_files, sqlite_files, state_key
 from batchscan.pipeline import RunStats, ScanConfig, manifest_for, new_run_id, run_local
 from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord, Scores
 from batchscan.report import (
@@ -318,7 +318,7 @@ def run_scan(config: ScanConfig) -> ScanResult:
         except StateError as exc:
             store.close()
             raise UsageError(str(exc)) from exc
-        for made in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        for made in sqlite_files(path):
             make_private(made)
         try:
             return _run(config, checked, shadow, state, store)
@@ -480,15 +480,16 @@ def _run(
         state.end_run(run_id, "ok", _run_facts(manifest))
         temporaries.append(write_runs(state.run_rows(), config.out, run_id))
         temporaries.append(write_manifest(manifest, config.out, run_id))
-        fresh = monitored is not None and monitored.error is None
+        # this run's monitoring frames, or None: the page reads the last good ones
+        fresh = monitored if monitored is not None and monitored.error is None else None
         page = ReportInputs(
             config.out,
             manifest,
             checked.card,
             config.archive,
             explainer=scorer.explainer,
-            performance=monitored.performance if fresh and monitored else None,
-            discrepancies=monitored.discrepancies if fresh and monitored else None,
+            performance=fresh.performance if fresh else None,
+            discrepancies=fresh.discrepancies if fresh else None,
             stored_input=partial(_stored_input, state, store, keys.input),
         )
         temporaries.append(
@@ -505,11 +506,11 @@ def _run(
     return ScanResult(
         manifest=manifest,
         summary=summary_text(manifest),
-        warnings=tuple(w for w in [monitored.warning if monitored else None] if w),
-        problems=tuple(
-            f"monitoring not updated (the last good performance files stay): {e}"
-            for e in [monitored.error if monitored else None]
-            if e
+        warnings=(monitored.warning,) if monitored and monitored.warning else (),
+        problems=(
+            (f"monitoring not updated (the last good performance files stay): {monitored.error}",)
+            if monitored and monitored.error
+            else ()
         ),
     )
 
@@ -525,7 +526,10 @@ def _stored_input(
 
 
 def _monitor(config: ScanConfig, checked: ModelCard, state: StateStore) -> Monitored:
-    """The monitoring stage (:mod:`batchscan.monitoring`) on the state's studies."""
+    """The monitoring stage (:mod:`batchscan.monitoring`) on the state's studies, with the
+    site's last evaluate as the fallback reference (evaluate imported only here)."""
+    from batchscan.evaluate import last_overall_auc
+
     assert config.reports_file is not None
     return monitor(
         config.reports_file,
@@ -536,7 +540,7 @@ def _monitor(config: ScanConfig, checked: ModelCard, state: StateStore) -> Monit
         period=config.monitor_period,
         threshold=checked.threshold,
         model_version=checked.version,
-        reference_auc=last_evaluation_auc(config.out),
+        reference_auc=last_overall_auc(config.out),
     )
 
 

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from batchscan.paths import make_private
+from batchscan.paths import make_private, sqlite_files
 
 OUTBOX_FILE: Final = "outbox.sqlite"
 SCHEMA_VERSION: Final = 1
@@ -115,7 +115,7 @@ class Outbox:
                 )
         except (OSError, sqlite3.DatabaseError) as exc:
             raise OutboxError(f"cannot use SR outbox {path}: {exc}") from exc
-        for made in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        for made in sqlite_files(path):
             make_private(made)
 
     # -- what the scan writes ------------------------------------------------------------
