@@ -486,14 +486,14 @@ def shortcut_checks(
         if alone_flag:
             warnings.append(
                 f"{name} alone predicts the labels at AUC {alone:.3f} "
-                f"(95 % CI {_fmt(alone_ci)}, lower bound >= {ATTRIBUTE_AUC_WARNING:.2f}; "
+                f"(95 % CI {fmt(alone_ci)}, lower bound >= {ATTRIBUTE_AUC_WARNING:.2f}; "
                 f"{n_pos} pneumonia, {n_neg} normal): a model can score well by recognising "
-                f"the {name}; the model's AUC within {name} is {_fmt(within)}"
+                f"the {name}; the model's AUC within {name} is {fmt(within)}"
             )
         if drop_flag:
             warnings.append(
                 f"within {name} the model's AUC is {within:.3f}, {drop:.3f} below its overall "
-                f"{overall_auc:.3f} (95 % CI of the fall {_fmt(drop_ci)}): part of the overall "
+                f"{overall_auc:.3f} (95 % CI of the fall {fmt(drop_ci)}): part of the overall "
                 f"figure comes from the {name}, not from the lungs"
             )
     return {
@@ -621,11 +621,12 @@ def evaluate(
     }
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def fmt(value: Any, digits: int = 3) -> str:
+    """A figure as printed and shown: three decimals, ranges as low-high, n/a for none."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     if isinstance(value, list | tuple):
-        return "-".join(_fmt(v, digits) for v in value)
+        return "-".join(fmt(v, digits) for v in value)
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
@@ -642,13 +643,13 @@ def summary(result: dict[str, Any]) -> str:
         f"batchscan evaluate: {o['n']} labelled scored studies ({o['n_positive']} pneumonia, "
         f"{o['n'] - o['n_positive']} normal), joined by {lab['key']}; model "
         f"{result['model']['version']}",
-        f"AUC {_fmt(o['auc'])} (95 % CI {_fmt(o['auc_ci95'])}); at the card threshold "
-        f"{result['model']['threshold']:.3f}: sensitivity {_fmt(o['sensitivity'])}, "
-        f"specificity {_fmt(o['specificity'])}, PPV {_fmt(o['ppv'])}, NPV {_fmt(o['npv'])}; "
-        f"ECE {_fmt(o['ece'])}",
-        f"threshold for sensitivity >= {target:g}: {_fmt(o['target_threshold'])} "
-        f"(sensitivity {_fmt(o['target_sensitivity_reached'])}, specificity "
-        f"{_fmt(o['target_specificity'])})",
+        f"AUC {fmt(o['auc'])} (95 % CI {fmt(o['auc_ci95'])}); at the card threshold "
+        f"{result['model']['threshold']:.3f}: sensitivity {fmt(o['sensitivity'])}, "
+        f"specificity {fmt(o['specificity'])}, PPV {fmt(o['ppv'])}, NPV {fmt(o['npv'])}; "
+        f"ECE {fmt(o['ece'])}",
+        f"threshold for sensitivity >= {target:g}: {fmt(o['target_threshold'])} "
+        f"(sensitivity {fmt(o['target_sensitivity_reached'])}, specificity "
+        f"{fmt(o['target_specificity'])})",
         f"labels matching no scored study: {len(lab['matching_no_scored_study'])}; scored "
         f"studies without a label: {len(result['scored_studies_without_label'])}; duplicate "
         f"labels: {len(lab['duplicates'])}; conflicting labels (left out): "
@@ -676,7 +677,7 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(
             "shortcut check (attribute alone -> labels AUC; model AUC within its strata): "
             + "; ".join(
-                f"{name} {_fmt(a['attribute_auc'])} / {_fmt(a['within_auc'])}"
+                f"{name} {fmt(a['attribute_auc'])} / {fmt(a['within_auc'])}"
                 for name, a in shortcuts["attributes"].items()
             )
         )
@@ -693,15 +694,15 @@ def summary(result: dict[str, Any]) -> str:
         for role in ("model_in_use", "shadow"):
             m = comparison[role]
             lines.append(
-                f"{role.replace('_', ' ')} {m['version']}: AUC {_fmt(m['auc'])} (95 % CI "
-                f"{_fmt(m['auc_ci95'])}); at its threshold sensitivity {_fmt(m['sensitivity'])}, "
-                f"specificity {_fmt(m['specificity'])}"
+                f"{role.replace('_', ' ')} {m['version']}: AUC {fmt(m['auc'])} (95 % CI "
+                f"{fmt(m['auc_ci95'])}); at its threshold sensitivity {fmt(m['sensitivity'])}, "
+                f"specificity {fmt(m['specificity'])}"
             )
         lines.append(f"shadow comparison: {comparison['verdict']}")
     for name, groups in result["subgroups"].items():
         parts = [
-            f"{value} n={g['n']} AUC {_fmt(g['auc'])} sens {_fmt(g['sensitivity'])} "
-            f"spec {_fmt(g['specificity'])}"
+            f"{value} n={g['n']} AUC {fmt(g['auc'])} sens {fmt(g['sensitivity'])} "
+            f"spec {fmt(g['specificity'])}"
             for value, g in groups.items()
         ]
         lines.append(f"  by {name}: " + "; ".join(parts))
@@ -728,7 +729,7 @@ def _table(columns: dict[str, dict[str, Any]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
         f"<tr><td>{html.escape(label)}</td>"
-        + "".join(f'<td class="n">{html.escape(_fmt(g[key]))}</td>' for g in columns.values())
+        + "".join(f'<td class="n">{html.escape(fmt(g[key]))}</td>' for g in columns.values())
         + "</tr>"
         for label, key in _ROWS
     )
@@ -741,14 +742,14 @@ def _subgroup_table(groups: dict[str, dict[str, Any]]) -> str:
     head = "".join(f"<th>{html.escape(label.strip())}</th>" for label, _ in shown)
     body = "".join(
         f"<tr><td>{html.escape(value)}</td>"
-        + "".join(f'<td class="n">{html.escape(_fmt(g[key]))}</td>' for _, key in shown)
+        + "".join(f'<td class="n">{html.escape(fmt(g[key]))}</td>' for _, key in shown)
         + "</tr>"
         for value, g in groups.items()
     )
     return f"<table><tr><th>value</th>{head}</tr>{body}</table>"
 
 
-def _shortcut_html(shortcuts: dict[str, Any] | None, overall_auc: float | None) -> str:
+def shortcut_html(shortcuts: dict[str, Any] | None, overall_auc: float | None) -> str:
     """The shortcut section: a marked box with the warnings when there are any, and the
     table of every attribute (its rows marked where it warns)."""
     if not shortcuts or not shortcuts["attributes"]:
@@ -757,17 +758,17 @@ def _shortcut_html(shortcuts: dict[str, Any] | None, overall_auc: float | None) 
     flag = ' class="flag"'
     rows = "".join(
         f"<tr{flag if a['warning'] else ''}><td>{e(name)}</td>"
-        f'<td class="n">{a["values"]}</td><td class="n">{e(_fmt(a["attribute_auc"]))}</td>'
-        f'<td class="n">{e(_fmt(a.get("attribute_auc_ci95")))}</td>'
-        f'<td class="n">{e(_fmt(a["within_auc"]))}</td><td class="n">{a["within_pairs"]}</td>'
-        f'<td class="n">{e(_fmt(a["drop_from_overall"]))}</td></tr>'
+        f'<td class="n">{a["values"]}</td><td class="n">{e(fmt(a["attribute_auc"]))}</td>'
+        f'<td class="n">{e(fmt(a.get("attribute_auc_ci95")))}</td>'
+        f'<td class="n">{e(fmt(a["within_auc"]))}</td><td class="n">{a["within_pairs"]}</td>'
+        f'<td class="n">{e(fmt(a["drop_from_overall"]))}</td></tr>'
         for name, a in shortcuts["attributes"].items()
     )
     table = (
         "<table><tr><th>attribute</th><th>values</th><th>AUC of the attribute alone</th>"
         "<th>its 95 % CI (rare values pooled)</th>"
         "<th>model AUC within its strata</th><th>positive-negative pairs within</th>"
-        f"<th>below overall ({e(_fmt(overall_auc))})</th></tr>{rows}</table>"
+        f"<th>below overall ({e(fmt(overall_auc))})</th></tr>{rows}</table>"
     )
     rules = shortcuts["rules"]
     note = (
@@ -868,10 +869,10 @@ def render_html(result: dict[str, Any], figures: dict[str, Figure] | None = None
                 1 - o["target_specificity"],
                 o["target_sensitivity_reached"],
             )
-        charts.append(plots.roc_svg(y, s, points, f"ROC, AUC {_fmt(o['auc'])}"))
+        charts.append(plots.roc_svg(y, s, points, f"ROC, AUC {fmt(o['auc'])}"))
     if len(y):
         charts.append(
-            plots.calibration_svg(y, s, metrics.ECE_BINS, f"Calibration, ECE {_fmt(o['ece'])}")
+            plots.calibration_svg(y, s, metrics.ECE_BINS, f"Calibration, ECE {fmt(o['ece'])}")
         )
         charts.append(
             plots.histogram_svg(
@@ -884,7 +885,7 @@ def render_html(result: dict[str, Any], figures: dict[str, Figure] | None = None
         f"<h3>by {e(name)}</h3>{_subgroup_table(groups)}"
         for name, groups in result["subgroups"].items()
     )
-    shortcut_html = _shortcut_html(result.get("shortcuts"), o["auc"])
+    shortcut_section = shortcut_html(result.get("shortcuts"), o["auc"])
     accounting = [
         ("label rows read", lab["rows"]),
         ("distinct keys", lab["distinct_keys"]),
@@ -918,11 +919,11 @@ joined by <code>{e(lab["key"])}</code>.</p>
 <h2>Overall</h2>
 {_table({"all labelled studies": o})}
 <p class="note">AUC interval: 95 % percentile bootstrap over studies. PPV and NPV depend on
-the prevalence of this labelled set ({_fmt(o["n_positive"] / o["n"] if o["n"] else None)}).
+the prevalence of this labelled set ({fmt(o["n_positive"] / o["n"] if o["n"] else None)}).
 The threshold for the target sensitivity is chosen on these same studies: it is optimistic
 for them, and a fair estimate only for new studies like them.</p>
 <div class="charts">{"".join(charts)}</div>
-{shortcut_html}
+{shortcut_section}
 {_shadow_html(result.get("shadow_comparison"))}
 <h2>Subgroups</h2>
 <p class="note">A subgroup of a few studies gives a wide interval: read its n first.</p>

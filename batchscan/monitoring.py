@@ -111,7 +111,8 @@ def read_all(path: Path) -> list[Report]:
     return list(latest.values())
 
 
-def _digest(text: str | None) -> str:
+def report_digest(text: str | None) -> str:
+    """The digest a report is known by (its text changes, its label is made again)."""
     return hashlib.sha256((text or "").encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
@@ -150,7 +151,7 @@ class LabelCache:
             accession: digest
             for accession, digest in self._db.execute("SELECT accession, digest FROM labels")
         }
-        todo = [(r, _digest(r.text)) for r in reports]
+        todo = [(r, report_digest(r.text)) for r in reports]
         todo = [(r, d) for r, d in todo if known.get(r.key) != d]
         done = Refreshed(reports=len(reports), labelled=len(todo))
         done.unchanged = len(reports) - len(todo)
@@ -173,6 +174,29 @@ class LabelCache:
         """Close the database."""
         with contextlib.suppress(sqlite3.Error):
             self._db.close()
+
+
+def known_labels(path: Path) -> dict[str, tuple[str, str, str]]:
+    """The labels a :class:`LabelCache` at `path` holds, read-only (another process, such
+    as ``batchscan adapt``, reads a scan's labels while a scan may run): (digest, label,
+    reason) by accession; empty when there is no readable cache."""
+    if not path.is_file():
+        return {}
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return {}
+    try:
+        return {
+            accession: (digest, label, reason)
+            for accession, digest, label, reason in db.execute(
+                "SELECT accession, digest, label, reason FROM labels"
+            )
+        }
+    except sqlite3.Error:
+        return {}
+    finally:
+        db.close()
 
 
 def joined(studies: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:

@@ -96,6 +96,21 @@ def roc_svg(
         return _svg(fig)
 
 
+def rocs_svg(labels: np.ndarray, curves: Mapping[str, np.ndarray], title: str) -> str:
+    """ROC curves of several models' `curves` (``{name: scores}``) on the same studies."""
+    with _figure() as (fig, ax):
+        for (name, scores), (colour, style) in zip(
+            curves.items(), (("black", "-"), ("tab:red", "--"), ("tab:blue", "-.")), strict=False
+        ):
+            fpr, tpr = roc_curve(labels, scores)
+            ax.plot(fpr, tpr, color=colour, ls=style, lw=1.5, label=name)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="chance")
+        ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01))
+        ax.set_title(title)
+        ax.legend(loc="lower right", fontsize=8)
+        return _svg(fig)
+
+
 def calibration_svg(labels: np.ndarray, scores: np.ndarray, bins: int, title: str) -> str:
     """Reliability diagram: observed pneumonia rate against mean score per score bin (the
     bins of the ECE), marker area by the number of studies in the bin."""
@@ -257,6 +272,7 @@ border:1px solid #999}
 margin-right:.3em}.maps img{vertical-align:top}
 .warn{border:2px solid #b00;background:#fff4f4;padding:.2em 1em;margin:1em 0}
 .warn h2{color:#b00;border-bottom-color:#e8b4b4}tr.flag td{background:#fde2e2}
+.ok{border:2px solid #070;background:#f2fbf2;padding:.2em 1em;margin:1em 0}
 """
 
 

@@ -274,12 +274,16 @@ def load_cache(path: Path, key: str) -> Examples | None:
         return None
 
 
-def split_by_patient(examples: Examples, seed: int) -> np.ndarray:
-    """``train``/``val``/``test`` per image: patients shuffled with `seed` within their
-    class and view and cut at :data:`SPLIT_SHARES` of the studies, so no patient is on two
-    sides and each split has the archive's mix of views per class (a view that tracks the
-    label tracks it alike in every split, and its test figure per view is not left to
-    chance).
+def split_by_patient(
+    examples: Examples,
+    seed: int,
+    shares: dict[str, float] | None = None,
+) -> np.ndarray:
+    """``train``/``val``/``test`` per image (or the parts of `shares`, by name and share of
+    the studies, in order): patients shuffled with `seed` within their class and view and
+    cut at :data:`SPLIT_SHARES` of the studies, so no patient is on two sides and each
+    split has the archive's mix of views per class (a view that tracks the label tracks it
+    alike in every split, and its test figure per view is not left to chance).
 
     Raises
     ------
@@ -313,18 +317,20 @@ def split_by_patient(examples: Examples, seed: int) -> np.ndarray:
         )
         for g in studies_of
     }
+    parts = shares or dict(zip(("train", "val", "test"), SPLIT_SHARES, strict=True))
+    names = list(parts)
+    ends = np.cumsum(list(parts.values()))
     side: dict[int, str] = {}
     for key in sorted(set(stratum.values())):
         members = sorted(g for g in studies_of if stratum[g] == key)
         total = sum(studies_of[g] for g in members)
-        cut_val = SPLIT_SHARES[0] * total
-        cut_test = (SPLIT_SHARES[0] + SPLIT_SHARES[1]) * total
         done = 0
         for g in rng.permutation(np.array(members, dtype=np.int64)).tolist():
-            side[g] = "train" if done < cut_val else ("val" if done < cut_test else "test")
+            at = int(np.searchsorted(ends * total, done, side="right"))
+            side[g] = names[min(at, len(names) - 1)]
             done += studies_of[g]
     split = np.array([side[g] for g in examples.group.tolist()])
-    for name in ("train", "val", "test"):
+    for name in names:
         have = set(examples.label[split == name].tolist())
         if have != {0, 1}:
             raise TrainingError(

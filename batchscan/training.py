@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,16 +321,19 @@ def train(
         ),
     ]
     started = time.perf_counter()
-    history = model.fit(
-        train_ds,
-        validation_data=(x_val, y_val.astype(np.float32))
-        if sample_weight is None
-        else (x_val, y_val.astype(np.float32), sample_weight["val"].astype(np.float32)),
-        epochs=config.epochs,
-        class_weight=class_weight,
-        callbacks=callbacks,
-        verbose=config.verbose,
-    )
+    with warnings.catch_warnings():
+        # Keras says the tf.data pipeline ignores shuffle=True: it is shuffled above
+        warnings.filterwarnings("ignore", message=".*shuffle=True.*", category=UserWarning)
+        history = model.fit(
+            train_ds,
+            validation_data=(x_val, y_val.astype(np.float32))
+            if sample_weight is None
+            else (x_val, y_val.astype(np.float32), sample_weight["val"].astype(np.float32)),
+            epochs=config.epochs,
+            class_weight=class_weight,
+            callbacks=callbacks,
+            verbose=config.verbose,
+        )
     seconds = time.perf_counter() - started
     val_auc_history = [float(v) for v in history.history["val_auc"]]
     best_epoch = int(np.argmax(val_auc_history)) + 1
