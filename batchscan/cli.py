@@ -261,20 +261,7 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
         metavar="LR",
         help="Adam learning rate (default 1e-3, the shipped model's, fine-tuning or not)",
     )
-    train.add_argument(
-        "--patience",
-        type=int_at_least(1),
-        default=8,
-        metavar="N",
-        help="stop after N epochs without a better validation AUC (default 8)",
-    )
-    train.add_argument(
-        "--seed",
-        type=int,
-        default=1234,
-        metavar="N",
-        help="seed of the patient split, the augmentation and the weights (default 1234)",
-    )
+    _training_options(train, "decode processes (default: all cores; 0: in-process)")
     train.add_argument(
         "--no-augment", action="store_true", help="train without the radiograph augmentation"
     )
@@ -284,13 +271,6 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
         default="none",
         help="view: weight examples so that every view carries the same class balance (the "
         "view can then not stand in for the lungs); none (default): class weighting only",
-    )
-    train.add_argument(
-        "--workers",
-        type=int_at_least(0),
-        default=default_workers(),
-        metavar="N",
-        help="decode processes (default: all cores; 0: in-process)",
     )
     train.add_argument(
         "--cache",
@@ -305,7 +285,6 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
         help="key of the pseudonymised patient key that the split groups by (also "
         "BATCHSCAN_PSEUDONYM_KEY); without one, an HMAC of PatientID kept in memory",
     )
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     labels = commands.add_parser(
         "labels", help="label studies pneumonia/normal/uncertain from their radiology reports"
@@ -396,6 +375,63 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
             **({"outbox": config["sr_out"]} if "sr_out" in config else {}),
         )
 
+    adapt = commands.add_parser(
+        "adapt",
+        help="from a scan and its radiology reports: train a site model on the studies up to "
+        "a date, measure it against the model in use on the later ones, and say whether to "
+        "deploy it",
+    )
+    adapt.add_argument(
+        "report_dir",
+        type=Path,
+        metavar="REPORT_DIR",
+        help="the --out folder of a scan (with --reports-file, so that its labels are there)",
+    )
+    adapt.add_argument(
+        "--until",
+        type=_iso_date,
+        required=True,
+        metavar="DATE",
+        help="last study date (YYYY-MM-DD) of the training period; later studies are "
+        "measured, never learned from",
+    )
+    adapt.add_argument(
+        "--out", type=Path, required=True, metavar="MODEL_DIR",
+        help="where the model, its card, adaptation.json and adaptation.html go",
+    )  # fmt: skip
+    adapt.add_argument(
+        "--reports-file",
+        type=Path,
+        metavar="PATH",
+        help="a RIS export (file or folder): its new or changed reports are labelled too",
+    )
+    adapt.add_argument("--name", default="site_cnn", help="model file stem (default site_cnn)")
+    adapt.add_argument(
+        "--base", type=Path, metavar="MODEL",
+        help="model to start from (default: the model the scan used, the model in use)",
+    )  # fmt: skip
+    adapt.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="first learn from every scored film of the training period, labelled or not "
+        "(SimSiam self-supervised pretraining on the input store)",
+    )
+    adapt.add_argument(
+        "--pretrain-views",
+        type=int_at_least(256),
+        metavar="N",
+        help="pairs of augmented views that pretraining sees (default 40000)",
+    )
+    adapt.add_argument(
+        "--epochs",
+        type=int_at_least(1),
+        metavar="N",
+        help="most fine-tuning epochs (default 60; early stopping on validation AUC)",
+    )
+    _training_options(
+        adapt, "decode processes for files the input store lacks (default: all cores)"
+    )
+
     demo = commands.add_parser("demo", help="write a small synthetic demo archive")
     demo.add_argument(
         "directory", type=Path, metavar="DIR", help="folder to create (must not hold files)"
@@ -415,6 +451,48 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
 
 #: Config keys that ``send`` reads (beside ``sr_out``, its OUTBOX).
 _SEND_KEYS = ("send_to", "calling_aet", "tls_ca", "tls_cert", "tls_key")
+
+
+def _training_options(parser: argparse.ArgumentParser, workers_help: str) -> None:
+    """The options ``train`` and ``adapt`` share: early stopping, the seed, the decode
+    processes and the progress output."""
+    from batchscan.pipeline import default_workers
+
+    parser.add_argument(
+        "--patience",
+        type=int_at_least(1),
+        default=8,
+        metavar="N",
+        help="stop after N epochs without a better validation AUC (default 8)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=1234,
+        metavar="N",
+        help="seed of the patient split, the augmentation and the weights (default 1234)",
+    )
+    parser.add_argument(
+        "--workers", type=int_at_least(0), default=default_workers(), metavar="N",
+        help=workers_help,
+    )  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _quiet_tensorflow() -> None:
+    """Training calls predict on arrays of several sizes, and TensorFlow logs a retracing
+    warning for each: noise in a cron mail, not a problem."""
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+def _iso_date(text: str) -> Any:
+    """argparse type of ``--until``: an ISO date."""
+    from datetime import date
+
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
 
 
 def _uncertain_option(parser: argparse.ArgumentParser) -> None:
@@ -552,6 +630,8 @@ def _train(args: argparse.Namespace) -> int:
     from batchscan.model import ModelError
     from batchscan.site_training import TrainingError, TrainRequest, run_training
 
+    _quiet_tensorflow()
+
     try:
         if not args.archive.is_dir():
             raise TrainingError(f"archive folder not found: {args.archive}")
@@ -603,6 +683,42 @@ def _train(args: argparse.Namespace) -> int:
         + ("n/a" if views["within_view_auc"] is None else f"{views['within_view_auc']:.3f}")
         + (f"; examples balanced by {card['balance']['by']}" if card["balance"]["by"] else "")
     )
+    return EXIT_OK
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    from batchscan.adapt import AdaptError, AdaptRequest, run_adaptation, summary
+    from batchscan.model import ModelError
+
+    _quiet_tensorflow()
+
+    try:
+        if not args.report_dir.is_dir():
+            raise AdaptError(f"REPORT_DIR not found: {args.report_dir}")
+        if args.reports_file is not None and not args.reports_file.exists():
+            raise AdaptError(f"reports file not found: {args.reports_file}")
+        request = AdaptRequest(
+            report_dir=args.report_dir,
+            until=args.until,
+            out=args.out,
+            reports_file=args.reports_file,
+            name=args.name,
+            base=args.base,
+            seed=args.seed,
+            workers=args.workers,
+            progress=not args.no_progress and sys.stderr.isatty(),
+            pretrain=args.pretrain,
+            pretrain_views=args.pretrain_views,
+            epochs=args.epochs,
+            patience=args.patience,
+        )
+        done = run_adaptation(request)
+    except (AdaptError, ModelError) as exc:
+        print(f"batchscan: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(summary(done.result))
+    print(f"wrote {', '.join(str(p) for p in done.written)}")
+    print(done.line)
     return EXIT_OK
 
 
@@ -688,6 +804,8 @@ def main(argv: list[str] | None = None) -> int:
             return _labels(args)
         if args.command == "send":
             return _send(args)
+        if args.command == "adapt":
+            return _adapt(args)
         return _demo(args)
     except KeyboardInterrupt:
         print("batchscan: interrupted; previous reports left as they were", file=sys.stderr)
