@@ -130,6 +130,9 @@ class AdaptRequest:
     #: period's films, the base model, the seed, the views), so that runs differing only in
     #: what they fine-tune on pretrain once; None: pretrain every time.
     pretrain_cache: Path | None = None
+    #: Probability of erasing a training picture's borders
+    #: (:func:`batchscan.training.erase_borders`); 0: none.
+    erase_borders: float = 0.0
 
 
 @dataclass(slots=True)
@@ -702,6 +705,7 @@ def run_adaptation(
         patience=request.patience,
         seed=request.seed,
         verbose=1 if request.progress else 0,
+        erase_borders=request.erase_borders,
     )
     model, report = train(dataset, config, base=base_model)
     request.out.mkdir(parents=True, exist_ok=True)

@@ -169,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/kermany_224")
     parser.add_argument("--hospitals", default=",".join(HOSPITALS))
     parser.add_argument("--sizes", default="100,300,1000,all")
-    parser.add_argument("--seeds", default="1,2")
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument(
+        "--all-seeds", default="1", help="seeds of the 'all labelled' size (the costliest)"
+    )
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--pretrain-views", type=int, default=40_000)
     parser.add_argument("--limit", type=int, help="studies of each period (default: all)")
@@ -177,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = [None if s == "all" else int(s) for s in args.sizes.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    all_seeds = {int(s) for s in args.all_seeds.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -186,23 +190,28 @@ def main(argv: list[str] | None = None) -> int:
             for seed in seeds:
                 for pretrain in (False, True):
                     for n in sizes:
+                        if n is None and seed not in all_seeds:
+                            continue
                         started = time.perf_counter()
                         name = f"s{seed}_{'pre' if pretrain else 'plain'}_{n or 'all'}"
-                        done = run_adaptation(
-                            AdaptRequest(
-                                report_dir=report_dir,
-                                until=UNTIL,
-                                out=work / kind / name,
-                                seed=seed,
-                                epochs=args.epochs,
-                                pretrain=pretrain,
-                                pretrain_views=args.pretrain_views,
-                                pretrain_cache=work / kind / f"pretrained_s{seed}.npz",
-                                max_labelled=n,
-                                workers=0,
-                            )
-                        )
-                        r = done.result
+                        kept = work / kind / name / "adaptation.json"
+                        if kept.is_file():  # a run of an earlier call with the same work folder
+                            r = json.loads(kept.read_text())
+                        else:
+                            r = run_adaptation(
+                                AdaptRequest(
+                                    report_dir=report_dir,
+                                    until=UNTIL,
+                                    out=work / kind / name,
+                                    seed=seed,
+                                    epochs=args.epochs,
+                                    pretrain=pretrain,
+                                    pretrain_views=args.pretrain_views,
+                                    pretrain_cache=work / kind / f"pretrained_s{seed}.npz",
+                                    max_labelled=n,
+                                    workers=0,
+                                )
+                            ).result
                         c, w = r["measured"]["comparison"], r["measured"]["within_views"]
                         runs.append(
                             {

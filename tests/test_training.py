@@ -73,3 +73,58 @@ def test_missing_data_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         train_job.main(["--data", str(tmp_path / "nope.npz")])
     assert exc.value.code == 2
+
+
+def test_erase_borders_paints_edge_bands_and_leaves_the_middle() -> None:
+    import tensorflow as tf
+
+    from batchscan.training import BORDER_BAND, erase_borders
+
+    tf.random.set_seed(3)
+    x = np.random.default_rng(0).random((16, 64, 64, 3)).astype(np.float32)
+    erased = erase_borders(tf.constant(x), 1.0).numpy()
+    band = int(np.ceil(BORDER_BAND * 64))
+    middle = (slice(None), slice(band, 64 - band), slice(band, 64 - band))
+    np.testing.assert_array_equal(erased[middle], x[middle])
+    changed = (erased != x).any(axis=-1)
+    assert changed.any(axis=(1, 2)).all(), "every picture drawn with probability 1 is erased"
+    for picture, mask in zip(erased, changed, strict=True):
+        assert len(np.unique(picture[mask])) == 1, "one grey level per picture"
+    np.testing.assert_array_equal(erase_borders(tf.constant(x), 0.0).numpy(), x)
+
+
+def test_simsiam_pretraining_moves_the_backbone_and_its_cache_round_trips(
+    tmp_path: Path,
+) -> None:
+    import pandas as pd
+
+    from batchscan.adapt import load_pretrained, pretrain_key, save_pretrained
+    from batchscan.preprocess import preprocess_many
+    from batchscan.pretrain import BACKBONE_LAYERS, pretrain, with_backbone
+
+    base = load_model().keras_model
+    pictures = [chest_phantom(64, seed=i, opacity=0.6 * (i % 2)) for i in range(300)]
+    done = pretrain(base, preprocess_many(pictures), views=600, seed=1)
+    assert done.facts["views_seen"] >= 600 and not done.facts["collapsed"]
+    assert done.weights is not None and set(done.weights) == set(BACKBONE_LAYERS)
+    moved = with_backbone(base, done)
+    assert not np.allclose(
+        moved.get_layer("conv1").get_weights()[0], base.get_layer("conv1").get_weights()[0]
+    )
+    np.testing.assert_array_equal(  # the output layer is the base's
+        moved.get_layer("score").get_weights()[0], base.get_layer("score").get_weights()[0]
+    )
+    period = pd.DataFrame({"path": ["a", "b"], "size": [1, 2], "mtime_ns": [3, 4]})
+    key = pretrain_key(period, "base-1", 1, 600)
+    assert key != pretrain_key(period.iloc[:1], "base-1", 1, 600)  # another period's films
+    assert key != pretrain_key(period, "base-1", 2, 600)
+    cache = tmp_path / "pretrained.npz"
+    save_pretrained(cache, key, done)
+    again = load_pretrained(cache, key)
+    assert again is not None and again.facts == done.facts
+    for name in BACKBONE_LAYERS:
+        for a, b in zip(again.weights[name], done.weights[name], strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert load_pretrained(cache, "another key") is None
+    cache.write_bytes(b"not an npz")
+    assert load_pretrained(cache, key) is None
