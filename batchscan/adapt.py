@@ -64,8 +64,14 @@ from batchscan.pipeline import ScanConfig, prepared_stream
 from batchscan.records import ImageRecord
 from batchscan.report import MANIFEST_FILE
 from batchscan.report_labels import ReportLabeler
-from batchscan.site_training import FINE_TUNE_EPOCHS, FINE_TUNE_LEARNING_RATE, Examples
-from batchscan.site_training import split_by_patient as _split
+from batchscan.site_training import (
+    FINE_TUNE_EPOCHS,
+    FINE_TUNE_LEARNING_RATE,
+    Examples,
+    TrainingError,
+    balance_weights,
+    split_by_patient,
+)
 from batchscan.state import STATE_FILE
 
 #: Studies of each class the later period needs before a verdict can say "deploy".
@@ -133,6 +139,9 @@ class AdaptRequest:
     #: Probability of erasing a training picture's borders
     #: (:func:`batchscan.training.erase_borders`); 0: none.
     erase_borders: float = 0.0
+    #: ``view``: every view carries the same class balance in the loss and the validation
+    #: AUC (:func:`batchscan.site_training.balance_weights`); None: class weighting.
+    balance: str | None = None
 
 
 @dataclass(slots=True)
@@ -590,7 +599,6 @@ def run_adaptation(
     batchscan.model.ModelError
         The model in use (or ``--base``) cannot be loaded.
     """
-    from batchscan.site_training import TrainingError
     from batchscan.training import Dataset, TrainConfig, predict_scores, train, write_model
 
     manifest = read_scan(request.report_dir)
@@ -643,7 +651,7 @@ def run_adaptation(
     earlier, later = period(earlier_rows), period(later_rows)
     examples = _examples(earlier.images, earlier.inputs)
     try:
-        split = _split(
+        split = split_by_patient(
             examples,
             request.seed,
             {"train": 1 - VALIDATION_SHARE, "validation": VALIDATION_SHARE},
@@ -707,7 +715,17 @@ def run_adaptation(
         verbose=1 if request.progress else 0,
         erase_borders=request.erase_borders,
     )
-    model, report = train(dataset, config, base=base_model)
+    weights = (
+        {
+            s: balance_weights(
+                y[s], [v for v, k in zip(examples.view, split, strict=True) if k == s]
+            )
+            for s in ("train", "val")
+        }
+        if request.balance == "view"
+        else None
+    )
+    model, report = train(dataset, config, base=base_model, sample_weight=weights)
     request.out.mkdir(parents=True, exist_ok=True)
     out_path = request.out / f"{request.name}.keras"
     studies_in = {
@@ -752,6 +770,7 @@ def run_adaptation(
         "base_model": {"version": base_card.version, "name": base_card.card.get("name")},
         "mode": "fine_tune" + ("_after_simsiam_pretraining" if request.pretrain else ""),
         "pretraining": pretrained_facts,
+        "balance": {"by": request.balance},
         "limits": [
             "Not a medical device; not for diagnosis; every flag needs a radiologist's read.",
             "Learned from this site's report labels, which are noisy: its figures hold for "

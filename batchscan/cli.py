@@ -423,6 +423,13 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
         help="pairs of augmented views that pretraining sees (default 40000)",
     )
     adapt.add_argument(
+        "--balance",
+        choices=("none", "view"),
+        default="none",
+        help="view: weight examples so that every view carries the same class balance; "
+        "none (default): class weighting only",
+    )
+    adapt.add_argument(
         "--erase-borders",
         type=_probability,
         default=0.0,
@@ -731,6 +738,7 @@ def _adapt(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             patience=args.patience,
             erase_borders=args.erase_borders,
+            balance=None if args.balance == "none" else args.balance,
         )
         done = run_adaptation(request)
     except (AdaptError, ModelError) as exc:
