@@ -1,11 +1,17 @@
 """batchscan: score the chest radiographs of a DICOM archive with a pneumonia CNN.
 
-The package follows the data, one module per stage::
+The package follows the data; each subpackage is a part of the flow and imports only the
+parts before it (``tests/test_layout.py`` holds it to that)::
 
-    discover -> header -> dicom (decode + normalize) -> preprocess -> infer
-             -> aggregate -> report
+    ingest   (discover -> header -> decode + normalize -> preprocess)
+      -> scoring  (model, infer, ood, the model-input store)
+      -> engines  (all cores of one machine, or a Ray cluster)
+      -> results  (per study, the state, Parquet/CSV, report.html)
+      -> site     (report labels, evaluate, monitoring, train, adapt)
+      -> pacs     (a DICOM SR per study, sent to the PACS)
 
-``pipeline`` runs the stages on one machine, ``cli`` is the thin command line.
+On top: ``scan`` (one run), ``cli`` (the thin command line), ``config`` (the TOML config
+file) and ``synth`` (the demo archive and the tests' DICOM files).
 """
 
 from importlib.metadata import PackageNotFoundError, version

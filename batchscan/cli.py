@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from batchscan import __version__
 from batchscan.config import ConfigError, int_at_least, load_config, pseudonym_key, seconds
-from batchscan.paths import PRIVATE_UMASK
+from batchscan.ingest.paths import PRIVATE_UMASK
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 
@@ -31,9 +31,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """The argument parser of every subcommand; `config` (from ``--config``) replaces the
     defaults of ``scan``, so that options on the command line win over the file."""
-    from batchscan.header import DEFAULT_MAX_PIXEL_BYTES
-    from batchscan.pipeline import default_workers
-    from batchscan.workers import DEFAULT_FILE_TIMEOUT
+    from batchscan.engines.pipeline import default_workers
+    from batchscan.engines.workers import DEFAULT_FILE_TIMEOUT
+    from batchscan.ingest.header import DEFAULT_MAX_PIXEL_BYTES
 
     parser = _Parser(
         prog="batchscan",
@@ -471,7 +471,7 @@ _SEND_KEYS = ("send_to", "calling_aet", "tls_ca", "tls_cert", "tls_key")
 def _training_options(parser: argparse.ArgumentParser, workers_help: str) -> None:
     """The options ``train`` and ``adapt`` share: early stopping, the seed, the decode
     processes and the progress output."""
-    from batchscan.pipeline import default_workers
+    from batchscan.engines.pipeline import default_workers
 
     parser.add_argument(
         "--patience",
@@ -545,9 +545,9 @@ def _missing(*required: tuple[object, str]) -> bool:
 
 
 def _scan(args: argparse.Namespace) -> int:
-    from batchscan.decoders import DEFAULT_MIN_EDGE
-    from batchscan.pipeline import ScanConfig
-    from batchscan.runlock import LockHeldError
+    from batchscan.engines.pipeline import ScanConfig
+    from batchscan.ingest.decoders import DEFAULT_MIN_EDGE
+    from batchscan.results.runlock import LockHeldError
     from batchscan.scan import UsageError, run_scan
 
     if _missing((args.archive, "ARCHIVE_DIR"), (args.out, "--out REPORT_DIR")):
@@ -624,7 +624,7 @@ def _send(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from batchscan.evaluate import (
+    from batchscan.site.evaluate import (
         EvaluationError,
         LabelsError,
         evaluate,
@@ -652,9 +652,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from batchscan.evaluate import LabelsError, read_labels
-    from batchscan.model import ModelError
-    from batchscan.site_training import TrainingError, TrainRequest, run_training
+    from batchscan.scoring.model import ModelError
+    from batchscan.site.evaluate import LabelsError, read_labels
+    from batchscan.site.site_training import TrainingError, TrainRequest, run_training
 
     _quiet_tensorflow()
 
@@ -713,8 +713,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _adapt(args: argparse.Namespace) -> int:
-    from batchscan.adapt import AdaptError, AdaptRequest, run_adaptation, summary
-    from batchscan.model import ModelError
+    from batchscan.scoring.model import ModelError
+    from batchscan.site.adapt import AdaptError, AdaptRequest, run_adaptation, summary
 
     _quiet_tensorflow()
 
@@ -751,7 +751,7 @@ def _adapt(args: argparse.Namespace) -> int:
 
 
 def _labels(args: argparse.Namespace) -> int:
-    from batchscan.report_labels import ReportsError, run_labels
+    from batchscan.site.report_labels import ReportsError, run_labels
 
     try:
         run = run_labels(
@@ -774,8 +774,8 @@ def _labels(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from batchscan.report_html import ReportError, regenerate
-    from batchscan.runlock import LockHeldError
+    from batchscan.results.report_html import ReportError, regenerate
+    from batchscan.results.runlock import LockHeldError
 
     try:
         written = regenerate(args.report_dir)

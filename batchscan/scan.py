@@ -1,7 +1,7 @@
 """The scan job: one run of ``batchscan scan`` from a :class:`ScanConfig` to published reports.
 
 Order of a run: refuse bad input (:class:`UsageError`, exit 2) -> check the model's card ->
-lock REPORT_DIR (:class:`~batchscan.runlock.LockHeldError`, exit 3) -> open the incremental
+lock REPORT_DIR (:class:`~batchscan.results.runlock.LockHeldError`, exit 3) -> open the incremental
 state -> stream discovery past the state (unchanged files are reused) into the engine, whose
 results are committed to the state in checkpoints -> finish the state (vanished files,
 duplicates, touched studies re-aggregated) -> write every report from the state to a
@@ -28,17 +28,14 @@ from typing import Any
 import numpy as np
 
 from batchscan import __version__
-from batchscan.aggregate import aggregate_studies
-from batchscan.discover import iter_files
-from batchscan.domain import Domain
-from batchscan.input_store import STORE_FILE, InputStore
-from batchscan.keys import row_keys
-from batchscan.model import ModelCard, ModelError, check_model, load_model
-from batchscan.monitoring import LABELS_DB, PERIODS, Monitored, monitor
-from batchscan.paths import make_private, private_files, sqlite_files, state_key
-from batchscan.pipeline import RunStats, ScanConfig, manifest_for, new_run_id, run_local
-from batchscan.records import FAILED, SCORED, SKIPPED, ImageRecord, Scores
-from batchscan.report import (
+from batchscan.engines.pipeline import RunStats, ScanConfig, manifest_for, new_run_id, run_local
+from batchscan.ingest.discover import iter_files
+from batchscan.ingest.domain import Domain
+from batchscan.ingest.paths import make_private, private_files, sqlite_files, state_key
+from batchscan.ingest.records import FAILED, SCORED, SKIPPED, ImageRecord, Scores
+from batchscan.results.aggregate import aggregate_studies
+from batchscan.results.keys import row_keys
+from batchscan.results.report import (
     DISCREPANCIES_SCHEMA,
     PERFORMANCE_SCHEMA,
     publish,
@@ -50,10 +47,13 @@ from batchscan.report import (
     write_runs,
     write_studies,
 )
-from batchscan.report_html import REPORT_FILE, ReportInputs, write_report
-from batchscan.rescore import rescore
-from batchscan.runlock import report_dir_lock
-from batchscan.state import RUN_STUDY_COUNTS, STATE_FILE, StateError, StateStore
+from batchscan.results.report_html import REPORT_FILE, ReportInputs, write_report
+from batchscan.results.runlock import report_dir_lock
+from batchscan.results.state import RUN_STUDY_COUNTS, STATE_FILE, StateError, StateStore
+from batchscan.scoring.input_store import STORE_FILE, InputStore
+from batchscan.scoring.model import ModelCard, ModelError, check_model, load_model
+from batchscan.scoring.rescore import rescore
+from batchscan.site.monitoring import LABELS_DB, PERIODS, Monitored, monitor
 
 log = logging.getLogger("batchscan")
 
@@ -110,7 +110,7 @@ def check_config(config: ScanConfig) -> None:
     if config.ray_address and config.engine != "ray":
         raise UsageError("--ray-address is for --engine ray")
     if config.engine == "ray" and config.ray_address:
-        from batchscan.ray_engine import unreachable
+        from batchscan.engines.ray_engine import unreachable
 
         problem = unreachable(config.ray_address)
         if problem:
@@ -239,7 +239,7 @@ class LazyScorer:
         self.load_seconds = 0.0
 
     def loaded(self) -> Any:
-        """The model (:class:`batchscan.model.LoadedModel`), loaded once for scoring and
+        """The model (:class:`batchscan.scoring.model.LoadedModel`), loaded once for scoring and
         for the maps of report.html alike."""
         if self._loaded is None:
             try:
@@ -250,12 +250,12 @@ class LazyScorer:
 
     def explainer(self) -> Any:
         """The map maker of report.html, on the model this run loaded (or loads now)."""
-        from batchscan.saliency import Explainer
+        from batchscan.results.saliency import Explainer
 
         return Explainer(self.loaded().keras_model)
 
     def __call__(self, inputs: np.ndarray) -> Scores:
-        """Scores of model inputs (see :meth:`batchscan.infer.Scorer.score_ood`), with the
+        """Scores of model inputs (see :meth:`batchscan.scoring.infer.Scorer.score_ood`), with the
         shadow model's beside them when there is one."""
         if self._scorer is None:
             started = time.perf_counter()
@@ -279,7 +279,7 @@ class LazyScorer:
         return sum(s.compile_seconds for s in scorers)
 
     def _make(self, model: Any) -> Any:
-        from batchscan.infer import Scorer
+        from batchscan.scoring.infer import Scorer
 
         return Scorer(
             model,
@@ -296,7 +296,7 @@ def run_scan(config: ScanConfig) -> ScanResult:
     ------
     UsageError
         Bad configuration or model (exit 2).
-    batchscan.runlock.LockHeldError
+    batchscan.results.runlock.LockHeldError
         Another run holds REPORT_DIR (exit 3).
     """
     check_config(config)
@@ -371,7 +371,7 @@ def _run(
 
         def engine(records: Iterable[ImageRecord]) -> None:
             if config.engine == "ray":
-                from batchscan.ray_engine import ClusterError, run_ray
+                from batchscan.engines.ray_engine import ClusterError, run_ray
 
                 try:
                     run_ray(config, records, checked.path, save, progress, stats)
@@ -526,9 +526,9 @@ def _stored_input(
 
 
 def _monitor(config: ScanConfig, checked: ModelCard, state: StateStore) -> Monitored:
-    """The monitoring stage (:mod:`batchscan.monitoring`) on the state's studies, with the
+    """The monitoring stage (:mod:`batchscan.site.monitoring`) on the state's studies, with the
     site's last evaluate as the fallback reference (evaluate imported only here)."""
-    from batchscan.evaluate import last_overall_auc
+    from batchscan.site.evaluate import last_overall_auc
 
     assert config.reports_file is not None
     return monitor(

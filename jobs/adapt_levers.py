@@ -26,7 +26,7 @@ pseudonym key, so the split is by patient. The hospitals:
 
 Each hospital is scanned once, for real (``batchscan scan --reports-file``: the input
 store and the report labels are filled); then every configuration is ``batchscan adapt``'s
-own :func:`batchscan.adapt.run_adaptation` on that REPORT_DIR (``max_labelled`` draws the
+own :func:`batchscan.site.adapt.run_adaptation` on that REPORT_DIR (``max_labelled`` draws the
 labelled training studies with the seed; the pretraining of a seed is shared by the sizes).
 The table gives, on the later studies, the AUC pooled within views (mean over seeds, and
 each seed's value), the overall AUC, the ensemble of the seeds (their study scores
@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shortcut_check import AP_SHARE, with_marker
 from site_training_check import _PATIENT, _run, _shifted
 
-from batchscan import metrics
+from batchscan.site import metrics
 from batchscan.synth import DEMO_REPORTS, write_labelled_studies, write_reports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +162,7 @@ def _within(points: dict[str, list[Any]], scores: np.ndarray) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from batchscan.adapt import AdaptRequest, run_adaptation
+    from batchscan.site.adapt import AdaptRequest, run_adaptation
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")

@@ -80,11 +80,11 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from batchscan.decoders import decode_frame
-from batchscan.dicom import read_dataset
-from batchscan.header import StageOptions
-from batchscan.model import native_stderr_silenced
-from batchscan.pipeline import default_workers, model_input
+from batchscan.engines.pipeline import default_workers, model_input
+from batchscan.ingest.decoders import decode_frame
+from batchscan.ingest.dicom import read_dataset
+from batchscan.ingest.header import StageOptions
+from batchscan.scoring.model import native_stderr_silenced
 from batchscan.synth import RadiographSpec, chest_phantom, write_radiograph
 
 SYNTAXES = {
@@ -230,8 +230,8 @@ def per_image_seconds(paths: list[Path], action: Callable[[Path], object]) -> fl
 
 
 def inference_rate(batch: int = 256, count: int = 4096) -> float:
-    from batchscan.infer import Scorer
-    from batchscan.model import load_model
+    from batchscan.scoring.infer import Scorer
+    from batchscan.scoring.model import load_model
 
     scorer = Scorer(load_model(), batch)
     inputs = np.random.default_rng(0).random((count, 64, 64, 3), dtype=np.float32)
@@ -296,7 +296,7 @@ def measure_syntax(name: str, args: argparse.Namespace, cores: int, model: objec
 
 
 def benchmark(args: argparse.Namespace) -> None:
-    from batchscan.model import load_model
+    from batchscan.scoring.model import load_model
 
     warnings.simplefilter("ignore")
     cores = default_workers()
@@ -410,10 +410,10 @@ def isolation(args: argparse.Namespace) -> None:
     scan used before isolation), same processes, same archive."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from batchscan.discover import iter_files
-    from batchscan.pipeline import prepare_batch, prepare_record, worker_context
-    from batchscan.records import ImageRecord, chunks
-    from batchscan.workers import WorkerPool
+    from batchscan.engines.pipeline import prepare_batch, prepare_record, worker_context
+    from batchscan.engines.workers import WorkerPool
+    from batchscan.ingest.discover import iter_files
+    from batchscan.ingest.records import ImageRecord, chunks
 
     context = worker_context()
     cores, options = default_workers(), StageOptions()
@@ -468,7 +468,7 @@ def scaling(args: argparse.Namespace) -> None:
     this ratio (memory bandwidth and shared caches, not the pipeline)."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from batchscan.pipeline import WORKER_MALLOC
+    from batchscan.engines.pipeline import WORKER_MALLOC
 
     os.environ.update(WORKER_MALLOC)
     cores = default_workers()

@@ -1,4 +1,4 @@
-"""The measurement the blank-image rule rests on (batchscan/sanity.py).
+"""The measurement the blank-image rule rests on (batchscan/ingest/sanity.py).
 
     python jobs/blank_bound.py [--data ../shared/data] [--update-card]
 
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from batchscan import sanity
+from batchscan.ingest import sanity
+from batchscan.ingest.preprocess import preprocess, preprocess_many
 from batchscan.models import __file__ as models_init
-from batchscan.preprocess import preprocess, preprocess_many
 
 BLANK_KINDS = ("zero", "constant", "uniform", "gauss_0.02", "gauss_0.3", "poisson")
 SIZES = (28, 64, 256, 1024)
@@ -105,7 +105,7 @@ def main() -> None:
         card = json.loads(card_path.read_text())
         train = preprocess_many(np.load(args.data / "pneumoniamnist_28_full.npz")["train_images"])
         card["sanity"] = sanity.describe(
-            train, f"train split ({len(train)} images), through batchscan.preprocess"
+            train, f"train split ({len(train)} images), through batchscan.ingest.preprocess"
         )
         card_path.write_text(json.dumps(card, indent=2) + "\n")
         print(f"wrote the sanity entry of {card_path}")

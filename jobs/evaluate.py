@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from batchscan.metrics import split_metrics
-from batchscan.model import ModelError, load_model
-from batchscan.preprocess import preprocess_many
-from batchscan.training import default_npz_path
+from batchscan.ingest.preprocess import preprocess_many
+from batchscan.scoring.model import ModelError, load_model
+from batchscan.site.metrics import split_metrics
+from batchscan.site.training import default_npz_path
 
 #: MedMNIST v2 (Yang et al., Scientific Data 2023), PneumoniaMNIST test split: (AUC, ACC).
 PUBLISHED = [

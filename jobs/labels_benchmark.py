@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from batchscan.report_labels import ReportLabeler, run_labels
+from batchscan.site.report_labels import ReportLabeler, run_labels
 
 INDICATIONS = [
     "Cough and fever.",

@@ -48,8 +48,8 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
-from batchscan.model import default_model_path
-from batchscan.pipeline import default_workers
+from batchscan.engines.pipeline import default_workers
+from batchscan.scoring.model import default_model_path
 from batchscan.synth import (
     DEMO_REPORTS,
     RadiographSpec,
@@ -95,7 +95,7 @@ def site_model(folder: Path) -> Path:
     OOD statistics, stay valid), saved with its own card: a stand-in for a site's model."""
     import keras
 
-    from batchscan.model import sha256_of
+    from batchscan.scoring.model import sha256_of
 
     seed = default_model_path()
     folder.mkdir(parents=True, exist_ok=True)

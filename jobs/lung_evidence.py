@@ -15,7 +15,7 @@ are polygons drawn on the 64 x 64 model inputs of 12 normal and 12 pneumonia fil
 ``kermany_224``'s test split, which are later studies of every simulated hospital of
 ``jobs/adapt_levers.py`` (this job reuses its ``--work`` folder: hospitals already scanned
 and models already adapted there are not made again). The maps are HiResCAM on the last
-convolution layer (:mod:`batchscan.saliency`), each scaled to its own maximum; "area" is
+convolution layer (:mod:`batchscan.results.saliency`), each scaled to its own maximum; "area" is
 the share of the picture the outlines cover, what a map spread evenly would give.
 """
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adapt_levers import UNTIL, scan_hospital
 from site_training_check import _shifted
 
-from batchscan.preprocess import INPUT_SIZE, preprocess
+from batchscan.ingest.preprocess import INPUT_SIZE, preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTLINES = ROOT / "tests" / "data" / "lung_fields.json"
@@ -67,8 +67,8 @@ def film_inputs(data: Path, films: list[dict[str, Any]], kind: str) -> np.ndarra
 
 def evidence(model_path: Path | None, x: np.ndarray, masks: np.ndarray) -> dict[str, Any]:
     """Map mass inside the lungs, over all the films and over those the model flags."""
-    from batchscan.model import load_model
-    from batchscan.saliency import Explainer, mass_in
+    from batchscan.results.saliency import Explainer, mass_in
+    from batchscan.scoring.model import load_model
 
     loaded = load_model(model_path)
     scores = loaded.keras_model.predict(x, verbose=0).reshape(-1)
@@ -83,7 +83,7 @@ def evidence(model_path: Path | None, x: np.ndarray, masks: np.ndarray) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    from batchscan.adapt import AdaptRequest, run_adaptation
+    from batchscan.site.adapt import AdaptRequest, run_adaptation
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="jobs/adapt_levers.py's working folder")

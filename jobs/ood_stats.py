@@ -6,7 +6,7 @@ Usage:
 
 ``jobs/train.py`` does this for every model it trains; this job adds the statistics to a
 model trained before they existed (the shipped one), without training again: it runs the
-same :func:`batchscan.training.write_ood_statistics` on the same train split, and leaves the
+same :func:`batchscan.site.training.write_ood_statistics` on the same train split, and leaves the
 model file (and so ``model_version``) untouched.
 """
 
@@ -16,8 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from batchscan.model import card_path_for, default_model_path, load_model
-from batchscan.training import default_npz_path, load_npz, write_ood_statistics
+from batchscan.scoring.model import card_path_for, default_model_path, load_model
+from batchscan.site.training import default_npz_path, load_npz, write_ood_statistics
 
 
 def main(argv: list[str] | None = None) -> int:

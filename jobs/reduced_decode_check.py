@@ -33,13 +33,13 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from batchscan.decoders import DEFAULT_MIN_EDGE
-from batchscan.header import StageOptions
-from batchscan.metrics import roc_auc
-from batchscan.model import load_model
-from batchscan.pipeline import model_input
+from batchscan.engines.pipeline import model_input
+from batchscan.ingest.decoders import DEFAULT_MIN_EDGE
+from batchscan.ingest.header import StageOptions
+from batchscan.scoring.model import load_model
+from batchscan.site.metrics import roc_auc
+from batchscan.site.training import default_npz_path
 from batchscan.synth import RadiographSpec, write_radiograph
-from batchscan.training import default_npz_path
 
 SYNTAXES = (
     ExplicitVRLittleEndian,
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         chosen = [s for s in SYNTAXES if not args.syntaxes or s in args.syntaxes.split(",")]
         # with the header's window (as CR/DX files carry) and without (percentile fallback):
-        # (JPEG 2000 then estimates the window sample from its band, see batchscan.sampling)
+        # (JPEG 2000 then estimates the window sample from its band, see batchscan.ingest.sampling)
         for syntax, window in product(chosen, ((2048.0, 4096.0), None)):
             paths = []
             for i, image in enumerate(images):

@@ -128,13 +128,13 @@ def screenshots(out: Path, studies: int) -> None:
 
 
 def cost(files: int, repeat: int) -> None:
-    from batchscan.aggregate import aggregate_studies
-    from batchscan.model import check_model, load_model
-    from batchscan.records import ImageRecord
-    from batchscan.report import write_images, write_studies
-    from batchscan.report_html import FIGURES_FILE, ReportInputs, write_report
-    from batchscan.saliency import Explainer
-    from batchscan.state import StateStore
+    from batchscan.ingest.records import ImageRecord
+    from batchscan.results.aggregate import aggregate_studies
+    from batchscan.results.report import write_images, write_studies
+    from batchscan.results.report_html import FIGURES_FILE, ReportInputs, write_report
+    from batchscan.results.saliency import Explainer
+    from batchscan.results.state import StateStore
+    from batchscan.scoring.model import check_model, load_model
 
     work = Path(tempfile.mkdtemp(prefix="batchscan-report-cost-"))
     archive = work / "archive"

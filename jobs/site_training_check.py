@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from batchscan.model import default_model_path
+from batchscan.scoring.model import default_model_path
 from batchscan.synth import write_labelled_studies, write_labels
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,11 +37,11 @@ from pathlib import Path
 import pydicom
 
 from batchscan.cli import main as batchscan
+from batchscan.engines.pipeline import default_workers
 from batchscan.pacs.send import Destination, send_outbox
 from batchscan.pacs.sr import STUDY_IMAGES_SQL, Algorithm, study_results
 from batchscan.pacs.write import write_srs
-from batchscan.pipeline import default_workers
-from batchscan.state import STATE_FILE, StateStore
+from batchscan.results.state import STATE_FILE, StateStore
 from batchscan.synth import write_demo_archive
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -25,11 +25,11 @@ import numpy as np
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
-from batchscan.decoders import DEFAULT_MIN_EDGE
-from batchscan.dicom import decode_pixels, normalize, read_dataset
-from batchscan.header import StageOptions, read_header
-from batchscan.preprocess import preprocess
-from batchscan.records import ImageRecord
+from batchscan.ingest.decoders import DEFAULT_MIN_EDGE
+from batchscan.ingest.dicom import decode_pixels, normalize, read_dataset
+from batchscan.ingest.header import StageOptions, read_header
+from batchscan.ingest.preprocess import preprocess
+from batchscan.ingest.records import ImageRecord
 
 DEFAULT_FILES = ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")
 

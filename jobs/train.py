@@ -5,7 +5,7 @@ Usage:
     python jobs/train.py [--data PATH.npz | --folder DIR] [--out batchscan/models/NAME.keras]
 
 The data default is $BATCHSCAN_DATA/pneumoniamnist_28_full.npz, with BATCHSCAN_DATA
-defaulting to ../shared/data. All logic lives in batchscan.training.
+defaulting to ../shared/data. All logic lives in batchscan.site.training.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from batchscan.training import (
+from batchscan.site.training import (
     TrainConfig,
     default_npz_path,
     load_folder,

@@ -36,9 +36,9 @@ import pandas as pd
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from batchscan import metrics
+from batchscan.site import metrics
+from batchscan.site.training import NPZ_NAME
 from batchscan.synth import write_labelled_studies, write_labels
-from batchscan.training import NPZ_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 

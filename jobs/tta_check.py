@@ -25,7 +25,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adapt_levers import UNTIL
 
-from batchscan import metrics
+from batchscan.site import metrics
 
 #: The augmentations: shifts of up to 2 pixels and zooms of up to 5 % (what the model's own
 #: training augmentation already shows it; no flips, no contrast change).
@@ -47,8 +47,8 @@ def augmented(x: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from batchscan.adapt import load_inputs, read_scan, scored_images, study_frame
-    from batchscan.model import load_model
+    from batchscan.scoring.model import load_model
+    from batchscan.site.adapt import load_inputs, read_scan, scored_images, study_frame
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 def _labels(report_dir: Path, images: pd.DataFrame) -> np.ndarray:
     """1 pneumonia, 0 normal from the scan's report labels (every simulated report is
     decided)."""
-    from batchscan.adapt import site_labels
+    from batchscan.site.adapt import site_labels
 
     labels, _ = site_labels(report_dir, None)
     return (images["accession_number"].map(labels) == "pneumonia").astype(int).to_numpy()

@@ -28,9 +28,9 @@ from pydicom.data import get_testdata_files
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from batchscan.dicom import display_image_of
-from batchscan.preprocess import SOURCE_SIZE
-from batchscan.sampling import resize
+from batchscan.ingest.dicom import display_image_of
+from batchscan.ingest.preprocess import SOURCE_SIZE
+from batchscan.ingest.sampling import resize
 
 
 def padded_ct(path: Path, n: int = 512, seed: int = 0) -> Path:

@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 from pydicom.data import get_testdata_file
 
-from batchscan.training import default_npz_path
+from batchscan.site.training import default_npz_path
 
 ROOT = Path(__file__).resolve().parents[1]
 NPZ = default_npz_path(ROOT)

@@ -13,9 +13,9 @@ import time
 
 import numpy as np
 
-from batchscan.header import StageOptions
-from batchscan.pipeline import prepare_record
-from batchscan.records import ImageRecord
+from batchscan.engines.pipeline import prepare_record
+from batchscan.ingest.header import StageOptions
+from batchscan.ingest.records import ImageRecord
 
 
 def faulty_prepare(record: ImageRecord, options: StageOptions) -> np.ndarray | None:

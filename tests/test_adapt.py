@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from batchscan import adapt
 from batchscan.cli import main
-from batchscan.evaluate import SHORTCUT_ATTRIBUTES
-from batchscan.model import check_model, load_model
+from batchscan.scoring.model import check_model, load_model
+from batchscan.site import adapt
+from batchscan.site.evaluate import SHORTCUT_ATTRIBUTES
 from batchscan.synth import write_reports
 from tests.conftest import ROOT, load_job
 from tests.test_input_store import Opened

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from batchscan.aggregate import aggregate_studies
+from batchscan.results.aggregate import aggregate_studies
 
 
 def _rows(*rows: tuple) -> pd.DataFrame:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from batchscan.dicom import decode_record
-from batchscan.discover import iter_files
-from batchscan.header import StageOptions, read_header
+from batchscan.ingest.dicom import decode_record
+from batchscan.ingest.discover import iter_files
+from batchscan.ingest.header import StageOptions, read_header
 from batchscan.synth import RadiographSpec, chest_phantom, write_radiograph
 from tests.conftest import real_file
 
@@ -78,7 +78,7 @@ def test_rust_codec_panic_is_a_decode_error(tmp_path: Path) -> None:
     ds.save_as(path)
     # the panic is caught and the next plugin tried: pydicom's own RLE decoder reads the
     # frame (warning about the padding), so the file is scored rather than lost
-    from batchscan.decoders.pydicom_plugins import decode
+    from batchscan.ingest.decoders.pydicom_plugins import decode
 
     assert decode(None, pydicom.dcmread(path), 0).decoder == "pydicom:pydicom"
     assert _run(tmp_path)["rle"] == ("scored", None)

@@ -10,10 +10,15 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian
 
-from batchscan.dicom import FALLBACK_PERCENTILES, decode_record, normalize, read_display_image
-from batchscan.header import StageOptions, read_header
-from batchscan.preprocess import preprocess
-from batchscan.records import ImageRecord
+from batchscan.ingest.dicom import (
+    FALLBACK_PERCENTILES,
+    decode_record,
+    normalize,
+    read_display_image,
+)
+from batchscan.ingest.header import StageOptions, read_header
+from batchscan.ingest.preprocess import preprocess
+from batchscan.ingest.records import ImageRecord
 from batchscan.synth import (
     LOSSLESS_SYNTAXES,
     LOSSY_SYNTAXES,

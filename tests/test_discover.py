@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from batchscan import discover
-from batchscan.discover import iter_files
+from batchscan.ingest import discover
+from batchscan.ingest.discover import iter_files
 
 
 def _by_path(root: Path) -> dict[str, tuple[str, str | None]]:

@@ -45,7 +45,7 @@ def test_readme_lists_every_reason_and_nothing_else() -> None:
 
 def test_readme_lists_every_labels_reason() -> None:
     """README's table of `batchscan labels` reasons is the code's list, with the code's labels."""
-    from batchscan.report_labels import REASONS
+    from batchscan.site.report_labels import REASONS
 
     text = (ROOT / "README.md").read_text()
     table = text[

@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 from pydicom.dataset import Dataset
 
-from batchscan.domain import Domain, age_group, judge
-from batchscan.header import patient_age_years
-from batchscan.model import check_model
-from batchscan.pipeline import ScanConfig
-from batchscan.records import ImageRecord
+from batchscan.engines.pipeline import ScanConfig
+from batchscan.ingest.domain import Domain, age_group, judge
+from batchscan.ingest.header import patient_age_years
+from batchscan.ingest.records import ImageRecord
 from batchscan.scan import run_scan
+from batchscan.scoring.model import check_model
 from batchscan.synth import RadiographSpec, build_dataset, chest_phantom, stored_values
 
 CARD_DOMAIN = Domain.from_card(check_model().card)
@@ -135,7 +135,7 @@ def test_scan_reports_age_and_domain(tmp_path: Path) -> None:
 
 
 def test_study_in_domain_rests_on_the_scored_images() -> None:
-    from batchscan.aggregate import aggregate_studies
+    from batchscan.results.aggregate import aggregate_studies
 
     columns = ["study_instance_uid", "status", "score", "view", "accession_number"]
     rows = [
@@ -156,7 +156,7 @@ def test_study_in_domain_rests_on_the_scored_images() -> None:
 def test_state_of_an_older_batchscan_gets_the_new_columns(tmp_path: Path) -> None:
     import sqlite3
 
-    from batchscan.state import RUN_COLUMNS, StateStore
+    from batchscan.results.state import RUN_COLUMNS, StateStore
 
     path = tmp_path / "state.sqlite"
     db = sqlite3.connect(path)

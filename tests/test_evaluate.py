@@ -12,17 +12,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from batchscan import metrics
 from batchscan.cli import main
-from batchscan.evaluate import (
+from batchscan.scoring.model import check_model
+from batchscan.site import metrics
+from batchscan.site.evaluate import (
     LabelsError,
     group_metrics,
     read_labels,
     summary,
     threshold_for_sensitivity,
 )
-from batchscan.metrics import roc_auc
-from batchscan.model import check_model
+from batchscan.site.metrics import roc_auc
 from batchscan.synth import write_demo_archive, write_labelled_studies, write_labels
 
 
@@ -168,7 +168,7 @@ def test_evaluate_reproduces_the_card_test_auc_through_dicom(
 
 
 def test_shortcut_checks_warn_when_the_view_predicts_the_labels() -> None:
-    from batchscan.evaluate import render_html, shortcut_checks
+    from batchscan.site.evaluate import render_html, shortcut_checks
 
     rng = np.random.default_rng(0)
     n = 400
@@ -228,7 +228,7 @@ def test_shortcut_warnings_need_evidence() -> None:
     """A figure from few studies, or from an attribute whose values each hold a handful of
     studies, is printed but does not warn (issue: "manufacturer alone predicts the labels
     at AUC 1.000" from 5 studies)."""
-    from batchscan.evaluate import shortcut_checks
+    from batchscan.site.evaluate import shortcut_checks
 
     few = pd.DataFrame(
         {"view": "PA", "modality": "CR", "manufacturer": list("ABCDE"),
@@ -257,7 +257,7 @@ def test_shortcut_warnings_need_evidence() -> None:
 
 
 def _shortcut_lines(result: dict) -> list[str]:
-    from batchscan.evaluate import summary as evaluate_summary
+    from batchscan.site.evaluate import summary as evaluate_summary
 
     full = {
         "report_dir": "r",

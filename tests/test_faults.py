@@ -11,10 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from batchscan import report
 from batchscan.cli import main
-from batchscan.pipeline import ScanConfig, prepare_record
-from batchscan.records import ImageRecord
+from batchscan.engines.pipeline import ScanConfig, prepare_record
+from batchscan.ingest.records import ImageRecord
+from batchscan.results import report
 from batchscan.scan import run_scan
 from batchscan.synth import RadiographSpec, chest_phantom, write_radiograph
 from tests.conftest import real_file
@@ -134,7 +134,7 @@ def test_hostile_archive_end_to_end(
     exit 0, every file accounted, the good files scored exactly as in the clean archive."""
     import pydicom
 
-    from batchscan import discover
+    from batchscan.ingest import discover
 
     clean_out = tmp_path / "clean"
     run_scan(ScanConfig(archive=clean_archive, out=clean_out, workers=2))
@@ -172,10 +172,10 @@ def test_hostile_archive_end_to_end(
 def test_workers_are_recycled_after_many_files(clean_archive: Path) -> None:
     """A fresh process every `recycle_after` files: codec memory leaks cannot pile up over a
     night of millions of files; nothing is lost or prepared twice on the way."""
-    from batchscan.discover import iter_files
-    from batchscan.pipeline import worker_context
-    from batchscan.records import chunks
-    from batchscan.workers import WorkerPool
+    from batchscan.engines.pipeline import worker_context
+    from batchscan.engines.workers import WorkerPool
+    from batchscan.ingest.discover import iter_files
+    from batchscan.ingest.records import chunks
 
     context = worker_context()
     options = ScanConfig(archive=clean_archive, out=clean_archive).stage_options

@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchscan.header import StageOptions
-from batchscan.pipeline import prepare_record, worker_context
-from batchscan.records import ImageRecord
-from batchscan.workers import WorkerPool
+from batchscan.engines.pipeline import prepare_record, worker_context
+from batchscan.engines.workers import WorkerPool
+from batchscan.ingest.header import StageOptions
+from batchscan.ingest.records import ImageRecord
 from tests.fuzz import mutations
 
 SEEDS = mutations.seed_files()

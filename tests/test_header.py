@@ -7,8 +7,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from batchscan.header import StageOptions, read_header
-from batchscan.records import ImageRecord
+from batchscan.ingest.header import StageOptions, read_header
+from batchscan.ingest.records import ImageRecord
 from batchscan.synth import RadiographSpec, chest_phantom, write_radiograph
 from tests.conftest import real_file
 
@@ -127,7 +127,7 @@ def test_raw_dataset_without_preamble_is_read(pydicom_test_files: Path) -> None:
 
 
 def test_study_dates_become_iso_or_nothing() -> None:
-    from batchscan.header import iso_date
+    from batchscan.ingest.header import iso_date
 
     assert iso_date("20260413") == "2026-04-13"
     assert iso_date("2026.04.13") == "2026-04-13"  # ACR-NEMA

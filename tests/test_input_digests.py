@@ -1,7 +1,7 @@
 """The model input of every test file is pinned to the declared input version.
 
-The input store (:mod:`batchscan.input_store`) keeps inputs under
-:data:`batchscan.preprocess.INPUT_VERSION`: a release that changes an input (a decoder, the
+The input store (:mod:`batchscan.scoring.input_store`) keeps inputs under
+:data:`batchscan.ingest.preprocess.INPUT_VERSION`: a release that changes an input (a decoder, the
 windowing, the preprocessing) without raising it would score stored inputs that a fresh
 read no longer gives. So this test recomputes the inputs of the demo archive's files and of
 pydicom's and pydicom-data's real files, at reduced and at full resolution, and compares
@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_file
 
-from batchscan.header import StageOptions
-from batchscan.input_store import decode, encode
-from batchscan.pipeline import model_input
-from batchscan.preprocess import INPUT_VERSION
+from batchscan.engines.pipeline import model_input
+from batchscan.ingest.header import StageOptions
+from batchscan.ingest.preprocess import INPUT_VERSION
+from batchscan.scoring.input_store import decode, encode
 from batchscan.synth import write_demo_archive
 
 DIGESTS = Path(__file__).parent / "data" / "input_digests.json"

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from batchscan import report_html
 from batchscan.cli import main
-from batchscan.input_store import LEVEL_BYTES, STORE_FILE, InputStore, decode, encode
+from batchscan.results import report_html
+from batchscan.scoring.input_store import LEVEL_BYTES, STORE_FILE, InputStore, decode, encode
 from tests.test_state import scan
 
 #: Paths opened while a test's hook listens (one process-wide audit hook; audit hooks

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batchscan.metrics import (
+from batchscan.site.metrics import (
     expected_calibration_error,
     fit_platt,
     roc_auc,
@@ -52,7 +52,7 @@ def test_ece_of_perfect_calibration_is_small() -> None:
 
 
 def test_attribute_auc_says_how_much_a_header_value_predicts() -> None:
-    from batchscan.metrics import attribute_auc
+    from batchscan.site.metrics import attribute_auc
 
     y = np.array([1, 1, 1, 0, 0, 0])
     assert attribute_auc(y, ["AP", "AP", "AP", "PA", "PA", "PA"]) == 1.0
@@ -64,7 +64,7 @@ def test_attribute_auc_says_how_much_a_header_value_predicts() -> None:
 
 
 def test_within_stratum_auc_pools_pairs_of_the_same_stratum() -> None:
-    from batchscan.metrics import within_stratum_auc
+    from batchscan.site.metrics import within_stratum_auc
 
     # a "model" that scores the view: perfect overall, chance within each view
     view = np.array(["AP"] * 4 + ["PA"] * 4)

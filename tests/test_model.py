@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batchscan.model import (
+from batchscan.ingest.preprocess import PREPROCESSING_SPEC
+from batchscan.scoring.model import (
     ModelError,
     default_model_path,
     load_model,
     read_card,
     sha256_of,
 )
-from batchscan.preprocess import PREPROCESSING_SPEC
 
 
 def test_shipped_card_matches_shipped_file() -> None:
@@ -80,8 +80,8 @@ def test_refuses_file_that_does_not_match_its_card(tmp_path: Path) -> None:
 
 @pytest.mark.shared_data
 def test_shipped_model_reproduces_card_test_auc(npz_path: Path) -> None:
-    from batchscan.metrics import roc_auc
-    from batchscan.preprocess import preprocess_many
+    from batchscan.ingest.preprocess import preprocess_many
+    from batchscan.site.metrics import roc_auc
 
     loaded = load_model()
     with np.load(npz_path) as data:

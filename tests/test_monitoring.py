@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from batchscan import monitoring
 from batchscan.cli import main
+from batchscan.site import monitoring
 from batchscan.synth import DEMO_REPORTS, chest_phantom, write_labelled_studies, write_reports
 from tests.test_input_store import Opened
 

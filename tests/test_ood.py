@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from batchscan import ood
-from batchscan.model import ModelError, check_model, default_model_path
-from batchscan.pipeline import ScanConfig
+from batchscan.engines.pipeline import ScanConfig
 from batchscan.scan import run_scan
+from batchscan.scoring import ood
+from batchscan.scoring.model import ModelError, check_model, default_model_path
 from batchscan.synth import RadiographSpec, chest_phantom, write_radiograph
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batchscan.preprocess import (
+from batchscan.ingest.preprocess import (
     PREPROCESSING_SPEC,
     preprocess,
     preprocess_many,
     spec_is_supported,
     to_source,
 )
-from batchscan.sampling import centre_square
+from batchscan.ingest.sampling import centre_square
 
 
 def test_output_is_model_input() -> None:

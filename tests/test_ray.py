@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from batchscan.cli import main
-from batchscan.pipeline import ScanConfig
+from batchscan.engines.pipeline import ScanConfig
 from batchscan.scan import run_scan
 from batchscan.synth import write_demo_archive
 from tests.faults import faulty_prepare
@@ -121,7 +121,7 @@ def test_a_window_failing_half_way_is_submitted_again_for_what_did_not_come_back
     again only the records that have not come back, so every file has exactly one row."""
     import ray
 
-    from batchscan import ray_engine
+    from batchscan.engines import ray_engine
 
     real, calls = ray_engine._window, []
 
@@ -162,7 +162,7 @@ def test_a_window_failing_half_way_is_submitted_again_for_what_did_not_come_back
 def test_preflight_refuses_a_node_that_cannot_read_the_archive(local_ray, tmp_path: Path) -> None:
     """Every node with CPUs must see the archive at the same path (checked before any file is
     read); here the one node is asked about a path it does not have."""
-    from batchscan.ray_engine import ClusterError, preflight
+    from batchscan.engines.ray_engine import ClusterError, preflight
 
     assert preflight(tmp_path) == 1  # one node with CPUs, same releases, sees the folder
     with pytest.raises(ClusterError, match=r"cannot read the archive at .*same path"):

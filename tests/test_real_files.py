@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from batchscan.dicom import decode_record
-from batchscan.discover import iter_files
-from batchscan.header import StageOptions, read_header
-from batchscan.preprocess import preprocess
+from batchscan.ingest.dicom import decode_record
+from batchscan.ingest.discover import iter_files
+from batchscan.ingest.header import StageOptions, read_header
+from batchscan.ingest.preprocess import preprocess
 
 
 def _ingest(root: Path, options: StageOptions) -> list:

@@ -27,11 +27,11 @@ from pydicom.uid import (
     JPEGLosslessSV1,
 )
 
-from batchscan.dicom import read_display_image
-from batchscan.discover import iter_files
-from batchscan.header import StageOptions
-from batchscan.pipeline import ScanConfig, prepare_record
-from batchscan.records import ImageRecord
+from batchscan.engines.pipeline import ScanConfig, prepare_record
+from batchscan.ingest.dicom import read_display_image
+from batchscan.ingest.discover import iter_files
+from batchscan.ingest.header import StageOptions
+from batchscan.ingest.records import ImageRecord
 from batchscan.scan import run_scan
 from batchscan.synth import RadiographSpec, build_dataset, chest_phantom, stored_values
 
@@ -127,7 +127,7 @@ def _lossless(path: Path, pixels: np.ndarray = PIXELS, bits: int = 12) -> Path:
 def test_lossless_jpeg_by_libjpeg_turbo_equals_pydicom(
     tmp_path: Path, precision: int, stored: int
 ) -> None:
-    from batchscan.decoders import first_frame, pydicom_plugins, turbo
+    from batchscan.ingest.decoders import first_frame, pydicom_plugins, turbo
 
     pixels = (PIXELS.astype(np.uint32) << (precision - 12)).astype(np.uint16)
     frame = imagecodecs.jpeg8_encode(pixels, lossless=True, predictor=1, bitspersample=precision)
@@ -145,7 +145,7 @@ def test_lossless_jpeg_by_libjpeg_turbo_equals_pydicom(
 @pytest.mark.parametrize("name", ["JPEG-LL.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm"])
 def test_lossless_jpeg_real_files_equal_pydicom(name: str) -> None:
     """pydicom's own JPEG lossless files (16-bit signed process 14, 8-bit SV1)."""
-    from batchscan.decoders import decode_frame, first_frame, pydicom_plugins, turbo
+    from batchscan.ingest.decoders import decode_frame, first_frame, pydicom_plugins, turbo
     from tests.conftest import real_file
 
     ds = pydicom.dcmread(real_file(name))

@@ -8,12 +8,18 @@ import numpy as np
 import pytest
 from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
 
-from batchscan.decoders import DEFAULT_MIN_EDGE, box_reduce, jpeg2000, reduction_level
-from batchscan.dicom import decode_pixels, read_dataset
-from batchscan.header import StageOptions
-from batchscan.model import load_model
-from batchscan.pipeline import model_input
-from batchscan.sampling import IRREVERSIBLE_9_7, REVERSIBLE_5_3, Box, WaveletBand, apply_steps
+from batchscan.engines.pipeline import model_input
+from batchscan.ingest.decoders import DEFAULT_MIN_EDGE, box_reduce, jpeg2000, reduction_level
+from batchscan.ingest.dicom import decode_pixels, read_dataset
+from batchscan.ingest.header import StageOptions
+from batchscan.ingest.sampling import (
+    IRREVERSIBLE_9_7,
+    REVERSIBLE_5_3,
+    Box,
+    WaveletBand,
+    apply_steps,
+)
+from batchscan.scoring.model import load_model
 from batchscan.synth import RadiographSpec, chest_phantom, write_radiograph
 from tests.conftest import real_file
 
@@ -74,7 +80,7 @@ def test_jpeg2000_band_is_what_its_sampling_says(tmp_path: Path, syntax) -> None
     )
     ds = read_dataset(str(path))
     full = ds.pixel_array.astype(np.float64)
-    from batchscan.decoders import first_frame
+    from batchscan.ingest.decoders import first_frame
 
     for asked, used in ((1, 1), (2, 2), (3, 3)):  # >= 224 px short edge: one level at least
         band, level, sampling, _ = jpeg2000.decode(first_frame(ds), ds, asked)
@@ -132,7 +138,7 @@ def test_jpeg2000_drops_three_levels_and_scores_agree(tmp_path: Path, model, syn
     """A 2048 px file is decoded as its 256 px band (three levels, 8x the 28 px picture)
     whether its window comes from the header or from the pixels, and scores agree with the
     full decode within 0.005 either way (the picture and the fallback window's sample are
-    estimated from the band, see batchscan.sampling)."""
+    estimated from the band, see batchscan.ingest.sampling)."""
     picture = chest_phantom(2048, seed=7, opacity=0.6)
     paths = []
     for name, window in (("windowed", (2048.0, 4096.0)), ("percentile", None)):

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from batchscan.cli import main
-from batchscan.report_html import FIGURES_FILE
+from batchscan.results.report_html import FIGURES_FILE
 from batchscan.synth import write_demo_archive
 
 SECTIONS = (

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from batchscan.cli import build_parser, main
-from batchscan.evaluate import LabelsError, read_labels
-from batchscan.report_labels import (
+from batchscan.site.evaluate import LabelsError, read_labels
+from batchscan.site.report_labels import (
     REASONS,
     ReportLabeler,
     ReportsError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batchscan.saliency import Explainer, data_uri, display_square, mass_in, overlay
+from batchscan.results.saliency import Explainer, data_uri, display_square, mass_in, overlay
 
 #: The only region where the toy data's label can be read: a 16 x 16 square at the top right.
 REGION = (slice(8, 24), slice(40, 56))
@@ -33,7 +33,7 @@ def toy_model():
     """The seed architecture, trained a little on data whose evidence is REGION only."""
     import keras
 
-    from batchscan.model import build_seed_model
+    from batchscan.scoring.model import build_seed_model
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -61,8 +61,8 @@ def test_the_map_lies_where_the_only_evidence_is(toy_model) -> None:
 
 
 def test_the_shipped_model_gives_a_map_of_the_input_size() -> None:
-    from batchscan.model import load_model
-    from batchscan.preprocess import preprocess
+    from batchscan.ingest.preprocess import preprocess
+    from batchscan.scoring.model import load_model
     from batchscan.synth import chest_phantom
 
     explainer = Explainer(load_model().keras_model)

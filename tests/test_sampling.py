@@ -1,4 +1,5 @@
-"""batchscan.sampling: what reduced samples are, and full-resolution views estimated from them."""
+"""batchscan.ingest.sampling: what reduced samples are, and full-resolution views estimated
+from them."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batchscan.preprocess import preprocess
-from batchscan.sampling import (
+from batchscan.ingest.preprocess import preprocess
+from batchscan.ingest.sampling import (
     IRREVERSIBLE_9_7,
     REVERSIBLE_5_3,
     Box,

@@ -8,12 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from batchscan.header import StageOptions
-from batchscan.model import check_model
-from batchscan.pipeline import ScanConfig, prepare_record
-from batchscan.preprocess import preprocess
-from batchscan.records import ImageRecord
-from batchscan.sanity import (
+from batchscan.engines.pipeline import ScanConfig, prepare_record
+from batchscan.ingest.header import StageOptions
+from batchscan.ingest.preprocess import preprocess
+from batchscan.ingest.records import ImageRecord
+from batchscan.ingest.sanity import (
     BLANK_RULE,
     MAX_CONSTANT_SPREAD,
     MIN_STRUCTURE,
@@ -23,8 +22,9 @@ from batchscan.sanity import (
     passes,
 )
 from batchscan.scan import run_scan
+from batchscan.scoring.model import check_model
+from batchscan.site.training import sanity_bound
 from batchscan.synth import RadiographSpec, build_dataset, chest_phantom, write_radiograph
-from batchscan.training import sanity_bound
 from tests.conftest import load_job, real_file
 
 
@@ -97,7 +97,7 @@ def test_a_trained_model_gets_the_same_rule() -> None:
 
 
 def test_real_films_of_pydicom_data_are_not_blank(pydicom_data_files: Path) -> None:
-    from batchscan.header import read_header
+    from batchscan.ingest.header import read_header
 
     for name in ("RG1_UNCR.dcm", "RG1_J2KR.dcm"):
         record = ImageRecord(path=name, abs_path=str(real_file(name)))

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchscan.cli import main
-from batchscan.header import StageOptions
-from batchscan.model import load_model
-from batchscan.pipeline import model_input
-from batchscan.runlock import report_dir_lock
+from batchscan.engines.pipeline import model_input
+from batchscan.ingest.header import StageOptions
+from batchscan.results.runlock import report_dir_lock
+from batchscan.scoring.model import load_model
 from batchscan.synth import write_demo_archive
 
 EXPECTED = {  # demo archive, default mode: per study one frontal scored, the lateral skipped
@@ -230,9 +230,9 @@ def test_locked_report_dir_exits_3(tmp_path: Path, demo: Path, capsys) -> None:
 def test_workers_never_import_tensorflow(demo: Path) -> None:
     code = (
         "import sys\n"
-        "from batchscan.discover import iter_files\n"
-        "from batchscan.header import StageOptions\n"
-        "from batchscan.pipeline import prepare_batch\n"
+        "from batchscan.ingest.discover import iter_files\n"
+        "from batchscan.ingest.header import StageOptions\n"
+        "from batchscan.engines.pipeline import prepare_batch\n"
         f"batch = prepare_batch(list(iter_files({str(demo)!r})), StageOptions())\n"
         "assert len(batch.inputs) == 6, len(batch.inputs)\n"
         "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n"

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from batchscan.cli import main
-from batchscan.discover import iter_files
-from batchscan.evaluate import read_labels
-from batchscan.site_training import (
+from batchscan.ingest.discover import iter_files
+from batchscan.site.evaluate import read_labels
+from batchscan.site.site_training import (
     Examples,
     archive_fingerprint,
     balance_weights,

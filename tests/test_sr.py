@@ -29,7 +29,7 @@ from batchscan.pacs.sr import (
     sr_instance_uid,
 )
 from batchscan.pacs.write import encode_sr, write_srs
-from batchscan.state import STATE_FILE, StateStore
+from batchscan.results.state import STATE_FILE, StateStore
 from tests.conftest import real_file
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from batchscan.cli import main
-from batchscan.model import default_model_path
+from batchscan.scoring.model import default_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def test_duplicate_sop_instance_is_scored_once(archive: Path, tmp_path: Path) ->
 def _slow_scan(archive: Path, out: Path) -> subprocess.Popen:
     code = (
         f"import sys; from pathlib import Path; sys.path.insert(0, {str(ROOT)!r});"
-        "from batchscan.pipeline import ScanConfig; from batchscan.scan import run_scan;"
+        "from batchscan.engines.pipeline import ScanConfig; from batchscan.scan import run_scan;"
         "from tests.faults import slow_prepare;"
         f"run_scan(ScanConfig(archive=Path({str(archive)!r}), out=Path({str(out)!r}), workers=1,"
         " files_per_task=1, batch_size=2, checkpoint_seconds=0.1, prepare=slow_prepare))"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batchscan.model import load_model
+from batchscan.scoring.model import load_model
 from batchscan.synth import RadiographSpec, chest_phantom, write_radiograph
 from tests.conftest import load_job
 
@@ -78,7 +78,7 @@ def test_missing_data_is_a_usage_error(tmp_path: Path) -> None:
 def test_erase_borders_paints_edge_bands_and_leaves_the_middle() -> None:
     import tensorflow as tf
 
-    from batchscan.training import BORDER_BAND, erase_borders
+    from batchscan.site.training import BORDER_BAND, erase_borders
 
     tf.random.set_seed(3)
     x = np.random.default_rng(0).random((16, 64, 64, 3)).astype(np.float32)
@@ -98,9 +98,9 @@ def test_simsiam_pretraining_moves_the_backbone_and_its_cache_round_trips(
 ) -> None:
     import pandas as pd
 
-    from batchscan.adapt import load_pretrained, pretrain_key, save_pretrained
-    from batchscan.preprocess import preprocess_many
-    from batchscan.pretrain import BACKBONE_LAYERS, pretrain, with_backbone
+    from batchscan.ingest.preprocess import preprocess_many
+    from batchscan.site.adapt import load_pretrained, pretrain_key, save_pretrained
+    from batchscan.site.pretrain import BACKBONE_LAYERS, pretrain, with_backbone
 
     base = load_model().keras_model
     pictures = [chest_phantom(64, seed=i, opacity=0.6 * (i % 2)) for i in range(300)]

@@ -2,7 +2,7 @@
 delivery to the hospital's PACS.
 
 The last stage of the flow. It reads what the earlier stages left in the state
-(:mod:`batchscan.state`: study and image rows) and, for the SR's patient and study modules,
+(:mod:`batchscan.results.state`: study and image rows) and, for the SR's patient and study modules,
 the headers of the scored source files themselves (the state holds no patient identity);
 nothing earlier in the flow imports it.
 
@@ -16,4 +16,7 @@ nothing earlier in the flow imports it.
 An SR is the one output of batchscan that carries the patient's identity (the PACS files
 it into the patient's study by it): it is written 0640 outside the archive, and no
 identifying value ever reaches a log or an error message.
+
+May import: every part of the flow before it (ingest, scoring, engines, results, site);
+highdicom and pynetdicom.
 """

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from batchscan.paths import make_private, sqlite_files
+from batchscan.ingest.paths import make_private, sqlite_files
 
 OUTBOX_FILE: Final = "outbox.sqlite"
 SCHEMA_VERSION: Final = 1

@@ -47,8 +47,8 @@ from pynetdicom.sop_class import ComprehensiveSRStorage  # type: ignore[attr-def
 from pynetdicom.status import code_to_category
 
 from batchscan import __version__
+from batchscan.ingest.records import INTERPRETER_EXITS
 from batchscan.pacs.outbox import Outbox, Pending
-from batchscan.records import INTERPRETER_EXITS
 
 #: batchscan's own AE title when ``--calling-aet`` is not given.
 DEFAULT_CALLING_AET: Final = "BATCHSCAN"

@@ -47,8 +47,8 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, TM
 
 from batchscan import __version__
-from batchscan.paths import from_state, open_binary, stat
-from batchscan.records import INTERPRETER_EXITS
+from batchscan.ingest.paths import from_state, open_binary, stat
+from batchscan.ingest.records import INTERPRETER_EXITS
 
 # highdicom logs a patient name it finds odd, quoting it ("value of argument patient_name is
 # potentially invalid: ..."): no patient value may reach batchscan's log, which cron mails

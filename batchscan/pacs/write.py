@@ -8,7 +8,7 @@ headers of the scored files of the studies that need a new SR:
    (nothing read, nothing written);
 3. otherwise read the scored files' headers (pixels never), build the SR, write it
    atomically (a hidden temporary file, fsync, rename; 0640 under
-   :func:`batchscan.paths.private_files`) and record it in the ledger;
+   :func:`batchscan.ingest.paths.private_files`) and record it in the ledger;
 4. name the studies that had an SR and have no scored image any more.
 
 A study whose headers cannot serve (a file changed or vanished since it was scored, or a
@@ -33,6 +33,8 @@ from typing import Any, Final
 
 from pydicom import dcmwrite
 
+from batchscan.engines.pipeline import worker_context
+from batchscan.ingest.records import INTERPRETER_EXITS
 from batchscan.pacs.outbox import Outbox
 from batchscan.pacs.sr import (
     STUDY_IMAGES_SQL,
@@ -46,10 +48,8 @@ from batchscan.pacs.sr import (
     sr_instance_uid,
     study_results,
 )
-from batchscan.pipeline import worker_context
-from batchscan.records import INTERPRETER_EXITS
-from batchscan.report import publish, temporary_path
-from batchscan.state import StateStore
+from batchscan.results.report import publish, temporary_path
+from batchscan.results.state import StateStore
 
 log = logging.getLogger("batchscan")
 
@@ -211,7 +211,7 @@ def write_srs(
 ) -> SrOutcome:
     """Write the SRs of every scored study whose content has no SR yet.
 
-    Call with :func:`batchscan.paths.private_files` in force (the SRs are 0640).
+    Call with :func:`batchscan.ingest.paths.private_files` in force (the SRs are 0640).
 
     Parameters
     ----------

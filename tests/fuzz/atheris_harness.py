@@ -21,9 +21,9 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports(include=["batchscan", "pydicom"]):
-    from batchscan.header import StageOptions
-    from batchscan.pipeline import prepare_record
-    from batchscan.records import ImageRecord
+    from batchscan.engines.pipeline import prepare_record
+    from batchscan.ingest.header import StageOptions
+    from batchscan.ingest.records import ImageRecord
 
 #: Every input goes through full-resolution decoding and through the reduced-resolution
 #: decoders (the 48 px seeds reach those with a 12 px minimum edge).

@@ -1,0 +1,641 @@
+"""``report.html``: what a run found, for the people who look rather than read tables.
+
+Written at the end of every run beside the Parquet reports (and atomically, like them), and
+again on demand by ``batchscan report REPORT_DIR``, from the incremental state alone. One
+self-contained file (inline SVG charts and PNG thumbnails, no script, no outside URL), so it
+opens from a file share on a workstation with no network.
+
+It must stay fast and small on a state of ten million files, so:
+
+* every figure is an aggregate computed in SQL by the state database (counts by bin, by
+  week, by device), never a table loaded into Python; accounting comes from the manifest,
+  which the run has just counted;
+* images are shown only for a bounded few (the top flagged studies, a random quality-control
+  sample found by one early-stopping pass), and their pictures are made again from the
+  archive at the end, through the scan's own stages
+  (:func:`batchscan.engines.pipeline.model_input`):
+  the 64 x 64 model input, at model-input size, where no burned-in text is legible;
+* the images of the top flagged studies also get a map of where their score came from
+  (:mod:`batchscan.results.saliency`), drawn over the display picture at 256 px. Only those pay for
+  it, and once: the figures are kept in ``report_figures.json`` beside the page, keyed by
+  file, size, mtime, model and decode settings, so a nightly run with nothing new neither
+  decodes them again nor loads the model (TensorFlow) to draw them.
+
+No patient name, ID, birth date or free text is shown: the same columns as the reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import pandas as pd
+
+from batchscan.engines.pipeline import model_input
+from batchscan.ingest.paths import from_state, readable
+from batchscan.results import plots
+from batchscan.results.report import period_label
+from batchscan.results.saliency import (
+    Explainer,
+    explain_file,
+    input_picture,
+    run_explainer,
+    shown_options,
+)
+from batchscan.results.state import StateStore
+
+REPORT_FILE: Final = "report.html"
+#: The explained figures of the last page, reused while their files and model are the same.
+FIGURES_FILE: Final = "report_figures.json"
+#: Score bins of the histograms.
+BINS: Final = 20
+#: Flagged studies shown with their pictures, and images per study at most.
+TOP_STUDIES: Final = 12
+IMAGES_PER_STUDY: Final = 3
+#: Images of the random quality-control sheet.
+SAMPLE_IMAGES: Final = 24
+#: Devices and model versions drawn (the most frequent), weeks and runs shown.
+TOP_GROUPS: Final = 8
+WEEKS: Final = 52
+RUNS: Final = 30
+#: Discrepancies listed on the page (all are in discrepancies.csv).
+TOP_DISCREPANCIES: Final = 25
+
+_BIN_SQL: Final = f"MIN(CAST(score * {BINS} AS INTEGER), {BINS - 1})"
+
+
+@dataclass(frozen=True, slots=True)
+class ReportInputs:
+    """What the page is made from besides the state.
+
+    Attributes
+    ----------
+    out_dir:
+        REPORT_DIR.
+    manifest:
+        The latest run's manifest (counts, arguments, model).
+    card:
+        The model card, or None when the model file is no longer where the run found it.
+    archive:
+        The archive folder, to make the thumbnails again; None shows none.
+    explainer:
+        Makes the :class:`batchscan.results.saliency.Explainer` of the run's model, called at most
+        once and only when a figure is not in the cache (the scan hands over the model it
+        has loaded); None draws no maps.
+    performance, discrepancies:
+        The monitoring frames of this run (:mod:`batchscan.site.monitoring`); None reads the
+        last ones published in REPORT_DIR, if any.
+    stored_input:
+        The model input of a file (by its stored path) from the input store, or None when
+        the store does not hold it; the quality-control thumbnails come from there rather
+        than from the archive. None reads every thumbnail from the archive.
+    """
+
+    out_dir: Path
+    manifest: dict[str, Any]
+    card: dict[str, Any] | None
+    archive: Path | None
+    explainer: Callable[[], Explainer | None] | None = None
+    performance: pd.DataFrame | None = None
+    discrepancies: pd.DataFrame | None = None
+    stored_input: Callable[[Any], np.ndarray | None] | None = None
+
+
+def _figure(inputs: ReportInputs, stored_path: Any, caption: str) -> str:
+    """One thumbnail with its caption; a plain caption when the picture cannot be made."""
+    thumbnail = None
+    stored = inputs.stored_input(stored_path) if inputs.stored_input is not None else None
+    if stored is not None:
+        thumbnail = input_picture(stored)
+    elif inputs.archive is not None:
+        try:
+            path = os.path.join(os.fspath(inputs.archive), from_state(stored_path))
+            thumbnail = input_picture(model_input(path, shown_options(inputs.manifest)))
+        except Exception:  # moved, changed or gone since the scan: the page goes on
+            pass
+    return plots.figure(caption, thumbnail)
+
+
+@dataclass(slots=True)
+class _Figures:
+    """The explained figures of one page: made once per file and model, kept between pages
+    in :data:`FIGURES_FILE`."""
+
+    inputs: ReportInputs
+    cached: dict[str, list[str | None]]
+    used: dict[str, list[str | None]] = field(default_factory=dict)
+    _explainer: Any = None
+    _asked: bool = False
+
+    @classmethod
+    def load(cls, inputs: ReportInputs) -> _Figures:
+        try:
+            cached = json.loads((inputs.out_dir / FIGURES_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            cached = {}
+        return cls(inputs, cached if isinstance(cached, dict) else {})
+
+    def explainer(self) -> Explainer | None:
+        if not self._asked:
+            self._asked = True
+            try:
+                factory = self.inputs.explainer
+                self._explainer = factory() if factory is not None else None
+            except Exception:  # no model to explain with: the pictures without maps
+                self._explainer = None
+        return self._explainer
+
+    def figure(self, stored_path: Any, caption: str) -> str:
+        """The map over the display picture and the model input of one image, with its
+        caption; the model input alone, or a plain caption, when that is all there is."""
+        inputs = self.inputs
+        if inputs.archive is None:
+            return _figure(inputs, stored_path, caption)
+        path = os.path.join(os.fspath(inputs.archive), from_state(stored_path))
+        try:
+            info = os.stat(path)
+        except OSError:
+            return _figure(inputs, stored_path, caption)
+        arguments = inputs.manifest.get("arguments", {})
+        key = hashlib.sha256(
+            json.dumps(
+                [
+                    readable(str(stored_path)),
+                    info.st_size,
+                    info.st_mtime_ns,
+                    inputs.manifest.get("model", {}).get("version"),
+                    arguments.get("min_edge"),
+                    arguments.get("max_pixel_bytes"),
+                ]
+            ).encode()
+        ).hexdigest()
+        entry = self.cached.get(key)
+        if entry is None or (entry[0] is None and inputs.explainer is not None):
+            try:
+                made = explain_file(path, shown_options(inputs.manifest), self.explainer())
+            except Exception:  # moved, changed or gone since the scan: the page goes on
+                return _figure(inputs, stored_path, caption)
+            entry = [made.overlay, made.model_input]
+        self.used[key] = entry
+        return plots.figure(caption, entry[1], entry[0])
+
+    def save(self) -> None:
+        """Keep the figures of this page (only those) for the next one, atomically."""
+        target = self.inputs.out_dir / FIGURES_FILE
+        temporary = target.with_name(f".{FIGURES_FILE}.tmp")
+        try:
+            temporary.write_text(json.dumps(self.used), encoding="utf-8")
+            os.replace(temporary, target)
+        except OSError:  # a cache: the page does not depend on it
+            temporary.unlink(missing_ok=True)
+
+
+def _histograms(state: StateStore, column: str) -> dict[str, list[int]]:
+    counts: dict[str, list[int]] = defaultdict(lambda: [0] * BINS)
+    for value, bin_, n in state.query(
+        f"SELECT {column}, {_BIN_SQL} AS b, COUNT(*) FROM studies GROUP BY 1, 2"
+    ):
+        name = {None: "unknown", 0: "false", 1: "true"}.get(value, str(value))
+        counts[name][int(bin_)] += int(n)
+    return dict(sorted(counts.items()))
+
+
+def _top_groups(state: StateStore, expression: str) -> tuple[list[list[object]], dict]:
+    """Per group (device, model version): n, mean score, flagged share, histogram; the
+    most frequent :data:`TOP_GROUPS` only."""
+    totals = state.query(
+        f"SELECT {expression} AS g, COUNT(*), AVG(score), AVG(flag) FROM studies "
+        f"GROUP BY g ORDER BY 2 DESC, 1 LIMIT {TOP_GROUPS}"
+    )
+    names = [row[0] for row in totals]
+    marks = ",".join("?" * len(names))
+    counts: dict[str, list[int]] = {str(n): [0] * BINS for n in names}
+    if names:
+        for name, bin_, n in state.query(
+            f"SELECT {expression} AS g, {_BIN_SQL}, COUNT(*) FROM studies "
+            f"WHERE {expression} IN ({marks}) GROUP BY 1, 2",
+            tuple(names),
+        ):
+            counts[str(name)][int(bin_)] += int(n)
+    rows = [[str(g), int(n), float(mean), float(flagged)] for g, n, mean, flagged in totals]
+    return rows, counts
+
+
+def _section_runs(state: StateStore) -> str:
+    runs = state.query(
+        "SELECT run_id, replace(substr(started_at, 1, 16), 'T', ' '), outcome, files_found, "
+        "files_processed, scored, skipped, "
+        "failed, studies, studies_flagged, images_per_second, seconds, model_version "
+        f"FROM runs ORDER BY seq DESC LIMIT {RUNS}"
+    )
+    history = plots.table(
+        [
+            "run",
+            "started",
+            "outcome",
+            "files",
+            "read",
+            "scored",
+            "skipped",
+            "failed",
+            "studies",
+            "flagged",
+            "images/s",
+            "seconds",
+            "model",
+        ],
+        runs,
+    )
+    done = [r for r in reversed(runs) if r[2] == "ok" and r[8]]
+    chart = ""
+    if len(done) > 1:
+        series: dict[str, list[float | None]] = defaultdict(lambda: [None] * len(done))
+        for i, run in enumerate(done):
+            series[str(run[12])][i] = run[9] / run[8]
+        chart = plots.lines_svg(
+            [str(r[1]) for r in done],
+            series,
+            "Share of studies flagged after each run, by model version",
+            "flagged share",
+        )
+    return (
+        f"<h2>Run history</h2><div class='small'>{history}</div>"
+        f"<p class='note'>The last {RUNS} runs at most, newest first (times UTC).</p>"
+        f"<div class='charts'>{chart}</div>"
+    )
+
+
+def _section_accounting(manifest: dict[str, Any]) -> str:
+    status = manifest["counts_by_status"]
+    reasons = sorted(manifest["counts_by_reason"].items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = reasons[:30]
+    rest = sum(n for _, n in reasons[30:])
+    rows = [[reason, n] for reason, n in shown] + ([["(other reasons)", rest]] if rest else [])
+    return (
+        "<h2>Accounting: every file found</h2>"
+        + plots.table(["status", "files"], [[k, v] for k, v in status.items()])
+        + plots.table(["reason (skipped or failed)", "files"], rows)
+        + "<p class='note'>Every reason is explained in README's reasons table.</p>"
+    )
+
+
+def _section_scores(state: StateStore, threshold: float) -> str:
+    edges = np.linspace(0.0, 1.0, BINS + 1)
+    charts = [
+        plots.binned_svg(
+            _histograms(state, "in_domain"), edges, threshold, "Study scores by in_domain"
+        ),
+        plots.binned_svg(
+            _histograms(state, "age_group"), edges, threshold, "Study scores by age group"
+        ),
+    ]
+    return (
+        "<h2>Scores</h2><p class='note'>A score outside the model's training domain "
+        "(<code>in_domain</code> false) says nothing about that patient until the model is "
+        "measured on the site's own labels (<code>batchscan evaluate</code>).</p>"
+        f"<div class='charts'>{''.join(charts)}</div>"
+    )
+
+
+def _section_weeks(state: StateStore) -> str:
+    weeks = state.query(
+        "SELECT date(study_date, '-6 days', 'weekday 1') AS week, COUNT(*), SUM(flag) "
+        f"FROM studies WHERE study_date IS NOT NULL GROUP BY week ORDER BY week DESC "
+        f"LIMIT {WEEKS}"
+    )[::-1]
+    undated = state.query("SELECT COUNT(*) FROM studies WHERE study_date IS NULL")[0][0]
+    if not weeks:
+        return f"<h2>Studies per week</h2><p>No study has a study date ({undated} undated).</p>"
+    chart = plots.bars_svg(
+        [str(w[0]) for w in weeks],
+        {"scored": [w[1] for w in weeks], "flagged": [w[2] or 0 for w in weeks]},
+        "Studies scored and flagged per week of study date (week starting Monday)",
+        "studies",
+    )
+    return (
+        f"<h2>Studies per week</h2><div class='charts'>{chart}</div>"
+        f"<p class='note'>Last {WEEKS} weeks with studies at most; {undated} studies have no "
+        "valid study date.</p>"
+    )
+
+
+def _section_groups(state: StateStore, threshold: float) -> str:
+    edges = np.linspace(0.0, 1.0, BINS + 1)
+    device = "COALESCE(manufacturer, 'unknown') || ' / ' || COALESCE(manufacturer_model, '?')"
+    parts = ["<h2>Drift: scores by device and by model version</h2>"]
+    for title, expression in (("device", device), ("model version", "model_version")):
+        rows, counts = _top_groups(state, expression)
+        parts.append(f"<h3>By {title}</h3>")
+        parts.append(plots.table([title, "studies", "mean score", "flagged share"], rows))
+        chart = plots.binned_svg(
+            counts, edges, threshold, f"Study scores by {title} (share)", normalize=True
+        )
+        parts.append(f"<div class='charts'>{chart}</div>")
+    parts.append(
+        f"<p class='note'>The {TOP_GROUPS} most frequent of each. A device or model whose "
+        "curve stands apart from the others scores its studies differently: look before "
+        "trusting its flags.</p>"
+    )
+    return "".join(parts)
+
+
+def _section_flagged(state: StateStore, inputs: ReportInputs, figures: _Figures) -> str:
+    top = state.query(
+        "SELECT study_instance_uid, accession_number, study_date, score, views, in_domain "
+        f"FROM studies WHERE flag = 1 ORDER BY score DESC, study_instance_uid LIMIT {TOP_STUDIES}"
+    )
+    if not top:
+        return "<h2>Top flagged studies</h2><p>No study is flagged.</p>"
+    rows = [
+        [
+            acc or "",
+            date or "",
+            score,
+            views or "",
+            {None: "?", 0: "no", 1: "yes"}[dom],
+        ]
+        for _, acc, date, score, views, dom in top
+    ]
+    sheet = []
+    for uid, acc, *_ in top:
+        images = state.query(
+            "SELECT path, score, view FROM files WHERE study_instance_uid = ? AND "
+            f"status = 'scored' ORDER BY score DESC, path LIMIT {IMAGES_PER_STUDY}",
+            (uid,),
+        )
+        for path, image_score, view in images:
+            caption = f"{acc or uid[-8:]} {view or ''} {image_score:.3f}"
+            sheet.append(figures.figure(path, caption))
+    return (
+        "<h2>Top flagged studies</h2>"
+        + plots.table(["accession", "study date", "score", "views", "in domain"], rows)
+        + "<h3>What the model saw, and where its score came from</h3>"
+        + "<p class='note'>Each image: the picture the model saw (the centre square of the "
+        "display picture) with a map of the places that raised its score (HiResCAM on the "
+        "last convolution layer; blue to red: more), and the 64 x 64 model input beside it. A "
+        "map on a marker, a tube or the edge of the picture rather than the lungs is a reason "
+        "to doubt the flag.</p>" + f"<div class='sheet maps'>{''.join(sheet)}</div>"
+    )
+
+
+def _section_sample(state: StateStore, inputs: ReportInputs) -> str:
+    scored = int(inputs.manifest["counts_by_status"].get("scored", 0))
+    every = max(1, scored // (4 * SAMPLE_IMAGES))
+    picked = state.query(
+        "SELECT path, score, view, accession_number FROM files WHERE status = 'scored' "
+        f"AND abs(random()) % ? = 0 LIMIT {SAMPLE_IMAGES}",
+        (every,),
+    )
+    sheet = "".join(
+        _figure(inputs, path, f"{acc or ''} {view or ''} {score:.3f}")
+        for path, score, view, acc in picked
+    )
+    return (
+        "<h2>Random sample for quality control</h2>"
+        f"<p class='note'>{len(picked)} scored images drawn at random (a new draw every "
+        "report): check that the pictures look like chest radiographs the right way up.</p>"
+        f"<div class='sheet'>{sheet}</div>"
+    )
+
+
+def _monitoring_frame(inputs: ReportInputs, name: str) -> pd.DataFrame | None:
+    given = getattr(inputs, name)
+    if given is not None:
+        return given
+    path = inputs.out_dir / f"{name}.parquet"
+    try:
+        return pd.read_parquet(path) if path.is_file() else None
+    except (OSError, ValueError):  # a damaged file: the page goes on without the section
+        return None
+
+
+def _section_monitoring(inputs: ReportInputs) -> str:
+    """The model against the radiologists' reports: trends per period, and the
+    discrepancies for peer review (only with ``--reports-file``)."""
+    performance = _monitoring_frame(inputs, "performance")
+    if performance is None:
+        return ""
+    monitoring = inputs.manifest.get("monitoring") or {}
+    period = monitoring.get("period", "month")
+    labels = [period_label(d, period) for d in pd.to_datetime(performance["period_start"]).dt.date]
+
+    def values(column: str) -> list[float | None]:
+        return [None if pd.isna(v) else float(v) for v in performance[column]]
+
+    charts = ""
+    if len(performance):
+        charts = (
+            plots.band_svg(
+                labels,
+                values("auc"),
+                values("auc_low"),
+                values("auc_high"),
+                f"AUC against the report labels per {period}, with its 95 % CI",
+                "AUC",
+            )
+            + plots.lines_svg(
+                labels,
+                {"sensitivity": values("sensitivity"), "specificity": values("specificity")},
+                "Sensitivity and specificity at the model's threshold",
+                "rate",
+            )
+            + plots.bars_svg(
+                labels,
+                {
+                    "labelled": list(performance["n_labelled"]),
+                    "pneumonia": list(performance["n_pneumonia"]),
+                },
+                f"Labelled studies per {period}",
+                "studies",
+            )
+        )
+    notes = []
+    if monitoring.get("error"):
+        notes.append(
+            f"<p><b>This run's reports file could not be used</b> "
+            f"({html.escape(monitoring['error'])}): the figures are those of the last good one."
+            "</p>"
+        )
+    if monitoring.get("warning"):
+        notes.append(f"<p><b>{html.escape(monitoring['warning'])}</b></p>")
+    section = (
+        "<h2>Performance against the radiologists' reports</h2>"
+        + "".join(notes)
+        + f"<div class='charts'>{charts}</div>"
+        + "<p class='note'>Labels come from the reports (batchscan labels' rules; uncertain "
+        "reports left out), so they carry the labeler's and the reports' noise; the scores "
+        "are those of the model in use now, on every period. A period of few studies has a "
+        "wide interval and never warns.</p>"
+    )
+    found = _monitoring_frame(inputs, "discrepancies")
+    if found is None:
+        return section
+    rows = [
+        [
+            r.discrepancy.replace("_", " "),
+            r.accession_number or "",
+            r.study_date or "",
+            r.score,
+            r.report_label,
+            r.report_reason or "",
+        ]
+        for r in found.head(TOP_DISCREPANCIES).itertuples()
+    ]
+    return (
+        section
+        + f"<h2>Discrepancies for review ({len(found)})</h2>"
+        + "<p class='note'>Flagged studies whose report says normal (a possible miss, or a "
+        "false alarm to learn from), highest score first; then studies reported pneumonia "
+        "but scored below the threshold, lowest first. All of them are in "
+        "discrepancies.csv.</p>"
+        + plots.table(
+            ["discrepancy", "accession", "study date", "score", "report", "report reason"], rows
+        )
+    )
+
+
+def _section_model(inputs: ReportInputs) -> str:
+    model = inputs.manifest["model"]
+    card = inputs.card
+    if card is None:
+        return f"<h2>Model</h2><p>{html.escape(model['version'])}: card not found.</p>"
+    domain = card.get("domain") or {}
+    ages = domain.get("age_years")
+    facts = [
+        ["version", model["version"]],
+        ["threshold", f"{model['threshold']:.3f}"],
+        ["threshold rule", card.get("threshold_rule", "")],
+        ["test AUC (held-out split of the training data)", f"{card.get('test_auc', 0.0):.3f}"],
+        [
+            "test sensitivity / specificity",
+            f"{card.get('test_sensitivity', float('nan')):.3f}"
+            f" / {card.get('test_specificity', float('nan')):.3f}",
+        ],
+        ["training domain: ages", f"{ages[0]}-{ages[1]} years" if ages else "not declared"],
+        [
+            "training domain: modalities, views",
+            f"{', '.join(domain.get('modalities', []))}; {', '.join(domain.get('views', []))}",
+        ],
+        ["training population", domain.get("population", "")],
+        ["OOD score", (card.get("ood") or {}).get("method", "none")],
+    ]
+    limits = "".join(f"<li>{html.escape(x)}</li>" for x in card.get("limits", []))
+    return f"<h2>Model card</h2>{plots.table(['', ''], facts)}<ul>{limits}</ul>"
+
+
+def render(state: StateStore, inputs: ReportInputs) -> str:
+    """The whole page."""
+    manifest = inputs.manifest
+    threshold = float(manifest["model"]["threshold"])
+    status = manifest["counts_by_status"]
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    summary = (
+        f"<p>Run <code>{html.escape(manifest['run_id'])}</code> finished "
+        f"{html.escape(str(manifest.get('finished_at')))}: {manifest['files_found']} files "
+        f"({manifest['files_processed']} new or changed, {manifest['files_reused']} unchanged), "
+        f"{status.get('scored', 0)} scored, {status.get('skipped', 0)} skipped, "
+        f"{status.get('failed', 0)} failed; <b>{manifest.get('studies', 0)} studies, "
+        f"{manifest.get('studies_flagged', 0)} flagged</b> at threshold {threshold:.3f} "
+        f"({manifest.get('studies_in_domain', 0)} in the model's training domain, "
+        f"{manifest.get('studies_out_of_domain', 0)} outside, "
+        f"{manifest.get('studies_domain_unknown', 0)} undecided). Archive "
+        f"<code>{html.escape(readable(str(manifest['arguments'].get('archive'))))}</code>. "
+        f"Page made {now}.</p>"
+    )
+    figures = _Figures.load(inputs)
+    body = (
+        "<h1>batchscan report</h1>"
+        + "<p class='note'>Research and triage aid, not a diagnosis: every flag needs a "
+        "radiologist.</p>"
+        + summary
+        + _section_flagged(state, inputs, figures)
+        + _section_scores(state, threshold)
+        + _section_monitoring(inputs)
+        + _section_weeks(state)
+        + _section_groups(state, threshold)
+        + _section_accounting(manifest)
+        + _section_runs(state)
+        + _section_sample(state, inputs)
+        + _section_model(inputs)
+    )
+    figures.save()
+    return plots.page("batchscan report", body)
+
+
+def write_report(
+    state: StateStore, inputs: ReportInputs, temporary: Path | None = None
+) -> tuple[Path, Path]:
+    """Write the page to `temporary` (default: a hidden file beside it); returns
+    (temporary, final) for the caller to publish atomically."""
+    final = inputs.out_dir / REPORT_FILE
+    temporary = temporary or final.with_name(f".{REPORT_FILE}.tmp")
+    temporary.write_text(render(state, inputs), encoding="utf-8")
+    return temporary, final
+
+
+class ReportError(ValueError):
+    """REPORT_DIR holds no scan to report on (exit 2)."""
+
+
+def regenerate(report_dir: Path) -> Path:
+    """``batchscan report``: make ``report.html`` again from the state and the latest
+    manifest, without scanning (with REPORT_DIR's lock held, as a run would).
+
+    Raises
+    ------
+    ReportError
+        No state or manifest in `report_dir`.
+    batchscan.results.runlock.LockHeldError
+        A run holds REPORT_DIR.
+    """
+    import json
+
+    from batchscan.results.report import MANIFEST_FILE, publish
+    from batchscan.results.runlock import report_dir_lock
+    from batchscan.results.state import STATE_FILE, StateError
+    from batchscan.scoring.model import ModelError, check_model
+
+    manifest_path = report_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ReportError(f"{report_dir} holds no batchscan reports (no {MANIFEST_FILE})")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"cannot read {manifest_path}: {exc}") from exc
+    state_path = Path(manifest["arguments"].get("state") or report_dir / STATE_FILE)
+    if not state_path.is_file():
+        raise ReportError(f"no state database at {state_path}")
+    try:
+        card: dict[str, Any] | None = check_model(Path(manifest["model"]["path"])).card
+    except (ModelError, OSError):
+        card = None
+    archive = Path(str(manifest["arguments"].get("archive")))
+
+    inputs = ReportInputs(
+        report_dir,
+        manifest,
+        card,
+        archive if archive.is_dir() else None,
+        explainer=partial(run_explainer, manifest) if card is not None else None,
+    )
+    with report_dir_lock(report_dir):
+        try:
+            state = StateStore(state_path)
+        except StateError as exc:
+            raise ReportError(str(exc)) from exc
+        try:
+            temporary, final = write_report(state, inputs)
+        finally:
+            state.close()
+        publish(temporary, final)
+    return final

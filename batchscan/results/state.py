@@ -1,0 +1,746 @@
+"""Incremental state: what every file of the archive was found to be, kept between runs.
+
+A nightly run over an archive that only grows should read only what is new. The state is a
+SQLite database (standard library; WAL journal, so a reader never blocks the run and a
+``kill -9`` loses at most the last uncommitted checkpoint) in REPORT_DIR by default.
+
+Per file it keeps the report row (status, reason, UIDs, score...) plus what decides whether
+the row is still valid: size and mtime (as rsync decides), and the row's :class:`RowKeys`,
+five keys that name what made it: the header options, the model input's options and
+version, the model's training domain, the model, and the shadow model. A run then:
+
+1. streams discovery through :meth:`StateStore.pending`: a file whose size, mtime and keys
+   match a final row is *reused* (marked seen, never opened); a scored file whose row
+   differs only in the domain, model or shadow key is *rescored* from the model-input store
+   (:mod:`batchscan.scoring.input_store`) when the store holds its input, also without opening it
+   (:meth:`StateStore.to_rescore` hands those rows on after the stream); a skipped or failed
+   file whose outcome no model changes keeps its row; every other file goes on to the
+   stages;
+2. stores finished records with :meth:`StateStore.save`, committing a checkpoint every
+   :data:`CHECKPOINT_SECONDS`, so a crash costs minutes, not the night;
+3. ends with :meth:`StateStore.finish`, one transaction that drops rows of files that
+   disappeared, resolves duplicate SOP Instance UIDs and re-aggregates only the studies
+   whose files changed (the *touched* studies, kept in a table so that a crash between
+   checkpoint and finish loses none of them).
+
+Reports are then written from the state, so they always describe the whole archive.
+Nothing in the state identifies a patient: no names, birth dates or free text, and a
+patient key only as an HMAC (see :mod:`batchscan.ingest.header`).
+
+This module stores and looks up; it does not know how rows are made or aggregated (the
+aggregation is passed in; only the study columns come from :mod:`batchscan.results.aggregate`), so
+it sits after the stages it records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Final
+
+import pandas as pd
+
+from batchscan.ingest.paths import from_state, readable, state_key
+from batchscan.ingest.records import FAILED, SCORED, SKIPPED, ImageRecord, chunks
+from batchscan.results.aggregate import STUDY_COLUMNS
+
+STATE_FILE: Final = "state.sqlite"
+SCHEMA_VERSION: Final = 1
+#: Seconds between checkpoint commits while a run streams results in.
+CHECKPOINT_SECONDS: Final = 30.0
+#: Reasons that are worth trying again on the next run: the file may have been half-written
+#: or briefly unreadable, a worker may have been killed by the OOM killer, or a bug fixed.
+#: (``timeout`` is not retried: a file that hangs a decoder would cost --file-timeout every
+#: night.)
+RETRY_PREFIXES: Final = ("unstable", "unreadable", "internal_error", "worker_crash")
+DUPLICATE_PREFIX: Final = "duplicate_of:"
+#: How a domain key made under ``--out-of-domain score`` begins: under it the domain never
+#: changes whether a file is decoded, only how its score is marked.
+SCORE_MODE: Final = "score-"
+#: Rows per SQL statement when looking up or updating many paths.
+_CHUNK: Final = 500
+
+#: The report columns of a file row, in order (``abs_path`` is never stored).
+IMAGE_COLUMNS: Final = (
+    *(f.name for f in fields(ImageRecord) if f.name != "abs_path"),
+    "model_version",
+)
+#: Scored studies counted at the end of a run (manifest, runs.parquet, the summary line).
+RUN_STUDY_COUNTS: Final = (
+    "studies",
+    "studies_flagged",
+    "studies_in_domain",
+    "studies_out_of_domain",
+    "studies_domain_unknown",
+)
+RUN_COLUMNS: Final = (
+    "run_id",
+    "started_at",
+    "finished_at",
+    "outcome",
+    "files_found",
+    "files_processed",
+    "files_reused",
+    "files_removed",
+    "scored",
+    "skipped",
+    "failed",
+    "images_scored_this_run",
+    "images_per_second",
+    "seconds",
+    "model_version",
+    "code_version",
+    *RUN_STUDY_COUNTS,
+)
+
+_INTEGER_COLUMNS: Final = {
+    "size",
+    "mtime_ns",
+    "rows",
+    "columns",
+    "decode_scale",
+    "in_domain",
+    "ood",
+}
+_REAL_COLUMNS: Final = {"score", "patient_age_years", "ood_score", "shadow_score"}
+#: Columns SQLite keeps as 0/1 that the reports type as booleans.
+_BOOL_COLUMNS: Final = ("in_domain", "ood")
+_STUDY_TYPES: Final = {
+    "study_instance_uid": "TEXT NOT NULL",
+    "score": "REAL NOT NULL",
+    "flag": "INTEGER NOT NULL",
+    "score_basis": "TEXT NOT NULL",
+    "n_images_scored": "INTEGER NOT NULL",
+    "n_images_total": "INTEGER NOT NULL",
+    "in_domain": "INTEGER",
+    "model_version": "TEXT NOT NULL",
+    "shadow_score": "REAL",
+    "shadow_flag": "INTEGER",
+}
+_RUN_TYPES: Final = {
+    "started_at": "TEXT NOT NULL",
+    "finished_at": "TEXT",
+    "outcome": "TEXT NOT NULL",
+    "images_per_second": "REAL",
+    "seconds": "REAL",
+    "model_version": "TEXT",
+    "code_version": "TEXT",
+}
+
+
+def _sql_type(name: str) -> str:
+    if name in _INTEGER_COLUMNS:
+        return "INTEGER"
+    return "REAL" if name in _REAL_COLUMNS else "TEXT"
+
+
+_SCHEMA: Final = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    {", ".join(f'"{c}" {_sql_type(c)}' for c in IMAGE_COLUMNS)},
+    model_score REAL,
+    settings_key TEXT NOT NULL,
+    seen_run TEXT NOT NULL,
+    PRIMARY KEY (path)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS files_study ON files (study_instance_uid);
+CREATE INDEX IF NOT EXISTS files_sop ON files (sop_instance_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    {", ".join(f'"{c}" {_STUDY_TYPES.get(c, "TEXT")}' for c in STUDY_COLUMNS)},
+    PRIMARY KEY (study_instance_uid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS touched (
+    kind TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    PRIMARY KEY (kind, uid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    {", ".join(f'"{c}" {_RUN_TYPES.get(c, "INTEGER")}' for c in RUN_COLUMNS[1:])}
+) WITHOUT ROWID;
+"""
+
+
+class StateError(RuntimeError):
+    """The state database cannot be used (another program's file, a newer schema...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RowKeys:
+    """What made a file row, in five keys (stored joined by dots in ``settings_key``).
+
+    Attributes
+    ----------
+    header:
+        What changes the header facts of a row: the row format, the header options, the
+        pseudonym key. Another header key means the file is read again.
+    input:
+        What changes the model input: decode options, the blank rule, the declared input
+        version (:data:`batchscan.ingest.preprocess.INPUT_VERSION`). Another input key means the
+        file is read again (the stored input is no longer the one this release makes).
+    domain:
+        ``--out-of-domain`` and a digest of the model card's training domain (beginning
+        ``score-`` or ``skip-``): a scored row is judged again from its header facts; a
+        skipped or failed one is read again unless both keys are ``score-`` ones.
+    model:
+        The model and its OOD statistics: a scored row is scored again from its stored
+        input.
+    shadow:
+        The shadow model (``--shadow-model``), or none: likewise.
+    """
+
+    header: str
+    input: str
+    domain: str
+    model: str
+    shadow: str
+
+    def __str__(self) -> str:
+        return ".".join((self.header, self.input, self.domain, self.model, self.shadow))
+
+
+#: What :func:`decide` says of a stored row.
+REUSE: Final = "reuse"
+RESCORE: Final = "rescore"
+READ: Final = "read"
+
+
+def decide(stored_key: str, status: str, reason: str | None, keys: RowKeys) -> str:
+    """What to do with the row of an unchanged file (same path, size, mtime) whose outcome
+    is final: :data:`REUSE` it (with the current keys), :data:`RESCORE` it from its stored
+    input (a scored row, or a duplicate, which keeps its model score), or :data:`READ` the
+    file again."""
+    parts = stored_key.split(".")
+    if parts == str(keys).split("."):
+        return REUSE
+    if len(parts) != 5 or parts[:2] != [keys.header, keys.input]:
+        return READ
+    if status == SCORED or (reason or "").startswith(DUPLICATE_PREFIX):
+        return RESCORE
+    if parts[2] != keys.domain and not (
+        parts[2].startswith(SCORE_MODE) and keys.domain.startswith(SCORE_MODE)
+    ):
+        # under --out-of-domain skip the domain decides whether a file is decoded at all:
+        # a row skipped as out of domain may now be taken in, a decode failure now skipped
+        return READ
+    return REUSE  # skipped or failed for what no model changes
+
+
+@dataclass(slots=True)
+class Finished:
+    """What :meth:`StateStore.finish` changed and the report-level counts after it."""
+
+    removed: int
+    by_status: Counter[str]
+    by_reason: Counter[str]
+    files: int
+
+
+def _text(value: Any) -> Any:
+    """A value SQLite can store: text is made valid UTF-8 (see :mod:`batchscan.ingest.paths`)."""
+    return readable(value) if isinstance(value, str) else value
+
+
+def _retry(reason: str | None) -> bool:
+    return reason is not None and reason.startswith(RETRY_PREFIXES)
+
+
+def _record_of(
+    names: list[str], row: tuple[Any, ...], root: str, cleared: set[str] = frozenset()
+) -> ImageRecord:
+    """The record of a stored row (`names` its columns), under the archive `root`, with the
+    `cleared` fields left at their defaults."""
+    values = {n: v for n, v in zip(names, row, strict=True) if n not in cleared}
+    path = from_state(values.pop("path"))
+    for name in _BOOL_COLUMNS:
+        if values.get(name) is not None:
+            values[name] = bool(values[name])
+    return ImageRecord(path=path, abs_path=f"{root}/{path}", **values)
+
+
+def final_rows(
+    state_path: Path, paths: list[str | bytes], root: str
+) -> dict[str | bytes, tuple[ImageRecord, str]]:
+    """The rows of `paths` in the state at `state_path` whose outcome is final (scored, or
+    skipped or failed for a reason not worth a retry), read-only (another process, such as
+    ``batchscan train``, reading a scan's state while a scan may run), with each row's
+    stored keys (``settings_key``). Missing or unreadable state: no rows.
+    """
+    names = [c for c in IMAGE_COLUMNS if c != "model_version"]
+    columns = ", ".join(f'"{c}"' for c in names)
+    found: dict[str | bytes, tuple[ImageRecord, str]] = {}
+    try:
+        db = sqlite3.connect(f"file:{state_path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return found
+    try:
+        for part in chunks(paths, _CHUNK):
+            marks = ",".join("?" * len(part))
+            for row in db.execute(
+                f"SELECT {columns}, settings_key FROM files WHERE path IN ({marks})", part
+            ):
+                record = _record_of(names, row[:-1], root)
+                if record.status in (SCORED, SKIPPED, FAILED) and not _retry(record.reason):
+                    found[row[0]] = (record, row[-1])
+    except sqlite3.Error:
+        return {}
+    finally:
+        db.close()
+    return found
+
+
+class StateStore:
+    """The SQLite state of one REPORT_DIR (opened with its lock held).
+
+    Parameters
+    ----------
+    path:
+        The database file; created with its tables when missing.
+    checkpoint_seconds:
+        Seconds between commits while results stream in.
+    on_commit:
+        Called before every checkpoint commits.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        checkpoint_seconds: float = CHECKPOINT_SECONDS,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.path = path
+        self.checkpoint_seconds = checkpoint_seconds
+        #: Called before each checkpoint commits (the input store commits with the state,
+        #: first, so that a row a crash leaves has the input it was saved with).
+        self.on_commit = on_commit
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._add_new_columns()
+            version = self._db.execute(
+                "SELECT value FROM meta WHERE key='schema_version'"
+            ).fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StateError(
+                f"cannot use state database {path}: {exc} (move it away to start afresh: "
+                "the next run then reads the whole archive again)"
+            ) from exc
+        if version is None:
+            self._db.execute(
+                "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        elif int(version[0]) != SCHEMA_VERSION:
+            raise StateError(
+                f"state database {path} has schema {version[0]}, this batchscan reads "
+                f"{SCHEMA_VERSION}"
+            )
+        self._last_commit = time.monotonic()
+        self._db.execute("BEGIN")
+
+    def _add_new_columns(self) -> None:
+        """Add the report columns a newer batchscan knows to a state an older one made
+        (additive, so the schema version stays; a release that adds file columns raises the
+        row format of the header key, so file rows are read again, and their studies
+        re-aggregated; older runs keep nulls in the new run columns)."""
+        wanted = {
+            "files": {c: _sql_type(c) for c in IMAGE_COLUMNS},
+            # NOT NULL cannot be added to existing rows: new study columns are nullable
+            "studies": {c: _STUDY_TYPES.get(c, "TEXT").split()[0] for c in STUDY_COLUMNS},
+            "runs": {c: _RUN_TYPES.get(c, "INTEGER").split()[0] for c in RUN_COLUMNS},
+        }
+        for table, columns in wanted.items():
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, sql_type in columns.items():
+                if name not in have:
+                    self._db.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {sql_type}')
+
+    # -- the run -----------------------------------------------------------------------
+
+    def begin_run(self, run_id: str, started_at: str, model_version: str, code: str) -> int:
+        """Record the run as ``running``; runs left ``running`` by a killed process become
+        ``interrupted``. Returns how many were."""
+        interrupted = self._db.execute(
+            "UPDATE runs SET outcome='interrupted' WHERE outcome='running'"
+        ).rowcount
+        self._db.execute(
+            "INSERT INTO runs (run_id, seq, started_at, outcome, model_version, code_version) "
+            "VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM runs), ?, 'running', ?, ?)",
+            (run_id, started_at, model_version, code),
+        )
+        self.commit()
+        return interrupted
+
+    def end_run(self, run_id: str, outcome: str, facts: dict[str, Any]) -> None:
+        """Record how the run ended (``ok`` or ``failed``) and its figures."""
+        known = {k: v for k, v in facts.items() if k in RUN_COLUMNS and k != "run_id"}
+        assignments = ", ".join(f"{k}=?" for k in known)
+        self._db.execute(
+            f"UPDATE runs SET outcome=?{', ' if known else ''}{assignments} WHERE run_id=?",
+            (outcome, *known.values(), run_id),
+        )
+        self.commit()
+
+    def pending(
+        self,
+        records: Iterable[ImageRecord],
+        run_id: str,
+        keys: RowKeys,
+        model_version: str,
+        on_reused: Callable[[int], None] | None = None,
+        holds: Callable[[list[tuple[str | bytes, int, int]]], set[str | bytes]] | None = None,
+    ) -> Iterator[ImageRecord]:
+        """The records that need the stages; the others are reused from the state.
+
+        A record is reused when discovery left it pending and a row with the same path,
+        size and mtime holds a final outcome (see :data:`RETRY_PREFIXES`) that
+        :func:`decide` keeps; a row to rescore is kept only when `holds` (the input
+        store's :meth:`~batchscan.scoring.input_store.InputStore.holds`, given (path, size, mtime)
+        identities) says its input is stored. Kept rows are marked seen by this run (with
+        the current keys and `model_version`, except those to rescore, which
+        :meth:`to_rescore` finds by their old keys); `on_reused` gets their count per chunk.
+        """
+        for chunk in chunks(records, _CHUNK):
+            yield from self._split(chunk, run_id, keys, model_version, on_reused, holds)
+
+    def _split(
+        self,
+        chunk: list[ImageRecord],
+        run_id: str,
+        keys: RowKeys,
+        model_version: str,
+        on_reused: Callable[[int], None] | None,
+        holds: Callable[[list[tuple[str | bytes, int, int]]], set[str | bytes]] | None,
+    ) -> list[ImageRecord]:
+        paths = [state_key(r.path) for r in chunk if r.pending]
+        known: dict[str, tuple[int, int, str, str | None, str]] = {}
+        if paths:
+            marks = ",".join("?" * len(paths))
+            for row in self._db.execute(
+                f"SELECT path, size, mtime_ns, settings_key, reason, status FROM files "
+                f"WHERE path IN ({marks})",
+                paths,
+            ):
+                known[from_state(row[0])] = row[1:]
+        current = str(keys)
+        reused: list[str | bytes] = []
+        rescore: list[tuple[ImageRecord, str | bytes]] = []
+        todo: list[ImageRecord] = []
+        for record in chunk:
+            row = known.get(record.path)
+            if (
+                not record.pending
+                or row is None
+                or row[:2] != (record.size, record.mtime_ns)
+                or row[4] not in (SCORED, SKIPPED, FAILED)
+                or _retry(row[3])
+            ):
+                todo.append(record)
+                continue
+            verdict = decide(row[2], row[4], row[3], keys)
+            if verdict == REUSE:
+                reused.append(state_key(record.path))
+            elif verdict == RESCORE and holds is not None:
+                rescore.append((record, state_key(record.path)))
+            else:
+                todo.append(record)
+        if rescore and holds is not None:
+            stored = holds([(key, r.size, r.mtime_ns) for r, key in rescore])
+            todo += [r for r, key in rescore if key not in stored]
+            rescore = [(r, key) for r, key in rescore if key in stored]
+        if reused:
+            self._db.executemany(
+                "UPDATE files SET seen_run=?, settings_key=?, model_version=? WHERE path=?",
+                [(run_id, current, model_version, p) for p in reused],
+            )
+        if rescore:
+            self._db.executemany(
+                "UPDATE files SET seen_run=? WHERE path=?", [(run_id, p) for _, p in rescore]
+            )
+        if (reused or rescore) and on_reused is not None:
+            on_reused(len(reused) + len(rescore))
+        self._maybe_commit()
+        return todo
+
+    def to_rescore(
+        self, run_id: str, keys: RowKeys, root: str, chunk: int = 1024
+    ) -> Iterator[list[ImageRecord]]:
+        """The rows :meth:`pending` kept to rescore, as records rebuilt from their header
+        facts (``abs_path`` under the archive `root`; outcome, score and OOD cleared),
+        `chunk` at a time in path order. Saving them with the current keys takes them out
+        of the next chunk, so a run killed half-way resumes where it was."""
+        names = [c for c in IMAGE_COLUMNS if c != "model_version"]
+        columns = ", ".join(f'"{c}"' for c in names)
+        cleared = {"status", "reason", "detail", "score", "ood_score", "ood", "in_domain"}
+        last: str | bytes | None = None
+        while True:
+            after = "" if last is None else "AND path > ?"
+            rows = self._db.execute(
+                f"SELECT {columns} FROM files WHERE seen_run=? AND settings_key != ? "
+                f"AND (status=? OR reason LIKE ?) {after} ORDER BY path LIMIT ?",
+                (
+                    run_id,
+                    str(keys),
+                    SCORED,
+                    DUPLICATE_PREFIX + "%",
+                    *(() if last is None else (last,)),
+                    chunk,
+                ),
+            ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [_record_of(names, row, root, cleared) for row in rows]
+
+    def save(
+        self,
+        records: Iterable[ImageRecord],
+        run_id: str,
+        keys: RowKeys | str,
+        model_version: str,
+    ) -> None:
+        """Store finished records (replacing their old rows) and note what they touch."""
+        rows, touched = [], set()
+        for record in records:
+            values = [_text(getattr(record, c)) for c in IMAGE_COLUMNS[:-1]]
+            values[0] = state_key(record.path)
+            rows.append((*values, model_version, record.score, str(keys), run_id))
+            if record.study_instance_uid:
+                touched.add(("study", record.study_instance_uid))
+            if record.sop_instance_uid:
+                touched.add(("sop", record.sop_instance_uid))
+        old = self._uids_of([row[0] for row in rows])
+        columns = ", ".join(f'"{c}"' for c in IMAGE_COLUMNS)
+        marks = ",".join("?" * (len(IMAGE_COLUMNS) + 3))
+        self._db.executemany(
+            f"INSERT OR REPLACE INTO files ({columns}, model_score, settings_key, seen_run) "
+            f"VALUES ({marks})",
+            rows,
+        )
+        self._touch(touched | old)
+        self._maybe_commit()
+
+    def _uids_of(self, paths: list[str]) -> set[tuple[str, str]]:
+        """The (kind, uid) pairs the current rows of `paths` belong to."""
+        found: set[tuple[str, str]] = set()
+        for part in chunks(paths, _CHUNK):
+            marks = ",".join("?" * len(part))
+            for study, sop in self._db.execute(
+                f"SELECT study_instance_uid, sop_instance_uid FROM files WHERE path IN ({marks})",
+                part,
+            ):
+                if study:
+                    found.add(("study", study))
+                if sop:
+                    found.add(("sop", sop))
+        return found
+
+    def _touch(self, pairs: Iterable[tuple[str, str]]) -> None:
+        self._db.executemany("INSERT OR IGNORE INTO touched VALUES (?, ?)", list(pairs))
+
+    def finish(
+        self,
+        run_id: str,
+        aggregate: Callable[[pd.DataFrame], pd.DataFrame],
+        study_chunk: int = 2000,
+        on_removed: Callable[[list[str | bytes]], None] | None = None,
+    ) -> Finished:
+        """End of a complete run, in one transaction: drop vanished files, resolve duplicate
+        SOP instances, re-aggregate the touched studies with `aggregate`.
+
+        `aggregate` maps the image rows of some studies (columns of :data:`IMAGE_COLUMNS`)
+        to their study rows (columns of :data:`STUDY_COLUMNS`). `on_removed` gets the
+        stored paths of vanished files, in chunks, before their rows go (the input store
+        prunes their entries).
+        """
+        self.commit()
+        if on_removed is not None:
+            for rows in self._fetch_chunks(
+                "SELECT path FROM files WHERE seen_run != ?", (run_id,), _CHUNK
+            ):
+                on_removed([row[0] for row in rows])
+        self._touch(
+            (kind, uid)
+            for study, sop in self._db.execute(
+                "SELECT study_instance_uid, sop_instance_uid FROM files WHERE seen_run != ?",
+                (run_id,),
+            )
+            for kind, uid in (("study", study), ("sop", sop))
+            if uid
+        )
+        removed = self._db.execute("DELETE FROM files WHERE seen_run != ?", (run_id,)).rowcount
+        self._resolve_duplicates()
+        studies = [row[0] for row in self._db.execute("SELECT uid FROM touched WHERE kind='study'")]
+        for part in chunks(studies, study_chunk):
+            self._reaggregate(part, aggregate)
+        self._db.execute("DELETE FROM touched")
+        by_status: Counter[str] = Counter()
+        by_reason: Counter[str] = Counter()
+        for status, reason, n in self._db.execute(
+            "SELECT status, reason, COUNT(*) FROM files GROUP BY status, reason"
+        ):
+            by_status[status] += n
+            if reason:
+                by_reason[reason] += n
+        self.commit()
+        return Finished(
+            removed=removed,
+            by_status=by_status,
+            by_reason=by_reason,
+            files=sum(by_status.values()),
+        )
+
+    def _resolve_duplicates(self) -> None:
+        """One scored row per SOP Instance UID: the smallest path wins (stable across runs
+        and worker order); the others are ``skipped: duplicate_of:<path>`` but keep their
+        model score, so that if the winner disappears the next one takes over unread."""
+        sops = [row[0] for row in self._db.execute("SELECT uid FROM touched WHERE kind='sop'")]
+        for part in chunks(sops, _CHUNK):
+            marks = ",".join("?" * len(part))
+            rows = self._db.execute(
+                f"SELECT sop_instance_uid, path, study_instance_uid FROM files "
+                f"WHERE sop_instance_uid IN ({marks}) AND (status=? OR reason LIKE ?) "
+                f"ORDER BY sop_instance_uid, path",
+                (*part, SCORED, DUPLICATE_PREFIX + "%"),
+            ).fetchall()
+            winner: dict[str, str] = {}
+            for sop, path, study in rows:
+                if sop not in winner:
+                    winner[sop] = path
+                    self._db.execute(
+                        "UPDATE files SET status=?, reason=NULL, detail=NULL, score=model_score "
+                        "WHERE path=?",
+                        (SCORED, path),
+                    )
+                else:
+                    self._db.execute(
+                        "UPDATE files SET status=?, reason=?, detail=?, score=NULL WHERE path=?",
+                        (
+                            SKIPPED,
+                            DUPLICATE_PREFIX + readable(from_state(winner[sop])),
+                            "same SOP Instance UID as another file; scored once",
+                            path,
+                        ),
+                    )
+                if study:
+                    self._touch([("study", study)])
+
+    def _reaggregate(
+        self, studies: list[str], aggregate: Callable[[pd.DataFrame], pd.DataFrame]
+    ) -> None:
+        marks = ",".join("?" * len(studies))
+        images = pd.read_sql_query(
+            f"SELECT * FROM files WHERE study_instance_uid IN ({marks})", self._db, params=studies
+        )
+        self._db.execute(f"DELETE FROM studies WHERE study_instance_uid IN ({marks})", studies)
+        rows = aggregate(images)
+        if len(rows):
+            frame = rows[list(STUDY_COLUMNS)].astype(object).where(rows.notna(), None)
+            names = ", ".join(f'"{c}"' for c in STUDY_COLUMNS)
+            self._db.executemany(
+                f"INSERT INTO studies ({names}) VALUES ({','.join('?' * len(STUDY_COLUMNS))})",
+                [
+                    tuple(v.item() if hasattr(v, "item") else v for v in row)
+                    for row in frame.itertuples(index=False)
+                ],
+            )
+
+    # -- reading back ------------------------------------------------------------------
+
+    def image_rows(self, chunk: int = 8192) -> Iterator[dict[str, list[Any]]]:
+        """Every file row, by path, as column lists of `chunk` rows (report order).
+
+        ``path`` comes as :func:`batchscan.ingest.paths.readable` text, with the exact bytes of
+        names that are not UTF-8 in an added ``path_bytes`` column (None for the others).
+        """
+        for part in self._columns("files", IMAGE_COLUMNS, "path", chunk):
+            stored = part["path"]
+            part["path_bytes"] = [v if isinstance(v, bytes) else None for v in stored]
+            part["path"] = [readable(from_state(v)) for v in stored]
+            part["shadow_score"] = [  # a duplicate keeps it, as its model score, unreported
+                v if status == SCORED else None
+                for v, status in zip(part["shadow_score"], part["status"], strict=True)
+            ]
+            for name in _BOOL_COLUMNS:
+                part[name] = [None if v is None else bool(v) for v in part[name]]
+            yield part
+
+    def study_rows(self, chunk: int = 8192) -> Iterator[dict[str, list[Any]]]:
+        """Every study row, by study UID, as column lists."""
+        for part in self._columns("studies", STUDY_COLUMNS, "study_instance_uid", chunk):
+            for name in _BOOL_COLUMNS:
+                if name in part:
+                    part[name] = [None if v is None else bool(v) for v in part[name]]
+            yield part
+
+    def run_rows(self) -> dict[str, list[Any]]:
+        """The run history, oldest first."""
+        merged: dict[str, list[Any]] = {c: [] for c in RUN_COLUMNS}
+        for part in self._columns("runs", RUN_COLUMNS, "seq", 8192):
+            for name, values in part.items():
+                merged[name] += values
+        return merged
+
+    def _columns(
+        self, table: str, columns: tuple[str, ...], order: str, chunk: int
+    ) -> Iterator[dict[str, list[Any]]]:
+        names = ", ".join(f'"{c}"' for c in columns)
+        for rows in self._fetch_chunks(f"SELECT {names} FROM {table} ORDER BY {order}", (), chunk):
+            yield {name: [row[i] for row in rows] for i, name in enumerate(columns)}
+
+    def _fetch_chunks(
+        self, sql: str, params: tuple[Any, ...], chunk: int
+    ) -> Iterator[list[tuple[Any, ...]]]:
+        cursor = self._db.cursor()
+        cursor.execute(sql, params)
+        while rows := cursor.fetchmany(chunk):
+            yield rows
+
+    def study_counts(self) -> dict[str, int]:
+        """Scored studies in the state: ``studies``, ``studies_flagged``, and by training
+        domain ``studies_in_domain``, ``studies_out_of_domain``, ``studies_domain_unknown``."""
+        row = self._db.execute(
+            "SELECT COUNT(*), SUM(flag), SUM(in_domain = 1), SUM(in_domain = 0), "
+            "SUM(in_domain IS NULL) FROM studies"
+        ).fetchone()
+        return {name: int(value or 0) for name, value in zip(RUN_STUDY_COUNTS, row, strict=True)}
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a read-only query (the HTML report's aggregates are computed here, in
+        SQL, so that a report of ten million files never loads them into Python)."""
+        return self._db.execute(sql, params).fetchall()
+
+    def stream(
+        self, sql: str, params: tuple[Any, ...] = (), chunk: int = 8192
+    ) -> Iterator[tuple[Any, ...]]:
+        """The rows of a read-only query, `chunk` at a time (a pass over every study
+        holds one chunk in memory, not the archive)."""
+        for rows in self._fetch_chunks(sql, params, chunk):
+            yield from rows
+
+    # -- transactions ------------------------------------------------------------------
+
+    def _maybe_commit(self) -> None:
+        if time.monotonic() - self._last_commit >= self.checkpoint_seconds:
+            self.commit()
+
+    def commit(self) -> None:
+        """Commit what is stored so far (a checkpoint) and open the next transaction."""
+        if self.on_commit is not None:  # first: a row committed has its input committed
+            self.on_commit()
+        self._db.execute("COMMIT")
+        self._db.execute("BEGIN")
+        self._last_commit = time.monotonic()
+
+    def close(self) -> None:
+        """Roll back anything uncommitted (a run that failed keeps its last checkpoint)."""
+        with contextlib.suppress(sqlite3.OperationalError):
+            self._db.execute("ROLLBACK")
+        self._db.close()
