@@ -1,4 +1,6 @@
-"""README's reasons table lists every reason the code can emit, and nothing else."""
+"""The documentation says what the code does: the troubleshooting page lists every reason
+the code can emit and nothing else, the labels page the labeler's reasons, the reports page
+every column of every report file; README is a front door whose links lead somewhere."""
 
 from __future__ import annotations
 
@@ -30,24 +32,23 @@ def _code_reasons() -> set[str]:
 
 
 def _readme_reasons() -> set[str]:
-    text = (ROOT / "README.md").read_text()
-    table = text[text.index("### Reasons") : text.index("### Broken and hostile files")]
-    rows = [line.split("|")[2] for line in table.splitlines() if line.startswith("| ")][1:]
+    text = (ROOT / "docs" / "troubleshooting.md").read_text()
+    rows = [line.split("|")[2] for line in text.splitlines() if line.startswith("| ")][1:]
     tokens = {token for row in rows for token in re.findall(r"`([^`]+)`", row)}
     return {t.split(":")[0] + (":" if ":" in t else "") for t in tokens}
 
 
-def test_readme_lists_every_reason_and_nothing_else() -> None:
+def test_troubleshooting_lists_every_reason_and_nothing_else() -> None:
     code, readme = _code_reasons(), _readme_reasons()
-    assert code - readme == set(), "reasons the code emits that README does not list"
-    assert readme - code == set(), "reasons README lists that the code never emits"
+    assert code - readme == set(), "reasons the code emits that the page does not list"
+    assert readme - code == set(), "reasons the page lists that the code never emits"
 
 
-def test_readme_lists_every_labels_reason() -> None:
-    """README's table of `batchscan labels` reasons is the code's list, with the code's labels."""
+def test_the_labels_page_lists_every_labels_reason() -> None:
+    """The labels page's table of reasons is the code's list, with the code's labels."""
     from batchscan.site.report_labels import REASONS
 
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "site" / "labels.md").read_text()
     table = text[
         text.index("| reason | label | the report") : text.index("How a report is decided")
     ]
@@ -55,3 +56,29 @@ def test_readme_lists_every_labels_reason() -> None:
     readme = {row[1].strip().strip("`"): row[2].strip() for row in rows}
     assert list(readme) == list(REASONS)
     assert set(readme.values()) == {"pneumonia", "normal", "uncertain"}
+
+
+def test_the_reports_page_says_what_every_column_is() -> None:
+    """Each report file's paragraph on the reports page names every column of its schema."""
+    from batchscan.results import report
+
+    text = (ROOT / "docs" / "reports.md").read_text()
+    text = (
+        text[: text.index("## report.html")] + text[text.index("### Watching") :]
+        if ("### Watching" in text)
+        else text[: text.index("## report.html")]
+    )
+    described = set(re.findall(r"`([a-z_]+)`", text))
+    for name in ("IMAGES", "STUDIES", "RUNS"):
+        columns = set(getattr(report, f"{name}_SCHEMA").names)
+        assert columns - described == set(), f"{name.lower()} columns the page does not describe"
+
+
+def test_readme_is_a_front_door_whose_links_lead_somewhere() -> None:
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 220, "README is a front door; the documentation says the rest"
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
+    assert links, "README links into the documentation"
+    for link in links:
+        if not link.startswith(("http:", "https:")):
+            assert (ROOT / link).exists(), f"README links to a missing {link}"

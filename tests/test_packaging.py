@@ -22,7 +22,9 @@ def test_ci_runs_exactly_readmes_test_command() -> None:
     ]
     assert len(ci_lines) == 1
     assert any(ci_lines[0] in block for block in _readme_commands())
-    assert "pytest" in ci_lines[0] and ".[test," in ci_lines[0] and "ray]" in ci_lines[0]
+    extras = re.search(r"pip install '\.\[([a-z,]+)\]'", ci_lines[0])
+    assert extras is not None and {"test", "ray", "docs"} <= set(extras.group(1).split(","))
+    assert "pytest" in ci_lines[0] and "mkdocs build --strict" in ci_lines[0]
 
 
 def test_readme_first_command_installs_and_runs_the_demo() -> None:
