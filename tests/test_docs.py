@@ -33,6 +33,7 @@ def _code_reasons() -> set[str]:
 
 def _readme_reasons() -> set[str]:
     text = (ROOT / "docs" / "troubleshooting.md").read_text()
+    text = text[: text.index("## Other problems")]
     rows = [line.split("|")[2] for line in text.splitlines() if line.startswith("| ")][1:]
     tokens = {token for row in rows for token in re.findall(r"`([^`]+)`", row)}
     return {t.split(":")[0] + (":" if ":" in t else "") for t in tokens}
