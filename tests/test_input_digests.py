@@ -8,6 +8,13 @@ pydicom's and pydicom-data's real files, at reduced and at full resolution, and 
 their digests (of the inputs at the store's 16-bit precision) with
 ``tests/data/input_digests.json``.
 
+An input whose digest differs is forgiven only when it lies within floating-point noise of
+the recorded one: the means of its 4 x 4 blocks (``tests/data/input_blocks.npz``) within
+:data:`BLOCK_TOLERANCE`. A least-squares estimate (the JPEG 2000 bands of
+:mod:`batchscan.sampling`) computed by another CPU's BLAS kernels can move a pixel by one
+16-bit level (1.5e-5), which changes a digest and no score; a changed decoder, window or
+preprocessing moves block means by 1e-4 and more.
+
 When it fails after a deliberate change: raise ``INPUT_VERSION``, then write the digests
 afresh with ``python tests/test_input_digests.py``.
 """
@@ -20,6 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
@@ -30,6 +38,9 @@ from batchscan.scoring.input_store import decode, encode
 from batchscan.synth import write_demo_archive
 
 DIGESTS = Path(__file__).parent / "data" / "input_digests.json"
+BLOCKS = Path(__file__).parent / "data" / "input_blocks.npz"
+#: How far a 4 x 4 block mean of an input may lie from the recorded one (see above).
+BLOCK_TOLERANCE = 1e-5
 #: Real files of pydicom (test_files) and pydicom-data that give a model input under
 #: ``--all-modalities``: radiographs, MR, CT, RT dose, in many transfer syntaxes.
 REAL_FILES = (
@@ -67,14 +78,22 @@ REAL_FILES = (
 RESOLUTIONS = {"reduced": {}, "full": {"min_edge": None}}
 
 
-def _digest(path: Path, options: StageOptions) -> str:
-    stored = decode(encode(model_input(path, options)))  # the input as the store keeps it
-    return hashlib.sha256(stored[..., 0].tobytes()).hexdigest()[:20]
+def _stored(path: Path, options: StageOptions) -> np.ndarray:
+    """The input as the store keeps it (16-bit levels), one channel."""
+    return decode(encode(model_input(path, options)))[..., 0]
 
 
-def current_digests() -> dict[str, str]:
-    """Digest of each test file's input, by ``resolution/file``."""
-    digests: dict[str, str] = {}
+def _digest(stored: np.ndarray) -> str:
+    return hashlib.sha256(stored.tobytes()).hexdigest()[:20]
+
+
+def _blocks(stored: np.ndarray) -> np.ndarray:
+    return stored.reshape(16, 4, 16, 4).mean(axis=(1, 3))
+
+
+def current_inputs() -> dict[str, np.ndarray | str]:
+    """Each test file's stored input, by ``resolution/file`` (the reason where none)."""
+    inputs: dict[str, np.ndarray | str] = {}
     with tempfile.TemporaryDirectory() as folder:
         demo = Path(folder)
         write_demo_archive(demo, size=512, studies=4)
@@ -89,10 +108,15 @@ def current_digests() -> dict[str, str]:
             options = StageOptions(all_modalities=True, **extra)  # type: ignore[arg-type]
             for name, path in files.items():
                 try:
-                    digests[f"{resolution}/{name}"] = _digest(path, options)
+                    inputs[f"{resolution}/{name}"] = _stored(path, options)
                 except ValueError as exc:  # a file that gives no input: its reason is pinned
-                    digests[f"{resolution}/{name}"] = f"no input: {str(exc).split(': ', 1)[1]}"
-    return digests
+                    inputs[f"{resolution}/{name}"] = f"no input: {str(exc).split(': ', 1)[1]}"
+    return inputs
+
+
+def current_digests(inputs: dict[str, np.ndarray | str]) -> dict[str, str]:
+    """Digest of each input (the pinned reason of a file that gives none)."""
+    return {k: v if isinstance(v, str) else _digest(v) for k, v in inputs.items()}
 
 
 def test_inputs_change_only_with_the_input_version() -> None:
@@ -101,10 +125,24 @@ def test_inputs_change_only_with_the_input_version() -> None:
         f"INPUT_VERSION is {INPUT_VERSION} but the digests were written for "
         f"{recorded['input_version']}: write them afresh (python tests/test_input_digests.py)"
     )
-    digests = current_digests()
+    inputs = current_inputs()
+    digests = current_digests(inputs)
     if len(digests) < len(recorded["digests"]):
         pytest.skip("pydicom-data is not installed")
-    changed = sorted(k for k, v in recorded["digests"].items() if digests.get(k) != v)
+    with np.load(BLOCKS) as data:
+        blocks = {k: data[k] for k in data.files}
+
+    def within_noise(key: str) -> bool:
+        now = inputs.get(key)
+        return (
+            isinstance(now, np.ndarray)
+            and key in blocks
+            and bool(np.abs(_blocks(now) - blocks[key]).max() <= BLOCK_TOLERANCE)
+        )
+
+    changed = sorted(
+        k for k, v in recorded["digests"].items() if digests.get(k) != v and not within_noise(k)
+    )
     assert not changed, (
         f"the model inputs of {len(changed)} test files changed ({', '.join(changed[:5])}) "
         f"while INPUT_VERSION stayed {INPUT_VERSION}: stored inputs would no longer equal a "
@@ -113,7 +151,12 @@ def test_inputs_change_only_with_the_input_version() -> None:
 
 
 if __name__ == "__main__":
+    made = current_inputs()
     DIGESTS.write_text(
-        json.dumps({"input_version": INPUT_VERSION, "digests": current_digests()}, indent=1) + "\n"
+        json.dumps({"input_version": INPUT_VERSION, "digests": current_digests(made)}, indent=1)
+        + "\n"
     )
-    print(f"wrote {DIGESTS}", file=sys.stderr)
+    np.savez_compressed(
+        BLOCKS, **{k: _blocks(v) for k, v in made.items() if isinstance(v, np.ndarray)}
+    )
+    print(f"wrote {DIGESTS} and {BLOCKS}", file=sys.stderr)
