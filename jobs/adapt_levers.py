@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What helps a site model: `batchscan adapt` on simulated hospitals, with 100, 300, 1,000
 and all labelled studies, with and without SimSiam pretraining, over several seeds, and the
-seeds' ensemble (README "One night from the RIS export").
+seeds' ensemble (docs/site/adapt.md).
 
 Usage:
     python jobs/adapt_levers.py [--work DIR] [--data DIR] [--hospitals kermany,shifted,marker]

@@ -2,7 +2,7 @@
 """Where a model takes its evidence: the share of its map's mass inside the lung fields,
 on 24 films whose lungs were outlined by hand, for the shipped model and for site models
 adapted with and without border erasing (``batchscan adapt --erase-borders``); with the
-AUC within views on the later studies (README "One night from the RIS export").
+AUC within views on the later studies (docs/site/adapt.md).
 
 Usage:
     python jobs/lung_evidence.py [--work DIR] [--data DIR] [--hospitals kermany,shifted]

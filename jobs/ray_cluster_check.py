@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A real multi-node Ray cluster on this machine, as README's "Scale-out" starts one, and
+"""A real multi-node Ray cluster on this machine, as docs/scale-out.md starts one, and
 batchscan on it: throughput against the local engine, and what losing a node costs.
 
 Usage (as root: it makes a network namespace):

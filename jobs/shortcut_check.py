@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A hospital whose view tracks the label, with a marker only in the training period:
-``batchscan train`` with and without ``--balance view`` (README's figures).
+``batchscan train`` with and without ``--balance view`` (docs/site/train.md's figures).
 
 Usage:
     python jobs/shortcut_check.py [--work DIR] [--data DIR] [--train 2000] [--epochs N]

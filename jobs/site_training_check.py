@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""`batchscan train` shown on a hospital-like labelled archive (README's figures).
+"""`batchscan train` shown on a hospital-like labelled archive (docs/site/train.md's figures).
 
 Usage:
     python jobs/site_training_check.py [--work DIR] [--data DIR] [--adults 1000] [--shifted 300]

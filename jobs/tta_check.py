@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Test-time augmentation for a site model: each later film scored as itself and as K small
 shifts and zooms of itself, the scores averaged; the AUC within views against the film
-scored once (README "One night from the RIS export", the levers' table).
+scored once (docs/site/adapt.md, the levers' table).
 
 Usage:
     python jobs/tta_check.py --work DIR [--hospitals kermany,shifted,marker] [--k 8]

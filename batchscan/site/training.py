@@ -243,7 +243,7 @@ def erase_borders(x: Any, probability: float, band: float = BORDER_BAND) -> Any:
     edges painted one random grey level.
 
     Why: the maps of the shipped model's flagged films lie mostly at the chest wall, the
-    arms, the picture's edge and the burnt-in side marker, not in the lungs (README, "Where
+    arms, the picture's edge and the burnt-in side marker, not in the lungs (docs/reports.md, "Where
     a score came from"). A model trained on pictures whose edges are sometimes replaced by
     a flat grey cannot rely on them and has to find its evidence in the middle, where the
     lungs are. Measured, not assumed: ``jobs/lung_evidence.py``.
