@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""How far the scores can be trusted, measured through the real pipeline (the figures of docs/what-is-scored.md).
+"""How far the scores can be trusted, measured through the real pipeline (the figures of
+docs/what-is-scored.md).
 
 Usage:
     python jobs/trust_check.py [--work DIR] [--adults N] [--data DIR]

@@ -8,7 +8,8 @@ is judged against it from its header facts, after the header stage:
 * ``in_domain``: True when modality, view and age all lie inside the card's domain; False
   when any of them lies outside; None when it cannot be decided (an unknown age or view and
   nothing else outside). Out-of-domain images are still scored: what their score is worth is
-  the card's and the documentation's to say (adult radiographs scored at chance in a hospital trial).
+  the card's and the documentation's to say (adult radiographs scored at chance in a
+  hospital trial).
 
 The age itself (``patient_age_years``) is read by the header stage (PatientAge, else birth
 and study dates); the birth date is never stored.

@@ -285,7 +285,8 @@ def _section_accounting(manifest: dict[str, Any]) -> str:
         "<h2>Accounting: every file found</h2>"
         + plots.table(["status", "files"], [[k, v] for k, v in status.items()])
         + plots.table(["reason (skipped or failed)", "files"], rows)
-        + "<p class='note'>Every reason is explained in the documentation's troubleshooting page (docs/troubleshooting.md).</p>"
+        + "<p class='note'>Every reason is explained, with what to do, in the documentation's "
+        "troubleshooting page (docs/troubleshooting.md).</p>"
     )
 
 

@@ -20,8 +20,8 @@ the studies the state holds, and measures:
   report says normal, and reported pneumonia while scored below the threshold.
 
 What a figure here is worth: report labels are noisy (a report may hedge, the labeler may
-err; docs/site/labels.md, "What a report-derived label is worth"), the scores are those of the model in
-use now on every period (a new model is scored on the whole archive from the input store,
+err; docs/site/labels.md, "What a report-derived label is worth"), the scores are those
+of the model in use now on every period (a new model is scored on the whole archive from the input store,
 so the trend shows that model, not the history of models), and an AUC mixes views: a
 period with more AP films (sicker patients) may differ for that reason alone.
 

@@ -62,7 +62,8 @@ from typing import Any, Final, Literal
 KEYS: Final = ("accession_number", "study_instance_uid")
 DEFAULT_TEXT_COLUMN: Final = "report"
 LABELS: Final = ("pneumonia", "normal", "uncertain")
-#: Every reason a label can carry, in the order the labels page's table lists them (docs/site/labels.md).
+#: Every reason a label can carry, in the order the labels page's table lists them
+#: (docs/site/labels.md).
 REASONS: Final = (
     "positive",
     "airspace",
