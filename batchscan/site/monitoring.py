@@ -21,9 +21,10 @@ the studies the state holds, and measures:
 
 What a figure here is worth: report labels are noisy (a report may hedge, the labeler may
 err; docs/site/labels.md, "What a report-derived label is worth"), the scores are those
-of the model in use now on every period (a new model is scored on the whole archive from the input store,
-so the trend shows that model, not the history of models), and an AUC mixes views: a
-period with more AP films (sicker patients) may differ for that reason alone.
+of the model in use now on every period (a new model is scored on the whole archive from
+the input store, so the trend shows that model, not the history of models), and an AUC
+mixes views: a period with more AP films (sicker patients) may differ for that reason
+alone.
 
 This stage reads the state's study rows and the reports file; it writes nothing itself
 (the scan writes the frames it returns, :mod:`batchscan.results.report`), and knows nothing of
