@@ -97,6 +97,10 @@ def test_a_folder_without_a_scan_or_without_labels_is_refused(
         main(["adapt", str(unlabelled), "--until", "2026-08-31", "--out", str(tmp_path / "m")]) == 2
     )
     assert "no report labels" in capsys.readouterr().err
+    inside = ["--until", "2026-08-31", "--out", str(demo_scan["archive"] / "models")]
+    assert main(["adapt", str(demo_scan["out"]), *inside]) == 2
+    assert "inside the archive" in capsys.readouterr().err
+    assert not (demo_scan["archive"] / "models").exists()
     # the labels can come from a reports file given to adapt itself
     too_early = ["--until", "2026-01-31", "--out", str(tmp_path / "m")]
     assert main(["adapt", str(unlabelled), *too_early, "--reports-file",

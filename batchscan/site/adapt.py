@@ -603,6 +603,10 @@ def run_adaptation(
     from batchscan.site.training import Dataset, TrainConfig, predict_scores, train, write_model
 
     manifest = read_scan(request.report_dir)
+    archive = Path(str(manifest.get("arguments", {}).get("archive"))).resolve()
+    out = request.out.resolve()
+    if out == archive or archive in out.parents:
+        raise AdaptError(f"--out {request.out} is inside the archive; it is never written")
     try:
         in_use_card = check_model(Path(manifest["model"]["path"]))
     except (KeyError, ModelError) as exc:
