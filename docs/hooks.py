@@ -51,3 +51,12 @@ def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
         raise ValueError(f"{page.file.src_path}: unknown generated part {match.group(0)}")
 
     return _MARKER.sub(made, markdown)
+
+
+_ROLE = re.compile(r":(?:class|func|mod|data|meth|attr|exc|obj):(?=<code>)")
+
+
+def on_page_content(html: str, **_: Any) -> str:
+    """The docstrings are written for Sphinx as much as for people: drop the reST role
+    prefixes (``:func:`` before a name set as code) that Markdown leaves in the text."""
+    return _ROLE.sub("", html)

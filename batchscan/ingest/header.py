@@ -4,30 +4,25 @@ Most files in a hospital archive are not chest radiographs (CT slices, MR, repor
 objects), so deciding from the header alone, with ``stop_before_pixels``, keeps the pixels of
 skipped files unread. Every decision is a value on the record:
 
-=====================  ==================================================================
-reason                 meaning
-=====================  ==================================================================
-``not_dicom``          no DICOM preamble and no recognisable DICOM start
-``dicomdir``           a DICOMDIR media index, not an image
-``not_an_image``       a DICOM object without an image (SR, KO, PR, RT plan...)
-``modality:<M>``       default mode: modality is not CR or DX (``unknown`` when absent)
-``body_part:<B>``      default mode: not a chest (``unknown`` when neither BodyPartExamined
-                       nor any description names the chest)
-``view:<V>``           default mode: not a frontal view (``LL``, ``RL``, ``LAT``...)
-``color:<P>``          not a grayscale image (Photometric Interpretation P)
-``multiframe:<n>``     n > 1 frames: a cine or volume, not one radiograph
-``for_processing``     default mode: a DX "for processing" (raw detector) image
-``truncated_header``   (failed) ``DICM`` and then nothing, or only the file meta
-``header_error:<E>``   (failed) the header could not be parsed (exception E; an OSError
-                       that pydicom raises without an errno is the file's content too)
-``bad_header:<what>``  (failed) ``rows_columns``, ``frames``, ``bits_allocated``,
-                       ``bits_stored``, ``photometric``, ``samples_per_pixel``: values no
-                       real image has; ``no_image_module``:
-                       an image SOP class without Rows/Columns (cut off in its header);
-                       ``no_sop_class``: neither an image nor a SOP Class UID;
-                       ``no_data_set``: what follows ``DICM`` cannot start a data set
-``too_large``          (failed) declared pixel data above the cap (``max_pixel_bytes``)
-=====================  ==================================================================
+* ``not_dicom``: no DICOM preamble and no recognisable DICOM start
+* ``dicomdir``: a DICOMDIR media index, not an image
+* ``not_an_image``: a DICOM object without an image (SR, KO, PR, RT plan...)
+* ``modality:<M>``: default mode: modality is not CR or DX (``unknown`` when absent)
+* ``body_part:<B>``: default mode: not a chest (``unknown`` when neither BodyPartExamined
+  nor any description names the chest)
+* ``view:<V>``: default mode: not a frontal view (``LL``, ``RL``, ``LAT``...)
+* ``color:<P>``: not a grayscale image (Photometric Interpretation P)
+* ``multiframe:<n>``: n > 1 frames: a cine or volume, not one radiograph
+* ``for_processing``: default mode: a DX "for processing" (raw detector) image
+* ``truncated_header``: (failed) ``DICM`` and then nothing, or only the file meta
+* ``header_error:<E>``: (failed) the header could not be parsed (exception E; an OSError
+  that pydicom raises without an errno is the file's content too)
+* ``bad_header:<what>``: (failed) ``rows_columns``, ``frames``, ``bits_allocated``,
+  ``bits_stored``, ``photometric``, ``samples_per_pixel``: values no real image has;
+  ``no_image_module``: an image SOP class without Rows/Columns (cut off in its header);
+  ``no_sop_class``: neither an image nor a SOP Class UID; ``no_data_set``: what follows
+  ``DICM`` cannot start a data set
+* ``too_large``: (failed) declared pixel data above the cap (``max_pixel_bytes``)
 
 The rules for ``--all-modalities`` (``StageOptions.all_modalities``): every single-frame
 grayscale image (MONOCHROME1/2, one sample per pixel) of any modality is eligible, views
