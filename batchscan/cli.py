@@ -430,14 +430,6 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
         "none (default): class weighting only",
     )
     adapt.add_argument(
-        "--erase-borders",
-        type=_probability,
-        default=0.0,
-        metavar="P",
-        help="erase the borders of a training picture with probability P, so that the model "
-        "cannot take its evidence from the chest wall, the arms or a side marker (default 0)",
-    )
-    adapt.add_argument(
         "--epochs",
         type=int_at_least(1),
         metavar="N",
@@ -492,17 +484,6 @@ def _training_options(parser: argparse.ArgumentParser, workers_help: str) -> Non
         help=workers_help,
     )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _probability(text: str) -> float:
-    """argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a probability between 0 and 1")
-    return value
 
 
 def _quiet_tensorflow() -> None:
@@ -737,7 +718,6 @@ def _adapt(args: argparse.Namespace) -> int:
             pretrain_views=args.pretrain_views,
             epochs=args.epochs,
             patience=args.patience,
-            erase_borders=args.erase_borders,
             balance=None if args.balance == "none" else args.balance,
         )
         done = run_adaptation(request)

@@ -138,7 +138,8 @@ class AdaptRequest:
     #: what they fine-tune on pretrain once; None: pretrain every time.
     pretrain_cache: Path | None = None
     #: Probability of erasing a training picture's borders
-    #: (:func:`batchscan.site.training.erase_borders`); 0: none.
+    #: (:func:`batchscan.site.training.erase_borders`); 0: none. Measured against the edge
+    #: shortcut (``jobs/lung_evidence.py``), it did not help, so no option sets it.
     erase_borders: float = 0.0
     #: ``view``: every view carries the same class balance in the loss and the validation
     #: AUC (:func:`batchscan.site.site_training.balance_weights`); None: class weighting.
