@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-import os
 import sqlite3
 from collections import Counter
 from collections.abc import Callable
@@ -47,12 +46,12 @@ import numpy as np
 import pandas as pd
 
 from batchscan.engines.pipeline import ScanConfig, prepared_stream
-from batchscan.ingest.paths import from_state, make_private
+from batchscan.ingest.paths import from_state, make_private, stat
 from batchscan.ingest.records import ImageRecord
 from batchscan.results import plots
 from batchscan.results.aggregate import aggregate_studies
 from batchscan.results.keys import input_key
-from batchscan.results.report import MANIFEST_FILE
+from batchscan.results.report import MANIFEST_FILE, publish
 from batchscan.results.state import STATE_FILE
 from batchscan.scoring.input_store import STORE_FILE, InputStore
 from batchscan.scoring.model import ModelError, check_model, load_model
@@ -274,15 +273,15 @@ def _reread(
     records = []
     for row in wanted.itertuples():
         path = from_state(row.path)
+        abs_path = f"{archive}/{path}"
         try:
-            st = os.stat(archive / path)
+            st = stat(abs_path)
         except OSError:
             continue
         if (st.st_size, st.st_mtime_ns) == (row.size, row.mtime_ns):
             records.append(
-                ImageRecord(path=path, abs_path=str(archive / path), size=row.size,
-                            mtime_ns=row.mtime_ns)
-            )  # fmt: skip
+                ImageRecord(path=path, abs_path=abs_path, size=row.size, mtime_ns=row.mtime_ns)
+            )
     found: dict[Any, np.ndarray] = {}
     by_path = {from_state(p): p for p in wanted["path"]}
     for batch in prepared_stream(config, iter(records), lambda n: None):
@@ -375,7 +374,7 @@ def save_pretrained(path: Path | None, key: str, pretrained: Any) -> None:
     with temporary.open("wb") as handle:
         np.savez(handle, **arrays)
     make_private(temporary)
-    os.replace(temporary, path)
+    publish(temporary, path)
 
 
 def _examples(rows: pd.DataFrame, inputs: np.ndarray) -> Examples:
@@ -408,13 +407,8 @@ def study_frame(images: pd.DataFrame, scores: np.ndarray, threshold: float) -> p
     views of its scored images, as ``batchscan evaluate`` names them) and ``label``."""
     frame = images.assign(score=scores)
     studies = aggregate_studies(frame, threshold, "")
-    views = (
-        frame.dropna(subset=["view"])
-        .groupby("study_instance_uid")["view"]
-        .agg(lambda v: ",".join(sorted(set(map(str, v)))))
-    )
     labels = frame.groupby("study_instance_uid")["label"].first()
-    studies["view"] = studies["study_instance_uid"].map(views)
+    studies["view"] = studies["views"].replace("", None)  # every image here is scored
     studies["label"] = studies["study_instance_uid"].map(labels).astype(int)
     return studies
 
@@ -452,8 +446,10 @@ def measure(
         per_view[view] = {
             "n": int(mask.sum()),
             "pneumonia": int(y[mask].sum()),
-            "in_use": group_metrics(y[mask], old[mask], in_use["threshold"], TARGET_SENSITIVITY),
-            "new": group_metrics(y[mask], s[mask], new["threshold"], TARGET_SENSITIVITY),
+            **{
+                role: asdict(group_metrics(y[mask], a[mask], m["threshold"], TARGET_SENSITIVITY))
+                for role, a, m in (("in_use", old, in_use), ("new", s, new))
+            },
         }
     within_old, within_new = _within_view(y, old, views), _within_view(y, s, views)
     both = bool(y.any() and (y == 0).any())
@@ -471,15 +467,7 @@ def measure(
         "n": len(y),
         "n_pneumonia": int(y.sum()),
         "comparison": comparison,
-        "by_view": {
-            view: {
-                "n": v["n"],
-                "pneumonia": v["pneumonia"],
-                "in_use": _plain(v["in_use"]),
-                "new": _plain(v["new"]),
-            }
-            for view, v in per_view.items()
-        },
+        "by_view": per_view,
         "within_views": {
             "in_use": within_old,
             "new": within_new,
@@ -496,10 +484,6 @@ def _difference(y: np.ndarray, old: np.ndarray, new: np.ndarray, views: np.ndarr
     a, _ = metrics.within_stratum_auc(y, old, views)
     b, _ = metrics.within_stratum_auc(y, new, views)
     return None if a is None or b is None else b - a
-
-
-def _plain(figures: Any) -> dict[str, Any]:
-    return asdict(figures)
 
 
 def verdict(measured: dict[str, Any], new_version: str) -> dict[str, Any]:
@@ -660,11 +644,10 @@ def run_adaptation(
         split = split_by_patient(
             examples,
             request.seed,
-            {"train": 1 - VALIDATION_SHARE, "validation": VALIDATION_SHARE},
+            {"train": 1 - VALIDATION_SHARE, "val": VALIDATION_SHARE},
         )
     except TrainingError as exc:
         raise AdaptError(f"studies dated up to {request.until}: {exc}") from None
-    split = np.where(split == "validation", "val", split)
     # later studies of patients the model learned from are not new to it
     period_patients = rows.loc[rows["date"] <= until, "patient_key"].dropna()
     known = {k for k in period_patients if k}
@@ -677,15 +660,15 @@ def run_adaptation(
     if request.pretrain:
         from batchscan.site.pretrain import DEFAULT_VIEWS, pretrain, with_backbone
 
-        period = pretrain_rows[pretrain_rows["path"].isin(position)]
+        films = pretrain_rows[pretrain_rows["path"].isin(position)]
         views = request.pretrain_views or DEFAULT_VIEWS
-        key = pretrain_key(period, base_card.version, request.seed, views)
+        key = pretrain_key(films, base_card.version, request.seed, views)
         pretrained = load_pretrained(request.pretrain_cache, key)
         if pretrained is None:
             try:
                 pretrained = pretrain(
                     base_model,
-                    inputs[[position[p] for p in period["path"]]],
+                    inputs[[position[p] for p in films["path"]]],
                     views=views,
                     seed=request.seed,
                     verbose=request.progress,
@@ -1002,7 +985,7 @@ def write_adaptation(
         temporary = path.with_name(f".{name}.tmp")
         temporary.write_text(text, encoding="utf-8")
         make_private(temporary)
-        os.replace(temporary, path)
+        publish(temporary, path)
         written.append(path)
     return written
 
