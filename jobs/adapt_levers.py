@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """What helps a site model: `batchscan adapt` on simulated hospitals, with 100, 300, 1,000
-and all labelled studies, with and without SimSiam pretraining, over several seeds, and the
-seeds' ensemble (docs/site/adapt.md).
+and all labelled studies, with and without SimSiam pretraining or as an ensemble of seed
+CNNs, over several seeds (docs/site/adapt.md).
 
 Usage:
     python jobs/adapt_levers.py [--work DIR] [--data DIR] [--hospitals kermany,shifted,marker]
-        [--sizes 100,300,1000,all] [--seeds 1,2] [--epochs N] [--pretrain-views N]
+        [--sizes 100,300,1000,all] [--seeds 1,2] [--variants plain,pre,ens3] [--epochs N]
+        [--pretrain-views N]
         [--json OUT.json]
 
 Each hospital is built from ``kermany_224`` (the pediatric source of the shipped model's
@@ -29,8 +30,9 @@ store and the report labels are filled); then every configuration is ``batchscan
 own :func:`batchscan.site.adapt.run_adaptation` on that REPORT_DIR (``max_labelled`` draws the
 labelled training studies with the seed; the pretraining of a seed is shared by the sizes).
 The table gives, on the later studies, the AUC pooled within views (mean over seeds, and
-each seed's value), the overall AUC, the ensemble of the seeds (their study scores
-averaged), and how many seeds' verdicts said deploy.
+each seed's value), the overall AUC, each variant's gain over plain fine-tuning with the
+same seed (the same labelled studies and the same split), and how many seeds' verdicts
+said deploy. Variants: ``plain``, ``pre`` (SimSiam first), ``ensK`` (``--ensemble K``).
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shortcut_check import AP_SHARE, with_marker
 from site_training_check import _PATIENT, _run, _shifted
 
-from batchscan.site import metrics
 from batchscan.synth import DEMO_REPORTS, write_labelled_studies, write_reports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,11 +157,6 @@ def scan_hospital(work: Path, data: Path, kind: str, limit: int | None = None) -
     return out
 
 
-def _within(points: dict[str, list[Any]], scores: np.ndarray) -> float | None:
-    y = np.asarray(points["label"], dtype=int)
-    return metrics.within_stratum_auc(y, scores, np.asarray(points["view"], dtype=object))[0]
-
-
 def main(argv: list[str] | None = None) -> int:
     from batchscan.site.adapt import AdaptRequest, run_adaptation
 
@@ -172,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument(
         "--all-seeds", default="1", help="seeds of the 'all labelled' size (the costliest)"
+    )
+    parser.add_argument(
+        "--variants",
+        default="plain,pre",
+        help="plain (fine-tuning), pre (SimSiam first), ensK (K seed CNNs on one split, "
+        "batchscan adapt --ensemble K)",
     )
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--pretrain-views", type=int, default=40_000)
@@ -188,12 +190,14 @@ def main(argv: list[str] | None = None) -> int:
         for kind in args.hospitals.split(","):
             report_dir = scan_hospital(work, args.data, kind, args.limit)
             for seed in seeds:
-                for pretrain in (False, True):
+                for variant in args.variants.split(","):
+                    pretrain = variant == "pre"
+                    ensemble = int(variant[3:]) if variant.startswith("ens") else 1
                     for n in sizes:
                         if n is None and seed not in all_seeds:
                             continue
                         started = time.perf_counter()
-                        name = f"s{seed}_{'pre' if pretrain else 'plain'}_{n or 'all'}"
+                        name = f"s{seed}_{variant}_{n or 'all'}"
                         kept = work / kind / name / "adaptation.json"
                         if kept.is_file():  # a run of an earlier call with the same work folder
                             r = json.loads(kept.read_text())
@@ -209,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                                     pretrain_views=args.pretrain_views,
                                     pretrain_cache=work / kind / f"pretrained_s{seed}.npz",
                                     max_labelled=n,
+                                    ensemble=ensemble,
                                     workers=0,
                                 )
                             ).result
@@ -219,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "labelled": n or "all",
                                 "train_studies": r["periods"]["training"]["studies"],
                                 "pretrain": pretrain,
+                                "variant": variant,
                                 "seed": seed,
                                 "auc": c["shadow"]["auc"],
                                 "auc_ci95": c["shadow"]["auc_ci95"],
@@ -242,31 +248,40 @@ def main(argv: list[str] | None = None) -> int:
                         if args.json:
                             args.json.write_text(json.dumps(runs, indent=1, default=str))
     print(
-        "\nlater studies: AUC pooled within views, mean over seeds [each seed]; overall AUC; "
-        "the seeds' ensemble within views; the model in use within views; deploy verdicts"
+        "\nlater studies: AUC pooled within views, mean over seeds [each seed]; "
+        "overall AUC; the gain over plain fine-tuning with the same seed, mean [each]; "
+        "the model in use within views; deploy verdicts"
     )
     print(
-        f"{'hospital':9s} {'labelled':>8s} {'pretrain':>8s} {'within views':>26s} "
-        f"{'overall':>8s} {'ensemble':>8s} {'in use':>7s} {'deploy':>7s}"
+        f"{'hospital':9s} {'labelled':>8s} {'variant':>8s} {'within views':>26s} "
+        f"{'overall':>8s} {'vs plain':>22s} {'in use':>7s} {'deploy':>7s}"
     )
     keys = sorted(
-        {(r["hospital"], str(r["labelled"]), r["pretrain"]) for r in runs},
+        {(r["hospital"], str(r["labelled"]), r["variant"]) for r in runs},
         key=lambda k: (k[0], k[1] == "all", int(k[1]) if k[1] != "all" else 0, k[2]),
     )
-    for kind, n, pretrain in keys:
+    for kind, n, variant in keys:
         part = [
             r
             for r in runs
-            if (r["hospital"], str(r["labelled"]), r["pretrain"]) == (kind, n, pretrain)
+            if (r["hospital"], str(r["labelled"]), r["variant"]) == (kind, n, variant)
         ]
+        plain = {
+            r["seed"]: r["within"]
+            for r in runs
+            if (r["hospital"], str(r["labelled"]), r["variant"]) == (kind, n, "plain")
+        }
         within = [r["within"] for r in part]
-        mean_scores = np.mean([np.asarray(r["points"]["new"]) for r in part], axis=0)
-        ensemble = _within(part[0]["points"], mean_scores)
+        gains = [r["within"] - plain[r["seed"]] for r in part if r["seed"] in plain]
         each = ",".join(f"{v:.3f}" for v in within)
+        versus = (
+            f"{np.mean(gains):+.3f} [{','.join(f'{g:+.3f}' for g in gains)}]"
+            if gains and variant != "plain"
+            else ""
+        )
         print(
-            f"{kind:9s} {n:>8s} {'yes' if pretrain else 'no':>8s} "
-            f"{np.mean(within):6.3f} [{each}]".ljust(56)
-            + f" {np.mean([r['auc'] for r in part]):8.3f} {ensemble:8.3f} "
+            f"{kind:9s} {n:>8s} {variant:>8s} {np.mean(within):6.3f} [{each}]".ljust(56)
+            + f" {np.mean([r['auc'] for r in part]):8.3f} {versus:>22s} "
             f"{part[0]['in_use_within']:7.3f} {sum(r['deploy'] for r in part)}/{len(part)}"
         )
     return 0

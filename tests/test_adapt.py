@@ -71,6 +71,8 @@ def test_adapt_runs_on_the_demo_and_says_too_few_later_studies(
         (["--out", "M"], "--until"),
         (["--until", "2026-13-01", "--out", "M"], "not a date"),
         (["--until", "2026-01-01", "--out", "M", "--reports-file", "nowhere.csv"], "not found"),
+        (["--until", "2026-01-01", "--out", "M", "--ensemble", "0"], "at least 1"),
+        (["--until", "2026-01-01", "--out", "M", "--ensemble", "10"], "at most 9"),
     ],
 )
 def test_bad_arguments_are_refused_with_one_line(
@@ -225,3 +227,36 @@ def test_adaptation_on_shuffled_labels_is_not_deployed(
     printed = _adapt(hospital, tmp_path / "m", reports, capsys)
     assert printed[-1].startswith("adapt: do not deploy"), printed[-1]
     assert "not better than the model in use" in printed[-1]
+
+
+def test_an_ensemble_is_one_model_file_that_scans_explains_and_adapts_again(
+    demo_scan: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    """``--ensemble 2``: one file of two seed CNNs that the scan, its OOD check and its maps
+    take as they take one; a later ``adapt`` fine-tunes it member by member, and refuses to
+    pretrain it."""
+    models = tmp_path / "models"
+    argv = ["--until", "2026-08-31", "--epochs", "2", "--no-progress", "--workers", "0"]
+    assert main(["adapt", str(demo_scan["out"]), *argv, "--out", str(models),
+                 "--ensemble", "2"]) == 0  # fmt: skip
+    card = check_model(models / "site_cnn.keras").card
+    assert card["architecture"]["members"] == 2
+    assert [m["seed"] for m in card["training"]["ensemble"]] == [1234, 2234]
+    assert card["ensemble"]["members"] == 2
+    assert load_model(models / "site_cnn.keras").keras_model.get_layer("conv2").groups == 2
+    out = tmp_path / "rescan"
+    scan = ["scan", str(demo_scan["archive"]), "--out", str(out), "--workers", "0"]
+    assert main([*scan, "--no-progress", "--model", str(models / "site_cnn.keras")]) == 0
+    images = pd.read_parquet(out / "images.parquet")
+    scored = images[images["score"].notna()]
+    assert len(scored) > 50 and scored["model_version"].str.startswith("site_cnn-").all()
+    assert scored["ood_score"].notna().all()
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/jpeg;base64") >= 1, "the top flagged studies carry maps"
+    capsys.readouterr()
+    again = [*argv, "--base", str(models / "site_cnn.keras"), "--ensemble", "2"]
+    assert main(["adapt", str(demo_scan["out"]), *again, "--out", str(tmp_path / "m2")]) == 0
+    assert check_model(tmp_path / "m2" / "site_cnn.keras").card["architecture"]["members"] == 2
+    pretrain = [*argv, "--base", str(models / "site_cnn.keras"), "--pretrain"]
+    assert main(["adapt", str(demo_scan["out"]), *pretrain, "--out", str(tmp_path / "m3")]) == 2
+    assert "is an ensemble of 2" in capsys.readouterr().err

@@ -54,7 +54,7 @@ from batchscan.results.keys import input_key
 from batchscan.results.report import MANIFEST_FILE, publish
 from batchscan.results.state import STATE_FILE
 from batchscan.scoring.input_store import STORE_FILE, InputStore
-from batchscan.scoring.model import ModelError, check_model, load_model
+from batchscan.scoring.model import ModelError, check_model, load_model, members_of
 from batchscan.site import metrics
 from batchscan.site.evaluate import (
     compare_shadow,
@@ -143,6 +143,9 @@ class AdaptRequest:
     #: ``view``: every view carries the same class balance in the loss and the validation
     #: AUC (:func:`batchscan.site.site_training.balance_weights`); None: class weighting.
     balance: str | None = None
+    #: Seed CNNs trained on the same split and averaged in one model
+    #: (:func:`batchscan.site.training.train_ensemble`); 1: one model.
+    ensemble: int = 1
 
 
 @dataclass(slots=True)
@@ -585,7 +588,13 @@ def run_adaptation(
     batchscan.scoring.model.ModelError
         The model in use (or ``--base``) cannot be loaded.
     """
-    from batchscan.site.training import Dataset, TrainConfig, predict_scores, train, write_model
+    from batchscan.site.training import (
+        Dataset,
+        TrainConfig,
+        predict_scores,
+        train_ensemble,
+        write_model,
+    )
 
     manifest = read_scan(request.report_dir)
     archive = Path(str(manifest.get("arguments", {}).get("archive"))).resolve()
@@ -657,6 +666,11 @@ def run_adaptation(
 
     base_model = load_model(base_card.path).keras_model
     pretrained_facts = None
+    if request.pretrain and members_of(base_model) > 1:
+        raise AdaptError(
+            f"--pretrain starts from one seed CNN, and {base_card.version} is an ensemble of "
+            f"{members_of(base_model)}: give --base a single model"
+        )
     if request.pretrain:
         from batchscan.site.pretrain import DEFAULT_VIEWS, pretrain, with_backbone
 
@@ -714,7 +728,9 @@ def run_adaptation(
         if request.balance == "view"
         else None
     )
-    model, report = train(dataset, config, base=base_model, sample_weight=weights)
+    model, report = train_ensemble(
+        dataset, config, request.ensemble, base=base_model, sample_weight=weights
+    )
     request.out.mkdir(parents=True, exist_ok=True)
     out_path = request.out / f"{request.name}.keras"
     studies_in = {
@@ -758,6 +774,13 @@ def run_adaptation(
         },
         "base_model": {"version": base_card.version, "name": base_card.card.get("name")},
         "mode": "fine_tune" + ("_after_simsiam_pretraining" if request.pretrain else ""),
+        "ensemble": {
+            "members": request.ensemble,
+            "what": "seed CNNs fine-tuned on the same split with seeds seed + 1000 i, "
+            "logits averaged, calibrated and thresholded on val as one model",
+        }
+        if request.ensemble > 1
+        else None,
         "pretraining": pretrained_facts,
         "balance": {"by": request.balance},
         "limits": [

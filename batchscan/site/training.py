@@ -29,7 +29,14 @@ from batchscan import __version__
 from batchscan.ingest import sanity
 from batchscan.ingest.preprocess import PREPROCESSING_SPEC, preprocess_many
 from batchscan.scoring import ood
-from batchscan.scoring.model import build_seed_model, sha256_of
+from batchscan.scoring.model import (
+    ModelError,
+    build_seed_model,
+    members_of,
+    merge_members,
+    sha256_of,
+    split_members,
+)
 from batchscan.site import metrics as m
 
 SPLITS = ("train", "val", "test")
@@ -347,6 +354,12 @@ def train(
 
     model = build_seed_model()
     if base is not None:
+        if members_of(base) != 1:
+            raise ModelError(
+                f"the base model is an ensemble of {members_of(base)} seed CNNs; this trains "
+                "one: give a single model as the base (batchscan adapt --ensemble fine-tunes "
+                "an ensemble member by member)"
+            )
         model.set_weights(base.get_weights())
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
@@ -379,14 +392,6 @@ def train(
     val_auc_history = [float(v) for v in history.history["val_auc"]]
     best_epoch = int(np.argmax(val_auc_history)) + 1
 
-    val_logits = logits_of(model, x_val)
-    scale, shift = m.fit_platt(y_val, val_logits)
-    if scale <= 0:  # would invert the ranking: keep the raw scores
-        scale, shift = 1.0, 0.0
-    ece_before = m.expected_calibration_error(y_val, sigmoid(val_logits))
-    fold_calibration(model, scale, shift)
-    val_scores = predict_scores(model, x_val)
-    threshold = m.youden_threshold(y_val, val_scores)
     report = {
         "epochs_run": len(val_auc_history),
         "best_epoch": best_epoch,
@@ -394,13 +399,87 @@ def train(
         "class_weight": class_weight,
         "n_train": len(x_train),
         "val_auc_history": [round(v, 4) for v in val_auc_history],
+        **calibrate(model, x_val, y_val),
+    }
+    return model, report
+
+
+def calibrate(model: Any, x_val: np.ndarray, y_val: np.ndarray) -> dict[str, Any]:
+    """Fit Platt scaling on val, fold it into `model`'s last layer, choose the threshold
+    (Youden's J on val); returns the report's calibration entries and ``threshold``."""
+    val_logits = logits_of(model, x_val)
+    scale, shift = m.fit_platt(y_val, val_logits)
+    if scale <= 0:  # would invert the ranking: keep the raw scores
+        scale, shift = 1.0, 0.0
+    ece_before = m.expected_calibration_error(y_val, sigmoid(val_logits))
+    fold_calibration(model, scale, shift)
+    val_scores = predict_scores(model, x_val)
+    return {
         "platt_scale": scale,
         "platt_shift": shift,
         "val_ece_before_calibration": ece_before,
         "val_ece_after_calibration": m.expected_calibration_error(y_val, val_scores),
-        "threshold": threshold,
+        "threshold": m.youden_threshold(y_val, val_scores),
     }
-    return model, report
+
+
+def train_ensemble(
+    dataset: Dataset,
+    config: TrainConfig,
+    members: int,
+    base: Any = None,
+    sample_weight: dict[str, np.ndarray] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Train `members` seed CNNs on the same split and average their logits in one model.
+
+    Why: with a few hundred labelled studies one training run is a lottery over seeds (a
+    run can stop early on a bad validation curve); the average of several is outvoted by
+    none of them (docs/site/adapt.md measures it). Member ``i`` trains with seed
+    ``config.seed + 1000 * i`` (member 0 is exactly what :func:`train` makes with
+    `config`) from `base`'s member ``i`` modulo the base's members. The merged model
+    (:func:`batchscan.scoring.model.merge_members`) is calibrated and given its threshold on
+    val as one model. With ``members=1`` this is :func:`train`.
+
+    Returns
+    -------
+    (keras.Model, dict)
+        The calibrated model and a report as :func:`train`'s, with ``members`` (each
+        member's seed, epochs, best epoch and val AUC).
+    """
+    from dataclasses import replace
+
+    if members < 1:
+        raise ValueError("an ensemble needs at least one member")
+    bases = split_members(base) if base is not None else [None]
+    if members == 1 and len(bases) == 1:
+        return train(dataset, config, base=base, sample_weight=sample_weight)
+    trained, reports = [], []
+    for i in range(members):
+        member_config = replace(config, seed=config.seed + 1000 * i)
+        model, report = train(dataset, member_config, bases[i % len(bases)], sample_weight)
+        trained.append(model)
+        reports.append({**report, "seed": member_config.seed})
+    merged = merge_members(trained) if members > 1 else trained[0]
+    x_val, y_val = dataset.x["val"], dataset.y["val"]
+    report = {
+        "epochs_run": max(r["epochs_run"] for r in reports),
+        "best_epoch": [r["best_epoch"] for r in reports],
+        "train_seconds": round(sum(r["train_seconds"] for r in reports), 1),
+        "class_weight": reports[0]["class_weight"],
+        "n_train": reports[0]["n_train"],
+        "val_auc_history": reports[0]["val_auc_history"],
+        "members": [
+            {
+                "seed": r["seed"],
+                "epochs_run": r["epochs_run"],
+                "best_epoch": r["best_epoch"],
+                "val_auc": m.roc_auc(y_val, predict_scores(t, x_val)),
+            }
+            for r, t in zip(reports, trained, strict=True)
+        ],
+        **calibrate(merged, x_val, y_val),
+    }
+    return merged, report
 
 
 def sanity_bound(inputs: np.ndarray) -> dict[str, Any]:
@@ -470,7 +549,8 @@ def write_model(
     import tensorflow as tf
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    shipped = build_seed_model()  # uncompiled: the file carries weights, not optimizer state
+    members = members_of(model)
+    shipped = build_seed_model(members)  # uncompiled: the file carries weights only
     shipped.set_weights(model.get_weights())
     shipped.save(out_path)
     model = shipped
@@ -486,7 +566,12 @@ def write_model(
         "model_file": out_path.name,
         "model_sha256": sha256_of(out_path),
         "architecture": {
-            "name": "seed CNN of the original design",
+            "name": "seed CNN of the original design"
+            if members == 1
+            else f"ensemble of {members} seed CNNs of the original design, side by side in "
+            "one chain of layers (grouped conv2; weights between members are zero), "
+            "logits averaged",
+            "members": members,
             "layers": architecture_summary(model),
             "parameters": int(model.count_params()),
             "input_shape": [64, 64, 3],
@@ -512,6 +597,7 @@ def write_model(
             else None,
             "class_weighting": report["class_weight"],
             "seed": config.seed,
+            "ensemble": report.get("members"),
             "command": command,
             **{k: report[k] for k in ("epochs_run", "best_epoch", "train_seconds", "n_train")},
         },
