@@ -423,15 +423,6 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
         help="pairs of augmented views that pretraining sees (default 40000)",
     )
     adapt.add_argument(
-        "--ensemble",
-        type=int_at_least(1, 9),
-        default=1,
-        metavar="K",
-        help="train K seed CNNs on the same split and average them in one model file "
-        "(default 1; measured to help with a few hundred labelled studies, K times the "
-        "training and about K times the scoring cost)",
-    )
-    adapt.add_argument(
         "--balance",
         choices=("none", "view"),
         default="none",
@@ -728,7 +719,6 @@ def _adapt(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             patience=args.patience,
             balance=None if args.balance == "none" else args.balance,
-            ensemble=args.ensemble,
         )
         done = run_adaptation(request)
     except (AdaptError, ModelError) as exc:

@@ -33,9 +33,8 @@ class ConfigError(ValueError):
     """The configuration file cannot be used (exit status 2)."""
 
 
-def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer >= `minimum` (and <= `maximum` when given), with a
-    one-line message otherwise."""
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum`, with a one-line message otherwise."""
 
     def parse(text: str) -> int:
         try:
@@ -44,8 +43,6 @@ def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], in
             raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}: {text}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be at most {maximum}: {text}")
         return value
 
     return parse

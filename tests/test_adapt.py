@@ -71,8 +71,6 @@ def test_adapt_runs_on_the_demo_and_says_too_few_later_studies(
         (["--out", "M"], "--until"),
         (["--until", "2026-13-01", "--out", "M"], "not a date"),
         (["--until", "2026-01-01", "--out", "M", "--reports-file", "nowhere.csv"], "not found"),
-        (["--until", "2026-01-01", "--out", "M", "--ensemble", "0"], "at least 1"),
-        (["--until", "2026-01-01", "--out", "M", "--ensemble", "10"], "at most 9"),
     ],
 )
 def test_bad_arguments_are_refused_with_one_line(
@@ -232,13 +230,21 @@ def test_adaptation_on_shuffled_labels_is_not_deployed(
 def test_an_ensemble_is_one_model_file_that_scans_explains_and_adapts_again(
     demo_scan: dict[str, Path], tmp_path: Path, capsys
 ) -> None:
-    """``--ensemble 2``: one file of two seed CNNs that the scan, its OOD check and its maps
-    take as they take one; a later ``adapt`` fine-tunes it member by member, and refuses to
+    """An ensemble of two (``AdaptRequest.ensemble``, the lever jobs/adapt_levers.py
+    measures): one file of two seed CNNs that the scan, its OOD check and its maps take as
+    they take one; a later ``adapt`` from it fine-tunes both members, and refuses to
     pretrain it."""
     models = tmp_path / "models"
-    argv = ["--until", "2026-08-31", "--epochs", "2", "--no-progress", "--workers", "0"]
-    assert main(["adapt", str(demo_scan["out"]), *argv, "--out", str(models),
-                 "--ensemble", "2"]) == 0  # fmt: skip
+    adapt.run_adaptation(
+        adapt.AdaptRequest(
+            report_dir=demo_scan["out"],
+            until=adapt.parse_until("2026-08-31"),
+            out=models,
+            epochs=2,
+            workers=0,
+            ensemble=2,
+        )
+    )
     card = check_model(models / "site_cnn.keras").card
     assert card["architecture"]["members"] == 2
     assert [m["seed"] for m in card["training"]["ensemble"]] == [1234, 2234]
@@ -254,9 +260,10 @@ def test_an_ensemble_is_one_model_file_that_scans_explains_and_adapts_again(
     page = (out / "report.html").read_text()
     assert page.count("data:image/jpeg;base64") >= 1, "the top flagged studies carry maps"
     capsys.readouterr()
-    again = [*argv, "--base", str(models / "site_cnn.keras"), "--ensemble", "2"]
+    argv = ["--until", "2026-08-31", "--epochs", "2", "--no-progress", "--workers", "0"]
+    again = [*argv, "--base", str(models / "site_cnn.keras")]
     assert main(["adapt", str(demo_scan["out"]), *again, "--out", str(tmp_path / "m2")]) == 0
     assert check_model(tmp_path / "m2" / "site_cnn.keras").card["architecture"]["members"] == 2
-    pretrain = [*argv, "--base", str(models / "site_cnn.keras"), "--pretrain"]
-    assert main(["adapt", str(demo_scan["out"]), *pretrain, "--out", str(tmp_path / "m3")]) == 2
+    assert main(["adapt", str(demo_scan["out"]), *again, "--pretrain",
+                 "--out", str(tmp_path / "m3")]) == 2  # fmt: skip
     assert "is an ensemble of 2" in capsys.readouterr().err

@@ -144,8 +144,11 @@ class AdaptRequest:
     #: AUC (:func:`batchscan.site.site_training.balance_weights`); None: class weighting.
     balance: str | None = None
     #: Seed CNNs trained on the same split and averaged in one model
-    #: (:func:`batchscan.site.training.train_ensemble`); 1: one model.
-    ensemble: int = 1
+    #: (:func:`batchscan.site.training.train_ensemble`); None: as many as the base holds
+    #: (one, unless the model in use is an ensemble). Measured on the simulated hospitals
+    #: (``jobs/adapt_levers.py --variants plain,ens3``), three did not help, so no option
+    #: sets it.
+    ensemble: int | None = None
 
 
 @dataclass(slots=True)
@@ -728,9 +731,8 @@ def run_adaptation(
         if request.balance == "view"
         else None
     )
-    model, report = train_ensemble(
-        dataset, config, request.ensemble, base=base_model, sample_weight=weights
-    )
+    members = request.ensemble or members_of(base_model)
+    model, report = train_ensemble(dataset, config, members, base=base_model, sample_weight=weights)
     request.out.mkdir(parents=True, exist_ok=True)
     out_path = request.out / f"{request.name}.keras"
     studies_in = {
@@ -775,11 +777,11 @@ def run_adaptation(
         "base_model": {"version": base_card.version, "name": base_card.card.get("name")},
         "mode": "fine_tune" + ("_after_simsiam_pretraining" if request.pretrain else ""),
         "ensemble": {
-            "members": request.ensemble,
+            "members": members,
             "what": "seed CNNs fine-tuned on the same split with seeds seed + 1000 i, "
             "logits averaged, calibrated and thresholded on val as one model",
         }
-        if request.ensemble > 1
+        if members > 1
         else None,
         "pretraining": pretrained_facts,
         "balance": {"by": request.balance},
