@@ -63,3 +63,14 @@ def test_spec_check() -> None:
     assert spec_is_supported(dict(PREPROCESSING_SPEC))
     assert not spec_is_supported({**PREPROCESSING_SPEC, "version": 99})
     assert not spec_is_supported("batchscan-cxr")
+
+
+def test_a_64_px_picture_is_the_input_itself_at_size_64() -> None:
+    """``size=64`` (a base measured at the design's 64 x 64, jobs/base64_check.py): the
+    centre square is resized once, straight to the input, with no 28 px step."""
+    rng = np.random.default_rng(3)
+    picture = rng.random((64, 64)).astype(np.float32)
+    tensor = preprocess(picture, size=64)
+    np.testing.assert_array_equal(tensor, np.repeat(picture[..., None], 3, axis=2))
+    wide = rng.random((100, 160)).astype(np.float32)
+    assert not np.allclose(preprocess(wide, size=64), preprocess(wide))

@@ -88,8 +88,10 @@ def spec_is_supported(spec: object) -> bool:
     )
 
 
-def to_source(display: np.ndarray, sampling: Sampling | None = None) -> np.ndarray:
-    """Steps 1-2 of the spec: crop the centre square and reduce it to 28 x 28.
+def to_source(
+    display: np.ndarray, sampling: Sampling | None = None, size: int = SOURCE_SIZE
+) -> np.ndarray:
+    """Steps 1-2 of the spec: crop the centre square and reduce it to 28 x 28 (`size`).
 
     Parameters
     ----------
@@ -99,11 +101,14 @@ def to_source(display: np.ndarray, sampling: Sampling | None = None) -> np.ndarr
         What `display`'s samples are (:mod:`batchscan.ingest.sampling`); None, or samples that are
         box averages, are resized as pixels; from a wavelet band the resize is estimated
         (:func:`batchscan.ingest.sampling.resize`).
+    size:
+        Side of the square picture: :data:`SOURCE_SIZE` for every shipped model; a base
+        trained at another resolution is measured with it (``jobs/base64_check.py``).
 
     Returns
     -------
     numpy.ndarray
-        (28, 28) float32 in [0, 1].
+        (size, size) float32 in [0, 1].
 
     Raises
     ------
@@ -112,12 +117,13 @@ def to_source(display: np.ndarray, sampling: Sampling | None = None) -> np.ndarr
     """
     if display.ndim != 2 or min(display.shape) < 1:
         raise ValueError(f"expected a non-empty 2-D image, got shape {display.shape}")
-    picture = resize(display, (SOURCE_SIZE, SOURCE_SIZE), sampling, square=True)
+    picture = resize(display, (size, size), sampling, square=True)
     return np.clip(picture, 0.0, 1.0)
 
 
 def source_to_input(source: np.ndarray) -> np.ndarray:
-    """Steps 3-4 of the spec: a (28, 28) picture in [0, 1] -> (64, 64, 3) float32 in [0, 1]."""
+    """Steps 3-4 of the spec: a (28, 28) picture in [0, 1] -> (64, 64, 3) float32 in [0, 1]
+    (a 64 x 64 picture is left as it is: Pillow's resize to the same size is a copy)."""
     picture = Image.fromarray(np.ascontiguousarray(source, dtype=np.float32), mode="F")
     large = np.asarray(
         picture.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR), dtype=np.float32
@@ -126,7 +132,9 @@ def source_to_input(source: np.ndarray) -> np.ndarray:
     return np.repeat(large[:, :, np.newaxis], CHANNELS, axis=2)
 
 
-def preprocess(display: np.ndarray, sampling: Sampling | None = None) -> np.ndarray:
+def preprocess(
+    display: np.ndarray, sampling: Sampling | None = None, size: int = SOURCE_SIZE
+) -> np.ndarray:
     """Turn one display-normalized image into the model input, as :data:`PREPROCESSING_SPEC`.
 
     This is the only route from pixels to model input, for training and inference alike.
@@ -138,6 +146,9 @@ def preprocess(display: np.ndarray, sampling: Sampling | None = None) -> np.ndar
         is taken as ``display / 255``.
     sampling:
         What the decoder's samples are (see :func:`to_source`); None for pixels.
+    size:
+        Side of the intermediate square picture (see :func:`to_source`); anything but
+        :data:`SOURCE_SIZE` makes inputs no shipped model was trained on.
 
     Returns
     -------
@@ -151,12 +162,12 @@ def preprocess(display: np.ndarray, sampling: Sampling | None = None) -> np.ndar
     """
     if display.dtype == np.uint8:
         display = display.astype(np.float32) / 255.0
-    return source_to_input(to_source(display, sampling))
+    return source_to_input(to_source(display, sampling, size))
 
 
-def preprocess_many(images: np.ndarray | list[np.ndarray]) -> np.ndarray:
+def preprocess_many(images: np.ndarray | list[np.ndarray], size: int = SOURCE_SIZE) -> np.ndarray:
     """Apply :func:`preprocess` to each image; returns (N, 64, 64, 3) float32."""
     out = np.empty((len(images), INPUT_SIZE, INPUT_SIZE, CHANNELS), dtype=np.float32)
     for i, image in enumerate(images):
-        out[i] = preprocess(image)
+        out[i] = preprocess(image, size=size)
     return out
