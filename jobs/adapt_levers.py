@@ -32,7 +32,8 @@ labelled training studies with the seed; the pretraining of a seed is shared by 
 The table gives, on the later studies, the AUC pooled within views (mean over seeds, and
 each seed's value), the overall AUC, each variant's gain over plain fine-tuning with the
 same seed (the same labelled studies and the same split), and how many seeds' verdicts
-said deploy. Variants: ``plain``, ``pre`` (SimSiam first), ``ensK`` (``--ensemble K``).
+said deploy. Variants: ``plain``, ``pre`` (SimSiam first), ``ensK`` (K seed CNNs on one split,
+``AdaptRequest.ensemble``).
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         default="plain,pre",
         help="plain (fine-tuning), pre (SimSiam first), ensK (K seed CNNs on one split, "
-        "batchscan adapt --ensemble K)",
+        "AdaptRequest.ensemble = K)",
     )
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--pretrain-views", type=int, default=40_000)

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -53,6 +52,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from site_training_check import _PATIENT, _shifted
 
 from batchscan.ingest.preprocess import INPUT_SIZE, SOURCE_SIZE, preprocess_many
 from batchscan.scoring.model import load_model
@@ -64,7 +66,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RATIOS = np.round(np.arange(1.0, 2.001, 0.05), 2)
 #: Correlation with a PneumoniaMNIST picture below which a film's ratio is not trusted.
 MIN_MATCH = 0.97
-PATIENT = re.compile(r"(person\d+)|((?:NORMAL2-)?IM-\d+)")
 
 
 def _centre(picture: np.ndarray, ratio: float) -> np.ndarray:
@@ -110,10 +111,6 @@ def unsquash(film: np.ndarray, ratio: float) -> np.ndarray:
     return np.asarray(square, dtype=np.uint8)
 
 
-def _shifted(picture: np.ndarray) -> np.ndarray:
-    return np.rint(255 * (1 - (picture / 255.0) ** 0.6)).astype(np.uint8)
-
-
 def _patient_split(patients: np.ndarray, share: float, seed: int) -> np.ndarray:
     """True for the validation part: `share` of the patients, drawn with `seed`."""
     unique = np.unique(patients)
@@ -152,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = np.array([r["label"] == "PNEUMONIA" for r in rows], dtype=np.int64)
     splits = np.array([r["split"] for r in rows])
     patients = np.array(
-        [(m.group(0) if (m := PATIENT.search(Path(r["path"]).name)) else r["path"]) for r in rows]
+        [(m.group(0) if (m := _PATIENT.search(Path(r["path"]).name)) else r["path"]) for r in rows]
     )
     mnist = np.load(args.data / "pneumoniamnist_28_full.npz")
     measured = np.empty((len(rows), 2))
@@ -218,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, base in bases.items():
         size, model, threshold = base["size"], base["model"], base["threshold"]
         adult_scores = predict_scores(model, preprocess_many(adults, size=size))
+        later = inputs(size, test_at, shift=True)
         table[name] = {
             "pneumoniamnist_test": _figures(
                 predict_scores(model, preprocess_many(mnist_test, size=size)), mnist_y, threshold
@@ -228,12 +226,9 @@ def main(argv: list[str] | None = None) -> int:
             "adult_normals_specificity": float((adult_scores < threshold).mean()),
             "adults": len(adults),
             "threshold": threshold,
-            "shifted_in_use": metrics.roc_auc(
-                labels[test_at], predict_scores(model, inputs(size, test_at, shift=True))
-            ),
+            "shifted_in_use": metrics.roc_auc(labels[test_at], predict_scores(model, later)),
             "adaptation": {},
         }
-        later = inputs(size, test_at, shift=True)
         for n in [int(s) for s in args.sizes.split(",")]:
             for seed in [int(s) for s in args.adapt_seeds.split(",")]:
                 chosen = np.sort(np.random.default_rng(seed).choice(train_at, n, replace=False))

@@ -105,7 +105,9 @@ class LoadedModel:
 
 
 #: Units of the seed architecture's layers that an ensemble widens (one block per member).
-_SEED_WIDTHS: Final = {"conv1": 32, "conv2": 64, "dense": 64}
+_CONV1: Final = 32
+_CONV2: Final = 64
+_DENSE: Final = 64
 
 
 def build_seed_model(members: int = 1) -> Any:
@@ -130,12 +132,12 @@ def build_seed_model(members: int = 1) -> Any:
     return keras.Sequential(
         [
             keras.Input(shape=(INPUT_SIZE, INPUT_SIZE, CHANNELS), name="image"),
-            keras.layers.Conv2D(32 * k, (3, 3), activation="relu", name="conv1"),
+            keras.layers.Conv2D(_CONV1 * k, (3, 3), activation="relu", name="conv1"),
             keras.layers.MaxPooling2D((2, 2), name="pool1"),
-            keras.layers.Conv2D(64 * k, (3, 3), activation="relu", groups=k, name="conv2"),
+            keras.layers.Conv2D(_CONV2 * k, (3, 3), activation="relu", groups=k, name="conv2"),
             keras.layers.MaxPooling2D((2, 2), name="pool2"),
             keras.layers.Flatten(name="flatten"),
-            keras.layers.Dense(64 * k, activation="relu", name="dense"),
+            keras.layers.Dense(_DENSE * k, activation="relu", name="dense"),
             keras.layers.Dense(1, activation="sigmoid", name="score"),
         ],
         name="pneumonia_cnn_seed" if k == 1 else f"pneumonia_cnn_seed_ensemble_{k}",
@@ -155,7 +157,7 @@ def members_of(keras_model: Any) -> int:
         groups = int(keras_model.get_layer("conv2").groups)
     except (ValueError, AttributeError) as exc:
         raise ValueError(f"not the seed architecture: {exc}") from None
-    if filters % 32 or filters // 32 != groups:
+    if filters % _CONV1 or filters // _CONV1 != groups:
         raise ValueError(
             f"not the seed architecture: conv1 {filters} filters, conv2 {groups} groups"
         )
@@ -181,18 +183,19 @@ def merge_members(models: list[Any]) -> Any:
     conv2 = [np.concatenate([w["conv2"][i] for w in weights], axis=-1) for i in (0, 1)]
     # flatten orders (row, column, channel): member g's channels are g*64 ... g*64 + 63
     kernel = weights[0]["dense"][0]
-    places = kernel.shape[0] // 64
-    dense = np.zeros((places, 64 * k, 64 * k), dtype=kernel.dtype)
+    places = kernel.shape[0] // _CONV2
+    dense = np.zeros((places, _CONV2 * k, _DENSE * k), dtype=kernel.dtype)
     for g, w in enumerate(weights):
-        dense[:, g * 64 : (g + 1) * 64, g * 64 : (g + 1) * 64] = w["dense"][0].reshape(
-            places, 64, 64
-        )
+        rows, cols = slice(g * _CONV2, (g + 1) * _CONV2), slice(g * _DENSE, (g + 1) * _DENSE)
+        dense[:, rows, cols] = w["dense"][0].reshape(places, _CONV2, _DENSE)
     dense_bias = np.concatenate([w["dense"][1] for w in weights])
     score = np.concatenate([w["score"][0] for w in weights], axis=0) / k
     score_bias = np.mean([w["score"][1] for w in weights], axis=0)
     merged.get_layer("conv1").set_weights(conv1)
     merged.get_layer("conv2").set_weights(conv2)
-    merged.get_layer("dense").set_weights([dense.reshape(places * 64 * k, 64 * k), dense_bias])
+    merged.get_layer("dense").set_weights(
+        [dense.reshape(places * _CONV2 * k, _DENSE * k), dense_bias]
+    )
     merged.get_layer("score").set_weights([score, score_bias])
     return merged
 
@@ -204,19 +207,19 @@ def split_members(keras_model: Any) -> list[Any]:
 
     k = members_of(keras_model)
     w = {layer.name: layer.get_weights() for layer in keras_model.layers}
-    places = w["dense"][0].shape[0] // (64 * k)
+    places = w["dense"][0].shape[0] // (_CONV2 * k)
     out = []
     for g in range(k):
         one = build_seed_model()
-        c1, c2, d = (
-            slice(g * 32, (g + 1) * 32),
-            slice(g * 64, (g + 1) * 64),
-            slice(g * 64, (g + 1) * 64),
-        )
+        c1 = slice(g * _CONV1, (g + 1) * _CONV1)
+        c2 = slice(g * _CONV2, (g + 1) * _CONV2)
+        d = slice(g * _DENSE, (g + 1) * _DENSE)
         one.get_layer("conv1").set_weights([w["conv1"][0][..., c1], w["conv1"][1][c1]])
         one.get_layer("conv2").set_weights([w["conv2"][0][..., c2], w["conv2"][1][c2]])
-        dense = w["dense"][0].reshape(places, 64 * k, 64 * k)[:, d, d].reshape(places * 64, 64)
-        one.get_layer("dense").set_weights([np.ascontiguousarray(dense), w["dense"][1][d]])
+        dense = w["dense"][0].reshape(places, _CONV2 * k, _DENSE * k)[:, c2, d]
+        one.get_layer("dense").set_weights(
+            [np.ascontiguousarray(dense.reshape(places * _CONV2, _DENSE)), w["dense"][1][d]]
+        )
         one.get_layer("score").set_weights([w["score"][0][d] * k, w["score"][1]])
         out.append(one)
     return out

@@ -357,8 +357,8 @@ def train(
         if members_of(base) != 1:
             raise ModelError(
                 f"the base model is an ensemble of {members_of(base)} seed CNNs; this trains "
-                "one: give a single model as the base (batchscan adapt --ensemble fine-tunes "
-                "an ensemble member by member)"
+                "one: give a single model as the base (batchscan adapt fine-tunes an "
+                "ensemble member by member)"
             )
         model.set_weights(base.get_weights())
     model.compile(
@@ -432,9 +432,9 @@ def train_ensemble(
 ) -> tuple[Any, dict[str, Any]]:
     """Train `members` seed CNNs on the same split and average their logits in one model.
 
-    Why: with a few hundred labelled studies one training run is a lottery over seeds (a
-    run can stop early on a bad validation curve); the average of several is outvoted by
-    none of them (docs/site/adapt.md measures it). Member ``i`` trains with seed
+    Why: with a few hundred labelled studies one training run is a lottery over seeds, and
+    an average of several was the hope; measured on one split (docs/site/adapt.md), it did
+    not help, so ``adapt`` uses it only for an ensemble base. Member ``i`` trains with seed
     ``config.seed + 1000 * i`` (member 0 is exactly what :func:`train` makes with
     `config`) from `base`'s member ``i`` modulo the base's members. The merged model
     (:func:`batchscan.scoring.model.merge_members`) is calibrated and given its threshold on
@@ -450,9 +450,9 @@ def train_ensemble(
 
     if members < 1:
         raise ValueError("an ensemble needs at least one member")
-    bases = split_members(base) if base is not None else [None]
-    if members == 1 and len(bases) == 1:
+    if members == 1 and (base is None or members_of(base) == 1):
         return train(dataset, config, base=base, sample_weight=sample_weight)
+    bases = split_members(base) if base is not None else [None]
     trained, reports = [], []
     for i in range(members):
         member_config = replace(config, seed=config.seed + 1000 * i)
