@@ -18,9 +18,15 @@ NPZ = default_npz_path(ROOT)
 JOBS = ROOT / "jobs"
 
 
+if str(JOBS) not in sys.path:  # jobs/common/: the helpers that jobs and tests share
+    sys.path.insert(0, str(JOBS))
+
+
 def load_job(name: str) -> ModuleType:
-    """Import a script of jobs/ (they are thin scripts, not a package) by its file path."""
-    spec = importlib.util.spec_from_file_location(f"jobs_{name}", JOBS / f"{name}.py")
+    """Import a script of jobs/ (they are thin scripts, not a package) by its path under
+    jobs/ without ``.py`` (``"train"``, ``"experiments/blank_bound"``)."""
+    module_name = "jobs_" + name.replace("/", "_")
+    spec = importlib.util.spec_from_file_location(module_name, JOBS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -79,9 +85,11 @@ def demo_srs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second model, as a site would deploy one: the shipped seed CNN with its output
     layer's weights moved (its features, and so its OOD statistics, stay valid), saved with
-    its own card (``jobs/lifecycle_benchmark.py`` makes it); its scores differ from the
+    its own card (``jobs/common/site_model.py`` makes it); its scores differ from the
     shipped model's on every film."""
-    return load_job("lifecycle_benchmark").site_model(tmp_path_factory.mktemp("models"))
+    from common.site_model import site_model
+
+    return site_model(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

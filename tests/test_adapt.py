@@ -139,12 +139,12 @@ def test_the_verdict_needs_a_gain_beyond_chance_overall_and_within_views() -> No
 
 @pytest.fixture(scope="module")
 def hospital(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The shifted hospital of jobs/adapt_levers.py (inverted, flattened Kermany films the
-    shipped model reads backwards), 150 studies in 2025 and 150 in 2026, scanned with its
+    """The shifted hospital of jobs/experiments/adapt_levers.py (inverted, flattened Kermany
+    films the shipped model reads backwards), 150 studies in 2025 and 150 in 2026, scanned with its
     reports and a pseudonym key."""
     if not (KERMANY / "labels.csv").is_file():
         pytest.skip(f"needs the shared data at {KERMANY}; CI has it")
-    job = load_job("adapt_levers")
+    job = load_job("experiments/adapt_levers")
     root = tmp_path_factory.mktemp("hospital")
     archive, reports = job.kermany_hospital(KERMANY, "shifted", root, limit=150)
     key = root / "key"
@@ -198,7 +198,7 @@ def test_adaptation_that_helps_is_deployed_and_nothing_after_the_date_is_learned
     # studies are only measured), and measured against reversed labels the model is no
     # longer better than the one in use
     texts, later = _texts(hospital["reports"]), _later(hospital["out"])
-    job = load_job("adapt_levers")
+    job = load_job("experiments/adapt_levers")
     normal, pneumonia = set(job.REPORT_TEXTS[0]), set(job.REPORT_TEXTS[1])
     opposite = {t: job.REPORT_TEXTS[0][0] for t in pneumonia} | {
         t: job.REPORT_TEXTS[1][0] for t in normal
@@ -230,7 +230,7 @@ def test_adaptation_on_shuffled_labels_is_not_deployed(
 def test_an_ensemble_is_one_model_file_that_scans_explains_and_adapts_again(
     demo_scan: dict[str, Path], tmp_path: Path, capsys
 ) -> None:
-    """An ensemble of two (``AdaptRequest.ensemble``, the lever jobs/adapt_levers.py
+    """An ensemble of two (``AdaptRequest.ensemble``, the lever jobs/experiments/adapt_levers.py
     measures): one file of two seed CNNs that the scan, its OOD check and its maps take as
     they take one; a later ``adapt`` from it fine-tunes both members, and refuses to
     pretrain it."""

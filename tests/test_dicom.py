@@ -118,7 +118,7 @@ def test_voi_lut_sequence_is_preferred() -> None:
 
 def test_fallback_window_keeps_padding_in_its_sample_as_dcmtk_does() -> None:
     """DCMTK's histogram window is the same with and without Pixel Padding Value (measured,
-    jobs/window_check.py); padding is shown black either way."""
+    jobs/experiments/window_check.py); padding is shown black either way."""
     arr = np.full((100, 100), 500, dtype=np.uint16)
     arr[:, :50] = np.linspace(1000, 2000, 50, dtype=np.uint16)
     arr[0, 0] = 4095  # one hot pixel: the percentile window is not dragged by it

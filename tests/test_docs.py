@@ -83,3 +83,14 @@ def test_readme_is_a_front_door_whose_links_lead_somewhere() -> None:
     for link in links:
         if not link.startswith(("http:", "https:")):
             assert (ROOT / link).exists(), f"README links to a missing {link}"
+
+
+def test_jobs_readme_names_every_script() -> None:
+    """``ls jobs/`` with its README says what each script is for: every script and helper
+    has its line there, and the page names no script that is gone."""
+    jobs = ROOT / "jobs"
+    scripts = {str(p.relative_to(jobs)) for p in jobs.rglob("*.py") if p.name != "__init__.py"}
+    text = (jobs / "README.md").read_text()
+    rows = [line.split("|")[1] for line in text.splitlines() if line.startswith("| `")]
+    named = {name for row in rows for name in re.findall(r"`([a-z0-9_/]+\.py)`", row)}
+    assert scripts == named

@@ -178,7 +178,12 @@ def test_the_cron_wrapper_mails_the_performance_warning(
         f'archive = "{archive}"\nout = "{out}"\nworkers = 0\nreports_file = "{export}"\n'
     )
     done = subprocess.run(
-        ["bash", str(ROOT / "jobs/cron/batchscan-nightly.sh"), str(config), str(tmp_path / "log")],
+        [
+            "bash",
+            str(ROOT / "jobs/deploy/cron/batchscan-nightly.sh"),
+            str(config),
+            str(tmp_path / "log"),
+        ],
         capture_output=True,
         text=True,
         env=dict(os.environ, BATCHSCAN=str(Path(sys.executable).with_name("batchscan"))),

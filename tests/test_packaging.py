@@ -72,7 +72,7 @@ def test_the_version_changes_with_each_release() -> None:
 
 def test_kuberay_example_has_token_auth_and_a_read_only_archive() -> None:
     yaml = __import__("pytest").importorskip("yaml")
-    cluster = yaml.safe_load((ROOT / "jobs/kuberay/raycluster.yaml").read_text())
+    cluster = yaml.safe_load((ROOT / "jobs/deploy/kuberay/raycluster.yaml").read_text())
     assert cluster["kind"] == "RayCluster"
     groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
     for group in groups:

@@ -66,7 +66,7 @@ def test_spec_check() -> None:
 
 
 def test_a_64_px_picture_is_the_input_itself_at_size_64() -> None:
-    """``size=64`` (a base measured at the design's 64 x 64, jobs/base64_check.py): the
+    """``size=64`` (a base measured at the design's 64 x 64, jobs/experiments/base64_check.py): the
     centre square is resized once, straight to the input, with no 28 px step."""
     rng = np.random.default_rng(3)
     picture = rng.random((64, 64)).astype(np.float32)

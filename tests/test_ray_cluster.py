@@ -3,7 +3,7 @@ authentication: the reports equal the local engine's, a lost node or a killed dr
 nothing, and a wrong token or another release on a node is refused with one line.
 
 Each cluster lives in a network namespace the test makes, with only its loopback up
-(jobs/ray_cluster_check.py: NetnsCluster): a head with no CPUs for work and worker nodes of
+(jobs/bench/ray_cluster_check.py: NetnsCluster): a head with no CPUs for work and worker nodes of
 one CPU, each its own raylet; traffic never leaves 127.0.0.1 of that namespace, and the
 test ends exactly the processes of its namespaces. Skipped, with the reason, where
 namespaces cannot be made (not root); CI runs as root.
@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import load_job
 
 pytest.importorskip("ray")
-cluster_job = load_job("ray_cluster_check")
+cluster_job = load_job("common/netns_cluster")
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(

@@ -110,8 +110,9 @@ def test_real_films_of_pydicom_data_are_not_blank(pydicom_data_files: Path) -> N
 @pytest.mark.slow
 @pytest.mark.shared_data
 def test_no_film_of_any_data_set_is_blank(npz_path: Path) -> None:
-    """The measurement the bounds rest on (jobs/blank_bound.py): every picture we have."""
-    job = load_job("blank_bound")
+    """The measurement the bounds rest on (jobs/experiments/blank_bound.py): every picture we
+    have."""
+    job = load_job("experiments/blank_bound")
     for name, inputs in job.real_sets(npz_path.parent):
         blank = [i for i, x in enumerate(inputs) if blank_detail(x) is not None]
         assert blank == [], f"{name}: {len(blank)} real films called blank"

@@ -21,7 +21,7 @@ from batchscan.pacs.send import Destination, DestinationError, SendError, send_o
 from batchscan.synth import write_demo_archive
 from tests.conftest import ROOT, load_job
 
-pacs_job = load_job("orthanc_pacs")
+pacs_job = load_job("common/orthanc")
 needs_orthanc = pytest.mark.skipif(
     pacs_job.orthanc_missing() is not None,
     reason=f"{pacs_job.orthanc_missing()}; bash tests/debian-tools.sh installs it (as root)",
@@ -219,7 +219,7 @@ def test_the_nightly_wrapper_scans_then_sends(tmp_path: Path) -> None:
         f'archive = "{archive}"\nout = "reports"\nsr_out = "outbox"\nworkers = 1\n'
         f'send_to = "{server.destination}"\n'
     )
-    wrapper = ROOT / "jobs" / "cron" / "batchscan-nightly.sh"
+    wrapper = ROOT / "jobs" / "deploy" / "cron" / "batchscan-nightly.sh"
     env = dict(os.environ, BATCHSCAN=str(Path(sys.executable).with_name("batchscan")))
 
     def nightly() -> subprocess.CompletedProcess[str]:

@@ -257,7 +257,7 @@ def test_archive_is_never_written(archive: Path, tmp_path: Path) -> None:
 
 
 def test_cron_wrapper_logs_and_passes_the_status_through(archive: Path, tmp_path: Path) -> None:
-    wrapper = ROOT / "jobs" / "cron" / "batchscan-nightly.sh"
+    wrapper = ROOT / "jobs" / "deploy" / "cron" / "batchscan-nightly.sh"
     config = tmp_path / "batchscan.toml"
     config.write_text(f'archive = "{archive}"\nout = "{tmp_path / "out"}"\nworkers = 1\n')
     logs = tmp_path / "logs"

@@ -103,7 +103,7 @@ def to_source(
         (:func:`batchscan.ingest.sampling.resize`).
     size:
         Side of the square picture: :data:`SOURCE_SIZE` for every shipped model; a base
-        trained at another resolution is measured with it (``jobs/base64_check.py``).
+        trained at another resolution is measured with it (``jobs/experiments/base64_check.py``).
 
     Returns
     -------

@@ -14,7 +14,7 @@ picture that is **constant**, or **detector noise only**. Both are judged on the
 
 A picture is ``skipped: blank_image`` when its spread is below :data:`MAX_CONSTANT_SPREAD` or
 its structure below :data:`MIN_STRUCTURE`. The bounds rest on a measurement
-(``python jobs/blank_bound.py``, all 19,625 pictures of ../shared/data through the same
+(``python jobs/experiments/blank_bound.py``, all 19,625 pictures of ../shared/data through the same
 preprocessing): the smallest spread of any real film is 0.0229 and the smallest structure
 0.630; all-zero and constant pictures have spread 0, and noise-only pictures (uniform, Gaussian,
 Poisson detector noise stretched by a percentile window; 28 to 1024 px) have structure at most

@@ -130,7 +130,7 @@ class AdaptRequest:
     epochs: int | None = None
     patience: int = 8
     #: Use at most this many labelled training-period studies, drawn with the seed (a
-    #: learning curve: ``jobs/adapt_levers.py``); None: all of them.
+    #: learning curve: ``jobs/experiments/adapt_levers.py``); None: all of them.
     max_labelled: int | None = None
     #: A file that keeps the pretrained backbone under a key of what made it (the
     #: period's films, the base model, the seed, the views), so that runs differing only in
@@ -138,7 +138,7 @@ class AdaptRequest:
     pretrain_cache: Path | None = None
     #: Probability of erasing a training picture's borders
     #: (:func:`batchscan.site.training.erase_borders`); 0: none. Measured against the edge
-    #: shortcut (``jobs/lung_evidence.py``), it did not help, so no option sets it.
+    #: shortcut (``jobs/experiments/lung_evidence.py``), it did not help, so no option sets it.
     erase_borders: float = 0.0
     #: ``view``: every view carries the same class balance in the loss and the validation
     #: AUC (:func:`batchscan.site.site_training.balance_weights`); None: class weighting.
@@ -146,8 +146,8 @@ class AdaptRequest:
     #: Seed CNNs trained on the same split and averaged in one model
     #: (:func:`batchscan.site.training.train_ensemble`); None: as many as the base holds
     #: (one, unless the model in use is an ensemble). Measured on the simulated hospitals
-    #: (``jobs/adapt_levers.py --variants plain,ens3``), three did not help, so no option
-    #: sets it.
+    #: (``jobs/experiments/adapt_levers.py --variants plain,ens3``), three did not help, so
+    #: no option sets it.
     ensemble: int | None = None
 
 

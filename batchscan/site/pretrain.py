@@ -14,7 +14,7 @@ are thrown away after it. Fine-tuning on the report labels then starts from thos
 The pretraining starts from the base model's weights (the shipped one by default), so it
 adapts features that already read chest radiographs to the site's films rather than
 learning them from nothing. Whether it helps is measured, not assumed
-(``jobs/adapt_levers.py``; docs/site/adapt.md): ``batchscan adapt``
+(``jobs/experiments/adapt_levers.py``; docs/site/adapt.md): ``batchscan adapt``
 uses it only with ``--pretrain``.
 
 A collapsed representation (every film the same features, SimSiam's failure mode) is

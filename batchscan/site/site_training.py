@@ -59,8 +59,8 @@ SPLIT_SHARES: Final = (0.70, 0.15, 0.15)
 MIN_STUDIES_PER_CLASS: Final = 10
 #: Fine-tuning takes the shipped training's step and epochs: on a simulated hospital whose
 #: processing differs (300 labelled studies, inverted and gamma-flattened Kermany pictures,
-#: jobs/site_training_check.py) a step of 1e-4 moved the AUC on its later studies from 0.31
-#: to 0.69 only, 1e-3 to 0.87.
+#: jobs/experiments/site_training_check.py) a step of 1e-4 moved the AUC on its later studies
+#: from 0.31 to 0.69 only, 1e-3 to 0.87.
 FINE_TUNE_LEARNING_RATE: Final = 1e-3
 FINE_TUNE_EPOCHS: Final = 60
 CACHE_VERSION: Final = 1

@@ -253,7 +253,7 @@ def erase_borders(x: Any, probability: float, band: float = BORDER_BAND) -> Any:
     arms, the picture's edge and the burnt-in side marker, not in the lungs (docs/reports.md, "Where
     a score came from"). A model trained on pictures whose edges are sometimes replaced by
     a flat grey cannot rely on them and has to find its evidence in the middle, where the
-    lungs are. Measured, not assumed: ``jobs/lung_evidence.py``.
+    lungs are. Measured, not assumed: ``jobs/experiments/lung_evidence.py``.
     """
     import tensorflow as tf
 

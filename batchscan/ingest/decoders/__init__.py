@@ -27,7 +27,7 @@ box averaging of the stored values (:func:`box_reduce`).
 
 Averaging stored values before the (monotonic, mostly linear) VOI window is what a
 reduced-resolution codec does too; the score agreement with full-resolution decoding is
-tested on real files and measured on the test split (``jobs/reduced_decode_check.py``).
+tested on real files and measured on the test split (``jobs/experiments/reduced_decode_check.py``).
 """
 
 from __future__ import annotations

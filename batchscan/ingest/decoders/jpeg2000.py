@@ -21,7 +21,7 @@ sample (:mod:`batchscan.ingest.sampling`). That makes the band's size a matter o
 28 px picture needs, not of how alike a band and a box average are: the decoder goes down to
 a short edge of :data:`OVERSAMPLED_EDGE` (8x the picture; three levels of a 2048 px image,
 ~9 ms instead of ~33 ms at two levels and ~550 ms in full), whether the window comes from the
-header or from the pixels. Measured with ``jobs/reduced_decode_check.py --size 2048`` on
+header or from the pixels. Measured with ``jobs/experiments/reduced_decode_check.py --size 2048`` on
 PneumoniaMNIST written as 2048 px DICOM (the level chosen on the val split, figures from the
 test split's first 100 images), largest |score change| against the full decode, header
 window / percentile window: lossless 0.0005 / 0.0015, lossy 0.0001 / 0.0006, HTJ2K

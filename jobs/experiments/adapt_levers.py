@@ -4,7 +4,8 @@ and all labelled studies, with and without SimSiam pretraining or as an ensemble
 CNNs, over several seeds (docs/site/adapt.md).
 
 Usage:
-    python jobs/adapt_levers.py [--work DIR] [--data DIR] [--hospitals kermany,shifted,marker]
+    python jobs/experiments/adapt_levers.py [--work DIR] [--data DIR]
+        [--hospitals kermany,shifted,marker]
         [--sizes 100,300,1000,all] [--seeds 1,2] [--variants plain,pre,ens3] [--epochs N]
         [--pretrain-views N]
         [--json OUT.json]
@@ -23,7 +24,7 @@ pseudonym key, so the split is by patient. The hospitals:
   backwards;
 * ``marker``: in the training period normal films are mostly AP (85 %, 25 % of pneumonia)
   and every AP film carries a burnt-in "AP" marker; later films keep the views without the
-  marker (``jobs/shortcut_check.py``'s hospital).
+  marker (``jobs/experiments/shortcut_check.py``'s hospital).
 
 Each hospital is scanned once, for real (``batchscan scan --reports-file``: the input
 store and the report labels are filled); then every configuration is ``batchscan adapt``'s
@@ -58,7 +59,7 @@ from site_training_check import _PATIENT, _run, _shifted
 
 from batchscan.synth import DEMO_REPORTS, write_labelled_studies, write_reports
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 UNTIL = date(2025, 12, 31)
 HOSPITALS = ("kermany", "shifted", "marker")
 #: Report texts that the labeler reads as normal and as pneumonia (the hedged one is left out).

@@ -5,7 +5,7 @@ adapted with and without border erasing (``batchscan adapt --erase-borders``); w
 AUC within views on the later studies (docs/site/adapt.md).
 
 Usage:
-    python jobs/lung_evidence.py [--work DIR] [--data DIR] [--hospitals kermany,shifted]
+    python jobs/experiments/lung_evidence.py [--work DIR] [--data DIR] [--hospitals kermany,shifted]
         [--seeds 1,2,3] [--labelled 1000] [--erase 0.5] [--epochs 30]
 
 Why: report.html's maps of the shipped model's flagged films lie mostly at the chest wall,
@@ -13,8 +13,8 @@ the arms, the picture's edge and the side marker, not in the lungs. A model that
 lungs is one whose map mass lies in them. The outlines (``tests/data/lung_fields.json``)
 are polygons drawn on the 64 x 64 model inputs of 12 normal and 12 pneumonia films of
 ``kermany_224``'s test split, which are later studies of every simulated hospital of
-``jobs/adapt_levers.py`` (this job reuses its ``--work`` folder: hospitals already scanned
-and models already adapted there are not made again). The maps are HiResCAM on the last
+``jobs/experiments/adapt_levers.py`` (this job reuses its ``--work`` folder: hospitals already
+scanned and models already adapted there are not made again). The maps are HiResCAM on the last
 convolution layer (:mod:`batchscan.results.saliency`), each scaled to its own maximum; "area" is
 the share of the picture the outlines cover, what a map spread evenly would give.
 """
@@ -37,7 +37,7 @@ from site_training_check import _shifted
 
 from batchscan.ingest.preprocess import INPUT_SIZE, preprocess
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OUTLINES = ROOT / "tests" / "data" / "lung_fields.json"
 
 
@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     from batchscan.site.adapt import AdaptRequest, run_adaptation
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, help="jobs/adapt_levers.py's working folder")
+    parser.add_argument(
+        "--work", type=Path, help="jobs/experiments/adapt_levers.py's working folder"
+    )
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/kermany_224")
     parser.add_argument("--hospitals", default="kermany,shifted")
     parser.add_argument("--seeds", default="1,2,3")

@@ -1,6 +1,6 @@
 """The measurement the blank-image rule rests on (batchscan/ingest/sanity.py).
 
-    python jobs/blank_bound.py [--data ../shared/data] [--update-card]
+    python jobs/experiments/blank_bound.py [--data ../shared/data] [--update-card]
 
 Every picture of the data sets we have (PneumoniaMNIST train/val/test, kermany_224,
 adult_normal_rsna_128), through the one preprocessing function, against pictures with no
@@ -72,7 +72,8 @@ def measures(inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default = Path(os.environ.get("BATCHSCAN_DATA", Path(__file__).parents[1] / "../shared/data"))
+    shared = Path(__file__).resolve().parents[2] / "../shared/data"
+    default = Path(os.environ.get("BATCHSCAN_DATA", shared))
     parser.add_argument("--data", type=Path, default=default)
     parser.add_argument("--update-card", action="store_true", help="rewrite the shipped card")
     args = parser.parse_args()

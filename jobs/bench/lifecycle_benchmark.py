@@ -3,7 +3,7 @@
 reports cost, against reading the archive again.
 
 Usage:
-    python jobs/lifecycle_benchmark.py [--files 600] [--size 2048] [--workers N]
+    python jobs/bench/lifecycle_benchmark.py [--files 600] [--size 2048] [--workers N]
 
 Writes an archive of --files full-size chest-like radiographs (--size px, 12-bit), half
 uncompressed and half JPEG 2000 lossless, one study each with its own UIDs and accession
@@ -48,6 +48,9 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jobs/, for common/
+from common.site_model import site_model
+
 from batchscan.engines.pipeline import default_workers
 from batchscan.scoring.model import default_model_path
 from batchscan.synth import (
@@ -88,30 +91,6 @@ def write_archive(root: Path, files: int, size: int) -> list[str]:
             ds.save_as(path, enforce_file_format=True)
             accessions.append(ds.AccessionNumber)
     return accessions
-
-
-def site_model(folder: Path) -> Path:
-    """The shipped model with its output layer's weights moved (its features, and so its
-    OOD statistics, stay valid), saved with its own card: a stand-in for a site's model."""
-    import keras
-
-    from batchscan.scoring.model import sha256_of
-
-    seed = default_model_path()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "site_model.keras"
-    model = keras.models.load_model(seed, compile=False)
-    last = model.layers[-1]
-    kernel, bias = last.get_weights()
-    noise = np.random.default_rng(7).normal(0.0, float(kernel.std()), kernel.shape)
-    last.set_weights([kernel + noise.astype(kernel.dtype), bias + 0.5])
-    model.save(path)
-    card = json.loads(seed.with_suffix(".json").read_text())
-    card.update(name="site_model", model_file=path.name, model_sha256=sha256_of(path))
-    path.with_suffix(".json").write_text(json.dumps(card, indent=2))
-    ood_file = seed.with_suffix(".ood.npz")  # named by the card
-    shutil.copy(ood_file, folder / ood_file.name)
-    return path
 
 
 _OPENAT = re.compile(r'openat\([^,]+, "((?:[^"\\]|\\.)*)"')

@@ -2,7 +2,7 @@
 """What an SR costs per study (``scan --sr-out``, ``batchscan send``), against baselines
 measured in the same run.
 
-    python jobs/sr_benchmark.py [--studies 200] [--size 256] [--repeat 3]
+    python jobs/bench/sr_benchmark.py [--studies 200] [--size 256] [--repeat 3]
 
 Writes a demo archive of --studies studies (a frontal and a lateral each), scans it once
 (the scan's cost per study is the scale the SR stage is judged against), then times, best
@@ -44,8 +44,8 @@ from batchscan.pacs.write import write_srs
 from batchscan.results.state import STATE_FILE, StateStore
 from batchscan.synth import write_demo_archive
 
-sys.path.insert(0, str(Path(__file__).parent))
-import orthanc_pacs
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jobs/, for common/
+from common import orthanc
 
 
 def best(repeat: int, run: Callable[[], object], reset: Callable[[], None] | None = None) -> float:
@@ -128,14 +128,14 @@ def measure_send(root: Path, outbox: Path, n: int, repeat: int) -> dict[str, flo
     """Best-of-`repeat` seconds to send every SR: DCMTK's storescu (the reference C-STORE
     client, one association for all files) and ``batchscan send`` (which also records each
     delivery); the ledger is put back after each send, so that every SR is due again."""
-    if problem := orthanc_pacs.orthanc_missing():
+    if problem := orthanc.orthanc_missing():
         print(f"send not measured: {problem}")
         return {}
     files = sorted(str(p) for p in outbox.glob("*/*.dcm"))
     ledger, backup = outbox / "outbox.sqlite", root / "ledger.sqlite"
     shutil.copy(ledger, backup)
     times: dict[str, float] = {}
-    with orthanc_pacs.Orthanc(root / "orthanc") as pacs:
+    with orthanc.Orthanc(root / "orthanc") as pacs:
         destination = Destination.parse(pacs.destination)
         storescu = shutil.which("storescu")
         if storescu is not None:

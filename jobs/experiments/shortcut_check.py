@@ -3,7 +3,7 @@
 ``batchscan train`` with and without ``--balance view`` (docs/site/train.md's figures).
 
 Usage:
-    python jobs/shortcut_check.py [--work DIR] [--data DIR] [--train 2000] [--epochs N]
+    python jobs/experiments/shortcut_check.py [--work DIR] [--data DIR] [--train 2000] [--epochs N]
 
 Built from ``kermany_224``: its train images are the hospital's labelled training period,
 its test images its later studies, all written as one-image DICOM studies (PatientID from
@@ -38,7 +38,7 @@ from site_training_check import _PATIENT, _run
 
 from batchscan.synth import write_labelled_studies, write_labels
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: Share of AP films among normal and among pneumonia studies (both periods).
 AP_SHARE = {0: 0.85, 1: 0.25}
 

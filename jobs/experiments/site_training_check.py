@@ -2,7 +2,8 @@
 """`batchscan train` shown on a hospital-like labelled archive (docs/site/train.md's figures).
 
 Usage:
-    python jobs/site_training_check.py [--work DIR] [--data DIR] [--adults 1000] [--shifted 300]
+    python jobs/experiments/site_training_check.py [--work DIR] [--data DIR] [--adults 1000]
+        [--shifted 300]
 
 Treats ``kermany_224`` as a hospital's labelled archive: writes its images as one-image DICOM
 studies (accession numbers, PatientID from the file names so that the split is by patient;
@@ -38,7 +39,7 @@ from PIL import Image
 from batchscan.scoring.model import default_model_path
 from batchscan.synth import write_labelled_studies, write_labels
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _PATIENT = re.compile(r"(person\d+)|((?:NORMAL2-)?IM-\d+)")
 
 

@@ -1,7 +1,7 @@
 """The fallback (percentile) window against DCMTK's histogram window, file by file.
 
     apt-get install dcmtk            # dcm2pnm; not a dependency of batchscan
-    python jobs/window_check.py [--out DIR]
+    python jobs/experiments/window_check.py [--out DIR]
 
 For every file without a usable VOI (no window, no VOI LUT) that is a single-frame grayscale
 image, among pydicom's and pydicom-data's test files plus a padded, signed CT slice made here

@@ -2,7 +2,7 @@
 """A base trained at the 64 x 64 the design asks for, beside the shipped base trained at 28 px.
 
 Usage:
-    python jobs/base64_check.py [--data DIR] [--adults N] [--sizes 300,1000]
+    python jobs/experiments/base64_check.py [--data DIR] [--adults N] [--sizes 300,1000]
         [--adapt-seeds 1,2] [--no-control] [--json OUT.json]
 
 The shipped model learned PneumoniaMNIST: Kermany et al.'s pediatric films, centre-cropped
@@ -34,9 +34,9 @@ Measured on the same held-out data: the PneumoniaMNIST test split (624 films at 
 read as normal (``adult_normal_rsna_128``, ``--adults`` drawn with seed 0): the share a
 base leaves below its threshold. Then adaptation: each base fine-tuned as ``batchscan adapt``
 fine-tunes (``FINE_TUNE_LEARNING_RATE``, early stopping on 20 % of the patients) on
-``--sizes`` labelled films of the shifted hospital (``jobs/adapt_levers.py``: grey levels
-inverted and flattened, ``1 - x ** 0.6``) drawn with each ``--adapt-seeds`` seed from the
-train films, and measured on the shifted test films. (``batchscan adapt`` itself cannot
+``--sizes`` labelled films of the shifted hospital (``jobs/experiments/adapt_levers.py``:
+grey levels inverted and flattened, ``1 - x ** 0.6``) drawn with each ``--adapt-seeds`` seed
+from the train films, and measured on the shifted test films. (``batchscan adapt`` itself cannot
 run from the 64 px base: the scan and its input store make the shipped 28 px inputs only.)
 """
 
@@ -62,7 +62,7 @@ from batchscan.site import metrics
 from batchscan.site.site_training import FINE_TUNE_LEARNING_RATE
 from batchscan.site.training import Dataset, TrainConfig, predict_scores, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RATIOS = np.round(np.arange(1.0, 2.001, 0.05), 2)
 #: Correlation with a PneumoniaMNIST picture below which a film's ratio is not trusted.
 MIN_MATCH = 0.97

@@ -2,12 +2,12 @@
 """Throughput of batchscan against the naive per-file loop, per transfer syntax.
 
 Usage:
-    python jobs/benchmark.py [--small 8] [--large 24] [--size 2048] [--syntaxes unc,j2k,...]
-    python jobs/benchmark.py --memory [--memory-files 10000]
-    python jobs/benchmark.py --incremental [--incremental-files 5000]
-    python jobs/benchmark.py --isolation [--syntaxes unc,j2k-lossy]
-    python jobs/benchmark.py --engines [--syntaxes unc,j2k-lossy]   (needs the ray extra)
-    python jobs/benchmark.py --scaling
+    python jobs/bench/benchmark.py [--small 8] [--large 24] [--size 2048] [--syntaxes unc,j2k,...]
+    python jobs/bench/benchmark.py --memory [--memory-files 10000]
+    python jobs/bench/benchmark.py --incremental [--incremental-files 5000]
+    python jobs/bench/benchmark.py --isolation [--syntaxes unc,j2k-lossy]
+    python jobs/bench/benchmark.py --engines [--syntaxes unc,j2k-lossy]   (needs the ray extra)
+    python jobs/bench/benchmark.py --scaling
 
 For each syntax it writes an archive of full-size chest-like radiographs (--size px, 12-bit;
 JPEG baseline 8-bit) and measures, in the same run:

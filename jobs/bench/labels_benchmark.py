@@ -1,6 +1,6 @@
 """How fast ``batchscan labels`` reads reports, against baselines measured in the same run.
 
-    python jobs/labels_benchmark.py [--reports 20000] [--repeat 3]
+    python jobs/bench/labels_benchmark.py [--reports 20000] [--repeat 3]
 
 Writes a reports CSV of synthetic chest radiograph reports (indication, comparison,
 findings, impression; 400-900 characters, like a RIS export; drawn with a fixed seed from

@@ -2,7 +2,7 @@
 """Per-stage cost of the ingest stages on real radiographs (ms per image, median of N runs).
 
 Usage:
-    python jobs/stage_costs.py [--repeat N] [FILE ...]
+    python jobs/experiments/stage_costs.py [--repeat N] [FILE ...]
 
 Default files: pydicom-data's adult chest radiograph RG1 (1955 x 1841, 15 bits,
 MONOCHROME1) uncompressed and JPEG 2000 lossless/lossy. Stages as the scan job runs them:

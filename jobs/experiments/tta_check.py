@@ -4,9 +4,9 @@ shifts and zooms of itself, the scores averaged; the AUC within views against th
 scored once (docs/site/adapt.md, the levers' table).
 
 Usage:
-    python jobs/tta_check.py --work DIR [--hospitals kermany,shifted,marker] [--k 8]
+    python jobs/experiments/tta_check.py --work DIR [--hospitals kermany,shifted,marker] [--k 8]
 
-Reads ``jobs/adapt_levers.py``'s working folder: each hospital's REPORT_DIR (the later
+Reads ``jobs/experiments/adapt_levers.py``'s working folder: each hospital's REPORT_DIR (the later
 studies' model inputs come from its input store, as ``batchscan adapt`` reads them) and the
 site models adapted there (every ``s*_*/site_cnn.keras``). Nothing is trained. Every later
 study counts here (adapt leaves out those of patients seen in training), the same ones for

@@ -3,7 +3,7 @@
 docs/what-is-scored.md).
 
 Usage:
-    python jobs/trust_check.py [--work DIR] [--adults N] [--data DIR]
+    python jobs/experiments/trust_check.py [--work DIR] [--adults N] [--data DIR]
 
 Writes, as DICOM studies under --work (default: a temporary folder), and scans with
 ``batchscan scan``:
@@ -41,7 +41,7 @@ from batchscan.site import metrics
 from batchscan.site.training import NPZ_NAME
 from batchscan.synth import write_labelled_studies, write_labels
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _batchscan(*args: str) -> str:

@@ -5,8 +5,8 @@ Runs wherever Keras 3 runs: with TensorFlow (the scan job's backend) or, on a GP
 that has JAX but no TensorFlow, with ``KERAS_BACKEND=jax``; the model file and the
 preprocessing are the scan job's own. Prints two tables.
 
-    python jobs/gpu_measure.py --frames DIR          # DIR from --write-frames
-    python jobs/gpu_measure.py --write-frames DIR    # needs batchscan's codecs (here)
+    python jobs/experiments/gpu_measure.py --frames DIR          # DIR from --write-frames
+    python jobs/experiments/gpu_measure.py --write-frames DIR    # needs batchscan's codecs (here)
 
 Inference input is host memory (numpy), as the scan job hands it over; each figure is the
 best of 3 timed repetitions after a warm-up call that compiles the shape.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "batchscan" / "models" / "pneumonia_cnn_seed.keras"
 BATCHES = (256, 1024, 2048, 4096, 8192)
 

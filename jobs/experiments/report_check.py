@@ -2,8 +2,8 @@
 """report.html looked at as a person would, and what it costs on a large state.
 
 Usage:
-    python jobs/report_check.py screenshots [--out DIR] [--studies 160]
-    python jobs/report_check.py cost [--files 100000] [--repeat 3]
+    python jobs/experiments/report_check.py screenshots [--out DIR] [--studies 160]
+    python jobs/experiments/report_check.py cost [--files 100000] [--repeat 3]
 
 screenshots: scans the demo archive and a larger generated one (--studies studies over 26
 weeks, three devices, children and adults, scanned twice so there is a run history), then

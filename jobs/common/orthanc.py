@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """A real PACS on this machine's loopback: Orthanc (Debian package ``orthanc``) with a
-configuration written here, for tests/test_send.py and jobs/sr_benchmark.py.
+configuration written here, for tests/test_send.py and jobs/bench/sr_benchmark.py.
 
 Usage (a PACS to try ``batchscan send`` against by hand; Ctrl-C stops it):
-    python jobs/orthanc_pacs.py [--folder DIR] [--tls]
+    python jobs/common/orthanc.py [--folder DIR] [--tls]
 
 The configuration is the smallest that serves: no plugins (the Debian package's default
 configuration loads some), the HTTP API on 127.0.0.1 only with remote access off, storage

@@ -2,7 +2,7 @@
 """Does reduced-resolution decoding change the scores? Test split written as DICOM + RG1.
 
 Usage:
-    python jobs/reduced_decode_check.py [--size 1024] [--limit N] [--data PATH.npz]
+    python jobs/experiments/reduced_decode_check.py [--size 1024] [--limit N] [--data PATH.npz]
 
 Writes the PneumoniaMNIST test images as full-size DICOM radiographs (upsampled from 28 px
 with Pillow bicubic, 12-bit, MONOCHROME2) in several transfer syntaxes, scores each file
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--syntaxes", default=None, help="comma-separated UIDs (default: all)")
     args = parser.parse_args(argv)
-    data = args.data or default_npz_path(Path(__file__).resolve().parents[1])
+    data = args.data or default_npz_path(Path(__file__).resolve().parents[2])
     if not data.is_file():
         parser.exit(2, f"reduced_decode_check: data not found: {data}\n")
     warnings.simplefilter("ignore")
