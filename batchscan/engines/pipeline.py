@@ -210,15 +210,20 @@ def prepare_record(record: ImageRecord, options: StageOptions) -> np.ndarray | N
 
 
 def prepare_display(
-    record: ImageRecord, options: StageOptions
+    record: ImageRecord, options: StageOptions, content: bytes | None = None
 ) -> tuple[DisplayImage, np.ndarray] | None:
     """:func:`prepare_record`, also returning the display picture the model input was made
-    from (for the pictures people look at: the same stages, not a second route)."""
-    if not record.pending or not _stable(record):
+    from (for the pictures people look at: the same stages, not a second route).
+
+    `content` is the file's bytes when they were fetched (an instance from a PACS): the
+    same stages read them as they read a file, and fetched bytes cannot change while they
+    are read, so the file-stability checks are left out."""
+    fetched = content is not None
+    if not record.pending or not (fetched or _stable(record)):
         return None
-    read_header(record, options)
+    read_header(record, options, content)
     judge(record, options.domain, options.skip_out_of_domain)
-    image = decode_record(record, options)
+    image = decode_record(record, options, content)
     if image is None:
         return None
     try:
@@ -226,7 +231,7 @@ def prepare_display(
     except Exception as exc:  # e.g. a degenerate 1 x N image
         record.fail(f"preprocess_error:{type(exc).__name__}", str(exc))
         return None
-    if not _stable(record):  # rewritten while we read it: the pixels may be a mix
+    if not fetched and not _stable(record):  # rewritten while we read it: a mix of pixels
         return None
     if options.blank_gate and not passes(record, tensor):  # constant or noise only
         return None
