@@ -44,6 +44,7 @@ from typing import Final, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from batchscan.ingest.header import DEFAULT_MAX_PIXEL_BYTES
+from batchscan.ingest.records import ImageRecord
 
 #: Modalities queried by default: chest radiographs (computed and digital radiography).
 DEFAULT_MODALITIES: Final = ("CR", "DX")
@@ -114,6 +115,11 @@ class Locator:
         """The stable relative locator a report's ``path`` column holds:
         ``STUDY_UID/SERIES_UID/SOP_UID``."""
         return f"{self.study_instance_uid}/{self.series_instance_uid}/{self.sop_instance_uid}"
+
+    def record(self) -> ImageRecord:
+        """A pending record for this instance, keyed by :attr:`path` (its bytes are fetched,
+        so ``abs_path`` names it too and is never opened)."""
+        return ImageRecord(path=self.path, abs_path=self.path)
 
     @classmethod
     def from_path(cls, path: str) -> Locator:
