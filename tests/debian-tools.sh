@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The Debian packages some tests need, installed when missing (part of README's test command
-# and so of CI's): Orthanc, the real PACS that `batchscan send` is tested against; dicom3tools'
+# and so of CI's): Orthanc, the real PACS that `batchscan send` is tested against, with its
+# DICOMweb plugin, the PACS a scan over DICOMweb and STOW-RS are tested against; dicom3tools'
 # dciodvfy and DCMTK's dsrdump, the validators every SR the tests make must pass.
 # As root with apt-get (CI): installs what is missing, and fails if it cannot. Otherwise it
 # installs nothing and says so; those tests are then skipped with a visible reason.
 set -euo pipefail
 need=()
 command -v Orthanc >/dev/null || need+=(orthanc)
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v dsrdump >/dev/null || need+=(dcmtk)
 [ ${#need[@]} -eq 0 ] && exit 0

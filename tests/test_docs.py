@@ -8,10 +8,11 @@ import re
 
 from tests.conftest import ROOT
 
-#: Where a reason is made: record.fail/skip(...), DecodeError(...), HeaderError(...), and the
+#: Where a reason is made: record.fail/skip(...), DecodeError(...), HeaderError(...),
+#: FetchError(...) (a PACS instance that could not be fetched: a failed row), and the
 #: (reason, detail) tuples that header functions return.
 _MADE = re.compile(
-    r'(?:\.fail|\.skip|DecodeError|HeaderError)\(\s*f?"([a-z_]+(?::[a-z_]*)?)'
+    r'(?:\.fail|\.skip|DecodeError|HeaderError|FetchError)\(\s*f?"([a-z_]+(?::[a-z_]*)?)'
     r'|return\s+\(?\s*f?"([a-z_]+(?::[a-z_]*)?)",'
     r'|reason = "([a-z_]+)" if .* else "([a-z_]+)"'
     r"|(DUPLICATE_PREFIX)"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import socket
 import ssl
 import threading
 from collections.abc import Iterator
@@ -182,6 +183,17 @@ def quiet_pynetdicom() -> None:
     logger.propagate = False
 
 
+def no_delay(event: evt.Event) -> None:
+    """Send each PDU at once (TCP_NODELAY): a DIMSE request is a command PDU then a data
+    PDU, and with Nagle's algorithm the second waits for the peer's delayed ACK of the
+    first, 40 ms a message on Linux (measured with Orthanc on loopback: a C-STORE 96 ms
+    without, 54 with; a C-FIND about 100 ms without)."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _identity(credentials: Credentials | None) -> list[UserIdentityNegotiation]:
     """The user identity item of an association request (none without credentials)."""
     if credentials is None:
@@ -292,7 +304,7 @@ class DimseSource:
             assoc = ae.associate(
                 self.peer.host, self.peer.port, ae_title=self.peer.ae_title,
                 ext_neg=[*roles, *_identity(self._credentials)], tls_args=tls_args,
-                evt_handlers=[(evt.EVT_C_STORE, received.on_store)],
+                evt_handlers=[(evt.EVT_C_STORE, received.on_store), (evt.EVT_CONN_OPEN, no_delay)],
             )  # fmt: skip
         except (OSError, ssl.SSLError, RuntimeError) as exc:
             raise PacsUnavailableError(f"PACS {self.name} cannot be reached ({exc})") from None
