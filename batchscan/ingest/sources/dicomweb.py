@@ -7,7 +7,8 @@
   nothing.
 * **Fetch**: WADO-RS Retrieve Instance with ``Accept: multipart/related;
   type="application/dicom"; transfer-syntax=*``, so the PACS sends the instance in the
-  syntax it stored (no transcoding on the PACS, the bytes a folder would hold). This one
+  syntax it stored (no transcoding on the PACS, the bytes a folder would hold), and
+  ``Accept-Encoding: identity`` (:data:`FETCH_HEADERS`: no gzip of pixel data). This one
   request is made here on the same HTTP session rather than by dicomweb-client's
   ``retrieve_instance``, because that returns a dataset parsed and re-encoded in memory
   with no limit on its size: the scan needs the stored bytes (read by the same stages as a
@@ -47,8 +48,15 @@ from batchscan.ingest.sources import (
 )
 from batchscan.ingest.sources.credentials import Credentials
 
-#: The Accept header of a fetch: the instance as stored, one part.
-ACCEPT: Final = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+#: The headers of a fetch: the instance as stored, one part, and not compressed for the
+#: wire. requests asks for gzip by default, and a PACS that honours it (Orthanc does)
+#: deflates megabytes of pixel data that are mostly compressed already, on its CPU and
+#: then on ours: measured on loopback with Orthanc 1.10, a 2 MB radiograph took 956 ms
+#: with gzip and 52 ms without (curl, which asks for no encoding, 25 ms).
+FETCH_HEADERS: Final = {
+    "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*',
+    "Accept-Encoding": "identity",
+}
 #: Bytes read from the network at a time.
 _CHUNK: Final = 1 << 20
 #: Room for the multipart framing beyond the instance itself.
@@ -352,7 +360,7 @@ class DicomWebSource:
         timeout = (self.options.connect_timeout, self.options.answer_timeout)
         try:
             answer = self._session().get(
-                self._instance_url(locator), headers={"Accept": ACCEPT}, stream=True,
+                self._instance_url(locator), headers=FETCH_HEADERS, stream=True,
                 timeout=timeout
             )  # fmt: skip
         except requests.Timeout as exc:

@@ -98,6 +98,9 @@ STORED_SYNTAXES: Final = (
     JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
     HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K,
 )  # fmt: skip
+#: The largest PDU batchscan receives. pynetdicom's default (16,382 bytes) splits a 2 MB
+#: radiograph into 128 PDUs; 4 MiB lets the PACS send it in one (its own limit permitting).
+MAX_PDU_SIZE: Final = 4 * 1024 * 1024
 #: Presentation contexts an association may propose (PS3.8 9.3.2.2: 128, odd IDs 1-255).
 _MAX_CONTEXTS: Final = 128
 
@@ -276,6 +279,7 @@ class DimseSource:
         ae.dimse_timeout = self.options.answer_timeout
         ae.network_timeout = self.options.answer_timeout
         ae.implementation_version_name = f"BATCHSCAN_{__version__}"[:16]
+        ae.maximum_pdu_size = MAX_PDU_SIZE
         if retrieve:
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
