@@ -154,7 +154,11 @@ def scores(*inputs: list[np.ndarray]) -> list[np.ndarray]:
 def test_a_pacs_scores_what_a_folder_of_the_same_files_scores(
     protocol: str, pacs: Any, archive: Path, credentials: Path
 ) -> None:
-    source = web_source(pacs, credentials) if protocol == "dicomweb" else dimse_source(pacs)
+    source = (  # over DIMSE the credentials travel as user identity negotiation
+        web_source(pacs, credentials)
+        if protocol == "dicomweb"
+        else dimse_source(pacs, credentials=credentials)
+    )
     try:
         records = pacs_records(source)
     finally:
