@@ -122,6 +122,7 @@ def run(pacs: Any, by_uid: dict[str, Path], args: argparse.Namespace) -> None:
     # the folder: the floor
     read_s, contents = timed(lambda: [p.read_bytes() for p in by_uid.values()])
     folder_bytes = sum(len(c) for c in contents)
+
     def stages() -> list[Any]:
         items = zip(by_uid, contents, strict=True)
         return in_threads(threads, lambda item: prepared(item[1], item[0]), items)
