@@ -237,7 +237,8 @@ class Option:
 
     @property
     def key(self) -> str | None:
-        """The config-file key, or None when the file does not take the option."""
+        """The config-file key (in a command that reads ``--config``), or None when the file
+        does not take the option."""
         return None if self.no_config else (self.config or self.dest)
 
     def default_value(self) -> Any:
@@ -274,9 +275,6 @@ class Command:
     @property
     def reads_config(self) -> bool:
         return any(o.name == "--config" for o in self.options)
-
-    def option(self, name: str) -> Option:
-        return next(o for o in self.options if o.name == name)
 
     def defaults_from(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """The argparse defaults (by dest) that a read config file gives this command: the

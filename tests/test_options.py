@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -16,20 +17,6 @@ import pytest
 from batchscan import cli, options
 from batchscan.config import load_config
 from tests.conftest import ROOT
-
-
-def test_every_option_of_a_command_that_reads_config_has_a_key_or_a_reason() -> None:
-    for command in options.COMMANDS:
-        for option in command.options:
-            if command.reads_config:
-                assert (option.config is None) or (option.no_config is None), option.name
-                assert option.key or option.no_config, f"{command.name} {option.name}"
-            else:
-                assert option.config is None and option.no_config is None, (
-                    f"{command.name} reads no config file: {option.name} has no key there"
-                )
-    scan = options.BY_NAME["scan"]
-    assert [o.name for o in scan.options if o.key is None] == ["--config"]
 
 
 def test_a_config_key_means_one_thing_in_every_command() -> None:
@@ -64,6 +51,42 @@ def _run(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> tuple[int, Any]:
     except SystemExit as exc:  # argparse's refusals
         status = int(exc.code or 0)
     return status, (got[0] if got else None)
+
+
+def test_every_option_of_scan_and_send_is_set_from_the_config_file_or_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file holding every key, each with a value other than its default where the option
+    allows one, reaches every option of every command that reads ``--config``; an option it
+    does not reach gives the reason, and only such commands have keys or reasons at all."""
+
+    def other(option: options.Option) -> Any:
+        if option.kind is options.FLAG:
+            return True
+        if option.choices:
+            return next(c for c in reversed(option.choices) if c != option.default_value())
+        value = option.example if option.example is not None else option.default_value()
+        return value * 2 if value == option.default_value() else value  # 6 workers on 6 cores
+
+    keys = options.config_keys()
+    every = tmp_path / "every.toml"
+    every.write_text("".join(f"{key} = {json.dumps(other(o))}\n" for key, o in keys.items()))
+    values = load_config(every)
+    assert set(values) == set(keys)
+    for command in options.COMMANDS:
+        if not command.reads_config:
+            assert all(o.config is None and o.no_config is None for o in command.options)
+            continue
+        status, args = _run(monkeypatch, [command.name, "--config", str(every)])
+        assert status == 0, command.name
+        for option in command.options:
+            assert option.config is None or option.no_config is None, option.name
+            if option.key is None:
+                assert option.no_config, f"{command.name} {option.name}: a key or a reason"
+            elif option.name != "--config":
+                got = getattr(args, option.dest)
+                assert got == values[option.key], f"{command.name} {option.name}"
+                assert got != option.default_value(), f"{option.name} took its default"
 
 
 def test_one_file_serves_scan_and_send_and_out_of_domain_is_a_key(
