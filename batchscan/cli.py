@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
 
-#: What each subcommand runs (``tests/test_contract.py`` holds their exit codes to the table).
+#: What each subcommand runs (``tests/test_options.py`` holds their exit codes to the table).
 _RUN: dict[str, Callable[[argparse.Namespace], int]] = {
     "scan": _scan,
     "evaluate": _evaluate,
