@@ -34,7 +34,7 @@ Measured on the same held-out data: the PneumoniaMNIST test split (624 films at 
 read as normal (``adult_normal_rsna_128``, ``--adults`` drawn with seed 0): the share a
 base leaves below its threshold. Then adaptation: each base fine-tuned as ``batchscan adapt``
 fine-tunes (``FINE_TUNE_LEARNING_RATE``, early stopping on 20 % of the patients) on
-``--sizes`` labelled films of the shifted hospital (``jobs/experiments/adapt_levers.py``:
+``--sizes`` labelled films of the shifted hospital (``jobs/common/hospitals.py``:
 grey levels inverted and flattened, ``1 - x ** 0.6``) drawn with each ``--adapt-seeds`` seed
 from the train films, and measured on the shifted test films. (``batchscan adapt`` itself cannot
 run from the 64 px base: the scan and its input store make the shipped 28 px inputs only.)
@@ -53,8 +53,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from site_training_check import _PATIENT, _shifted
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jobs/, for common/
+from common.hospitals import patient_of, shifted
 
 from batchscan.ingest.preprocess import INPUT_SIZE, SOURCE_SIZE, preprocess_many
 from batchscan.scoring.model import load_model
@@ -148,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     films = [np.asarray(Image.open(kermany / r["path"]).convert("L")) for r in rows]
     labels = np.array([r["label"] == "PNEUMONIA" for r in rows], dtype=np.int64)
     splits = np.array([r["split"] for r in rows])
-    patients = np.array(
-        [(m.group(0) if (m := _PATIENT.search(Path(r["path"]).name)) else r["path"]) for r in rows]
-    )
+    patients = np.array([patient_of(r["path"]) or r["path"] for r in rows])
     mnist = np.load(args.data / "pneumoniamnist_28_full.npz")
     measured = np.empty((len(rows), 2))
     for split, keys in (("train", ("train", "val")), ("test", ("test",))):
@@ -188,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def inputs(size: int, at: np.ndarray, shift: bool = False) -> np.ndarray:
         chosen = pictures[at]
-        return preprocess_many([_shifted(p) for p in chosen] if shift else chosen, size=size)
+        return preprocess_many([shifted(p) for p in chosen] if shift else chosen, size=size)
 
     bases: dict[str, dict[str, Any]] = {}
     shipped = load_model()
