@@ -3,7 +3,7 @@
 
 Usage:
     python jobs/experiments/base64_check.py [--data DIR] [--adults N] [--sizes 300,1000]
-        [--adapt-seeds 1,2] [--no-control] [--json OUT.json]
+        [--adapt-seeds 1,2] [--no-control] [--epochs N] [--json OUT.json]
 
 The shipped model learned PneumoniaMNIST: Kermany et al.'s pediatric films, centre-cropped
 and reduced to 28 x 28 px, then upsampled to the model's 64 x 64 input. ``kermany_224`` holds
@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="300,1000")
     parser.add_argument("--adapt-seeds", default="1,2")
     parser.add_argument("--no-control", action="store_true")
+    parser.add_argument(
+        "--epochs", type=int, help="at most N epochs per training (default: 60 a base, 30 adapting)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -205,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             sha256=None,
             source=str(kermany),
         )
-        model, report = train(data, TrainConfig(verbose=0))
+        model, report = train(
+            data, TrainConfig(verbose=0, **({"epochs": args.epochs} if args.epochs else {}))
+        )
         bases[name] = {"size": size, "model": model, "threshold": report["threshold"]}
         print(f"trained {name}: {report['epochs_run']} epochs, {report['train_seconds']} s")
 
@@ -247,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                     source="kermany_224",
                 )
                 config = TrainConfig(
-                    epochs=30, learning_rate=FINE_TUNE_LEARNING_RATE, patience=8, seed=seed,
+                    epochs=args.epochs or 30, learning_rate=FINE_TUNE_LEARNING_RATE, patience=8,
+                    seed=seed,
                     verbose=0,
                 )  # fmt: skip
                 adapted, report = train(data, config, base=model)

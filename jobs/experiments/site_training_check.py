@@ -3,7 +3,7 @@
 
 Usage:
     python jobs/experiments/site_training_check.py [--work DIR] [--data DIR] [--adults 1000]
-        [--shifted 300]
+        [--shifted 300] [--limit N] [--epochs N]
 
 Treats ``kermany_224`` as a hospital's labelled archive: writes its images as one-image DICOM
 studies (accession numbers, PatientID from the file names so that the split is by patient;
@@ -69,11 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--adults", type=int, default=1000)
     parser.add_argument("--shifted", type=int, default=300)
+    parser.add_argument("--limit", type=int, help="studies of each split (default: all)")
+    parser.add_argument("--epochs", type=int, help="passed to batchscan train")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="batchscan-train-"))
     kermany = args.data / "kermany_224"
-    train_labels = _write_split(kermany, "train", work / "hospital_train", "KTR")
-    test_labels = _write_split(kermany, "test", work / "hospital_test", "KTE")
+    train_labels = _write_split(kermany, "train", work / "hospital_train", "KTR", args.limit)
+    test_labels = _write_split(kermany, "test", work / "hospital_test", "KTE", args.limit)
 
     adult_dir = args.data / "adult_normal_rsna_128"
     with (adult_dir / "labels.csv").open(newline="") as handle:
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     models = work / "models"
     common = ["--labels", str(train_labels), "--out", str(models), "--no-progress"]
+    common += ["--epochs", str(args.epochs)] if args.epochs else []
     print(run_batchscan("train", str(work / "hospital_train"), *common, "--name", "finetuned"))
     print(
         run_batchscan(
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     shifted_train = _write_split(
         kermany, "train", work / "shifted_train", "STR", args.shifted, True
     )
-    shifted_test = _write_split(kermany, "test", work / "shifted_test", "STE", None, True)
+    shifted_test = _write_split(kermany, "test", work / "shifted_test", "STE", args.limit, True)
     print(
         run_batchscan(
             "train",
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             "--name",
             "shifted",
             "--no-progress",
+            *(["--epochs", str(args.epochs)] if args.epochs else []),
         )
         .strip()
         .splitlines()[-1]
