@@ -29,7 +29,7 @@ from batchscan.scoring.ood import OodStatistics
 #: Stem of the model shipped inside the package and used when ``--model`` is not given.
 DEFAULT_MODEL_NAME: Final = "pneumonia_cnn_seed"
 
-#: Keys a card must hold (see docs/interface.md of the project).
+#: Keys a card must hold (docs/model.md, "The model file and its card").
 REQUIRED_CARD_KEYS: Final = (
     "preprocessing",
     "threshold",
