@@ -174,3 +174,37 @@ def test_the_model_page_states_the_cards_contract() -> None:
     section = text[text.index("# The model file and its card") : text.index("# Limits")]
     required = section[section.index("lacks one of the keys") :].split(";")[0]
     assert re.findall(r"`(\w+)`", required) == list(REQUIRED_CARD_KEYS)
+
+
+def test_systemd_runs_the_same_night_as_cron(tmp_path) -> None:
+    """docs/nightly.md offers cron or a systemd timer: both run the one wrapper (scan, then
+    send when the config names a PACS) with the same config, log folder and batchscan, and
+    systemd takes the unit as valid (where systemd-analyze is installed)."""
+    import shlex
+    import shutil
+    import subprocess
+
+    deploy = ROOT / "jobs" / "deploy"
+    cron = (deploy / "cron" / "crontab.example").read_text()
+    unit = (deploy / "systemd" / "batchscan.service").read_text()
+    cron_line = next(line for line in cron.splitlines() if re.match(r"[\d*]", line))
+    cron_argv = shlex.split(cron_line)[5:]
+    exec_start = re.search(r"^ExecStart=(.+)$", unit, re.MULTILINE)
+    assert exec_start is not None
+    unit_argv = shlex.split(exec_start.group(1))
+    assert unit_argv == cron_argv and unit_argv[0].endswith("deploy/cron/batchscan-nightly.sh")
+    cron_env = re.search(r"^BATCHSCAN=(.+)$", cron, re.MULTILINE)
+    unit_env = re.search(r"^Environment=BATCHSCAN=(.+)$", unit, re.MULTILINE)
+    assert cron_env and unit_env and cron_env.group(1) == unit_env.group(1)
+    assert "Nice=" not in unit, "the wrapper sets the priority, as under cron"
+    if shutil.which("systemd-analyze") is None:
+        return
+    wrapper = str(deploy / "cron" / "batchscan-nightly.sh")
+    (tmp_path / "batchscan.service").write_text(unit.replace(unit_argv[0], wrapper))
+    shutil.copy(deploy / "systemd" / "batchscan.timer", tmp_path)
+    done = subprocess.run(
+        ["systemd-analyze", "verify", *(str(tmp_path / n) for n in ("batchscan.service",
+                                                                     "batchscan.timer"))],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
