@@ -47,7 +47,7 @@ def test_file_deleted_after_listing(tmp_path: Path) -> None:
 
 def test_unreadable_file(open_folder: Path) -> None:
     """A file its user may not read is failed as unreadable and the rest is scanned: the
-    scan runs as a user without privileges (as root, as in CI, it drops to nobody)."""
+    scan runs without privileges (as root, as in CI, it drops them: tests/conftest.py)."""
     archive = open_folder / "archive"
     archive.mkdir()
     path = write_radiograph(archive / "locked", chest_phantom(64), RadiographSpec())
