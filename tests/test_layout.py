@@ -84,3 +84,22 @@ def test_no_modules_import_each_other_in_a_circle() -> None:
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_jobs_share_helpers_through_common_only() -> None:
+    """A script under jobs/ imports shared helpers from jobs/common/, never from another
+    script (a one-off measurement is not a library)."""
+    jobs = PACKAGE.parent / "jobs"
+    scripts = {p.stem for p in jobs.rglob("*.py") if p.parent.name != "common"}
+    for path in jobs.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            for name in names:
+                assert name.split(".")[0] not in scripts, f"{path} imports the script {name}"

@@ -8,7 +8,7 @@ I/O.
 
 What an entry holds and when it is used: the input of one file, keyed by the file's
 identity (its state key, size and mtime) and the *input key* (the options and versions
-that make an input, :func:`batchscan.scan.input_key`). An entry is used only when all
+that make an input, :func:`batchscan.results.keys.input_key`). An entry is used only when all
 four match the file as discovery sees it now; anything else is a miss, and a miss means
 the file is read again, never a crash or a score from another picture.
 
