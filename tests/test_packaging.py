@@ -6,12 +6,26 @@ import re
 import tomllib
 from pathlib import Path
 
+from common.venvs import LOCKED_INSTALL, locked_versions, normalized
+from packaging.requirements import Requirement
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
     return re.findall(r"```(?:sh|bash)\n(.*?)```", text, flags=re.S)
+
+
+#: The lock files (requirements/lock.sh) and the extras each one holds besides the package.
+LOCKS = {"prod": (), "ci": ("test", "ray", "docs"), "gpu": ("gpu",)}
+
+
+def _locked(name: str) -> dict[str, str]:
+    """The pins of ``requirements/<name>.txt`` (each with its hashes), which lock.sh wrote."""
+    lock = ROOT / "requirements" / f"{name}.txt"
+    assert "bash requirements/lock.sh" in lock.read_text().splitlines()[1], f"{name}.txt"
+    return locked_versions(lock)
 
 
 def test_ci_runs_exactly_readmes_test_command() -> None:
@@ -22,15 +36,41 @@ def test_ci_runs_exactly_readmes_test_command() -> None:
     ]
     assert len(ci_lines) == 1
     assert any(ci_lines[0] in block for block in _readme_commands())
-    extras = re.search(r"pip install '\.\[([a-z,]+)\]'", ci_lines[0])
-    assert extras is not None and {"test", "ray", "docs"} <= set(extras.group(1).split(","))
+    assert LOCKED_INSTALL.format(lock="ci") in ci_lines[0]
     assert "pytest" in ci_lines[0] and "mkdocs build --strict" in ci_lines[0]
 
 
-def test_readme_first_command_installs_and_runs_the_demo() -> None:
+def test_readme_first_command_installs_the_lock_and_runs_the_demo() -> None:
     first = _readme_commands()[0]
-    assert "pip install ." in first
+    assert LOCKED_INSTALL.format(lock="prod") in first
     assert "batchscan demo" in first and "batchscan scan" in first
+
+
+def test_each_lock_pins_what_pyproject_asks_for_at_an_allowed_version() -> None:
+    """Every requirement of the package, of the lock's extras and of the build backend is
+    pinned (with hashes) at a version its specifier allows, and the package's own
+    requirements are at the same version in every lock (ci and gpu are resolved within
+    prod's pins): CI tests what production and a GPU run. A pyproject edit without
+    ``bash requirements/lock.sh`` fails here."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = data["project"]
+    locks = {name: _locked(name) for name in LOCKS}
+    for name, extras in LOCKS.items():
+        wanted = [*project["dependencies"], *data["build-system"]["requires"]]
+        wanted += [r for extra in extras for r in project["optional-dependencies"][extra]]
+        for text in wanted:
+            requirement = Requirement(text)
+            pinned = locks[name].get(normalized(requirement.name))
+            assert pinned is not None, f"{name}.txt lacks {requirement.name}"
+            assert requirement.specifier.contains(pinned, prereleases=True), (
+                f"{name}.txt pins {requirement.name} {pinned}, pyproject asks {requirement}"
+            )
+        shared = {k: v for k, v in locks[name].items() if k in locks["prod"]}
+        assert shared == {k: locks["prod"][k] for k in shared}, f"{name}.txt departs from prod"
+    tools = _locked("tools")
+    for text in data["dependency-groups"]["tools"]:
+        requirement = Requirement(text)
+        assert requirement.specifier.contains(tools[normalized(requirement.name)])
 
 
 def test_dockerfile_matches_pyproject() -> None:
