@@ -781,6 +781,22 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _verbose_version(argv: list[str]) -> bool:
+    """``batchscan --version --verbose``: the release, then Python's and each score package's
+    version (:func:`batchscan.versions`, what manifest.json and runs.parquet record) and the
+    device the model would run on, one ``name version`` per line. True when it printed."""
+    if sorted(argv) != ["--verbose", "--version"]:
+        return False
+    from batchscan import versions
+    from batchscan.scoring.infer import device_description
+
+    print(f"batchscan {__version__}")
+    for name, found in versions().items():
+        print(f"{name} {found or 'not installed'}")
+    print(f"device {device_description()}")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``batchscan`` console script."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
@@ -792,6 +808,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("batchscan").setLevel(logging.INFO)
     # reports, state, labels, models: readable by owner and group only (a stricter umask wins)
     os.umask(os.umask(0) | PRIVATE_UMASK)
+    if _verbose_version(sys.argv[1:] if argv is None else argv):
+        return EXIT_OK
     args = build_parser().parse_args(argv)
     if getattr(args, "config", None) is not None:
         try:
