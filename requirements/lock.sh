@@ -11,9 +11,10 @@
 # prod.txt  the package (the documented install, the image, README's first command)
 # ci.txt    + the test, ray and docs extras (README's test command, CI)
 # gpu.txt   + the gpu extra (the GPU image: --build-arg EXTRAS=gpu)
+# ray.txt   + the ray extra (the image of a Ray cluster's nodes: --build-arg EXTRAS=ray)
 # tools.txt pyproject's tools group (uv, cyclonedx-bom), without the package
 #
-# ci.txt and gpu.txt are resolved within prod.txt's pins, so every package that makes a score
+# ci.txt, gpu.txt and ray.txt are resolved within prod.txt's pins, so every package that makes a score
 # is at the same version in CI, in production and on a GPU. The build backend
 # ([build-system] requires) is in the locks too: batchscan is then built from the locked
 # setuptools (pip install --no-deps --no-build-isolation .), nothing unpinned is fetched.
@@ -31,4 +32,5 @@ compile() {
 compile prod.txt "$@"
 compile ci.txt --extra test --extra ray --extra docs -c requirements/prod.txt "$@"
 compile gpu.txt --extra gpu -c requirements/prod.txt "$@"
+compile ray.txt --extra ray -c requirements/prod.txt "$@"
 uv pip compile --group pyproject.toml:tools "${target[@]}" -o requirements/tools.txt "$@"
