@@ -23,7 +23,7 @@ from batchscan.results.state import RowKeys, StateStore
 from batchscan.scoring.model import ModelCard
 
 #: Version of what a stored file row holds, part of the header key: raised when a release
-#: adds or changes columns or how header facts are read, so that rows stored by an other
+#: adds or changes columns or how header facts are read, so that rows stored by an older
 #: release are read again rather than reported half-empty (3: domain, OOD, device columns
 #: and ISO study dates; 4: JPEG 2000 bands, batchscan.ingest.sampling; 5: the fallback window keeps
 #: pixel padding in its sample, the blank-image rule batchscan-blank-v1; 6: the five row
@@ -56,7 +56,7 @@ def row_keys(config: ScanConfig, checked: ModelCard, shadow: ModelCard | None = 
 
 def header_key(config: ScanConfig, row_format: int | None = None) -> str:
     """The key of the header facts `config`'s stages give: the row format (this release's,
-    or an other one to recognize its rows), the header options and (by an HMAC of it, never
+    or another one to recognize its rows), the header options and (by an HMAC of it, never
     the key) the pseudonym key."""
     key_id = (
         hmac.new(config.pseudonym_key, b"batchscan key id", hashlib.sha256).hexdigest()[:16]
@@ -75,7 +75,7 @@ def header_key(config: ScanConfig, row_format: int | None = None) -> str:
 
 def input_key(config: ScanConfig, input_version: int | None = None) -> str:
     """The key of the model inputs `config`'s stages make: the declared input version (this
-    release's, or an other one to recognize its rows), the decode resolution and the blank
+    release's, or another one to recognize its rows), the decode resolution and the blank
     rule."""
     return _digest(
         {
