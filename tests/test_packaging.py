@@ -6,6 +6,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
 from common.venvs import LOCKED_INSTALL, locked_versions, normalized
 from packaging.requirements import Requirement
 
@@ -178,3 +179,20 @@ def test_the_changelog_says_what_the_current_reread_costs() -> None:
         release = next((r for r in reversed(releases) if said in r), None)
         assert release is not None, f"CHANGELOG.md never says {said!r}"
         assert "a million files" in release, f"the release of {said} says no cost"
+
+
+def test_version_verbose_prints_the_versions_a_run_records(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``batchscan --version --verbose``: the release, then what manifest.json's ``versions``
+    and runs.parquet's version columns hold (one function makes all three), then the
+    device."""
+    from batchscan import __version__, versions
+    from batchscan.cli import main
+
+    assert main(["--version", "--verbose"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"batchscan {__version__}"
+    printed = dict(line.split(" ", 1) for line in lines[1:-1])
+    assert printed == {k: v or "not installed" for k, v in versions().items()}
+    assert lines[-1].startswith(("device CPU (", "device GPU ("))
