@@ -3,7 +3,8 @@
 --upgrade``, so that a refresh of the lock is a decision and not a surprise; not part of CI.
 
 Installs the package with the test, ray and docs extras into a fresh virtual environment
-*without* the lock (pip takes the newest releases pyproject allows), lists every package
+*without* the lock (pip takes the newest releases pyproject allows, and of its build
+backend, which the lock holds too), lists every package
 whose version differs from requirements/ci.txt (``*``: one of ``batchscan.SCORE_PACKAGES``,
 whose versions every score records), then runs README's test steps there, each on its own:
 ``ruff check``, ``mkdocs build --strict`` and ``pytest`` (the input digests and recorded
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         python = make_venv(folder / "venv")
-        pip(python, "install", "--upgrade", "pip", log=folder / "install.log")
+        build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+        pip(python, "install", "--upgrade", "pip", *build, log=folder / "install.log")
         pip(python, "install", "--upgrade", f".[{EXTRAS}]", log=folder / "install.log")
         install_minutes = (time.perf_counter() - started) / 60
         lock = locked_versions(REQUIREMENTS / "ci.txt")
