@@ -27,14 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from batchscan import __version__
+from batchscan import __version__, version_facts, versions
 from batchscan.engines.pipeline import RunStats, ScanConfig, manifest_for, new_run_id, run_local
 from batchscan.ingest.discover import iter_files
 from batchscan.ingest.domain import Domain
 from batchscan.ingest.paths import make_private, private_files, sqlite_files, state_key
 from batchscan.ingest.records import FAILED, SCORED, SKIPPED, ImageRecord, Scores
 from batchscan.results.aggregate import aggregate_studies
-from batchscan.results.keys import row_keys
+from batchscan.results.keys import reread_notice, row_keys
 from batchscan.results.report import (
     DISCREPANCIES_SCHEMA,
     PERFORMANCE_SCHEMA,
@@ -341,7 +341,10 @@ def _run(
     remove_temporaries(config.out)  # left by a run that was killed
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     keys = row_keys(config, checked, shadow)
-    interrupted = state.begin_run(run_id, started_at, checked.version, __version__)
+    if notice := reread_notice(state, config):  # before the re-read, with its cost
+        log.warning(notice)
+    facts = {**version_facts(versions()), "row_keys": str(keys)}
+    interrupted = state.begin_run(run_id, started_at, checked.version, __version__, facts)
     if interrupted:
         log.info("previous run interrupted; finishing its work (%d run(s))", interrupted)
     scorer = LazyScorer(config, checked, shadow)
@@ -589,4 +592,6 @@ def _run_facts(manifest: dict[str, Any]) -> dict[str, Any]:
         "images_per_second": manifest["images_per_second"],
         "seconds": manifest["seconds"],
         **{k: manifest[k] for k in RUN_STUDY_COUNTS},
+        "device": manifest["engine"]["device"],
+        **version_facts(manifest["versions"]),
     }

@@ -60,7 +60,7 @@ def test_the_top_level_shows_the_flow() -> None:
 def test_a_part_of_the_flow_imports_only_the_parts_before_it(module: str) -> None:
     own = _level(module)
     for imported in _imports(MODULES[module]):
-        if imported == "batchscan":  # the version only
+        if imported == "batchscan":  # the versions only (__version__, versions())
             continue
         assert _level(imported) <= own, f"{module} reaches up the flow to {imported}"
 

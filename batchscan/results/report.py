@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from batchscan import VERSION_COLUMNS
+
 IMAGES_SCHEMA: Final = pa.schema(
     [
         pa.field("path", pa.string(), nullable=False),
@@ -111,6 +113,9 @@ RUNS_SCHEMA: Final = pa.schema(
         pa.field("studies_in_domain", pa.int64()),
         pa.field("studies_out_of_domain", pa.int64()),
         pa.field("studies_domain_unknown", pa.int64()),
+        pa.field("device", pa.string()),
+        *(pa.field(name, pa.string()) for name in VERSION_COLUMNS),
+        pa.field("row_keys", pa.string()),
     ]
 )
 

@@ -45,6 +45,7 @@ from typing import Any, Final
 
 import pandas as pd
 
+from batchscan import VERSION_COLUMNS
 from batchscan.ingest.paths import from_state, readable, state_key
 from batchscan.ingest.records import FAILED, SCORED, SKIPPED, ImageRecord, chunks
 from batchscan.results.aggregate import STUDY_COLUMNS
@@ -96,6 +97,9 @@ RUN_COLUMNS: Final = (
     "model_version",
     "code_version",
     *RUN_STUDY_COUNTS,
+    "device",
+    *VERSION_COLUMNS,
+    "row_keys",
 )
 
 _INTEGER_COLUMNS: Final = {
@@ -130,6 +134,9 @@ _RUN_TYPES: Final = {
     "seconds": "REAL",
     "model_version": "TEXT",
     "code_version": "TEXT",
+    "device": "TEXT",
+    **dict.fromkeys(VERSION_COLUMNS, "TEXT"),
+    "row_keys": "TEXT",
 }
 
 
@@ -364,9 +371,17 @@ class StateStore:
 
     # -- the run -----------------------------------------------------------------------
 
-    def begin_run(self, run_id: str, started_at: str, model_version: str, code: str) -> int:
-        """Record the run as ``running``; runs left ``running`` by a killed process become
-        ``interrupted``. Returns how many were."""
+    def begin_run(
+        self,
+        run_id: str,
+        started_at: str,
+        model_version: str,
+        code: str,
+        facts: dict[str, Any] | None = None,
+    ) -> int:
+        """Record the run as ``running``, with `facts` (columns of :data:`RUN_COLUMNS`: the
+        versions behind its scores, so that a run killed half-way names them too); runs
+        left ``running`` by a killed process become ``interrupted``. Returns how many were."""
         interrupted = self._db.execute(
             "UPDATE runs SET outcome='interrupted' WHERE outcome='running'"
         ).rowcount
@@ -375,11 +390,12 @@ class StateStore:
             "VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM runs), ?, 'running', ?, ?)",
             (run_id, started_at, model_version, code),
         )
-        self.commit()
+        self.end_run(run_id, "running", facts or {})
         return interrupted
 
     def end_run(self, run_id: str, outcome: str, facts: dict[str, Any]) -> None:
-        """Record how the run ended (``ok`` or ``failed``) and its figures."""
+        """Record how the run ended (``ok`` or ``failed``) and its figures (columns of
+        :data:`RUN_COLUMNS`; others are ignored)."""
         known = {k: v for k, v in facts.items() if k in RUN_COLUMNS and k != "run_id"}
         assignments = ", ".join(f"{k}=?" for k in known)
         self._db.execute(
@@ -711,6 +727,12 @@ class StateStore:
             "SUM(in_domain IS NULL) FROM studies"
         ).fetchone()
         return {name: int(value or 0) for name, value in zip(RUN_STUDY_COUNTS, row, strict=True)}
+
+    def any_row_keys(self) -> str | None:
+        """The keys one file row was stored under (``settings_key``), or None in an empty
+        state: what a state made before runs recorded their ``row_keys`` was made under."""
+        row = self._db.execute("SELECT settings_key FROM files LIMIT 1").fetchone()
+        return row[0] if row else None
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Rows of a read-only query (the HTML report's aggregates are computed here, in
