@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -631,6 +632,14 @@ def test_srs_made_in_worker_processes_are_the_same_srs(
     """The first batch of a run is made in the scan's process, the others in worker
     processes (batches of two here): the SRs are those of the scan's one process."""
     monkeypatch.setattr(write, "JOBS_PER_FLUSH", 2)
+    pools = []
+
+    class Pool(ProcessPoolExecutor):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pools.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(write, "ProcessPoolExecutor", Pool)
     run = _copy_scanned(demo_srs, tmp_path)
     shutil.rmtree(run["outbox"])
     state = StateStore(run["out"] / STATE_FILE)
@@ -643,6 +652,7 @@ def test_srs_made_in_worker_processes_are_the_same_srs(
     finally:
         state.close()
     assert (outcome.written, outcome.unchanged) == (6, 0)
+    assert len(pools) == 1, "the second and third batches were made in worker processes"
     for ours, theirs in zip(sr_files(run["outbox"]), sr_files(demo_srs["outbox"]), strict=True):
         assert differences(pydicom.dcmread(ours), pydicom.dcmread(theirs)) == []
     assert [p.relative_to(run["outbox"]) for p in sr_files(run["outbox"])] == [

@@ -234,10 +234,11 @@ def _encode_job(
 
 
 class _Encoder:
-    """Makes SRs in this process, and from the second batch of a run on in `workers`
-    processes: an SR costs a few milliseconds of CPU, so a run with few new studies would
-    spend more starting processes (each imports highdicom and builds the template) than it
-    saves, while a first run over a large archive is spread over the cores."""
+    """Makes SRs in this process, and in `workers` processes once a run has more than a
+    batch of them: an SR costs a few milliseconds of CPU, so a run with few new studies
+    would spend more starting processes (each imports highdicom and builds the template,
+    seconds) than it saves, while a first run over a large archive is spread over the
+    cores. The processes start with the second full batch."""
 
     def __init__(
         self, archive: Path, algorithm: Algorithm, analysed_at: datetime, workers: int
@@ -250,7 +251,8 @@ class _Encoder:
 
     def __call__(self, jobs: list[_Job]) -> list[bytes | str]:
         self.batches += 1
-        if self.workers <= 1 or self.batches == 1 or len(jobs) < 2:
+        large = self.batches > 1 and len(jobs) >= JOBS_PER_FLUSH
+        if self.workers <= 1 or len(jobs) < 2 or (self._pool is None and not large):
             return [self.encode(job) for job in jobs]
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=worker_context())
