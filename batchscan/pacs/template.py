@@ -19,10 +19,10 @@ attributes of the source header), joined with those bytes: the same data set, el
 element, as :func:`~batchscan.pacs.sr.build_sr` makes (``tests/test_sr.py`` holds them
 equal for the demo studies and for headers of real devices).
 
-What stays with highdicom per study: the image library entries of describable images and
-the source's acquisition equipment item; the checks on the source's SOP class in them
-(highdicom looks the class up in its tables of the standard on every call, milliseconds
-each) are asked once per SOP class.
+What stays with highdicom: the image library entries of describable images, per study; the
+source's acquisition equipment item and the SR's character set, once per device and per
+character set; its checks on the source's SOP class (it looks the class up in its tables of
+the standard on every call, milliseconds each), once per SOP class.
 """
 
 from __future__ import annotations
@@ -81,20 +81,28 @@ _EVIDENCE: Final = Tag("CurrentRequestedProcedureEvidenceSequence")
 _CONTRIBUTED: Final = Tag("ContributionDateTime")
 _MEDIA_INSTANCE: Final = Tag("MediaStorageSOPInstanceUID")
 _CHARSET: Final = Tag("SpecificCharacterSet")
+_CREATION_DATE: Final = Tag("InstanceCreationDate")
+_CREATION_TIME: Final = Tag("InstanceCreationTime")
+_SOP_INSTANCE: Final = Tag("SOPInstanceUID")
+_SERIES: Final = Tag("SeriesInstanceUID")
+_STUDY: Final = Tag("StudyInstanceUID")
+_INSTANCE_NUMBER: Final = Tag("InstanceNumber")
+_REFERENCED_SERIES: Final = Tag("ReferencedSeriesSequence")
+_REFERENCED_CLASS: Final = Tag("ReferencedSOPClassUID")
+_REFERENCED_INSTANCE: Final = Tag("ReferencedSOPInstanceUID")
 #: Top-level attributes whose values are a study's own (besides its copied patient and
 #: study attributes); every other attribute of the probe's SR is the run's.
 _PER_STUDY: Final = frozenset(
-    Tag(keyword)
-    for keyword in (
-        "InstanceCreationDate",
-        "InstanceCreationTime",
-        "SOPInstanceUID",
-        "SeriesInstanceUID",
-        "InstanceNumber",
-        "ContributingEquipmentSequence",
-        "CurrentRequestedProcedureEvidenceSequence",
-        "ContentSequence",
-    )
+    {
+        _CREATION_DATE,
+        _CREATION_TIME,
+        _SOP_INSTANCE,
+        _SERIES,
+        _INSTANCE_NUMBER,
+        _EQUIPMENT,
+        _EVIDENCE,
+        _CONTENT,
+    }
 )
 #: The probe's source: a CR image without Patient Orientation (so no image library entry)
 #: and without Manufacturer (so no acquisition equipment item).
@@ -428,11 +436,11 @@ class SrTemplate:
             if tag in first:
                 elements[tag] = _copy(first[tag], encodings)
         now = dt.datetime.now()
-        elements[0x00080012] = _string(0x00080012, "DA", DA(now.date()))
-        elements[0x00080013] = _string(0x00080013, "TM", TM(now.time()))
-        elements[0x00080018] = _uid(0x00080018, sop_instance_uid)
-        elements[0x0020000E] = _uid(0x0020000E, sr_series_uid(study.study_instance_uid))
-        elements[0x00200013] = _string(0x00200013, "IS", int(instance_number))
+        elements[_CREATION_DATE] = _string(_CREATION_DATE, "DA", DA(now.date()))
+        elements[_CREATION_TIME] = _string(_CREATION_TIME, "TM", TM(now.time()))
+        elements[_SOP_INSTANCE] = _uid(_SOP_INSTANCE, sop_instance_uid)
+        elements[_SERIES] = _uid(_SERIES, sr_series_uid(study.study_instance_uid))
+        elements[_INSTANCE_NUMBER] = _string(_INSTANCE_NUMBER, "IS", int(instance_number))
         acquisition = acquisition_equipment(first, encodings)
         elements[_EQUIPMENT] = _sequence(_EQUIPMENT, [acquisition, self.equipment])
         sources = _unique(evidence)
@@ -534,7 +542,9 @@ def _unique(evidence: Sequence[Dataset]) -> list[Dataset]:
 
 def _reference(header: Dataset) -> bytes:
     """The body of a Referenced SOP Sequence item naming a source."""
-    return _uid(0x00081150, header.SOPClassUID) + _uid(0x00081155, header.SOPInstanceUID)
+    return _uid(_REFERENCED_CLASS, header.SOPClassUID) + _uid(
+        _REFERENCED_INSTANCE, header.SOPInstanceUID
+    )
 
 
 def _evidence(
@@ -548,11 +558,10 @@ def _evidence(
             _item(references[header.SOPInstanceUID])
         )
     series_items = [
-        _item(_sequence(_REFERENCED_SOP, sops) + _uid(0x0020000E, uid))
-        for uid, sops in series.items()
+        _item(_sequence(_REFERENCED_SOP, sops) + _uid(_SERIES, uid)) for uid, sops in series.items()
     ]
-    study_item = _sequence(0x00081115, series_items)
-    study_item += _uid(0x0020000D, study.study_instance_uid)
+    study_item = _sequence(_REFERENCED_SERIES, series_items)
+    study_item += _uid(_STUDY, study.study_instance_uid)
     return _sequence(_EVIDENCE, [_item(study_item)])
 
 
