@@ -629,9 +629,10 @@ def test_odd_patient_and_study_values_still_give_a_valid_sr_and_are_never_printe
 def test_srs_made_in_worker_processes_are_the_same_srs(
     demo_srs: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The first batch of a run is made in the scan's process, the others in worker
-    processes (batches of two here): the SRs are those of the scan's one process."""
+    """A large run makes its first SRs in the scan's process, the others in worker
+    processes (after two, in batches of two here): the SRs are those of one process."""
     monkeypatch.setattr(write, "JOBS_PER_FLUSH", 2)
+    monkeypatch.setattr(write, "POOL_AFTER", 2)
     pools = []
 
     class Pool(ProcessPoolExecutor):

@@ -18,9 +18,9 @@ of --repeat:
   (``SrTemplate.encode``), what the SR stage does per study;
 * ``sr first``: the SR stage on a new outbox (every study new: read the headers, make the
   SR from the template, write the batch atomically with one file-system sync before and one
-  after the renames, record it), in this process and with --workers processes (default: all
-  cores, as the scan does; a run's first batch of 256 SRs is made in the scan's own process,
-  and the workers start with its second full batch, so that they show from --studies 513);
+  after the renames, record it), in this process and with --workers (default: all cores, as
+  the scan has it; the worker processes start only once a run has made 4096 SRs in its own,
+  so below that this row is the scan's one process);
 * ``sr rerun``: the SR stage again with nothing new (derive each UID, look it up);
 * ``send``: every SR to a real Orthanc on 127.0.0.1 (when Debian's ``orthanc`` is
   installed), one association, one C-STORE per SR: ``batchscan send`` (each delivery
@@ -132,7 +132,7 @@ def main() -> None:
             )
 
         rows.append(("sr first, 1 process", best(args.repeat, stage(0), fresh), n))
-        name = f"sr first, {args.workers} processes"
+        name = f"sr first, --workers {args.workers}"
         rows.append((name, best(args.repeat, stage(args.workers), fresh), n))
         rows.append(("sr rerun", best(args.repeat, stage(args.workers)), n))
         state.close()
