@@ -14,6 +14,9 @@ of --repeat:
   constructor (``build_sr``, then ``dcmwrite``), for the first --reference studies (it
   costs tens of ms each): how SRs were made before the template, and the reference their
   content is held equal to;
+* ``sr first as before``: the SR stage as it was before the template, on those studies:
+  the full constructor, each file written to a temporary file, fsynced and renamed on its
+  own (two fsyncs a file), the batch recorded in the ledger;
 * ``template``: read the headers and make each SR in memory from the run's template
   (``SrTemplate.encode``), what the SR stage does per study;
 * ``sr first``: the SR stage on a new outbox (every study new: read the headers, make the
@@ -33,6 +36,7 @@ scan's own cost per study.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import shutil
@@ -48,10 +52,22 @@ import pydicom
 
 from batchscan.cli import main as batchscan
 from batchscan.engines.pipeline import default_workers
+from batchscan.pacs.outbox import Outbox
 from batchscan.pacs.send import Destination, send_outbox
-from batchscan.pacs.sr import STUDY_IMAGES_SQL, Algorithm, build_sr, read_evidence, study_results
+from batchscan.pacs.sr import (
+    STUDY_IMAGES_SQL,
+    Algorithm,
+    StudyResult,
+    build_sr,
+    content_digest,
+    read_evidence,
+    sr_file,
+    sr_instance_uid,
+    study_results,
+)
 from batchscan.pacs.template import SrTemplate
 from batchscan.pacs.write import write_srs
+from batchscan.results.report import publish, temporary_path
 from batchscan.results.state import STATE_FILE, StateStore
 from batchscan.synth import write_demo_archive
 
@@ -108,14 +124,38 @@ def main() -> None:
         analysed_at = datetime.now(UTC)
         reference = studies[: args.reference]
 
+        def full_sr(study: StudyResult, uid: str) -> bytes:
+            sr = build_sr(study, read_evidence(archive, study), algorithm, uid, 1, analysed_at)
+            buffer = io.BytesIO()
+            pydicom.dcmwrite(buffer, sr, enforce_file_format=True)
+            return buffer.getvalue()
+
         def full() -> None:
             for study in reference:
-                sr = build_sr(study, read_evidence(archive, study), algorithm, "2.25.1", 1,
-                              analysed_at)  # fmt: skip
-                pydicom.dcmwrite(io.BytesIO(), sr, enforce_file_format=True)
+                full_sr(study, "2.25.1")
+
+        def before() -> None:
+            """The SR stage as it was: highdicom's full constructor, each file written and
+            fsynced on its own, the batch recorded in the ledger."""
+            with Outbox(outbox, create=True) as ledger:
+                recorded = []
+                for study in reference:
+                    uid = sr_instance_uid(content_digest(study, algorithm))
+                    data = full_sr(study, uid)
+                    final = sr_file(outbox, study.study_instance_uid, uid)
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    temporary = temporary_path(final, "benchmark")
+                    temporary.write_bytes(data)
+                    publish(temporary, final)
+                    recorded.append((uid, study.study_instance_uid, final,
+                                     hashlib.sha256(data).hexdigest(), algorithm.model_version,
+                                     study.score, 1))  # fmt: skip
+                ledger.record_many(recorded)
 
         name = f"SR in memory, highdicom's full constructor ({len(reference)} studies)"
         rows.append((name, best(args.repeat, full), len(reference)))
+        name = f"sr first as before: full constructor, a fsync a file ({len(reference)} studies)"
+        rows.append((name, best(args.repeat, before, fresh), len(reference)))
         started = time.perf_counter()
         template = SrTemplate(algorithm, analysed_at)
         built = time.perf_counter() - started
