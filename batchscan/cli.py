@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 from batchscan import __version__
 from batchscan.config import ConfigError, int_at_least, load_config, pseudonym_key, seconds
-from batchscan.ingest.paths import PRIVATE_UMASK
+from batchscan.storage.files import PRIVATE_UMASK
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 

@@ -31,16 +31,13 @@ from batchscan import __version__
 from batchscan.engines.pipeline import RunStats, ScanConfig, manifest_for, new_run_id, run_local
 from batchscan.ingest.discover import iter_files
 from batchscan.ingest.domain import Domain
-from batchscan.ingest.paths import make_private, private_files, sqlite_files, state_key
+from batchscan.ingest.paths import state_key
 from batchscan.ingest.records import FAILED, SCORED, SKIPPED, ImageRecord, Scores
 from batchscan.results.aggregate import aggregate_studies
 from batchscan.results.keys import row_keys
 from batchscan.results.report import (
     DISCREPANCIES_SCHEMA,
     PERFORMANCE_SCHEMA,
-    publish,
-    remove_temporaries,
-    temporary_path,
     write_frame,
     write_images,
     write_manifest,
@@ -53,7 +50,9 @@ from batchscan.results.state import RUN_STUDY_COUNTS, STATE_FILE, StateError, St
 from batchscan.scoring.input_store import STORE_FILE, InputStore
 from batchscan.scoring.model import ModelCard, ModelError, check_model, load_model
 from batchscan.scoring.rescore import rescore
-from batchscan.site.monitoring import LABELS_DB, PERIODS, Monitored, monitor
+from batchscan.site.label_cache import LABELS_DB
+from batchscan.site.monitoring import PERIODS, Monitored, monitor
+from batchscan.storage.files import private_files, publish, remove_temporaries, temporary_path
 
 log = logging.getLogger("batchscan")
 
@@ -318,8 +317,6 @@ def run_scan(config: ScanConfig) -> ScanResult:
         except StateError as exc:
             store.close()
             raise UsageError(str(exc)) from exc
-        for made in sqlite_files(path):
-            make_private(made)
         try:
             return _run(config, checked, shadow, state, store)
         finally:
@@ -519,10 +516,10 @@ def _stored_input(
     state: StateStore, store: InputStore, input_key: str, stored_path: Any
 ) -> np.ndarray | None:
     """The stored model input of one file of the state (report.html's thumbnails)."""
-    row = state.query("SELECT size, mtime_ns FROM files WHERE path = ?", (stored_path,))
-    if not row:
+    identity = state.file_identity(stored_path)
+    if identity is None:
         return None
-    return store.get([(stored_path, row[0][0], row[0][1])], input_key).get(stored_path)
+    return store.get([(stored_path, *identity)], input_key).get(stored_path)
 
 
 def _monitor(config: ScanConfig, checked: ModelCard, state: StateStore) -> Monitored:
@@ -534,9 +531,7 @@ def _monitor(config: ScanConfig, checked: ModelCard, state: StateStore) -> Monit
     return monitor(
         config.reports_file,
         config.out / LABELS_DB,
-        state.stream(
-            "SELECT study_instance_uid, accession_number, study_date, score, flag FROM studies"
-        ),
+        state.study_scores(),
         period=config.monitor_period,
         threshold=checked.threshold,
         model_version=checked.version,

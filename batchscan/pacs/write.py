@@ -3,12 +3,13 @@
 Runs after the state is finished (every study aggregated), from the state alone plus the
 headers of the scored files of the studies that need a new SR:
 
-1. stream the scored studies with their scored images (:data:`batchscan.pacs.sr.STUDY_IMAGES_SQL`);
+1. stream the scored studies with their scored images
+   (:meth:`batchscan.results.state.StateStore.scored_study_images`);
 2. derive each study's SR UID from its content; a UID the outbox ledger holds is unchanged
    (nothing read, nothing written);
 3. otherwise read the scored files' headers (pixels never), build the SR, write it
-   atomically (a hidden temporary file, fsync, rename; 0640 under
-   :func:`batchscan.ingest.paths.private_files`) and record it in the ledger;
+   atomically (:func:`batchscan.storage.files.write`: a hidden temporary file, fsync,
+   rename; 0640) and record it in the ledger;
 4. name the studies that had an SR and have no scored image any more.
 
 A study whose headers cannot serve (a file changed or vanished since it was scored, or a
@@ -37,7 +38,6 @@ from batchscan.engines.pipeline import worker_context
 from batchscan.ingest.records import INTERPRETER_EXITS
 from batchscan.pacs.outbox import Outbox
 from batchscan.pacs.sr import (
-    STUDY_IMAGES_SQL,
     Algorithm,
     EvidenceError,
     StudyResult,
@@ -48,8 +48,8 @@ from batchscan.pacs.sr import (
     sr_instance_uid,
     study_results,
 )
-from batchscan.results.report import publish, temporary_path
 from batchscan.results.state import StateStore
+from batchscan.storage import files
 
 log = logging.getLogger("batchscan")
 
@@ -145,13 +145,7 @@ def encode_sr(
 
 def _write_atomically(final: Path, data: bytes, run_id: str) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_path(final, run_id)
-    try:
-        temporary.write_bytes(data)
-        publish(temporary, final)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    files.write(final, data, token=run_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +205,7 @@ def write_srs(
 ) -> SrOutcome:
     """Write the SRs of every scored study whose content has no SR yet.
 
-    Call with :func:`batchscan.ingest.paths.private_files` in force (the SRs are 0640).
+    The SRs are 0640 (:data:`batchscan.storage.files.PRIVATE_MODE`).
 
     Parameters
     ----------
@@ -258,7 +252,7 @@ def write_srs(
 
         try:
             outbox.begin_pass()
-            for study in study_results(state.stream(STUDY_IMAGES_SQL)):
+            for study in study_results(state.scored_study_images()):
                 uid = study.study_instance_uid
                 outbox.seen(uid)
                 sop = sr_instance_uid(content_digest(study, algorithm))

@@ -38,6 +38,7 @@ from batchscan.scoring.model import (
     split_members,
 )
 from batchscan.site import metrics as m
+from batchscan.storage import files
 
 SPLITS = ("train", "val", "test")
 #: Environment variable naming the folder that holds the training data.
@@ -552,7 +553,8 @@ def write_model(
     members = members_of(model)
     shipped = build_seed_model(members)  # uncompiled: the file carries weights only
     shipped.set_weights(model.get_weights())
-    shipped.save(out_path)
+    with files.writing(out_path, suffix=out_path.suffix) as temporary:  # Keras wants .keras
+        shipped.save(temporary)
     model = shipped
     threshold = float(report["threshold"])
     card_metrics: dict[str, Any] = {}
@@ -629,5 +631,5 @@ def write_model(
         "limits": LIMITS,
         **(card_facts or {}),
     }
-    out_path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    files.write(out_path.with_suffix(".json"), json.dumps(card, indent=2) + "\n")
     return card

@@ -39,7 +39,7 @@ import pydicom
 from batchscan.cli import main as batchscan
 from batchscan.engines.pipeline import default_workers
 from batchscan.pacs.send import Destination, send_outbox
-from batchscan.pacs.sr import STUDY_IMAGES_SQL, Algorithm, study_results
+from batchscan.pacs.sr import Algorithm, study_results
 from batchscan.pacs.write import write_srs
 from batchscan.results.state import STATE_FILE, StateStore
 from batchscan.synth import write_demo_archive
@@ -76,7 +76,7 @@ def main() -> None:
         if code != 0:
             raise SystemExit(f"scan failed with status {code}")
         state = StateStore(out / STATE_FILE)
-        studies = list(study_results(state.stream(STUDY_IMAGES_SQL)))
+        studies = list(study_results(state.scored_study_images()))
         n = len(studies)
         manifest = json.loads((out / "manifest.json").read_text())
         algorithm = Algorithm(manifest["model"]["version"], manifest["model"]["threshold"])
