@@ -3,6 +3,7 @@
 The package follows the data; each subpackage is a part of the flow and imports only the
 parts before it (``tests/test_layout.py`` holds it to that)::
 
+    storage  (below it all: the one way to write a file, the one way to open a store)
     ingest   (discover -> header -> decode + normalize -> preprocess)
       -> scoring  (model, infer, ood, the model-input store)
       -> engines  (all cores of one machine, or a Ray cluster)

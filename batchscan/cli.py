@@ -20,8 +20,8 @@ from typing import Any, NoReturn, TypeVar
 
 from batchscan import __version__, options
 from batchscan.config import ConfigError, load_config, pseudonym_key
-from batchscan.ingest.paths import PRIVATE_UMASK
 from batchscan.options import EXIT_ERROR, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, Option
+from batchscan.storage.files import PRIVATE_UMASK
 
 _R = TypeVar("_R")
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "batchscan"
-#: The parts of the flow, in order; the top-level modules come after all of them.
-FLOW = ("ingest", "scoring", "engines", "results", "site", "pacs")
+#: The parts of the flow, in order (storage, how anything is put on disk, below them all);
+#: the top-level modules come after all of them.
+FLOW = ("storage", "ingest", "scoring", "engines", "results", "site", "pacs")
 TOP = len(FLOW)
 
 

@@ -26,7 +26,6 @@ from batchscan.cli import main
 from batchscan.pacs import write
 from batchscan.pacs.outbox import Outbox
 from batchscan.pacs.sr import (
-    STUDY_IMAGES_SQL,
     Algorithm,
     EvidenceError,
     ScoredImage,
@@ -443,7 +442,7 @@ def test_an_sr_from_the_template_equals_highdicoms(
     model = _model(demo_srs)
     state = StateStore(demo_srs["out"] / STATE_FILE)
     try:
-        rows = state.stream(STUDY_IMAGES_SQL)
+        rows = state.scored_study_images()
         demo = [("demo", demo_srs["archive"], study) for study in study_results(rows)]
     finally:
         state.close()

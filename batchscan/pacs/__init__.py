@@ -20,6 +20,7 @@ An SR is the one output of batchscan that carries the patient's identity (the PA
 it into the patient's study by it): it is written 0640 outside the archive, and no
 identifying value ever reaches a log or an error message.
 
-May import: every part of the flow before it (ingest, scoring, engines, results, site);
+May import: every part of the flow before it (storage, ingest, scoring, engines, results,
+site);
 highdicom and pynetdicom.
 """

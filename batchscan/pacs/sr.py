@@ -173,7 +173,9 @@ class Algorithm:
 
 
 def study_results(rows: Iterator[tuple[Any, ...]]) -> Iterator[StudyResult]:
-    """Group the rows of :data:`STUDY_IMAGES_SQL` (ordered by study) into studies."""
+    """Group the rows of
+    :meth:`~batchscan.results.state.StateStore.scored_study_images` (ordered by study)
+    into studies."""
     current: list[tuple[Any, ...]] = []
     for row in rows:
         if current and row[0] != current[0][0]:
@@ -182,17 +184,6 @@ def study_results(rows: Iterator[tuple[Any, ...]]) -> Iterator[StudyResult]:
         current.append(row)
     if current:
         yield _study(current)
-
-
-#: The scored studies with their scored images, ordered by study then image.
-STUDY_IMAGES_SQL: Final = (
-    "SELECT s.study_instance_uid, s.score, s.flag, s.score_basis, s.in_domain, "
-    "f.path, f.size, f.mtime_ns, f.sop_instance_uid, f.sop_class_uid, f.series_instance_uid, "
-    "f.view, f.score, f.ood_score, f.ood, f.in_domain "
-    "FROM studies s JOIN files f ON f.study_instance_uid = s.study_instance_uid "
-    "WHERE f.status = 'scored' AND f.sop_instance_uid IS NOT NULL "
-    "ORDER BY s.study_instance_uid, f.sop_instance_uid"
-)
 
 
 def _bool(value: Any) -> bool | None:

@@ -3,17 +3,18 @@
 Runs after the state is finished (every study aggregated), from the state alone plus the
 headers of the scored files of the studies that need a new SR:
 
-1. stream the scored studies with their scored images (:data:`batchscan.pacs.sr.STUDY_IMAGES_SQL`);
+1. stream the scored studies with their scored images
+   (:meth:`batchscan.results.state.StateStore.scored_study_images`);
 2. derive each study's SR UID from its content; a UID the outbox ledger holds is unchanged
    (nothing read, nothing written);
 3. otherwise read the scored files' headers (pixels never) and make the SR from the run's
    :class:`~batchscan.pacs.template.SrTemplate` (built once per model and run, in each
    process that makes SRs; worker processes only in a run of more than
    :data:`POOL_AFTER` new SRs);
-4. write the SRs of a batch atomically (each to a hidden temporary file, then one sync of
-   the outbox's file system for them all, then each renamed into place and the renames
-   synced; 0640 under :func:`batchscan.ingest.paths.private_files`) and record them in the
-   ledger, in one transaction;
+4. write the SRs of a batch atomically (:func:`batchscan.storage.files.write_many`: each to
+   a hidden temporary file, then one sync of the outbox's file system for them all, then
+   each renamed into place and the renames synced; 0640) and record them in the ledger, in
+   one transaction;
 5. name the studies that had an SR and have no scored image any more.
 
 A study whose headers cannot serve (a file changed or vanished since it was scored, or a
@@ -23,15 +24,12 @@ again. No patient value reaches a log: reasons are fixed codes and studies are n
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import logging
-import os
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -44,7 +42,6 @@ from batchscan.engines.pipeline import worker_context
 from batchscan.ingest.records import INTERPRETER_EXITS
 from batchscan.pacs.outbox import Outbox
 from batchscan.pacs.sr import (
-    STUDY_IMAGES_SQL,
     Algorithm,
     EvidenceError,
     StudyResult,
@@ -55,8 +52,8 @@ from batchscan.pacs.sr import (
     study_results,
 )
 from batchscan.pacs.template import SrTemplate
-from batchscan.results.report import publish, temporary_path
 from batchscan.results.state import StateStore
+from batchscan.storage import files
 
 log = logging.getLogger("batchscan")
 
@@ -161,58 +158,6 @@ def encode_sr(
             raise EvidenceError("source_invalid") from None
 
 
-def _syncfs() -> Callable[[int], int] | None:
-    """Linux's syncfs(2) (not in Python's os module): all of one file system's written data
-    and metadata to disk in one call, or None where the C library has none."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).syncfs  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None
-
-
-_SYNCFS: Final = _syncfs()
-
-
-def _sync(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        if _SYNCFS is not None and _SYNCFS(descriptor) != 0:
-            number = ctypes.get_errno()
-            raise OSError(number, os.strerror(number), str(folder))
-    finally:
-        os.close(descriptor)
-
-
-def publish_all(outbox: Path, files: Sequence[tuple[Path, bytes]], run_id: str) -> None:
-    """Write SR files under `outbox` atomically, a batch at a time: each to its hidden
-    temporary file, then one sync of the file system (every SR's bytes on disk before any
-    is renamed), each renamed into place, and one sync more (the renames on disk before the
-    ledger records them). A run killed anywhere leaves complete SRs or temporary files,
-    never a part of one under its final name; the same guarantee as
-    :func:`batchscan.results.report.publish` gives one file with two fsyncs, at two syncs a
-    batch instead of two a file (fsync costs milliseconds; on a busy disk tens). Where the
-    C library has no syncfs, each file is published on its own."""
-    written: list[tuple[Path, Path]] = []
-    try:
-        for final, data in files:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            temporary = temporary_path(final, run_id)
-            written.append((temporary, final))
-            temporary.write_bytes(data)
-            if _SYNCFS is None:
-                publish(temporary, final)
-        if _SYNCFS is None or not written:
-            return
-        _sync(outbox)
-        for temporary, final in written:
-            os.replace(temporary, final)
-        _sync(outbox)
-    except BaseException:
-        for temporary, _ in written:
-            temporary.unlink(missing_ok=True)
-        raise
-
-
 @dataclass(frozen=True, slots=True)
 class _Job:
     """One SR to make: picklable, for a worker process."""
@@ -293,7 +238,7 @@ def write_srs(
 ) -> SrOutcome:
     """Write the SRs of every scored study whose content has no SR yet.
 
-    Call with :func:`batchscan.ingest.paths.private_files` in force (the SRs are 0640).
+    The SRs are 0640 (:data:`batchscan.storage.files.PRIVATE_MODE`).
 
     Parameters
     ----------
@@ -336,7 +281,7 @@ def write_srs(
                         continue
                     made_now.append((job.final, data))
                 recorded.append((job, hashlib.sha256(data).hexdigest()))
-            publish_all(outbox_dir, made_now, run_id)
+            files.write_many(made_now, token=run_id)
             outbox.record_many(
                 (j.sop_instance_uid, j.study.study_instance_uid, j.final, digest,
                  algorithm.model_version, j.study.score, j.instance_number)
@@ -347,7 +292,7 @@ def write_srs(
 
         try:
             outbox.begin_pass()
-            for study in study_results(state.stream(STUDY_IMAGES_SQL)):
+            for study in study_results(state.scored_study_images()):
                 uid = study.study_instance_uid
                 outbox.seen(uid)
                 sop = sr_instance_uid(content_digest(study, algorithm))

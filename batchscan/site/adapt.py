@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import html
 import json
-import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -45,13 +44,13 @@ import numpy as np
 import pandas as pd
 
 from batchscan.engines.pipeline import ScanConfig, prepared_stream
-from batchscan.ingest.paths import from_state, make_private, stat
+from batchscan.ingest.paths import from_state, stat
 from batchscan.ingest.records import ImageRecord
 from batchscan.results import plots
 from batchscan.results.aggregate import aggregate_studies
 from batchscan.results.keys import input_key
-from batchscan.results.report import MANIFEST_FILE, publish
-from batchscan.results.state import STATE_FILE
+from batchscan.results.report import MANIFEST_FILE
+from batchscan.results.state import STATE_FILE, StateError, scored_files
 from batchscan.scoring.input_store import STORE_FILE, InputStore
 from batchscan.scoring.model import (
     ModelCard,
@@ -68,7 +67,8 @@ from batchscan.site.evaluate import (
     shortcut_checks,
     shortcut_html,
 )
-from batchscan.site.monitoring import LABELS_DB, MonitorError, known_labels, read_all, report_digest
+from batchscan.site.label_cache import LABELS_DB, known_labels, report_digest
+from batchscan.site.monitoring import MonitorError, read_all
 from batchscan.site.report_labels import ReportLabeler
 from batchscan.site.site_training import (
     FINE_TUNE_EPOCHS,
@@ -78,6 +78,7 @@ from batchscan.site.site_training import (
     balance_weights,
     split_by_patient,
 )
+from batchscan.storage import files
 
 #: Studies of each class the later period needs before a verdict can say "deploy".
 MIN_LATER_PER_CLASS: Final = 20
@@ -94,7 +95,6 @@ _COLUMNS: Final = (
     "path",
     "size",
     "mtime_ns",
-    "settings_key",
     "study_instance_uid",
     "accession_number",
     "study_date",
@@ -223,16 +223,10 @@ def scored_images(report_dir: Path, manifest: dict[str, Any]) -> pd.DataFrame:
     """The scored file rows of the scan's state (read-only), with ``input_key`` from each
     row's keys and ``date`` parsed from the study date (NaT when missing or invalid)."""
     state = Path(manifest.get("arguments", {}).get("state") or report_dir / STATE_FILE)
-    db = sqlite3.connect(f"file:{state}?mode=ro", uri=True)
     try:
-        columns = ", ".join(f'"{c}"' for c in _COLUMNS)
-        rows = db.execute(f"SELECT {columns} FROM files WHERE status = 'scored'").fetchall()
-    except sqlite3.Error as exc:
+        frame = scored_files(state, _COLUMNS)
+    except StateError as exc:
         raise AdaptError(f"cannot read the scan's state {state}: {exc}") from None
-    finally:
-        db.close()
-    frame = pd.DataFrame(rows, columns=list(_COLUMNS))
-    frame["input_key"] = frame["settings_key"].str.split(".").str[1]
     frame["date"] = pd.to_datetime(frame["study_date"], errors="coerce").dt.normalize()
     frame["status"] = "scored"
     return frame
@@ -1080,10 +1074,7 @@ def write_adaptation(
         (HTML_FILE, render_html(result, figures)),
     ):
         path = out / name
-        temporary = path.with_name(f".{name}.tmp")
-        temporary.write_text(text, encoding="utf-8")
-        make_private(temporary)
-        publish(temporary, path)
+        files.write(path, text)
         written.append(path)
     return written
 

@@ -51,6 +51,7 @@ from batchscan.scoring.input_store import STORE_FILE, InputStore
 from batchscan.scoring.model import ModelCard, check_model, load_model
 from batchscan.site import metrics
 from batchscan.site.evaluate import Labels
+from batchscan.storage import files
 
 #: Shares of patients (by studies) in train / val / test.
 SPLIT_SHARES: Final = (0.70, 0.15, 0.15)
@@ -231,8 +232,7 @@ def _cache_key(examples_fingerprint: str, labels_sha: str, settings: dict[str, A
 
 def save_cache(path: Path, examples: Examples, key: str) -> None:
     """Write the examples (no patient key: only group numbers) atomically."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("wb") as handle:
+    with files.writing(path) as temporary, temporary.open("wb") as handle:
         np.savez(
             handle,
             key=np.array(key),
@@ -248,7 +248,6 @@ def save_cache(path: Path, examples: Examples, key: str) -> None:
             files=np.array(examples.files),
             accounting=np.array(json.dumps(examples.accounting)),
         )
-    os.replace(temporary, path)
 
 
 def load_cache(path: Path, key: str) -> Examples | None:

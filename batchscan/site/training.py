@@ -31,6 +31,7 @@ from batchscan.ingest.preprocess import PREPROCESSING_SPEC, preprocess_many
 from batchscan.scoring import ood
 from batchscan.scoring.model import build_seed_model, check_seed_architecture, sha256_of
 from batchscan.site import metrics as m
+from batchscan.storage import files
 
 SPLITS = ("train", "val", "test")
 #: Environment variable naming the folder that holds the training data.
@@ -456,7 +457,8 @@ def write_model(
     # rebuilt from its own layers, uncompiled: the file carries weights only
     shipped = keras.Sequential.from_config(model.get_config())
     shipped.set_weights(model.get_weights())
-    shipped.save(out_path)
+    with files.writing(out_path, suffix=out_path.suffix) as temporary:  # Keras wants .keras
+        shipped.save(temporary)
     model = shipped
     threshold = float(report["threshold"])
     card_metrics: dict[str, Any] = {}
@@ -524,5 +526,5 @@ def write_model(
         "limits": LIMITS,
         **(card_facts or {}),
     }
-    out_path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    files.write(out_path.with_suffix(".json"), json.dumps(card, indent=2) + "\n")
     return card

@@ -55,7 +55,6 @@ from batchscan.engines.pipeline import default_workers
 from batchscan.pacs.outbox import Outbox
 from batchscan.pacs.send import Destination, send_outbox
 from batchscan.pacs.sr import (
-    STUDY_IMAGES_SQL,
     Algorithm,
     StudyResult,
     build_sr,
@@ -67,8 +66,8 @@ from batchscan.pacs.sr import (
 )
 from batchscan.pacs.template import SrTemplate
 from batchscan.pacs.write import write_srs
-from batchscan.results.report import publish, temporary_path
 from batchscan.results.state import STATE_FILE, StateStore
+from batchscan.storage import files
 from batchscan.synth import write_demo_archive
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jobs/, for common/
@@ -107,7 +106,7 @@ def main() -> None:
         if code != 0:
             raise SystemExit(f"scan failed with status {code}")
         state = StateStore(out / STATE_FILE)
-        studies = list(study_results(state.stream(STUDY_IMAGES_SQL)))
+        studies = list(study_results(state.scored_study_images()))
         n = len(studies)
         manifest = json.loads((out / "manifest.json").read_text())
         algorithm = Algorithm(manifest["model"]["version"], manifest["model"]["threshold"])
@@ -144,9 +143,7 @@ def main() -> None:
                     data = full_sr(study, uid)
                     final = sr_file(outbox, study.study_instance_uid, uid)
                     final.parent.mkdir(parents=True, exist_ok=True)
-                    temporary = temporary_path(final, "benchmark")
-                    temporary.write_bytes(data)
-                    publish(temporary, final)
+                    files.write(final, data, token="benchmark")
                     recorded.append((uid, study.study_instance_uid, final,
                                      hashlib.sha256(data).hexdigest(), algorithm.model_version,
                                      study.score, 1))  # fmt: skip

@@ -32,13 +32,12 @@ from typing import Any, Final
 import numpy as np
 import pandas as pd
 
-from batchscan.ingest.paths import make_private
 from batchscan.ingest.preprocess import CHANNELS, INPUT_SIZE
-from batchscan.results.report import publish
 from batchscan.scoring.model import build_seed_model, load_model
 from batchscan.site import adapt as steps
 from batchscan.site import metrics
 from batchscan.site.report_labels import ReportLabeler
+from batchscan.storage import files
 
 #: Widest band :func:`erase_borders` covers on a side, as a share of the picture's side.
 BORDER_BAND: Final = 0.2
@@ -352,11 +351,8 @@ def save_pretrained(path: Path | None, key: str, pretrained: Any) -> None:
     for name, weights in (pretrained.weights or {}).items():
         arrays[f"{name}:n"] = np.array(len(weights))
         arrays.update({f"{name}:{i}": w for i, w in enumerate(weights)})
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("wb") as handle:
+    with files.writing(path) as temporary, temporary.open("wb") as handle:
         np.savez(handle, **arrays)
-    make_private(temporary)
-    publish(temporary, path)
 
 
 def kept_pretraining(
