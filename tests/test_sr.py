@@ -38,7 +38,7 @@ from batchscan.pacs.sr import (
     study_results,
 )
 from batchscan.pacs.template import SrTemplate
-from batchscan.pacs.write import encode_sr, publish_all, write_srs
+from batchscan.pacs.write import encode_sr, write_srs
 from batchscan.results.state import STATE_FILE, StateStore
 from tests.conftest import real_file
 from tests.sr_validators import dciodvfy_errors, need, pixelmed_findings, tree_shape
@@ -536,21 +536,6 @@ def test_every_kind_of_sr_passes_pixelmed_and_dciodvfy(
         shapes.setdefault(tree_shape(pydicom.dcmread(path)), path)
     findings = pixelmed_findings(list(shapes.values()))
     assert findings == {path: [] for path in shapes.values()}
-
-
-def test_srs_are_published_whole_or_not_at_all(tmp_path: Path) -> None:
-    """A batch of SRs goes into place only after all are on disk; one that cannot be
-    written leaves none of the batch, under its final name or as a temporary file."""
-    outbox = tmp_path / "outbox"
-    outbox.mkdir()
-    (outbox / "1.2.4").write_bytes(b"")  # a file where a study's folder should be
-    first, second = outbox / "1.2.3" / "a.dcm", outbox / "1.2.4" / "b.dcm"
-    with pytest.raises(OSError):
-        publish_all(outbox, [(first, b"SR 1"), (second, b"SR 2")], "run")
-    assert sorted(p.name for p in outbox.rglob("*") if p.is_file()) == ["1.2.4"]
-    publish_all(outbox, [(first, b"SR 1")], "run")
-    assert first.read_bytes() == b"SR 1"
-    assert sorted(p.name for p in outbox.rglob("*") if p.is_file()) == ["1.2.4", "a.dcm"]
 
 
 def test_evidence_that_is_not_the_scored_image_is_refused(tmp_path: Path) -> None:

@@ -383,3 +383,19 @@ def test_sql_lives_only_in_the_module_that_owns_the_table(path: Path) -> None:
         "ask the store with a method that says what it wants"
     )
     assert not imports_sqlite, f"{path.relative_to(PACKAGE)} opens a database itself"
+
+
+def test_a_batch_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    """A batch (the SRs of a scan) goes into place only after all are on disk; one that
+    cannot be written leaves none of the batch, under its final name or as a temporary
+    file."""
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    (outbox / "1.2.4").write_bytes(b"")  # a file where a study's folder should be
+    first, second = outbox / "1.2.3" / "a.dcm", outbox / "1.2.4" / "b.dcm"
+    with pytest.raises(OSError):
+        files.write_many([(first, b"SR 1"), (second, b"SR 2")], token="run")
+    assert sorted(p.name for p in outbox.rglob("*") if p.is_file()) == ["1.2.4"]
+    files.write_many([(first, b"SR 1")], token="run")
+    assert first.read_bytes() == b"SR 1"
+    assert sorted(p.name for p in outbox.rglob("*") if p.is_file()) == ["1.2.4", "a.dcm"]
