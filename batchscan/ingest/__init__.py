@@ -20,7 +20,8 @@ A PACS takes the place of the folder through :mod:`~batchscan.ingest.sources`: a
 the instances (as discovery finds files) and a fetch gives each one's bytes, which the same
 stages read as they read a file.
 
-May import: the standard library, numpy, pydicom, Pillow, imagecodecs, and
-``batchscan.__version__``; for the PACS sources also requests, dicomweb-client and
-pynetdicom; nothing else of batchscan (it is the bottom of the flow).
+May import: the standard library, numpy, pydicom, Pillow, imagecodecs,
+``batchscan.__version__`` and :mod:`batchscan.storage` (below the flow); for the PACS
+sources also requests, dicomweb-client and pynetdicom; nothing else of batchscan (it is the
+first part of the flow).
 """
