@@ -185,3 +185,18 @@ def archive(demo: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "archive"
     shutil.copytree(demo, copy)
     return copy
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local Ray instance (2 CPUs) for the module; its workers import this checkout
+    (batchscan and tests.faults)."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+    )
+    yield
+    ray.shutdown()

@@ -46,6 +46,7 @@ from batchscan.synth import write_demo_archive
 from tests.conftest import load_job
 
 pacs_job = load_job("common/orthanc")
+dicom_files = pacs_job.dicom_files
 needs_dicomweb = pytest.mark.skipif(
     pacs_job.dicomweb_missing() is not None,
     reason=f"{pacs_job.dicomweb_missing()}; bash tests/debian-tools.sh installs it (as root)",
@@ -53,18 +54,6 @@ needs_dicomweb = pytest.mark.skipif(
 
 USER, PASSWORD = "scanner", "pw-Zq8!never-logged"
 READER = "BATCHSCAN"
-
-
-def dicom_files(folder: Path) -> list[Path]:
-    """The files of a folder that are DICOM with a data set (the PACS takes only those)."""
-    found = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        try:
-            pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:
-            continue
-        found.append(path)
-    return found
 
 
 @pytest.fixture(scope="module")

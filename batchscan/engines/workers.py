@@ -73,9 +73,14 @@ def run_task(
     prepare: PrepareRecord,
     on_start: Callable[[int], None] | None = None,
 ) -> PreparedBatch:
-    """Run `prepare` over a task's records and stack the model inputs."""
+    """Run `prepare` over a task's records and stack the model inputs. A `prepare` with a
+    ``begin_task`` method is told the task's records first (a PACS scan's fetches start
+    ahead of the decoding: :mod:`batchscan.engines.fetch`)."""
     inputs: list[np.ndarray] = []
     index: list[int] = []
+    begin = getattr(prepare, "begin_task", None)
+    if begin is not None:
+        begin(records)
     for i, record in enumerate(records):
         if on_start is not None:
             on_start(i)

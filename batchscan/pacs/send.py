@@ -64,6 +64,7 @@ from batchscan.ingest.sources.dimse import (
     client_tls_context,
     no_delay,
     quiet_pynetdicom,
+    user_identity,
 )
 from batchscan.pacs.outbox import Outbox, Pending
 
@@ -141,11 +142,15 @@ def send_outbox(
     on_stored: Callable[[Pending], None] | None = None,
     connect_timeout: float = CONNECT_TIMEOUT,
     answer_timeout: float = ANSWER_TIMEOUT,
+    credentials: Path | None = None,
 ) -> SendOutcome:
     """Send every SR of the outbox that `destination` has not acknowledged.
 
     Parameters
     ----------
+    credentials:
+        ``--pacs-credentials FILE``: sent as DICOM user identity (a user and password, or
+        a JSON Web Token) when the PACS asks for one; None: none.
     on_stored:
         Called after each acknowledged SR is recorded (progress; tests stop the PACS here).
 
@@ -161,6 +166,7 @@ def send_outbox(
     """
     check_ae_title(calling_aet, "--calling-aet")
     context = tls.context() if tls is not None else None
+    identity = user_identity(Credentials.from_file(credentials))
     target = str(destination)
     with Outbox(outbox_dir) as outbox:
         pending = outbox.undelivered(target)
@@ -183,6 +189,7 @@ def send_outbox(
             destination.port,
             ae_title=destination.ae_title,
             tls_args=tls_args,
+            ext_neg=identity or None,
             evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)],
         )
         if not assoc.is_established:

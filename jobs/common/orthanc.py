@@ -29,6 +29,7 @@ import argparse
 import base64
 import contextlib
 import json
+import re
 import shutil
 import signal
 import socket
@@ -43,6 +44,11 @@ from typing import Any
 
 LOOPBACK = "127.0.0.1"
 AE_TITLE = "TESTPACS"
+#: How Orthanc's verbose log says it sent an instance: a WADO-RS retrieve (the plugin reads
+#: the file) or a C-GET sub-operation.
+_SENT = re.compile(
+    r"REST GET call on URI /instances/([0-9a-f-]+)/file|C-GET: Sending resource ([0-9a-f-]+)"
+)
 #: The DICOMweb plugin of Debian's ``orthanc-dicomweb``.
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
@@ -61,6 +67,20 @@ def dicomweb_missing() -> str | None:
     if not DICOMWEB_PLUGIN.is_file():
         return "Orthanc's DICOMweb plugin is missing (Debian: apt-get install orthanc-dicomweb)"
     return None
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """The files of a folder that are DICOM with a data set (what a PACS takes), in order."""
+    import pydicom
+
+    found = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue
+        found.append(path)
+    return found
 
 
 def free_port() -> int:
@@ -186,6 +206,9 @@ class Orthanc:
     reader_aet:
         An AE title (on 127.0.0.1) allowed to C-FIND and C-GET, as a site registers
         batchscan's AE; any other calling AE may only store and echo.
+    verbose:
+        Log every request (Orthanc's ``--verbose``), so that :meth:`fetches` can count the
+        instances it sent.
     """
 
     def __init__(
@@ -197,8 +220,10 @@ class Orthanc:
         users: dict[str, str] | None = None,
         https: TlsFiles | None = None,
         reader_aet: str | None = None,
+        verbose: bool = False,
     ) -> None:
         self.folder = folder
+        self.verbose = verbose
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.tls = tls
@@ -272,7 +297,9 @@ class Orthanc:
         """Start it and wait until its HTTP API and DICOM port answer."""
         log = (self.folder / "orthanc.log").open("ab")
         self._process = subprocess.Popen(
-            ["Orthanc", str(self.config)], stdout=log, stderr=subprocess.STDOUT
+            ["Orthanc", *(["--verbose"] if self.verbose else []), str(self.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -328,6 +355,17 @@ class Orthanc:
     def delete(self, orthanc_id: str) -> None:
         """Remove one instance (an instance gone from the PACS)."""
         self._request(f"/instances/{orthanc_id}", method="DELETE")
+
+    def fetches(self) -> list[str]:
+        """The Orthanc ids of the instances it has sent, once per sending, since its folder
+        was made (WADO-RS retrieves and C-GET sub-operations, read from its log; only with
+        `verbose`)."""
+        log = (self.folder / "orthanc.log").read_text(errors="replace")
+        return [a or b for a, b in _SENT.findall(log)]
+
+    def stored(self) -> int:
+        """How many instances it stores now."""
+        return int(self.get("/statistics")["CountInstances"])
 
     def sop_instance_uids(self) -> list[str]:
         """The SOP Instance UIDs of every instance it stores."""

@@ -38,7 +38,7 @@ import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Final, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -58,6 +58,13 @@ ANSWER_TIMEOUT: Final = 60.0
 DEFAULT_MAX_BYTES: Final = DEFAULT_MAX_PIXEL_BYTES + 16 * 1024 * 1024
 #: Parallel connections to the PACS when not told (each decode worker holds one).
 DEFAULT_CONNECTIONS: Final = 4
+#: Days before the last run's high-water mark that a nightly run asks for again, for studies
+#: that reach the PACS after their study date (``--late-margin-days``).
+DEFAULT_LATE_MARGIN_DAYS: Final = 3
+#: The reason a decode worker gives an instance it could not fetch because the PACS went
+#: away: never a row of a report (the engine stops the run on it, and the next run fetches
+#: the instance), only the signal from the worker to the run.
+PACS_UNAVAILABLE: Final = "pacs_unavailable"
 
 _UID: Final = re.compile(r"[0-9]+(\.[0-9]+)*")
 
@@ -101,6 +108,12 @@ class Locator:
         run is taken from it).
     modality:
         The series' modality, or None.
+    stamp:
+        What plays a file's mtime for the instance: its Instance Creation Date and Time
+        as the query returned them, in nanoseconds since 1970 (read as UTC), or 0 when the
+        PACS gave none. A PACS keeps no version of an instance; the standard gives an
+        instance whose content changes a new SOP Instance UID, and this catches a PACS
+        that replaced one under the same UIDs with a newly created copy.
     """
 
     study_instance_uid: str
@@ -109,6 +122,7 @@ class Locator:
     sop_class_uid: str | None = None
     study_date: str | None = None
     modality: str | None = None
+    stamp: int = 0
 
     @property
     def path(self) -> str:
@@ -118,8 +132,22 @@ class Locator:
 
     def record(self) -> ImageRecord:
         """A pending record for this instance, keyed by :attr:`path` (its bytes are fetched,
-        so ``abs_path`` names it too and is never opened)."""
-        return ImageRecord(path=self.path, abs_path=self.path)
+        so ``abs_path`` names it too and is never opened), with what the query said of it:
+        its UIDs, modality and study date (the header stage reads them again from the
+        instance), :attr:`stamp` as its mtime, and its size unknown (-1) until it is
+        fetched; so that an instance that cannot be fetched is still a row that names its
+        study."""
+        return ImageRecord(
+            path=self.path,
+            abs_path=self.path,
+            mtime_ns=self.stamp,
+            study_instance_uid=self.study_instance_uid,
+            series_instance_uid=self.series_instance_uid,
+            sop_instance_uid=self.sop_instance_uid,
+            sop_class_uid=self.sop_class_uid,
+            modality=self.modality,
+            study_date=self.study_date,
+        )
 
     @classmethod
     def from_path(cls, path: str) -> Locator:
@@ -134,6 +162,22 @@ class Locator:
         if len(parts) != 3 or not all(_UID.fullmatch(p) for p in parts):
             raise ValueError(f"not a PACS locator (STUDY/SERIES/SOP UIDs): {path!r}")
         return cls(*parts)
+
+
+def instance_stamp(creation_date: object, creation_time: object) -> int:
+    """:attr:`Locator.stamp` of an Instance Creation Date (DA) and Time (TM) as a query
+    returned them (text, or None); 0 when the date is missing or not a date."""
+    day = str(creation_date or "").strip()
+    clock = re.sub(r"[^0-9.]", "", str(creation_time or ""))
+    whole, _, fraction = clock.partition(".")
+    whole = (whole + "000000")[:6]
+    try:
+        moment = datetime.strptime(day + whole, "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+    except ValueError:
+        return 0
+    micro = int((fraction + "000000")[:6]) if fraction.isdigit() else 0
+    seconds = int(moment.timestamp())
+    return (seconds * 1_000_000 + micro) * 1000
 
 
 def valid_uid(value: object) -> str | None:
@@ -217,6 +261,88 @@ class SourceOptions:
     connect_timeout: float = CONNECT_TIMEOUT
     answer_timeout: float = ANSWER_TIMEOUT
     max_bytes: int = DEFAULT_MAX_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class PacsArchive:
+    """A PACS as the archive of ``batchscan scan URL``: the URL and the scan's PACS options,
+    each field named as its option (``--pacs-credentials`` -> :attr:`pacs_credentials`),
+    so that the command line fills it by name.
+
+    Attributes
+    ----------
+    url:
+        ``http(s)://…/dicom-web`` or ``dicom://AET@HOST:PORT``.
+    pacs_credentials:
+        The credentials file (:class:`SourceOptions`), or None.
+    calling_aet, tls_ca, tls_cert, tls_key:
+        batchscan's AE title and the TLS files (:class:`SourceOptions`).
+    since, until:
+        A backfill's window of study dates (both ends included); None: the nightly window
+        (:meth:`window`).
+    late_margin_days:
+        Days before the high-water mark that a nightly run asks for again.
+    pacs_connections:
+        Connections to the PACS at once (each held by one decode process).
+    pacs_timeout:
+        Seconds to wait for each answer of the PACS (a hung transfer fails then).
+    """
+
+    url: str
+    pacs_credentials: Path | None = None
+    calling_aet: str = DEFAULT_CALLING_AET
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    since: date | None = None
+    until: date | None = None
+    late_margin_days: int = DEFAULT_LATE_MARGIN_DAYS
+    pacs_connections: int = DEFAULT_CONNECTIONS
+    pacs_timeout: float = ANSWER_TIMEOUT
+
+    @property
+    def name(self) -> str:
+        """The PACS as messages, the manifest and the state name it: its URL without
+        credentials."""
+        return redact_url(self.url).rstrip("/")
+
+    def source_options(self, all_modalities: bool = False) -> SourceOptions:
+        """How a source reaches this PACS (every modality, or chest radiographs)."""
+        return SourceOptions(
+            calling_aet=self.calling_aet,
+            credentials=self.pacs_credentials,
+            ca=self.tls_ca,
+            cert=self.tls_cert,
+            key=self.tls_key,
+            modalities=() if all_modalities else DEFAULT_MODALITIES,
+            answer_timeout=self.pacs_timeout,
+        )
+
+    def window(self, high_water: date | None) -> Window:
+        """The study dates this run asks for: ``--since``/``--until`` when given, else from
+        the last complete run's `high_water` mark less the late-arrival margin (every date
+        on the first run).
+
+        Raises
+        ------
+        SourceConfigError
+            ``--since`` after ``--until``, or a negative margin.
+        """
+        return Window.nightly(high_water, self.late_margin_days, self.since, self.until)
+
+    def fetch_seconds(self) -> float:
+        """The longest one fetch may take before it gives up: the answer timeout, then a
+        probe of the PACS (a connection and an answer), added to a decode worker's file
+        time limit so that a hung PACS is told apart from a hung codec."""
+        return self.pacs_timeout + 2 * CONNECT_TIMEOUT
+
+
+def high_water_after(old: date | None, window: Window, today: date) -> date:
+    """The high-water mark after a complete run over `window`: the last day it covered
+    (``--until``, else `today`; never a day to come), and never earlier than the `old`
+    mark (a backfill of past years leaves the nightly mark where it was)."""
+    covered = min(window.until or today, today)
+    return covered if old is None else max(old, covered)
 
 
 class PacsSource(Protocol):

@@ -43,6 +43,7 @@ from batchscan.ingest.sources import (
     SourceConfigError,
     SourceOptions,
     Window,
+    instance_stamp,
     redact_url,
     valid_uid,
 )
@@ -63,10 +64,14 @@ _CHUNK: Final = 1 << 20
 _FRAMING: Final = 64 * 1024
 #: Answers asked for per search request.
 _PAGE: Final = 1000
+#: What an instance search asks for besides the UIDs: the class (C-GET negotiates by it) and
+#: the creation date and time (:attr:`~batchscan.ingest.sources.Locator.stamp`).
+_INSTANCE_FIELDS: Final = ["SOPClassUID", "InstanceCreationDate", "InstanceCreationTime"]
 
 # DICOM JSON tags of the attributes the queries read (PS3.18 F.2).
 _STUDY_UID, _SERIES_UID, _SOP_UID = "0020000D", "0020000E", "00080018"
 _SOP_CLASS, _STUDY_DATE, _MODALITY = "00080016", "00080020", "00080060"
+_CREATED_DATE, _CREATED_TIME = "00080012", "00080013"
 
 
 def _quiet_loggers() -> None:
@@ -333,15 +338,18 @@ class DicomWebSource:
                     f"the instances of series {series_uid}",
                     _SOP_UID,
                     lambda s=study, r=series_uid, **page: client.search_for_instances(
-                        s, r, fields=["SOPClassUID"], **page
+                        s, r, fields=_INSTANCE_FIELDS, **page
                     ),
                 )
                 for instance in instances:
                     sop = valid_uid(_value(instance, _SOP_UID))
                     if sop is not None:
+                        stamp = instance_stamp(
+                            _value(instance, _CREATED_DATE), _value(instance, _CREATED_TIME)
+                        )
                         yield Locator(study, series_uid, sop,
                                       valid_uid(_value(instance, _SOP_CLASS)), study_date,
-                                      modality)  # fmt: skip
+                                      modality, stamp)  # fmt: skip
 
     # -- fetch ---------------------------------------------------------------------------
 

@@ -79,6 +79,7 @@ from batchscan.ingest.sources import (
     SourceConfigError,
     SourceOptions,
     Window,
+    instance_stamp,
     valid_uid,
 )
 from batchscan.ingest.sources.credentials import Credentials
@@ -197,7 +198,7 @@ def no_delay(event: evt.Event) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _identity(credentials: Credentials | None) -> list[UserIdentityNegotiation]:
+def user_identity(credentials: Credentials | None) -> list[UserIdentityNegotiation]:
     """The user identity item of an association request (none without credentials)."""
     if credentials is None:
         return []
@@ -307,7 +308,7 @@ class DimseSource:
         try:
             assoc = ae.associate(
                 self.peer.host, self.peer.port, ae_title=self.peer.ae_title,
-                ext_neg=[*roles, *_identity(self._credentials)], tls_args=tls_args,
+                ext_neg=[*roles, *user_identity(self._credentials)], tls_args=tls_args,
                 evt_handlers=[(evt.EVT_C_STORE, received.on_store), (evt.EVT_CONN_OPEN, no_delay)],
             )  # fmt: skip
         except (OSError, ssl.SSLError, RuntimeError) as exc:
@@ -415,14 +416,19 @@ class DimseSource:
                 images.SeriesInstanceUID = series_uid
                 images.SOPInstanceUID = ""
                 images.SOPClassUID = ""
+                images.InstanceCreationDate = ""
+                images.InstanceCreationTime = ""
                 sops: set[str] = set()
                 for image in self._find(images, f"the instances of series {series_uid}"):
                     sop = valid_uid(image.get("SOPInstanceUID"))
                     if sop is not None and sop not in sops:
                         sops.add(sop)
+                        stamp = instance_stamp(
+                            image.get("InstanceCreationDate"), image.get("InstanceCreationTime")
+                        )
                         yield Locator(study, series_uid, sop,
                                       valid_uid(image.get("SOPClassUID")), study_date,
-                                      modality)  # fmt: skip
+                                      modality, stamp)  # fmt: skip
 
     # -- fetch ---------------------------------------------------------------------------
 
