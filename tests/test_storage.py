@@ -153,17 +153,17 @@ def _renames(tree: ast.AST) -> list[int]:
     str.replace takes two, DataFrame.rename keywords)."""
     lines = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module in ("os", "shutil"):
-            if any((node.module, alias.name) in _RENAMES for alias in node.names):
-                lines.append(node.lineno)
+        if isinstance(node, ast.ImportFrom) and any(
+            (node.module, alias.name) in _RENAMES for alias in node.names
+        ):
+            lines.append(node.lineno)
         if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
             continue
         owner = node.func.value
-        if isinstance(owner, ast.Name) and (owner.id, node.func.attr) in _RENAMES:
+        named = isinstance(owner, ast.Name) and (owner.id, node.func.attr) in _RENAMES
+        path_method = node.func.attr in ("rename", "replace") and len(node.args) == 1
+        if named or (path_method and not node.keywords):
             lines.append(node.lineno)
-        elif node.func.attr in ("rename", "replace") and len(node.args) == 1:
-            if not node.keywords:
-                lines.append(node.lineno)
     return lines
 
 
@@ -338,16 +338,18 @@ def _sql_strings(tree: ast.AST) -> list[tuple[int, str]]:
     parts_of_fstrings = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.JoinedStr):
-            text = "".join(
-                v.value if isinstance(v, ast.Constant) else "{}" for v in node.values
-            )
+            text = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
             parts_of_fstrings |= {id(v) for v in node.values}
             if _SQL.match(text):
                 found.append((node.lineno, text))
     for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str):
-            if id(node) not in parts_of_fstrings and _SQL.match(node.value):
-                found.append((node.lineno, node.value))
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in parts_of_fstrings
+            and _SQL.match(node.value)
+        ):
+            found.append((node.lineno, node.value))
     return found
 
 
