@@ -39,7 +39,7 @@ import pytest
 
 from batchscan.cli import main
 from batchscan.ingest.sources import Locator
-from tests.conftest import load_job
+from tests.conftest import credentials_file, load_job
 
 pacs_job = load_job("common/orthanc")
 dicom_files = pacs_job.dicom_files
@@ -65,20 +65,13 @@ def load(server: Any, files: list[Path]) -> None:
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from batchscan.synth import write_demo_archive
-
-    folder = tmp_path_factory.mktemp("pacs_scan") / "archive"
-    write_demo_archive(folder, size=256)
-    return folder
+def archive(small_demo: Path) -> Path:
+    return small_demo
 
 
 @pytest.fixture(scope="module")
 def credentials(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("secret") / "pacs.credentials"
-    path.write_text(f"{USER}:{PASSWORD}\n", encoding="utf-8")
-    path.chmod(0o600)
-    return path
+    return credentials_file(tmp_path_factory.mktemp("secret"), USER, PASSWORD)
 
 
 @pytest.fixture(scope="module")
@@ -356,8 +349,20 @@ def test_send_stow_delivers_a_pacs_scans_srs_once(
 
 
 def test_the_ray_engine_fetches_on_its_workers_and_scores_as_the_folder(
-    local_ray: None, pacs: Any, credentials: Path, folder_scan: dict[str, Path], tmp_path: Path
+    local_ray: None,
+    pacs: Any,
+    credentials: Path,
+    folder_scan: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # the actors import the stages afresh; a fetch in this process would be a failed row
+    from batchscan.engines import fetch
+
+    def not_here(*args: Any) -> None:
+        raise AssertionError("an instance was fetched in the scan's own process")
+
+    monkeypatch.setattr(fetch.FetchingPrepare, "__call__", not_here)
     out = tmp_path / "reports"
     assert scan(pacs.dicomweb_url, out, credentials, "--engine", "ray") == 0
     ours, theirs = study_scores(out), study_scores(folder_scan["out"])

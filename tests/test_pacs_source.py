@@ -42,8 +42,7 @@ from batchscan.ingest.sources.credentials import Credentials
 from batchscan.ingest.sources.dicomweb import single_part
 from batchscan.pacs.outbox import Outbox
 from batchscan.pacs.send import SendError, send_stow
-from batchscan.synth import write_demo_archive
-from tests.conftest import load_job
+from tests.conftest import credentials_file, load_job
 
 pacs_job = load_job("common/orthanc")
 dicom_files = pacs_job.dicom_files
@@ -57,17 +56,13 @@ READER = "BATCHSCAN"
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("pacs_archive") / "archive"
-    write_demo_archive(folder, size=256)
-    return folder
+def archive(small_demo: Path) -> Path:
+    return small_demo
 
 
 @pytest.fixture(scope="module")
 def credentials(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("secret") / "pacs.credentials"
-    path.write_text(f"{USER}:{PASSWORD}\n", encoding="utf-8")
-    return path
+    return credentials_file(tmp_path_factory.mktemp("secret"), USER, PASSWORD)
 
 
 @pytest.fixture(scope="module")
