@@ -154,6 +154,10 @@ class FetchingPrepare:
             return None
         return got
 
+    def close(self) -> None:
+        """Close this process's connections to the PACS (a decode worker that stops)."""
+        close_worker_sources()
+
     def __call__(self, record: ImageRecord, options: StageOptions) -> np.ndarray | None:
         """The model input of the record's instance, or None (the record is decided)."""
         if not record.pending:

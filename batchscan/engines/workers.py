@@ -113,18 +113,25 @@ def _worker_main(
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         os.close(devnull)
-    while True:
-        try:
-            message = conn.recv()
-        except EOFError:
-            return
-        if message is None:
-            return
-        task_id, records = message
-        batch = run_task(
-            records, options, prepare, on_start=lambda i, t=task_id: conn.send(("start", t, i))
-        )
-        conn.send(("done", task_id, batch))
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except EOFError:
+                return
+            if message is None:
+                return
+            task_id, records = message
+            batch = run_task(
+                records, options, prepare, on_start=lambda i, t=task_id: conn.send(("start", t, i))
+            )
+            conn.send(("done", task_id, batch))
+    finally:
+        # a `prepare` that holds connections (a PACS scan's) closes them politely: a worker
+        # with an association still open would not exit, and be killed after a wait
+        close = getattr(prepare, "close", None)
+        if close is not None:
+            close()
 
 
 @dataclass(slots=True)
