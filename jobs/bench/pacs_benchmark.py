@@ -23,6 +23,11 @@ each as "fetch only" (instances handed off) and, for the folder and batchscan's 
 "fetch + stages" (the header, decode, preprocess and sanity stages of a scan on every
 instance, in --connections threads, after one untimed pass that pays the codecs' first
 calls). Find is timed apart (the queries of a night).
+Then the whole command, ``batchscan scan`` in a fresh process each (model, state, reports
+and all, ``--workers`` = --connections), over a folder of the same radiographs, over
+DICOMweb and over DIMSE (fetches in the decode processes), and once more over DICOMweb as a
+night with nothing new (nothing fetched); with the largest study-score difference against
+the folder scan.
 Instances Orthanc 1.10 cannot send by C-STORE (HTJ2K) or refuses (the truncated one) are
 left out. The last check scores the fetched instances with the shipped model beside the
 folder's, and prints the largest difference (the tolerance is 1e-4).
@@ -34,6 +39,8 @@ the stored instance, so its scores equal a folder scan's by construction.
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pydicom
 import requests
 from dicomweb_client import DICOMwebClient
@@ -113,6 +121,7 @@ def main() -> None:
         with orthanc.Orthanc(root / "orthanc", dicomweb=True, reader_aet="BATCHSCAN") as pacs:
             by_uid = radiographs(root / "archive", pacs)
             run(pacs, by_uid, args)
+            whole_scans(pacs, by_uid, root, args)
 
 
 def run(pacs: Any, by_uid: dict[str, Path], args: argparse.Namespace) -> None:
@@ -219,6 +228,44 @@ def score_check(
             f"scores, {name} against the folder: {len(uids)} images, largest difference "
             f"{float(np.abs(np.asarray(ours) - np.asarray(theirs)).max()):.1e}"
         )
+
+
+def whole_scans(pacs: Any, by_uid: dict[str, Path], root: Path, args: argparse.Namespace) -> None:
+    """``batchscan scan`` end to end over a folder of the radiographs and over the PACS."""
+    folder = root / "radiographs"
+    folder.mkdir()
+    for uid, path in by_uid.items():
+        shutil.copyfile(path, folder / f"{uid}.dcm")
+    common = ["--workers", str(args.connections), "--no-progress"]
+    pacs_options = ["--pacs-connections", str(args.connections), "--calling-aet", "BATCHSCAN"]
+    runs = [
+        ("folder", str(folder), root / "out-folder", []),
+        ("DICOMweb", pacs.dicomweb_url, root / "out-dicomweb", pacs_options),
+        ("DIMSE", pacs.dimse_url, root / "out-dimse", pacs_options),
+        ("DICOMweb, a night with nothing new", pacs.dicomweb_url, root / "out-dicomweb",
+         pacs_options),
+    ]  # fmt: skip
+    n = len(by_uid)
+    print(f"\nbatchscan scan, whole command in a fresh process ({n} radiographs)\n")
+    print("| archive | seconds | instances/s | vs folder | largest study-score difference |")
+    print("|---|---|---|---|---|")
+    folder_s = 0.0
+    folder_scores: pd.Series | None = None
+    for name, archive, out, extra in runs:
+        argv = ["scan", archive, "--out", str(out), *common, *extra]
+        code = f"from batchscan.cli import main; raise SystemExit(main({argv!r}))"
+        seconds, done = timed(lambda c=code: subprocess.run([sys.executable, "-c", c]))
+        if done.returncode != 0:
+            print(f"| {name} | exit {done.returncode} | | | |")
+            continue
+        scores = pd.read_parquet(out / "studies.parquet").set_index("study_instance_uid")["score"]
+        if folder_scores is None:
+            folder_s, folder_scores = seconds, scores
+        common_uids = scores.index.intersection(folder_scores.index)
+        difference = (scores[common_uids] - folder_scores[common_uids]).abs().max()
+        studies = f"{len(common_uids)} of {len(folder_scores)} studies"
+        print(f"| {name} | {seconds:.1f} | {n / seconds:,.1f} | {folder_s / seconds:.2f} | "
+              f"{difference:.1e} ({studies}) |")  # fmt: skip
 
 
 if __name__ == "__main__":
