@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.server
+import json
 import logging
 import shutil
 import threading
@@ -19,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pydicom
 import pytest
 
+from batchscan.cli import main
 from batchscan.engines.pipeline import prepare_display
 from batchscan.ingest.header import StageOptions
 from batchscan.ingest.records import ImageRecord
@@ -354,6 +357,8 @@ class _Pacs(http.server.BaseHTTPRequestHandler):
 
     instance = b""
     boundary = "b0undary"
+    #: Whether its searches list one CR series of instances 1.1 to 1.10 (else nothing).
+    listed = False
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -366,8 +371,16 @@ class _Pacs(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:
-        if self.path.startswith("/dicom-web/studies?") or self.path == "/dicom-web/studies":
-            self._send(200, b"[]", {"Content-Type": "application/dicom+json"})
+        level = self.path.split("?")[0].rsplit("/", 1)[-1]
+        if level in ("studies", "series", "instances"):
+            listing = {
+                "studies": [{"0020000D": {"vr": "UI", "Value": ["1"]}}],
+                "series": [{"0020000E": {"vr": "UI", "Value": ["2"]},
+                            "00080060": {"vr": "CS", "Value": ["CR"]}}],
+                "instances": [{"00080018": {"vr": "UI", "Value": [sop]}} for sop in BAD_ANSWERS],
+            }  # fmt: skip
+            body = json.dumps(listing[level] if self.listed else []).encode()
+            self._send(200, body, {"Content-Type": "application/dicom+json"})
             return
         kind = self.path.rsplit("/", 1)[-1]
         part = (f"--{self.boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
@@ -408,6 +421,21 @@ class _Pacs(http.server.BaseHTTPRequestHandler):
             self._send(200, cut, {"Content-Type": related})
 
 
+#: What each instance of :class:`_Pacs` is (None: a good answer), with a 1 MiB cap.
+BAD_ANSWERS: dict[str, str | None] = {
+    "1.1": None,
+    "1.2": "fetch_error:content_type",
+    "1.3": "fetch_error:bad_multipart",
+    "1.4": "fetch_error:truncated",
+    "1.5": "too_large",
+    "1.6": "too_large",  # 4 MiB with no length: within a scan's cap, so bad there
+    "1.7": "fetch_error:timeout",
+    "1.8": "fetch_error:bad_multipart",
+    "1.9": "fetch_error:not_found",
+    "1.10": "fetch_error:truncated",
+}
+
+
 @pytest.fixture
 def bad_pacs(archive: Path) -> Iterator[str]:
     _Pacs.instance = dicom_files(archive)[0].read_bytes()
@@ -421,28 +449,37 @@ def bad_pacs(archive: Path) -> Iterator[str]:
 
 def test_every_bad_answer_is_a_failed_row_with_a_reason(bad_pacs: str) -> None:
     source = open_source(bad_pacs, SourceOptions(answer_timeout=1.0, max_bytes=1 << 20))
-    expected = {
-        "1.1": None,
-        "1.2": "fetch_error:content_type",
-        "1.3": "fetch_error:bad_multipart",
-        "1.4": "fetch_error:truncated",
-        "1.5": "too_large",
-        "1.6": "too_large",
-        "1.7": "fetch_error:timeout",
-        "1.8": "fetch_error:bad_multipart",
-        "1.9": "fetch_error:not_found",
-        "1.10": "fetch_error:truncated",
-    }
-    locators = [Locator("1", "2", sop) for sop in expected]
+    locators = [Locator("1", "2", sop) for sop in BAD_ANSWERS]
     got = dict(fetch_all(source, locators, connections=4))
     for locator in locators:
-        answer, reason = got[locator], expected[locator.sop_instance_uid]
+        answer, reason = got[locator], BAD_ANSWERS[locator.sop_instance_uid]
         if reason is None:
             assert answer == _Pacs.instance
         else:
             assert isinstance(answer, FetchError), (locator, answer)
             assert answer.reason == reason, (locator, answer)
     source.close()
+
+
+def test_a_scan_of_a_pacs_that_answers_badly_has_a_failed_row_for_each(
+    bad_pacs: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the command: every instance the query listed is a row, each bad answer a
+    failed one with its reason, and the run ends well (exit 0)."""
+    monkeypatch.setattr(_Pacs, "listed", True)
+    out = tmp_path / "reports"
+    argv = ["scan", bad_pacs, "--out", str(out), "--workers", "1", "--pacs-timeout", "1"]
+    assert main([*argv, "--no-progress"]) == 0
+    images = pd.read_parquet(out / "images.parquet").set_index("path")
+    assert sorted(images.index) == sorted(f"1/2/{sop}" for sop in BAD_ANSWERS)
+    for sop, reason in BAD_ANSWERS.items():
+        row = images.loc[f"1/2/{sop}"]
+        if reason is None:
+            assert row["status"] == "scored"
+        elif sop == "1.6":  # within a scan's cap: zeros, no multipart at all
+            assert (row["status"], row["reason"]) == ("failed", "fetch_error:bad_multipart")
+        else:
+            assert (row["status"], row["reason"]) == ("failed", reason), sop
 
 
 def test_a_pacs_that_stops_answering_stops_the_run(tmp_path: Path) -> None:
