@@ -123,7 +123,7 @@ def period_starts(study_dates: pd.Series, period: str) -> pd.Series:
     """The first day of each study date's ISO week (Monday) or month; NaT when undated."""
     days = pd.to_datetime(study_dates, errors="coerce")
     if period == "week":
-        starts = days - pd.to_timedelta(days.dt.weekday, unit="D")
+        starts = days - pd.to_timedelta(days.dt.day_of_week, unit="D")
     else:
         starts = days.dt.to_period("M").dt.start_time
     return starts.dt.normalize()
