@@ -65,6 +65,9 @@ IMAGES_SCHEMA: Final = pa.schema(
         pa.field("ood", pa.bool_()),
         pa.field("model_version", pa.string(), nullable=False),
         pa.field("shadow_score", pa.float64()),
+        # added after the columns dashboards read by position, so no position moves
+        pa.field("photometric", pa.string()),
+        pa.field("pixel_spacing_mm", pa.float64()),
     ]
 )
 

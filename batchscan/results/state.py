@@ -122,7 +122,13 @@ _INTEGER_COLUMNS: Final = {
     "in_domain",
     "ood",
 }
-_REAL_COLUMNS: Final = {"score", "patient_age_years", "ood_score", "shadow_score"}
+_REAL_COLUMNS: Final = {
+    "score",
+    "patient_age_years",
+    "ood_score",
+    "shadow_score",
+    "pixel_spacing_mm",
+}
 #: Columns SQLite keeps as 0/1 that the reports type as booleans.
 _BOOL_COLUMNS: Final = ("in_domain", "ood")
 _STUDY_TYPES: Final = {
