@@ -74,9 +74,9 @@ class ImageRecord:
     photometric, pixel_spacing_mm:
         Photometric Interpretation (``MONOCHROME1``, ``MONOCHROME2``...) and the row spacing
         of the pixels in mm (PixelSpacing, else ImagerPixelSpacing; None when absent or not a
-        plausible radiograph's, outside 0.01-5 mm): header facts the drift monitor watches
-       , because a new detector or new post-processing shows in
-        them before it shows in the scores.
+        plausible radiograph's, outside 0.01-5 mm): header facts the drift monitor watches,
+        because a new detector or new post-processing shows in them before it shows in the
+        scores.
     manufacturer, manufacturer_model:
         The device (Manufacturer, ManufacturerModelName), for grouping scores by device.
     score:
