@@ -191,3 +191,45 @@ def test_the_cron_wrapper_mails_the_performance_warning(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("WARNING: performance") and done.stdout.count("\n") == 1
+
+
+def test_a_month_that_has_just_begun_does_not_silence_the_warning(tmp_path: Path) -> None:
+    """The check that found the defect: 400 CR studies, March's reports agreeing with the
+    films, April's shuffled among April's studies, and April's dates running to 3 May, so
+    that the newest month holds a handful of studies. The warning judges April, the most
+    recent month that holds enough studies, and says so."""
+    rng = np.random.default_rng(39)
+    n = 400
+    score = rng.uniform(0.0, 1.0, n)
+    march = [f"2026-03-{1 + i % 31:02d}" for i in range(n // 2)]
+    april = [  # 1 April to 3 May: the last 6 % of April's studies fall in May
+        (pd.Timestamp("2026-04-01") + pd.Timedelta(days=int(33 * i / (n // 2)))).date().isoformat()
+        for i in range(n // 2)
+    ]
+    dates = march + april
+    accession = [f"CR{i:06d}" for i in range(n)]
+    agree = score >= np.median(score)
+    said = agree.copy()
+    said[n // 2 :] = rng.permutation(agree[n // 2 :])
+    normal, pneumonia = DEMO_REPORTS[0][0], DEMO_REPORTS[1][0]
+    rows = [(a, pneumonia if p else normal) for a, p in zip(accession, said, strict=True)]
+    export = write_reports(tmp_path / "ris.csv", rows)
+    studies = [
+        (f"1.2.826.0.1.39.{i}", accession[i], dates[i], float(score[i]), bool(agree[i]))
+        for i in range(n)
+    ]
+    done = monitoring.monitor(
+        export,
+        tmp_path / monitoring.LABELS_DB,
+        studies,
+        period="month",
+        threshold=0.5,
+        model_version="test",
+    )
+    perf = done.performance.set_index(done.performance["period_start"].astype(str))
+    assert list(perf.index) == ["2026-03-01", "2026-04-01", "2026-05-01"]
+    assert perf.loc["2026-05-01", "n_labelled"] < 2 * monitoring.MIN_PER_CLASS
+    assert perf.loc["2026-04-01", "auc"] <= 0.70 < perf.loc["2026-03-01", "auc"]
+    assert done.warning is not None, "a month that has just begun silenced the warning"
+    assert done.warning.startswith("WARNING: performance: the month from 2026-04-01 ")
+    assert "the month from 2026-05-01 holds fewer" in done.warning, done.warning

@@ -295,7 +295,9 @@ def write_manifest(manifest: dict[str, Any], out_dir: Path, run_id: str) -> tupl
 
 def period_label(start: date, period: str) -> str:
     """How a monitoring period (:mod:`batchscan.site.monitoring`) is named on report.html
-    (``2026-W03`` or ``2026-01``)."""
+    (``2026-01-15``, ``2026-W03`` or ``2026-01``)."""
+    if period == "day":
+        return start.isoformat()
     if period == "week":
         year, week, _ = start.isocalendar()
         return f"{year}-W{week:02d}"

@@ -8,14 +8,15 @@ report is known by its accession number and a digest of its text, in
 ``REPORT_DIR/report_labels.sqlite``; the text itself is never kept), joins the labels to
 the studies the state holds, and measures:
 
-* :func:`performance`: one row per ISO week (starting Monday) or calendar month of study
-  date: studies labelled, pneumonia among them, the AUC with its 95 % bootstrap interval,
+* :func:`performance`: one row per day, ISO week (starting Monday) or calendar month of
+  study date: studies labelled, pneumonia among them, the AUC with its 95 % bootstrap interval,
   sensitivity and specificity at the model's threshold;
-* :func:`performance_warning`: a ``WARNING: performance`` line when the latest period's
-  AUC lies below the reference (the earlier periods pooled, or the site's last
-  ``batchscan evaluate``) by more than chance allows: the upper end of the 95 % interval of
-  the difference is below zero. A period with fewer than :data:`MIN_PER_CLASS` studies of
-  either class never warns: small is not bad;
+* :func:`performance_warning`: a ``WARNING: performance`` line when the AUC of the most
+  recent period with :data:`MIN_PER_CLASS` studies of each class (a period that has just
+  begun is passed over, and the line names the period judged) lies below the reference
+  (the periods before it pooled, or the site's last ``batchscan evaluate``) by more than
+  chance allows: the upper end of the 95 % interval of the difference is below zero. A
+  period with fewer studies of either class never warns: small is not bad;
 * :func:`discrepancies`: the studies a quality officer reviews first, flagged while the
   report says normal, and reported pneumonia while scored below the threshold.
 
@@ -49,7 +50,7 @@ from batchscan.site import metrics
 from batchscan.site.report_labels import Report, ReportLabeler, ReportsError, read_reports
 
 LABELS_DB: Final = "report_labels.sqlite"
-PERIODS: Final = ("week", "month")
+PERIODS: Final = ("day", "week", "month")
 #: Studies of each class the latest period needs before it may warn.
 MIN_PER_CLASS: Final = 10
 #: Studies of each class the earlier periods need to be the reference.
@@ -211,10 +212,13 @@ def joined(studies: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
 
 
 def period_starts(study_dates: pd.Series, period: str) -> pd.Series:
-    """The first day of each study date's ISO week (Monday) or month; NaT when undated."""
+    """The first day of each study date's day, ISO week (Monday) or month; NaT when
+    undated (the one period logic of the performance and drift monitors)."""
     days = pd.to_datetime(study_dates, errors="coerce")
-    if period == "week":
-        starts = days - pd.to_timedelta(days.dt.weekday, unit="D")
+    if period == "day":
+        starts = days
+    elif period == "week":
+        starts = days - pd.to_timedelta(days.dt.day_of_week, unit="D")
     else:
         starts = days.dt.to_period("M").dt.start_time
     return starts.dt.normalize()
@@ -262,23 +266,43 @@ def performance(
     return pd.DataFrame(rows, columns=list(PERFORMANCE_COLUMNS))
 
 
+def latest_full_period(starts: pd.Series, enough: Callable[[pd.Series], bool]) -> Any:
+    """The start of the most recent period whose rows pass `enough` (a mask of the rows of
+    one period -> whether they are enough to judge it), or None when no period does.
+
+    Why not simply the newest period: a period that has just begun holds a handful of
+    studies, and judging it alone would silence every alarm until it fills up (found on a
+    check: April's reports shuffled, its studies running to 3 May, no warning).
+    """
+    for start in sorted(starts.dropna().unique(), reverse=True):
+        if enough(starts == start):
+            return pd.Timestamp(start)
+    return None
+
+
 def performance_warning(
     frame: pd.DataFrame, period: str, reference_auc: float | None = None
 ) -> str | None:
     """The ``WARNING: performance`` line, or None (see the module's description).
 
-    `reference_auc` (the last ``batchscan evaluate``) is the reference only when the earlier
-    periods hold too few studies of a class to be one.
+    The period judged is the most recent one with :data:`MIN_PER_CLASS` studies of each
+    class (:func:`latest_full_period`), and the line names it; the reference is the periods
+    before it. `reference_auc` (the last ``batchscan evaluate``) is the reference only when
+    the earlier periods hold too few studies of a class to be one.
     """
     starts = period_starts(frame["study_date"], period)
-    if starts.notna().sum() == 0:
+    labels = frame["label"].to_numpy(dtype=int)
+
+    def enough(rows: pd.Series) -> bool:
+        y = labels[rows.to_numpy()]
+        return min(int(y.sum()), int((y == 0).sum())) >= MIN_PER_CLASS
+
+    judged = latest_full_period(starts, enough)
+    if judged is None:
         return None
-    last = starts.max()
-    latest, earlier = frame[starts == last], frame[starts < last]
+    latest, earlier = frame[starts == judged], frame[starts < judged]
     y1 = latest["label"].to_numpy(dtype=int)
     s1 = latest["score"].to_numpy(dtype=np.float64)
-    if min(int(y1.sum()), int((y1 == 0).sum())) < MIN_PER_CLASS:
-        return None
     auc = metrics.roc_auc(y1, s1)
     y0 = earlier["label"].to_numpy(dtype=int)
     s0 = earlier["score"].to_numpy(dtype=np.float64)
@@ -295,8 +319,15 @@ def performance_warning(
         return None
     if interval is None or interval[1] >= 0:
         return None
+    newest = starts.max()
+    after = (
+        ""
+        if judged == newest
+        else f" (the most recent {period} with {MIN_PER_CLASS} studies of each class; the "
+        f"{period} from {newest.date()} holds fewer)"
+    )
     return (
-        f"WARNING: performance: the {period} from {last.date()} has AUC {auc:.3f} on "
+        f"WARNING: performance: the {period} from {judged.date()}{after} has AUC {auc:.3f} on "
         f"{len(y1)} labelled studies ({int(y1.sum())} pneumonia), below the reference AUC "
         f"{reference:.3f} of {source} by more than chance allows (difference "
         f"{auc - reference:+.3f}, 95 % CI {interval[0]:+.3f} to {interval[1]:+.3f}); see "
