@@ -233,3 +233,78 @@ def test_a_month_that_has_just_begun_does_not_silence_the_warning(tmp_path: Path
     assert done.warning is not None, "a month that has just begun silenced the warning"
     assert done.warning.startswith("WARNING: performance: the month from 2026-04-01 ")
     assert "the month from 2026-05-01 holds fewer" in done.warning, done.warning
+
+
+def _daily(days: int, per_day: int, wrong_share: list[float], seed: int = 0) -> pd.DataFrame:
+    """Labelled studies of `days` days from 1 March 2026, `per_day` a day, of which the
+    share `wrong_share[day]` is flagged against its report label."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for day in range(days):
+        label = rng.integers(0, 2, per_day)
+        wrong = rng.random(per_day) < wrong_share[day]
+        flagged = (label == 1) != wrong
+        score = np.where(flagged, 0.75, 0.25) + rng.uniform(-0.2, 0.2, per_day)
+        date = (pd.Timestamp("2026-03-01") + pd.Timedelta(days=day)).date().isoformat()
+        rows += [(date, int(y), float(s)) for y, s in zip(label, score, strict=True)]
+    return pd.DataFrame(rows, columns=["study_date", "label", "score"])
+
+
+def test_the_disagreement_alarm_needs_seven_days_in_a_row_above_the_band() -> None:
+    steady = [0.10] * 40
+    table = monitoring.disagreement(_daily(40, 100, steady), "day", threshold=0.5)
+    assert table["reference"].sum() == monitoring.REFERENCE_PERIODS
+    assert table.loc[~table["reference"], "band"].between(0.15, 0.25).all()
+    assert monitoring.disagreement_warning(table, "day") is None
+
+    run = monitoring.DISAGREEMENT_RUN
+    shifted = [0.10] * 20 + [0.35] * run
+    table = monitoring.disagreement(_daily(20 + run, 100, shifted), "day", threshold=0.5)
+    assert table["above"].tail(run).all()
+    assert table["above"].head(20).sum() <= 3, "a day above the band by chance is no alarm"
+    warning = monitoring.disagreement_warning(table, "day")
+    assert warning is not None and warning.startswith("WARNING: performance: ")
+    assert f"in {run} consecutive days" in warning and "2026-03-21 to 2026-03-27" in warning
+    one_short = monitoring.disagreement(_daily(19 + run, 100, shifted), "day", threshold=0.5)
+    assert monitoring.disagreement_warning(one_short, "day") is None
+
+    # a day of few labelled studies (a Sunday) neither breaks the run nor extends it
+    frame = _daily(20 + run, 100, shifted)
+    sunday = (pd.Timestamp("2026-03-24")).date().isoformat()
+    kept = frame[(frame["study_date"] != sunday) | (frame.index % 10 == 0)]
+    table = monitoring.disagreement(kept, "day", threshold=0.5)
+    assert monitoring.disagreement_warning(table, "day") is None, "only six counted days"
+    table = monitoring.disagreement(
+        pd.concat([kept, _daily(20 + run + 1, 100, [*shifted, 0.35])[-100:]]), "day", 0.5
+    )
+    assert monitoring.disagreement_warning(table, "day") is not None
+
+
+def test_monitoring_prints_the_disagreement_alarm_beside_the_auc_alarm(tmp_path: Path) -> None:
+    frame = _daily(30, 60, [0.1] * 20 + [0.45] * 10, seed=3)
+    frame["accession_number"] = [f"D{i:06d}" for i in range(len(frame))]
+    normal, pneumonia = DEMO_REPORTS[0][0], DEMO_REPORTS[1][0]
+    export = write_reports(
+        tmp_path / "ris.csv",
+        [
+            (a, pneumonia if y else normal)
+            for a, y in zip(frame["accession_number"], frame["label"], strict=True)
+        ],
+    )
+    studies = [
+        (f"1.2.39.{i}", r.accession_number, r.study_date, r.score, r.score >= 0.5)
+        for i, r in enumerate(frame.itertuples())
+    ]
+    done = monitoring.monitor(
+        export,
+        tmp_path / monitoring.LABELS_DB,
+        studies,
+        period="day",
+        threshold=0.5,
+        model_version="test",
+    )
+    assert done.disagreement_warning is not None
+    assert done.warnings == tuple(w for w in (done.warning, done.disagreement_warning) if w)
+    perf = done.performance
+    assert {"disagreement", "disagreement_band"} <= set(perf.columns)
+    assert (perf["disagreement"].tail(10) > perf["disagreement_band"].tail(10)).all()

@@ -126,6 +126,8 @@ PERFORMANCE_SCHEMA: Final = pa.schema(
         pa.field("sensitivity", pa.float64()),
         pa.field("specificity", pa.float64()),
         pa.field("model_version", pa.string(), nullable=False),
+        pa.field("disagreement", pa.float64()),
+        pa.field("disagreement_band", pa.float64()),
     ]
 )
 #: discrepancies.parquet/csv: studies the model and the report disagree on (no report text).

@@ -17,6 +17,11 @@ the studies the state holds, and measures:
   (the periods before it pooled, or the site's last ``batchscan evaluate``) by more than
   chance allows: the upper end of the 95 % interval of the difference is below zero. A
   period with fewer studies of either class never warns: small is not bad;
+* :func:`disagreement_warning`: a second ``WARNING: performance`` line when the share of
+  labelled studies whose flag differs from the report label lay above the baseline's 95 %
+  band in :data:`DISAGREEMENT_RUN` consecutive periods (the Mayo Clinic team's rule, Sorin
+  et al., JACR 2025); the AUC needs both classes and waits for a whole period, this counts
+  disagreements and so reacts to a shift in prevalence or calibration as well;
 * :func:`discrepancies`: the studies a quality officer reviews first, flagged while the
   report says normal, and reported pneumonia while scored below the threshold.
 
@@ -39,6 +44,7 @@ import hashlib
 import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any, Final
 
@@ -55,6 +61,20 @@ PERIODS: Final = ("day", "week", "month")
 MIN_PER_CLASS: Final = 10
 #: Studies of each class the earlier periods need to be the reference.
 MIN_REFERENCE_PER_CLASS: Final = 20
+#: The disagreement alarm, after the Mayo Clinic team's (Sorin et al., JACR 2025: daily
+#: disagreement of a deployed detector with the report labels above a 95 % band for 7
+#: consecutive days): a period counts against the model when the share of its labelled
+#: studies whose flag differs from the report label lies above the upper edge of the
+#: baseline's central :data:`DISAGREEMENT_BAND` band, and :data:`DISAGREEMENT_RUN` such
+#: periods in a row alarm.
+DISAGREEMENT_RUN: Final = 7
+DISAGREEMENT_BAND: Final = 0.95
+#: Labelled studies a period needs to count in a run (a smaller one is passed over: it
+#: neither breaks a run nor extends it).
+MIN_DISAGREEMENT_STUDIES: Final = 20
+#: The reference of the disagreement alarm and of the drift monitor
+#: (:mod:`batchscan.site.drift`): the first this many periods with enough studies.
+REFERENCE_PERIODS: Final = 4
 #: Bootstrap resamples of the intervals.
 RESAMPLES: Final = 1000
 #: Files of a reports folder that are read (RIS exports), in name order.
@@ -224,6 +244,105 @@ def period_starts(study_dates: pd.Series, period: str) -> pd.Series:
     return starts.dt.normalize()
 
 
+def reference_rows(
+    study_dates: pd.Series,
+    starts: pd.Series,
+    enough: Callable[[pd.Series], bool],
+    pinned: tuple[date, date] | None = None,
+) -> pd.Series:
+    """Which rows make the reference: those dated ``FROM..TO`` (inclusive) when `pinned`,
+    else those of the first :data:`REFERENCE_PERIODS` periods whose rows pass `enough` (a
+    mask of one period's rows -> whether they are enough), in date order. The
+    disagreement alarm and the drift monitor (:mod:`batchscan.site.drift`) share it."""
+    if pinned is not None:
+        days = pd.to_datetime(study_dates, errors="coerce")
+        return (days >= pd.Timestamp(pinned[0])) & (days <= pd.Timestamp(pinned[1]))
+    chosen: list[Any] = []
+    for start in sorted(starts.dropna().unique()):
+        if len(chosen) == REFERENCE_PERIODS:
+            break
+        if enough(starts == start):
+            chosen.append(start)
+    return starts.isin(chosen)
+
+
+def disagreement(
+    frame: pd.DataFrame,
+    period: str,
+    threshold: float,
+    reference: tuple[date, date] | None = None,
+) -> pd.DataFrame:
+    """Per period of :func:`joined` studies: ``period_start``, ``n`` labelled studies, the
+    ``disagreement`` (share whose flag, ``score >= threshold``, differs from the report
+    label), the upper edge of the baseline's band at this ``n`` (``band``), whether the
+    period lies ``above`` it and whether it is part of the ``reference``.
+
+    The baseline is the disagreement of the reference studies pooled
+    (:func:`reference_rows`: the first :data:`REFERENCE_PERIODS` periods with
+    :data:`MIN_DISAGREEMENT_STUDIES` labelled studies, or `reference` pinned); the band is
+    the central :data:`DISAGREEMENT_BAND` interval of a period's share of `n` studies, its
+    own binomial noise and the baseline's together (normal approximation, so that a period
+    of few studies needs a larger share to lie above it).
+    """
+    columns = ["period_start", "n", "disagreement", "band", "above", "reference"]
+    starts = period_starts(frame["study_date"], period)
+    dated = starts.notna()
+    if not dated.any():
+        return pd.DataFrame(columns=columns)
+    wrong = (frame["score"].to_numpy(dtype=np.float64) >= threshold) != (
+        frame["label"].to_numpy(dtype=int) == 1
+    )
+    base = reference_rows(
+        frame["study_date"],
+        starts,
+        lambda rows: int(rows.sum()) >= MIN_DISAGREEMENT_STUDIES,
+        reference,
+    ).to_numpy(dtype=bool)
+    n0 = int(base.sum())
+    p0 = float(wrong[base].mean()) if n0 else float("nan")
+    z = metrics.NORMAL.inv_cdf(0.5 + DISAGREEMENT_BAND / 2.0)
+    rows = []
+    for start, index in pd.Series(np.arange(len(frame)))[dated.to_numpy()].groupby(
+        starts[dated].to_numpy(), sort=True
+    ):
+        part = index.to_numpy()
+        n, share = len(part), float(wrong[part].mean())
+        band = float("nan")
+        if n0:  # a baseline of no disagreement at all is taken as half a study of it
+            p = min(max(p0, 0.5 / n0), 1.0 - 0.5 / n0)
+            band = p0 + z * np.sqrt(p * (1.0 - p) * (1.0 / n + 1.0 / n0))
+        rows.append(
+            {
+                "period_start": pd.Timestamp(start).date(),
+                "n": n,
+                "disagreement": share,
+                "band": float(band),
+                "above": bool(n0 and share > band),
+                "reference": bool(base[part].any()),
+            }
+        )
+    return pd.DataFrame(rows, columns=columns)
+
+
+def disagreement_warning(table: pd.DataFrame, period: str) -> str | None:
+    """The ``WARNING: performance`` line of the disagreement alarm, or None: the most recent
+    :data:`DISAGREEMENT_RUN` periods with :data:`MIN_DISAGREEMENT_STUDIES` labelled studies
+    (reference periods aside) all lie above the baseline's band."""
+    counted = table[(table["n"] >= MIN_DISAGREEMENT_STUDIES) & ~table["reference"]]
+    run = counted.tail(DISAGREEMENT_RUN)
+    if len(run) < DISAGREEMENT_RUN or not run["above"].all():
+        return None
+    last = run.iloc[-1]
+    return (
+        f"WARNING: performance: the model's flags disagreed with the report labels above the "
+        f"baseline's {DISAGREEMENT_BAND:.0%} band in {DISAGREEMENT_RUN} consecutive {period}s "
+        f"with {MIN_DISAGREEMENT_STUDIES} or more labelled studies, from "
+        f"{run.iloc[0]['period_start']} to {last['period_start']} (the last: "
+        f"{last['disagreement']:.1%} of {int(last['n'])} labelled studies, band up to "
+        f"{last['band']:.1%}); see performance.csv and report.html"
+    )
+
+
 def _auc_interval(y: np.ndarray, s: np.ndarray, seed: int) -> tuple[float, float] | None:
     return metrics.paired_bootstrap(
         y, lambda i: metrics.roc_auc(y[i], s[i]), resamples=RESAMPLES, seed=seed
@@ -231,16 +350,24 @@ def _auc_interval(y: np.ndarray, s: np.ndarray, seed: int) -> tuple[float, float
 
 
 def performance(
-    frame: pd.DataFrame, period: str, threshold: float, model_version: str
+    frame: pd.DataFrame,
+    period: str,
+    threshold: float,
+    model_version: str,
+    reference: tuple[date, date] | None = None,
 ) -> pd.DataFrame:
-    """One row per period with labelled studies (columns :data:`PERFORMANCE_COLUMNS`).
+    """One row per period with labelled studies (columns :data:`PERFORMANCE_COLUMNS`), with
+    the :func:`disagreement` of each and its baseline band.
 
     Parameters
     ----------
     frame:
         :func:`joined` studies (``study_date``, ``score``, ``label``).
     period:
-        ``week`` or ``month``.
+        ``day``, ``week`` or ``month``.
+    reference:
+        The disagreement's baseline pinned to studies dated FROM..TO, or None (the first
+        :data:`REFERENCE_PERIODS` periods with enough labelled studies).
     """
     starts = period_starts(frame["study_date"], period)
     rows = []
@@ -263,7 +390,12 @@ def performance(
                 "model_version": model_version,
             }
         )
-    return pd.DataFrame(rows, columns=list(PERFORMANCE_COLUMNS))
+    out = pd.DataFrame(rows, columns=list(PERFORMANCE_COLUMNS))
+    if len(out):
+        table = disagreement(frame, period, threshold, reference).set_index("period_start")
+        out["disagreement"] = out["period_start"].map(table["disagreement"])
+        out["disagreement_band"] = out["period_start"].map(table["band"])
+    return out
 
 
 def latest_full_period(starts: pd.Series, enough: Callable[[pd.Series], bool]) -> Any:
@@ -366,6 +498,13 @@ class Monitored:
     warning: str | None = None
     error: str | None = None
     facts: dict[str, Any] = field(default_factory=dict)
+    disagreement_warning: str | None = None
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """The ``WARNING: performance`` lines to print: the AUC alarm's, the disagreement
+        alarm's."""
+        return tuple(w for w in (self.warning, self.disagreement_warning) if w)
 
 
 def monitor(
@@ -378,9 +517,12 @@ def monitor(
     model_version: str,
     reference_auc: float | None = None,
     labeler: Callable[[], ReportLabeler] = ReportLabeler,
+    reference: tuple[date, date] | None = None,
 ) -> Monitored:
     """Label what is new in `reports_path`, join to `studies` (rows of study UID,
-    accession, study date, score, flag) and measure.
+    accession, study date, score, flag) and measure. `reference` pins the disagreement
+    alarm's baseline to studies dated FROM..TO (``--drift-reference``, shared with the
+    drift monitor).
 
     A reports file with a bad row gives ``error`` (naming file and line) and no frames:
     the last good monitoring files stay as they are.
@@ -401,7 +543,7 @@ def monitor(
     frame["flag"] = frame["flag"].astype(bool)  # SQLite keeps 0/1
     frame["model_version"] = model_version
     labelled = joined(frame, refreshed.labels)
-    rows = performance(labelled, period, threshold, model_version)
+    rows = performance(labelled, period, threshold, model_version, reference)
     facts = {
         "reports_file": str(reports_path),
         "period": period,
@@ -417,4 +559,7 @@ def monitor(
         discrepancies=discrepancies(labelled, refreshed.reasons),
         warning=performance_warning(labelled, period, reference_auc),
         facts=facts,
+        disagreement_warning=disagreement_warning(
+            disagreement(labelled, period, threshold, reference), period
+        ),
     )
