@@ -193,6 +193,31 @@ def test_the_cron_wrapper_mails_the_performance_warning(
     assert done.stdout.startswith("WARNING: performance") and done.stdout.count("\n") == 1
 
 
+def monitor_studies(
+    tmp_path: Path, frame: pd.DataFrame, said: np.ndarray, period: str
+) -> monitoring.Monitored:
+    """:func:`monitoring.monitor` on studies (``accession_number``, ``study_date``,
+    ``score``; flagged at 0.5) whose reports say pneumonia where `said` is true, with the
+    real labeler."""
+    normal, pneumonia = DEMO_REPORTS[0][0], DEMO_REPORTS[1][0]
+    rows = [
+        (a, pneumonia if p else normal)
+        for a, p in zip(frame["accession_number"], said, strict=True)
+    ]
+    studies = [
+        (f"1.2.826.0.1.39.{i}", r.accession_number, r.study_date, r.score, r.score >= 0.5)
+        for i, r in enumerate(frame.itertuples())
+    ]
+    return monitoring.monitor(
+        write_reports(tmp_path / "ris.csv", rows),
+        tmp_path / monitoring.LABELS_DB,
+        studies,
+        period=period,
+        threshold=0.5,
+        model_version="test",
+    )
+
+
 def test_a_month_that_has_just_begun_does_not_silence_the_warning(tmp_path: Path) -> None:
     """The check that found the defect: 400 CR studies, March's reports agreeing with the
     films, April's shuffled among April's studies, and April's dates running to 3 May, so
@@ -206,26 +231,17 @@ def test_a_month_that_has_just_begun_does_not_silence_the_warning(tmp_path: Path
         (pd.Timestamp("2026-04-01") + pd.Timedelta(days=int(33 * i / (n // 2)))).date().isoformat()
         for i in range(n // 2)
     ]
-    dates = march + april
-    accession = [f"CR{i:06d}" for i in range(n)]
+    frame = pd.DataFrame(
+        {
+            "accession_number": [f"CR{i:06d}" for i in range(n)],
+            "study_date": march + april,
+            "score": score,
+        }
+    )
     agree = score >= np.median(score)
     said = agree.copy()
     said[n // 2 :] = rng.permutation(agree[n // 2 :])
-    normal, pneumonia = DEMO_REPORTS[0][0], DEMO_REPORTS[1][0]
-    rows = [(a, pneumonia if p else normal) for a, p in zip(accession, said, strict=True)]
-    export = write_reports(tmp_path / "ris.csv", rows)
-    studies = [
-        (f"1.2.826.0.1.39.{i}", accession[i], dates[i], float(score[i]), bool(agree[i]))
-        for i in range(n)
-    ]
-    done = monitoring.monitor(
-        export,
-        tmp_path / monitoring.LABELS_DB,
-        studies,
-        period="month",
-        threshold=0.5,
-        model_version="test",
-    )
+    done = monitor_studies(tmp_path, frame, said, "month")
     perf = done.performance.set_index(done.performance["period_start"].astype(str))
     assert list(perf.index) == ["2026-03-01", "2026-04-01", "2026-05-01"]
     assert perf.loc["2026-05-01", "n_labelled"] < 2 * monitoring.MIN_PER_CLASS
@@ -283,26 +299,7 @@ def test_the_disagreement_alarm_needs_seven_days_in_a_row_above_the_band() -> No
 def test_monitoring_prints_the_disagreement_alarm_beside_the_auc_alarm(tmp_path: Path) -> None:
     frame = _daily(30, 60, [0.1] * 20 + [0.45] * 10, seed=3)
     frame["accession_number"] = [f"D{i:06d}" for i in range(len(frame))]
-    normal, pneumonia = DEMO_REPORTS[0][0], DEMO_REPORTS[1][0]
-    export = write_reports(
-        tmp_path / "ris.csv",
-        [
-            (a, pneumonia if y else normal)
-            for a, y in zip(frame["accession_number"], frame["label"], strict=True)
-        ],
-    )
-    studies = [
-        (f"1.2.39.{i}", r.accession_number, r.study_date, r.score, r.score >= 0.5)
-        for i, r in enumerate(frame.itertuples())
-    ]
-    done = monitoring.monitor(
-        export,
-        tmp_path / monitoring.LABELS_DB,
-        studies,
-        period="day",
-        threshold=0.5,
-        model_version="test",
-    )
+    done = monitor_studies(tmp_path, frame, frame["label"].to_numpy() == 1, "day")
     assert done.disagreement_warning is not None
     assert done.warnings == tuple(w for w in (done.warning, done.disagreement_warning) if w)
     perf = done.performance
