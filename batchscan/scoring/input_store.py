@@ -24,6 +24,12 @@ again). A store that cannot be opened or read (truncated, overwritten, another p
 file) is deleted and started afresh with a warning: it is a cache of the archive, and
 holds pictures of patients, so it is written 0640 like every file and never copied aside.
 
+Beside the inputs, the store keeps what the drift monitor (:mod:`batchscan.site.drift`)
+derives from a sample of them (a few statistics of the picture and the model's penultimate
+features, float32), under the same identity and input key and the key of the model that made
+them, so that each is made once and a nightly run makes only the new ones; a file that
+changes or vanishes takes its derived vector with it.
+
 The store sits beside the state and knows nothing of scoring; the engines hand it inputs
 and the rescoring stage (:mod:`batchscan.scoring.rescore`) reads them back.
 """
@@ -65,6 +71,15 @@ CREATE TABLE IF NOT EXISTS inputs (
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     input_key TEXT NOT NULL,
+    crc INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS derived (
+    path NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    input_key TEXT NOT NULL,
+    model_key TEXT NOT NULL,
     crc INTEGER NOT NULL,
     data BLOB NOT NULL
 );
@@ -259,18 +274,23 @@ class InputStore:
                 self._reset(exc)
 
     def delete(self, paths: Iterable[str | bytes]) -> None:
-        """Drop the entries of `paths` (files that vanished, or no longer give an input)."""
+        """Drop the entries of `paths` (files that vanished, or no longer give an input),
+        and what was derived from them."""
         if self._db is None:
             return
         try:
             for part in chunks(paths, _CHUNK):
                 marks = ",".join("?" * len(part))
-                self._db.execute(f"DELETE FROM inputs WHERE path IN ({marks})", part)
+                for table in ("inputs", "derived"):
+                    self._db.execute(f"DELETE FROM {table} WHERE path IN ({marks})", part)
         except sqlite3.DatabaseError as exc:
             self._reset(exc)
 
-    def _entries(self, columns: str, paths: Iterable[str | bytes]) -> Iterator[tuple[Any, ...]]:
-        """``path, size, mtime_ns, input_key`` and `columns` of the entries of `paths`.
+    def _entries(
+        self, columns: str, paths: Iterable[str | bytes], table: str = "inputs"
+    ) -> Iterator[tuple[Any, ...]]:
+        """``path, size, mtime_ns, input_key`` and `columns` of the entries of `paths`
+        (in ``inputs``, or in ``derived``).
 
         Raises
         ------
@@ -281,7 +301,7 @@ class InputStore:
         for part in chunks(paths, _CHUNK):
             marks = ",".join("?" * len(part))
             yield from self._db.execute(
-                f"SELECT path, size, mtime_ns, input_key, {columns} FROM inputs "
+                f"SELECT path, size, mtime_ns, input_key, {columns} FROM {table} "
                 f"WHERE path IN ({marks})",
                 part,
             )
@@ -330,6 +350,57 @@ class InputStore:
             log.warning("input store %s: %d damaged entries, read again", self.path, len(bad))
             if not self.readonly:
                 self.delete(bad)
+        return found
+
+    # -- what was derived from the entries ---------------------------------------------
+
+    def put_derived(self, entries: Iterable[tuple[Identity, str, str, np.ndarray]]) -> None:
+        """Keep (identity, input key, model key, vector) entries: a vector of float32 made
+        from a file's input by a model (the drift monitor's image statistics and features,
+        :mod:`batchscan.site.drift`), so that each is made once. Replaces a path's old one."""
+        if self._db is None or self.readonly:
+            return
+        rows = []
+        for (path, size, mtime_ns), input_key, model_key, vector in entries:
+            data = np.ascontiguousarray(vector, "<f4").tobytes()
+            rows.append((path, size, mtime_ns, input_key, model_key, zlib.crc32(data), data))
+        if rows:
+            try:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO derived "
+                    "(path, size, mtime_ns, input_key, model_key, crc, data) "
+                    "VALUES (?,?,?,?,?,?,?)",
+                    rows,
+                )
+            except sqlite3.DatabaseError as exc:
+                self._reset(exc)
+
+    def derived(
+        self, identities: list[Identity], input_key: str, model_key: str
+    ) -> dict[str | bytes, np.ndarray]:
+        """The vectors :meth:`put_derived` kept for those `identities`, made from an input of
+        `input_key` by the model of `model_key`, by path (float32; a damaged or other
+        file's, input's or model's vector is left out, and made again)."""
+        if self._db is None:
+            return {}
+        wanted = {path: (size, mtime) for path, size, mtime in identities}
+        found: dict[str | bytes, np.ndarray] = {}
+        try:
+            for path, size, mtime, key, model, crc, data in self._entries(
+                "model_key, crc, data", wanted, table="derived"
+            ):
+                if (
+                    wanted.get(path) == (size, mtime)
+                    and key == input_key
+                    and model == model_key
+                    and isinstance(data, bytes)
+                    and len(data) % 4 == 0
+                    and zlib.crc32(data) == crc
+                ):
+                    found[path] = np.frombuffer(data, "<f4")
+        except sqlite3.DatabaseError as exc:
+            self._reset(exc)
+            return {}
         return found
 
     def stats(self) -> dict[str, int]:

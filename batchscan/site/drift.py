@@ -1,0 +1,720 @@
+"""Drift measured from the films themselves: each period of study date against a reference,
+from the state and the model-input store only, days before reports could tell.
+
+Why: the report-based alarms (:mod:`batchscan.site.monitoring`) need a RIS export, wait for
+the reports, and need enough studies of each class before they can say anything; the
+failures that hit a deployed chest X-ray model are shifts in its input (a new detector or
+new post-processing, more bedside films, images of another body part leaking in, a new
+population, a change in prevalence), and those show in the films first. CheXstray
+(arXiv 2202.02833) watches the DICOM metadata, image embeddings and the model's scores
+together without ground truth; Kore et al. (Nature Communications 2024) found combined
+detectors the most sensitive and performance alone a poor proxy for shift. This module
+does the same with what batchscan keeps anyway, and opens no archive file.
+
+What is compared, period by period (``day``, ``week`` or ``month`` of study date,
+:func:`batchscan.site.monitoring.period_starts`), with the reference (the first
+:data:`~batchscan.site.monitoring.REFERENCE_PERIODS` periods holding :data:`MIN_IMAGES`
+scored images, or the studies dated ``FROM..TO``), one row per signal (:data:`SIGNALS`):
+
+* the header mix of the scored images (device, view, age band, modality, image matrix,
+  transfer syntax): for each value its share against the reference's, by a two-proportion
+  test; the value whose share moved most significantly speaks for the signal;
+* the image statistics of a sample of the stored 64 x 64 inputs (:func:`image_statistics`:
+  grey levels, contrast, sharpness, the border, left-right symmetry), each by a two-sample
+  Kolmogorov-Smirnov test;
+* the model's penultimate features of the same sample (the layer the OOD check reads,
+  :meth:`batchscan.scoring.infer.Scorer.features`), projected on the reference's first
+  :data:`FEATURE_COMPONENTS` principal components, each by a KS test (Rabanser et al.,
+  "Failing Loudly", NeurIPS 2019: univariate KS tests on a reduced representation, with a
+  Bonferroni correction, detect shift as well as multivariate kernel tests, at a fraction of
+  the cost, and say which direction moved);
+* the scores: their distribution (KS), the share of studies flagged and of images beyond
+  the training set (``ood``).
+
+False alarms, across the many comparisons: a signal made of several tests (the values of a
+header fact, the image statistics, the components) is significant when its smallest p-value
+times the number of its tests (Bonferroni) lies below :data:`ALPHA` divided by the number of
+signals (Bonferroni again), so each period has at most a chance of :data:`ALPHA` of any
+signal being significant on stable data; a change must also be large enough to matter
+(:data:`MIN_SHARE_CHANGE`, :data:`MIN_DISTANCE`), which a month of thirty thousand studies
+would otherwise find in noise; and a signal alarms only when it was significant in
+:data:`PERSISTENCE` consecutive judged periods (two days; one week or month). Measured on
+simulated timelines of real films (``jobs/experiments/drift_check.py``, docs/site/
+lifecycle.md).
+
+Cost (a million stored inputs, 2 cores): the header facts and scores of every scored file
+are read from the state (one narrow query); the pictures are looked at only for a sample of
+:data:`SAMPLE_PER_PERIOD` images a period, chosen by a hash of the path so that it stays the
+same from night to night, and what is derived from each (statistics and features, one
+forward pass) is kept in the input store (:meth:`batchscan.scoring.input_store.InputStore.
+put_derived`), so a night makes only the new periods' (at most :data:`MAX_NEW_PER_RUN`,
+reference first, then the newest periods: the first run on an old archive catches up over a
+few nights instead of taking an hour).
+
+A period with fewer than :data:`MIN_IMAGES` scored images has no rows and warns about
+nothing; undated studies are left out.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
+from itertools import pairwise
+from typing import Any, Final
+
+import numpy as np
+import pandas as pd
+from pydicom.uid import UID
+
+from batchscan.ingest.preprocess import INPUT_SIZE
+from batchscan.results.report import DRIFT_SCHEMA
+from batchscan.results.state import StateStore
+from batchscan.scoring.input_store import InputStore
+from batchscan.site import metrics
+from batchscan.site.monitoring import (
+    latest_full_period,
+    period_starts,
+    reference_rows,
+)
+
+#: The columns of drift.parquet and drift.csv (their schema is the report stage's).
+DRIFT_COLUMNS: Final = tuple(DRIFT_SCHEMA.names)
+
+#: The signals, each with what it compares (the detail sentences use the text).
+SIGNALS: Final = {
+    "device": "manufacturer and model",
+    "view": "view",
+    "age": "age band",
+    "modality": "modality",
+    "matrix": "image matrix (long edge)",
+    "transfer_syntax": "transfer syntax",
+    "image": "image statistics of the stored inputs",
+    "features": "the model's penultimate features",
+    "score": "model score",
+    "flag_rate": "studies flagged",
+    "ood_rate": "images beyond the training set (ood)",
+}
+#: The header facts of :data:`SIGNALS` (one categorical value per scored image).
+HEADER_SIGNALS: Final = ("device", "view", "age", "modality", "matrix", "transfer_syntax")
+#: The file columns the monitor reads from the state.
+FILE_COLUMNS: Final = (
+    "path",
+    "size",
+    "mtime_ns",
+    "study_date",
+    "manufacturer",
+    "manufacturer_model",
+    "view",
+    "patient_age_years",
+    "modality",
+    "rows",
+    "columns",
+    "transfer_syntax_uid",
+    "score",
+    "ood",
+)
+#: The statistics :func:`image_statistics` computes on a model input, with what they are.
+IMAGE_STATISTICS: Final = {
+    "brightness": "mean grey level",
+    "contrast": "spread of the grey levels (standard deviation)",
+    "dark_end": "5th percentile of the grey levels",
+    "midtone": "median grey level",
+    "bright_end": "95th percentile of the grey levels",
+    "sharpness": "mean absolute Laplacian",
+    "border": "mean grey level of the outer eighth",
+    "asymmetry": "mean left-right difference",
+}
+#: Age bands of the ``age`` signal (lower edges in years; the last is open).
+AGE_BANDS: Final = (0, 1, 5, 12, 18, 40, 65)
+#: Width of the ``matrix`` signal's bands of the long edge, in pixels (a new detector changes
+#: its matrix with its pixel spacing, which the state does not hold).
+MATRIX_BAND: Final = 512
+
+#: Chance, per period, that any signal is significant on stable data (Bonferroni over the
+#: signals and over each signal's tests).
+ALPHA: Final = 0.01
+#: Consecutive judged periods a signal must be significant in before it alarms.
+PERSISTENCE: Final = {"day": 2, "week": 1, "month": 1}
+#: The smallest change that may alarm: a share moving by 5 points, a KS distance of 0.1.
+MIN_SHARE_CHANGE: Final = 0.05
+MIN_DISTANCE: Final = 0.10
+#: Scored images a period needs to be judged (and to be one of the reference's).
+MIN_IMAGES: Final = 30
+#: Stored inputs of a period looked at (image statistics and features).
+SAMPLE_PER_PERIOD: Final = 250
+#: Vectors (statistics and features) a run makes at most; the rest wait for the next runs.
+MAX_NEW_PER_RUN: Final = 20_000
+#: Principal components of the reference's features that are compared.
+FEATURE_COMPONENTS: Final = 8
+#: Inputs read and pushed through the model at once.
+BATCH: Final = 512
+
+#: Made from model inputs (N, 64, 64, 3) -> features (N, units).
+FeatureMaker = Callable[[np.ndarray], np.ndarray]
+
+
+def image_statistics(inputs: np.ndarray) -> np.ndarray:
+    """The :data:`IMAGE_STATISTICS` of model inputs (N, 64, 64, 3) or (N, 64, 64), float32
+    (N, 8): what a new detector, other post-processing (contrast, gamma, sharpening),
+    collimation or another body part moves in the picture the model sees."""
+    grey = np.asarray(inputs, dtype=np.float32)
+    if grey.ndim == 4:
+        grey = grey[..., 0]
+    n = len(grey)
+    flat = grey.reshape(n, -1)
+    low, middle, high = np.percentile(flat, [5, 50, 95], axis=1)
+    laplacian = (
+        4.0 * grey[:, 1:-1, 1:-1]
+        - grey[:, :-2, 1:-1]
+        - grey[:, 2:, 1:-1]
+        - grey[:, 1:-1, :-2]
+        - grey[:, 1:-1, 2:]
+    )
+    edge = max(INPUT_SIZE // 8, 1)
+    inner = grey[:, edge:-edge, edge:-edge].reshape(n, -1).sum(axis=1)
+    border = (flat.sum(axis=1) - inner) / (flat.shape[1] - (INPUT_SIZE - 2 * edge) ** 2)
+    return np.stack(
+        [
+            flat.mean(axis=1),
+            flat.std(axis=1),
+            low,
+            middle,
+            high,
+            np.abs(laplacian).reshape(n, -1).mean(axis=1),
+            border,
+            np.abs(grey - grey[:, :, ::-1]).reshape(n, -1).mean(axis=1),
+        ],
+        axis=1,
+    ).astype(np.float32)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """What was derived from the sampled inputs: their study dates (k,), their
+    :func:`image_statistics` (k, 8) and their features (k, units; units may be 0)."""
+
+    study_dates: pd.Series
+    statistics: np.ndarray
+    features: np.ndarray
+
+
+@dataclass(slots=True)
+class Drifted:
+    """What one drift pass gives the scan: the frame to write (:data:`DRIFT_COLUMNS`), the
+    ``WARNING: drift`` line or None, and facts for the manifest."""
+
+    frame: pd.DataFrame
+    warning: str | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def header_values(images: pd.DataFrame) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """Each header signal's value of each image row, as codes (N,) into its list of values
+    (``unknown`` when missing); made on the distinct values, so a million rows cost little."""
+
+    def coded(values: pd.Series, name: Callable[[Any], str]) -> tuple[np.ndarray, list[str]]:
+        codes, uniques = pd.factorize(values.astype(object).where(values.notna(), None))
+        labels = [name(v) for v in uniques]
+        if (codes < 0).any():
+            codes = np.where(codes < 0, len(labels), codes)
+            labels.append("unknown")
+        merged, index = np.unique(np.array(labels, dtype=object), return_inverse=True)
+        return index[codes].astype(np.int64), [str(v) for v in merged]
+
+    def text(value: Any) -> str:
+        return str(value).strip() or "unknown"
+
+    device = (
+        images["manufacturer"]
+        .fillna("unknown")
+        .astype(str)
+        .str.cat(images["manufacturer_model"].fillna("").astype(str), sep=" ")
+    )
+    age = pd.to_numeric(images["patient_age_years"], errors="coerce")
+    edges = [*AGE_BANDS, np.inf]
+    bands = [
+        f"{lo}-{hi - 1} years" if hi != np.inf else f"{lo} years and over"
+        for lo, hi in pairwise(edges)
+    ]
+    long_edge = np.fmax(
+        pd.to_numeric(images["rows"], errors="coerce").to_numpy(dtype=np.float64),
+        pd.to_numeric(images["columns"], errors="coerce").to_numpy(dtype=np.float64),
+    )
+    band = pd.Series(np.floor(long_edge / MATRIX_BAND) * MATRIX_BAND)
+    return {
+        "device": coded(device, text),
+        "view": coded(images["view"], text),
+        "age": coded(
+            pd.Series(np.searchsorted(edges, age.to_numpy(), side="right") - 1).where(
+                age.notna().to_numpy()
+            ),
+            lambda i: bands[int(i)],
+        ),
+        "modality": coded(images["modality"], text),
+        "matrix": coded(band, lambda v: f"{int(v)}-{int(v) + MATRIX_BAND - 1} px"),
+        "transfer_syntax": coded(
+            images["transfer_syntax_uid"], lambda uid: UID(str(uid)).name or str(uid)
+        ),
+    }
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:.0f} %"
+
+
+@dataclass(frozen=True, slots=True)
+class _Tested:
+    """One signal of one period: the statistic (a share's change or a KS distance), the
+    value it had to exceed, the Bonferroni p-value over the signal's tests, and a sentence."""
+
+    statistic: float
+    threshold: float
+    p_value: float
+    n: int
+    detail: str
+
+
+def _shares(
+    counts: np.ndarray, reference: np.ndarray, labels: list[str], level: float, what: str
+) -> _Tested:
+    """A categorical signal from the counts of each value in the period and in the
+    reference: each value's share against the reference's (two-proportion tests,
+    Bonferroni over the values present); the value whose change passes the floor with the
+    smallest p-value speaks for the signal."""
+    n, n0 = int(counts.sum()), int(reference.sum())
+    present = np.flatnonzero((counts + reference) > 0)
+    tests = []
+    for c in present:
+        k, k0 = int(counts[c]), int(reference[c])
+        change = abs(k / n - k0 / n0)
+        tests.append((change < MIN_SHARE_CHANGE, metrics.share_test(k, n, k0, n0), -change, c))
+    _, p, _, c = min(tests)
+    k, k0 = int(counts[c]), int(reference[c])
+    critical = metrics.share_critical(level / len(present), (k + k0) / (n + n0), n, n0)
+    return _Tested(
+        statistic=abs(k / n - k0 / n0),
+        threshold=max(MIN_SHARE_CHANGE, critical),
+        p_value=min(1.0, p * len(present)),
+        n=n,
+        detail=f"{what} {labels[c]}: {_percent(k0 / n0)} -> {_percent(k / n)} of images",
+    )
+
+
+def _rate(k: int, n: int, k0: int, n0: int, level: float, what: str) -> _Tested:
+    """A share signal of one yes/no fact (flagged, ood): `k` of `n` against `k0` of `n0`."""
+    return _Tested(
+        statistic=abs(k / n - k0 / n0),
+        threshold=max(MIN_SHARE_CHANGE, metrics.share_critical(level, (k + k0) / (n + n0), n, n0)),
+        p_value=metrics.share_test(k, n, k0, n0),
+        n=n,
+        detail=f"{what}: {_percent(k0 / n0)} -> {_percent(k / n)}",
+    )
+
+
+def _distributions(
+    values: np.ndarray, reference: np.ndarray, level: float, names: list[str], scale: np.ndarray
+) -> _Tested:
+    """A signal of one or more continuous measures (columns; `reference` sorted by column):
+    a two-sample KS test each, Bonferroni over them; the column with the smallest p-value
+    speaks for the signal, its medians in `scale` units (1 for raw values)."""
+    n, n0 = len(values), len(reference)
+    distances = metrics.ks_statistics(values, reference, second_sorted=True)
+    p_values = [metrics.ks_pvalue(float(d), n, n0) for d in distances]
+    j = int(np.argmin(p_values))
+    before, after = reference[n0 // 2, j] / scale[j], np.median(values[:, j]) / scale[j]
+    return _Tested(
+        statistic=float(distances[j]),
+        threshold=max(MIN_DISTANCE, metrics.ks_critical(level / len(distances), n, n0)),
+        p_value=min(1.0, p_values[j] * len(distances)),
+        n=n,
+        detail=f"{names[j]}: median {before:.3g} -> {after:.3g} (KS distance {distances[j]:.2f})",
+    )
+
+
+def _projection(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centre, axes (units, k) and standard deviations of the reference's first principal
+    components (at most :data:`FEATURE_COMPONENTS`, those with any variance)."""
+    centre = features.mean(axis=0)
+    variance, axes = np.linalg.eigh(
+        np.cov(features - centre, rowvar=False).reshape(features.shape[1], features.shape[1])
+    )
+    order = np.argsort(variance)[::-1]
+    variance, axes = np.maximum(variance[order], 0.0), axes[:, order]
+    keep = int(min(FEATURE_COMPONENTS, (variance > 1e-12 * max(variance.max(), 1e-30)).sum()))
+    return centre, axes[:, :keep], np.sqrt(variance[:keep])
+
+
+class _Periods:
+    """The periods of study date, as integer codes of a sorted list of starts (-1: undated),
+    and which rows of a frame fall in each (one grouping, reused for every signal)."""
+
+    def __init__(self, starts: pd.Series) -> None:
+        self.codes, uniques = pd.factorize(starts, sort=True)
+        self.starts = pd.DatetimeIndex(uniques)
+
+    def codes_of(self, starts: pd.Series) -> np.ndarray:
+        """Codes of other rows' starts (-1 for a start with no scored image)."""
+        return self.starts.get_indexer(pd.DatetimeIndex(starts))
+
+    def groups(self, codes: np.ndarray) -> list[np.ndarray]:
+        """Row positions of each period, for rows with these `codes`."""
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(self.starts) + 1))
+        return [order[bounds[i] : bounds[i + 1]] for i in range(len(self.starts))]
+
+
+def judge(
+    images: pd.DataFrame,
+    studies: pd.DataFrame,
+    period: str,
+    sample: Sample | None = None,
+    reference: tuple[date, date] | None = None,
+) -> Drifted:
+    """Compare each period with the reference (see the module's description).
+
+    Parameters
+    ----------
+    images:
+        One row per scored image: ``study_date`` and the :data:`FILE_COLUMNS` the header
+        signals read, ``score`` and ``ood`` (None when the model has no OOD statistics).
+    studies:
+        One row per scored study: ``study_date``, ``flag``.
+    period:
+        ``day``, ``week`` or ``month``.
+    sample:
+        What was derived from a sample of the stored inputs, or None (no image or feature
+        signal).
+    reference:
+        The studies dated FROM..TO as the reference, or None (the first periods).
+
+    Returns
+    -------
+    Drifted
+        The frame, the warning of the most recent period with :data:`MIN_IMAGES` scored
+        images, and facts (the reference, the periods judged).
+    """
+    starts = period_starts(images["study_date"], period)
+    periods = _Periods(starts)
+    counts = np.bincount(periods.codes[periods.codes >= 0], minlength=len(periods.starts))
+    base = reference_rows(
+        images["study_date"], starts, lambda rows: int(rows.sum()) >= MIN_IMAGES, reference
+    ).to_numpy(dtype=bool)
+    base_starts = set(starts[base].dropna().unique())
+    if int(base.sum()) < MIN_IMAGES:
+        return Drifted(
+            pd.DataFrame(columns=list(DRIFT_COLUMNS)),
+            facts={"periods_judged": 0, "reference": "too few scored images for a reference"},
+        )
+
+    def in_reference(dates: pd.Series, codes: np.ndarray) -> np.ndarray:
+        if reference is not None:
+            days = pd.to_datetime(dates, errors="coerce")
+            inside = (days >= pd.Timestamp(reference[0])) & (days <= pd.Timestamp(reference[1]))
+            return inside.to_numpy(dtype=bool)
+        wanted = np.array([s in base_starts for s in periods.starts], dtype=bool)
+        return (codes >= 0) & wanted[np.maximum(codes, 0)]
+
+    level = ALPHA / len(SIGNALS)
+    tables = {}
+    for name, (codes, labels) in header_values(images).items():
+        known = periods.codes >= 0
+        table = np.bincount(
+            periods.codes[known] * len(labels) + codes[known],
+            minlength=len(periods.starts) * len(labels),
+        ).reshape(len(periods.starts), len(labels))
+        tables[name] = (table, np.bincount(codes[base], minlength=len(labels)), labels)
+    image_groups = periods.groups(periods.codes)
+    score = images["score"].to_numpy(dtype=np.float64)[:, None]
+    score_base = np.sort(score[base], axis=0)
+    ood_known = images["ood"].notna().to_numpy()
+    ood = images["ood"].fillna(False).to_numpy(dtype=bool)
+    ood_base = (int(ood[base & ood_known].sum()), int((base & ood_known).sum()))
+    study_codes = periods.codes_of(period_starts(studies["study_date"], period))
+    flags = studies["flag"].fillna(False).to_numpy(dtype=bool)
+    study_groups = periods.groups(study_codes)
+    study_base = in_reference(studies["study_date"], study_codes)
+    flag_base = (int(flags[study_base].sum()), int(study_base.sum()))
+
+    sampled: dict[str, tuple[np.ndarray, np.ndarray, list[str], np.ndarray]] = {}
+    sample_groups: list[np.ndarray] = [np.empty(0, np.int64)] * len(periods.starts)
+    if sample is not None and len(sample.statistics):
+        sample_codes = periods.codes_of(period_starts(sample.study_dates, period))
+        sample_groups = periods.groups(sample_codes)
+        sample_base = in_reference(sample.study_dates, sample_codes)
+        if int(sample_base.sum()) >= MIN_IMAGES:
+            stats = np.asarray(sample.statistics, dtype=np.float64)
+            sampled["image"] = (
+                stats,
+                np.sort(stats[sample_base], axis=0),
+                [f"{name} ({what})" for name, what in IMAGE_STATISTICS.items()],
+                np.ones(stats.shape[1]),
+            )
+            features = np.asarray(sample.features, dtype=np.float64)
+            if features.size:
+                centre, axes, spread = _projection(features[sample_base])
+                if axes.shape[1]:
+                    projected = (features - centre) @ axes
+                    k = axes.shape[1]
+                    sampled["features"] = (
+                        projected,
+                        np.sort(projected[sample_base], axis=0),
+                        [f"principal component {j + 1} of {k}" for j in range(k)],
+                        np.maximum(spread, 1e-12),
+                    )
+
+    rows: list[dict[str, Any]] = []
+    for i, start in enumerate(periods.starts):
+        if counts[i] < MIN_IMAGES:
+            continue
+        tested: dict[str, _Tested] = {}
+        for name, (table, table_base, labels) in tables.items():
+            tested[name] = _shares(table[i], table_base, labels, level, SIGNALS[name])
+        mine = image_groups[i]
+        tested["score"] = _distributions(
+            score[mine], score_base, level, [SIGNALS["score"]], np.ones(1)
+        )
+        if len(study_groups[i]) and flag_base[1]:
+            group = study_groups[i]
+            tested["flag_rate"] = _rate(
+                int(flags[group].sum()), len(group), *flag_base, level, SIGNALS["flag_rate"]
+            )
+        known = mine[ood_known[mine]]
+        if len(known) and ood_base[1]:
+            tested["ood_rate"] = _rate(
+                int(ood[known].sum()), len(known), *ood_base, level, SIGNALS["ood_rate"]
+            )
+        if len(sample_groups[i]) >= MIN_IMAGES:
+            for name, (values, values_base, names, scale) in sampled.items():
+                tested[name] = _distributions(
+                    values[sample_groups[i]], values_base, level, names, scale
+                )
+        is_reference = (
+            start in base_starts if reference is None else bool(base[image_groups[i]].all())
+        )
+        for name, result in tested.items():
+            rows.append(
+                {
+                    "period_start": start.date(),
+                    "signal": name,
+                    "statistic": result.statistic,
+                    "threshold": result.threshold,
+                    "p_value": result.p_value,
+                    "n": result.n,
+                    "significant": bool(not is_reference and result.statistic > result.threshold),
+                    "alarm": False,
+                    "reference": is_reference,
+                    "detail": f"{SIGNALS[name]}: {result.detail}"
+                    if name in ("image", "features")
+                    else result.detail,
+                }
+            )
+    frame = _persist(pd.DataFrame(rows, columns=list(DRIFT_COLUMNS)), PERSISTENCE[period])
+    judged = latest_full_period(starts, lambda rows: int(rows.sum()) >= MIN_IMAGES)
+    reference_text = (
+        f"studies dated {reference[0]} to {reference[1]}"
+        if reference is not None
+        else f"the {len(base_starts)} {period}s from {min(base_starts).date()} to "
+        f"{max(base_starts).date()}"
+    )
+    return Drifted(
+        frame,
+        warning=drift_warning(frame, period, judged, reference_text),
+        facts={
+            "period": period,
+            "reference": reference_text,
+            "reference_images": int(base.sum()),
+            "periods_judged": int(frame["period_start"].nunique()) if len(frame) else 0,
+            "alarms": int(frame["alarm"].sum()) if len(frame) else 0,
+        },
+    )
+
+
+def _persist(frame: pd.DataFrame, periods: int) -> pd.DataFrame:
+    """``alarm``: significant in this and the `periods` - 1 judged periods before it (the
+    reference's periods are not judged)."""
+    if not len(frame):
+        return frame
+    frame = frame.sort_values(["signal", "period_start"], kind="stable").reset_index(drop=True)
+    judged = ~frame["reference"]
+    significant = frame["significant"].where(judged)
+    run = (
+        significant[judged]
+        .groupby(frame.loc[judged, "signal"])
+        .transform(lambda s: s.astype(int).rolling(periods, min_periods=periods).sum())
+    )
+    frame.loc[judged, "alarm"] = (run == periods).to_numpy()
+    frame["alarm"] = frame["alarm"].astype(bool)
+    return frame.sort_values(["period_start", "signal"], kind="stable").reset_index(drop=True)
+
+
+def drift_warning(frame: pd.DataFrame, period: str, judged: Any, reference_text: str) -> str | None:
+    """The one ``WARNING: drift`` line when the most recent period with :data:`MIN_IMAGES`
+    scored images (`judged`) alarms, naming it, the signals and what moved; else None."""
+    if judged is None or not len(frame):
+        return None
+    latest = frame[(frame["period_start"] == judged.date()) & frame["alarm"]]
+    if not len(latest):
+        return None
+    latest = latest.sort_values("p_value")
+    return (
+        f"WARNING: drift: the {period} from {judged.date()} differs from the reference "
+        f"({reference_text}) in {len(latest)} of {len(SIGNALS)} signals: "
+        + "; ".join(latest["detail"])
+        + "; see drift.csv and report.html"
+    )
+
+
+def sample_rows(
+    paths: pd.Series, starts: pd.Series, per_period: int = SAMPLE_PER_PERIOD
+) -> np.ndarray:
+    """The positions of the sampled rows: in each period the `per_period` rows whose path
+    hashes lowest (CRC-32), so that the sample stays the same from night to night and a
+    period that grows keeps most of it."""
+    keys = np.fromiter(
+        (
+            zlib.crc32(p if isinstance(p, bytes) else str(p).encode("utf-8", "surrogatepass"))
+            for p in paths
+        ),
+        dtype=np.int64,
+        count=len(paths),
+    )
+    order = pd.DataFrame({"start": starts.to_numpy(), "key": keys})
+    order = order[order["start"].notna()].sort_values(["start", "key"], kind="stable")
+    rank = order.groupby("start").cumcount()
+    return np.sort(order.index[rank < per_period].to_numpy())
+
+
+def monitor_drift(
+    state: StateStore,
+    store: InputStore | None,
+    *,
+    period: str,
+    input_key: str,
+    model_key: str,
+    features: FeatureMaker | None,
+    reference: tuple[date, date] | None = None,
+    max_new: int = MAX_NEW_PER_RUN,
+) -> Drifted:
+    """The drift monitor on a REPORT_DIR's state and input store (the scan calls it at the
+    end of every run; it opens no archive file).
+
+    Parameters
+    ----------
+    state, store:
+        The scan's state and input store (None: no image or feature signal).
+    period:
+        ``day``, ``week`` or ``month``.
+    input_key:
+        The input key of the stored inputs to read (:func:`batchscan.results.keys.input_key`).
+    model_key:
+        What made the features (the model's version): a vector made by another model is
+        made again.
+    features:
+        Model inputs -> penultimate features (:meth:`batchscan.scoring.infer.Scorer.features`),
+        or None (image statistics only).
+    reference:
+        The studies dated FROM..TO as the reference (``--drift-reference``), or None.
+    max_new:
+        Vectors made at most in this run.
+    """
+    clock = time.perf_counter()
+    parts = list(state.scored_file_facts(FILE_COLUMNS))
+    images = pd.DataFrame(
+        {c: [v for part in parts for v in part[c]] for c in FILE_COLUMNS}, columns=FILE_COLUMNS
+    )
+    study_parts = list(state.study_facts(("study_date", "flag")))
+    studies = pd.DataFrame(
+        {c: [v for part in study_parts for v in part[c]] for c in ("study_date", "flag")}
+    )
+    images["ood"] = images["ood"].map(lambda v: None if v is None else bool(v)).astype(object)
+    studies["flag"] = studies["flag"].astype(bool) if len(studies) else studies["flag"]
+    read_seconds = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    sample, made, waiting = None, 0, 0
+    if store is not None and len(images):
+        sample, made, waiting = _derive(
+            images, store, period, input_key, model_key, features, reference, max_new
+        )
+    derive_seconds = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    drifted = judge(images, studies, period, sample, reference)
+    drifted.facts.update(
+        images=len(images),
+        sampled=0 if sample is None else len(sample.statistics),
+        vectors_made=made,
+        vectors_waiting=waiting,
+        seconds={
+            "read": round(read_seconds, 3),
+            "derive": round(derive_seconds, 3),
+            "judge": round(time.perf_counter() - clock, 3),
+        },
+    )
+    return drifted
+
+
+def _derive(
+    images: pd.DataFrame,
+    store: InputStore,
+    period: str,
+    input_key: str,
+    model_key: str,
+    features: FeatureMaker | None,
+    reference: tuple[date, date] | None,
+    max_new: int,
+) -> tuple[Sample | None, int, int]:
+    """The sample's vectors, from the store where kept, else made from the stored inputs
+    (reference periods first, then the newest): (sample, made, left for later runs)."""
+    starts = period_starts(images["study_date"], period)
+    picked = sample_rows(images["path"], starts)
+    rows = images.iloc[picked]
+    identities = list(
+        zip(rows["path"], rows["size"].astype(int), rows["mtime_ns"].astype(int), strict=True)
+    )
+    key = model_key if features is not None else f"{model_key}:statistics"
+    kept = store.derived(identities, input_key, key)
+    missing = [i for i, identity in enumerate(identities) if identity[0] not in kept]
+    if missing:
+        base = reference_rows(
+            images["study_date"], starts, lambda r: int(r.sum()) >= MIN_IMAGES, reference
+        ).to_numpy(dtype=bool)[picked]
+        when = starts.iloc[picked].to_numpy()
+        # reference first, then the newest periods first
+        missing.sort(key=lambda i: (not base[i], -pd.Timestamp(when[i]).value))
+    todo, waiting = missing[:max_new], max(0, len(missing) - max_new)
+    made = 0
+    for start in range(0, len(todo), BATCH):
+        batch = [identities[i] for i in todo[start : start + BATCH]]
+        inputs = store.get(batch, input_key)
+        have = [identity for identity in batch if identity[0] in inputs]
+        if not have:
+            continue
+        stacked = np.stack([inputs[identity[0]] for identity in have])
+        vectors = image_statistics(stacked)
+        if features is not None:
+            vectors = np.concatenate([vectors, features(stacked).astype(np.float32)], axis=1)
+        store.put_derived(
+            (identity, input_key, key, vector)
+            for identity, vector in zip(have, vectors, strict=True)
+        )
+        kept.update({identity[0]: vector for identity, vector in zip(have, vectors, strict=True)})
+        made += len(have)
+    store.commit()
+    found = [i for i, identity in enumerate(identities) if identity[0] in kept]
+    if not found:
+        return None, made, waiting
+    vectors = np.stack([kept[identities[i][0]] for i in found])
+    width = len(IMAGE_STATISTICS)
+    return (
+        Sample(
+            study_dates=rows["study_date"].iloc[found].reset_index(drop=True),
+            statistics=vectors[:, :width],
+            features=vectors[:, width:],
+        ),
+        made,
+        waiting,
+    )
