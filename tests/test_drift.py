@@ -85,7 +85,7 @@ def test_stable_data_does_not_alarm() -> None:
     found = drift.judge(images, studies, "day", sample)
     frame = found.frame
     assert set(frame["signal"]) == set(drift.SIGNALS)
-    assert frame["period_start"].nunique() == 60 and frame["reference"].sum() == 4 * 11
+    assert frame["period_start"].nunique() == 60 and frame["reference"].sum() == 4 * len(drift.SIGNALS)
     assert alarms(found).empty and found.warning is None
     assert frame["significant"].sum() <= 2, "about 0.01 of the 56 judged days, by design"
     assert list(frame.columns) == list(DRIFT_SCHEMA.names)
@@ -110,7 +110,8 @@ def test_each_kind_of_shift_alarms_on_its_second_day(
     raised = alarms(found)
     first = (raised["period_start"].min() - START.date()).days
     assert first == SHIFT_DAY + 1, "significant on the first day, alarms on the second"
-    assert set(raised["signal"]) == signals, raised
+    # images beyond the reference's range may come with any shift of the pictures
+    assert signals <= set(raised["signal"]) <= signals | {"unusual"}, raised
     assert found.warning is not None and found.warning.startswith("WARNING: drift: the day from ")
     assert said in found.warning and found.warning.count("\n") == 0
     assert (raised["statistic"] > raised["threshold"]).all()

@@ -117,23 +117,26 @@ class Scorer:
     def score_ood(self, inputs: np.ndarray) -> Scores:
         """Scores of `inputs` (N, 64, 64, 3) float32, as float64 (N,), with their OOD
         distances when the model has OOD statistics."""
-        threshold = self.ood.threshold if self.ood is not None else None
-        if not len(inputs):
-            self._check(inputs)
-            return Scores(np.empty(0), np.empty(0) if threshold is not None else None, threshold)
-        out, features = self._forward_all(inputs)
-        distances = ood.distances(features, self.ood) if self.ood is not None else None
-        return Scores(np.clip(out, 0.0, 1.0), distances, threshold)
+        return self.score_features(inputs)[0]
 
     def features(self, inputs: np.ndarray) -> np.ndarray:
         """The activations of the layer the OOD check reads (the penultimate one), float32
         (N, units), from the same forward pass as the scores; (N, 0) for a model whose card
         names no OOD statistics. The drift monitor (:mod:`batchscan.site.drift`) compares
         them period by period."""
+        return self.score_features(inputs)[1]
+
+    def score_features(self, inputs: np.ndarray) -> tuple[Scores, np.ndarray]:
+        """:meth:`score_ood` and :meth:`features` of `inputs`, from one forward pass."""
+        threshold = self.ood.threshold if self.ood is not None else None
         if not len(inputs):
             self._check(inputs)
-            return np.empty((0, 0), np.float32)
-        return self._forward_all(inputs)[1].astype(np.float32, copy=False)
+            empty = Scores(np.empty(0), np.empty(0) if threshold is not None else None, threshold)
+            return empty, np.empty((0, 0), np.float32)
+        out, features = self._forward_all(inputs)
+        distances = ood.distances(features, self.ood) if self.ood is not None else None
+        scores = Scores(np.clip(out, 0.0, 1.0), distances, threshold)
+        return scores, features.astype(np.float32, copy=False)
 
     @staticmethod
     def _check(inputs: np.ndarray) -> None:
