@@ -85,7 +85,9 @@ def test_stable_data_does_not_alarm() -> None:
     found = drift.judge(images, studies, "day", sample)
     frame = found.frame
     assert set(frame["signal"]) == set(drift.SIGNALS)
-    assert frame["period_start"].nunique() == 60 and frame["reference"].sum() == 4 * len(drift.SIGNALS)
+    assert frame["period_start"].nunique() == 60 and frame["reference"].sum() == 4 * len(
+        drift.SIGNALS
+    )
     assert alarms(found).empty and found.warning is None
     assert frame["significant"].sum() <= 2, "about 0.01 of the 56 judged days, by design"
     assert list(frame.columns) == list(DRIFT_SCHEMA.names)
@@ -278,3 +280,25 @@ def test_the_monitor_reads_the_state_and_store_once_and_keeps_what_it_made(
     }
     assert again.warning is not None and "image statistics of the stored inputs" in again.warning
     assert scorer.features(np.zeros((3, 64, 64, 3), np.float32)).shape == (3, 64)
+
+
+def test_the_store_keeps_derived_vectors_by_identity_input_and_model(tmp_path: Path) -> None:
+    store = InputStore(tmp_path / "inputs.sqlite")
+    vector = np.arange(5, dtype=np.float32)
+    store.put_derived(
+        [(("a.dcm", 10, 1), "in", "m", vector), (("b.dcm", 10, 1), "in", "m", vector)]
+    )
+    store.commit()
+    found = store.derived([("a.dcm", 10, 1), ("b.dcm", 10, 1)], "in", "m")
+    assert set(found) == {"a.dcm", "b.dcm"} and np.array_equal(found["a.dcm"], vector)
+    assert not store.derived([("a.dcm", 10, 2)], "in", "m"), "the file changed"
+    assert not store.derived([("a.dcm", 10, 1)], "other input", "m")
+    assert not store.derived([("a.dcm", 10, 1)], "in", "another model")
+    store.delete(["a.dcm"])  # a vanished file takes its vector with it
+    assert set(store.derived([("a.dcm", 10, 1), ("b.dcm", 10, 1)], "in", "m")) == {"b.dcm"}
+    store.close()
+    reader = InputStore(tmp_path / "inputs.sqlite", readonly=True)
+    assert set(reader.derived([("b.dcm", 10, 1)], "in", "m")) == {"b.dcm"}
+    reader.put_derived([(("c.dcm", 1, 1), "in", "m", vector)])  # read-only: nothing written
+    reader.close()
+    assert not InputStore(tmp_path / "inputs.sqlite").derived([("c.dcm", 1, 1)], "in", "m")
