@@ -50,7 +50,7 @@ def test_the_top_level_shows_the_flow() -> None:
     subpackages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
     assert subpackages == {*FLOW, "models"}
     top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
-    assert top == {"cli", "scan", "config", "synth"}
+    assert top == {"cli", "scan", "config", "options", "synth"}
     for name in FLOW:
         doc = ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text()))
         assert doc and "May import" in doc, f"batchscan/{name}/__init__.py says what it may import"
