@@ -15,7 +15,7 @@ import pytest
 from batchscan.ingest.preprocess import preprocess
 from batchscan.ingest.records import SCORED, ImageRecord
 from batchscan.results.aggregate import aggregate_studies
-from batchscan.results.report import DRIFT_SCHEMA, write_frame
+from batchscan.results.report import write_frame
 from batchscan.results.state import StateStore
 from batchscan.scoring.input_store import InputStore
 from batchscan.site import drift
@@ -90,7 +90,7 @@ def test_stable_data_does_not_alarm() -> None:
     )
     assert alarms(found).empty and found.warning is None
     assert frame["significant"].sum() <= 2, "about 0.01 of the 56 judged days, by design"
-    assert list(frame.columns) == list(DRIFT_SCHEMA.names)
+    assert list(frame.columns) == list(drift.DRIFT_SCHEMA.names)
     assert found.facts["reference"] == "the 4 days from 2026-03-01 to 2026-03-04"
 
 
@@ -169,11 +169,11 @@ def test_a_pinned_reference_is_the_studies_of_those_dates() -> None:
 def test_the_frame_goes_through_the_report_writer(tmp_path: Path) -> None:
     images, studies, sample = timeline(SHIFT_DAY + 3, 150, "device")
     frame = drift.judge(images, studies, "day", sample).frame
-    written = write_frame(frame, DRIFT_SCHEMA, tmp_path, "drift", "run1")
+    written = write_frame(frame, drift.DRIFT_SCHEMA, tmp_path, "drift", "run1")
     (parquet_tmp, _), (csv_tmp, _) = written
     back = pd.read_parquet(parquet_tmp)
     assert len(back) == len(frame) and back["alarm"].dtype == bool
-    assert list(pd.read_csv(csv_tmp).columns) == list(DRIFT_SCHEMA.names)
+    assert list(pd.read_csv(csv_tmp).columns) == list(drift.DRIFT_SCHEMA.names)
 
 
 def test_image_statistics_see_contrast_gamma_collimation_and_a_turned_film() -> None:

@@ -71,10 +71,10 @@ from typing import Any, Final
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from pydicom.uid import UID
 
 from batchscan.ingest.preprocess import INPUT_SIZE
-from batchscan.results.report import DRIFT_SCHEMA
 from batchscan.results.state import StateStore
 from batchscan.scoring.input_store import InputStore
 from batchscan.site import metrics
@@ -84,7 +84,28 @@ from batchscan.site.monitoring import (
     reference_rows,
 )
 
-#: The columns of drift.parquet and drift.csv (their schema is the report stage's).
+#: drift.parquet/csv, written with :func:`batchscan.results.report.write_frame`: each period
+#: of study date against the reference, one row per signal. ``statistic`` is a share's change
+#: or a KS distance, ``threshold`` the value it had to exceed at this ``n`` (the Bonferroni
+#: level, or the smallest change that matters), ``p_value`` Bonferroni-corrected over the
+#: signal's tests, ``significant`` past the threshold in this period, ``alarm`` also in the
+#: periods before it that persistence asks for, ``reference`` a period of the reference.
+#: (Declared here until the scan writes the file; then with the report's other schemas.)
+DRIFT_SCHEMA: Final = pa.schema(
+    [
+        pa.field("period_start", pa.date32(), nullable=False),
+        pa.field("signal", pa.string(), nullable=False),
+        pa.field("statistic", pa.float64()),
+        pa.field("threshold", pa.float64()),
+        pa.field("p_value", pa.float64()),
+        pa.field("n", pa.int64(), nullable=False),
+        pa.field("significant", pa.bool_(), nullable=False),
+        pa.field("alarm", pa.bool_(), nullable=False),
+        pa.field("reference", pa.bool_(), nullable=False),
+        pa.field("detail", pa.string()),
+    ]
+)
+#: The columns of drift.parquet and drift.csv.
 DRIFT_COLUMNS: Final = tuple(DRIFT_SCHEMA.names)
 
 #: The signals, each with what it compares (the detail sentences use the text).
