@@ -1,22 +1,45 @@
-# batchscan in a GPU-capable image: a slim Python base plus TensorFlow's CUDA extra
-# (pip's nvidia-* wheels bring CUDA and cuDNN; the host needs only the NVIDIA driver and
-# the NVIDIA container toolkit). Without a GPU the same image runs on the CPU.
+# batchscan in an image: a virtual environment installed from the lock files (every package at
+# the version CI tests, each file checked against its sha256), a CycloneDX SBOM of that
+# environment in /usr/share/doc/batchscan/sbom.cdx.json, a non-root user. With
+# --build-arg EXTRAS=gpu the same file makes the GPU image (requirements/gpu.txt: TensorFlow's
+# CUDA wheels; the host needs only the NVIDIA driver and container toolkit).
 #
 #   docker build -t batchscan .
-#   docker run --rm --gpus all -v /pacs/archive:/archive:ro -v /srv/batchscan:/reports \
+#   docker build -t batchscan:gpu --build-arg EXTRAS=gpu .
+#   docker run --rm -v /pacs/archive:/archive:ro -v /srv/batchscan:/reports \
 #       batchscan scan /archive --out /reports
-FROM python:3.11-slim
+#
+# BASE: any Debian-like image with Python 3.11, its venv module and useradd.
+# tests/test_container.py builds it with podman on a Debian bookworm root filesystem it makes
+# with mmdebstrap (python3, python3-venv), as docs/install.md shows.
+ARG BASE=python:3.11-slim
+FROM ${BASE}
+# empty: requirements/prod.txt; gpu: requirements/gpu.txt; ray: requirements/ray.txt
+ARG EXTRAS=""
 
-ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/batchscan/bin:$PATH
 
 WORKDIR /src
+# The image's locks first: this layer (the large one) is rebuilt when one of them changes, not
+# with the code (nor with ci.txt, which only CI installs).
+COPY requirements/prod.txt requirements/gpu.txt requirements/ray.txt requirements/tools.txt \
+    ./requirements/
+RUN python3 -m venv /opt/batchscan \
+    && /opt/batchscan/bin/pip install --require-hashes -r "requirements/${EXTRAS:-prod}.txt"
 COPY pyproject.toml README.md ./
 COPY batchscan ./batchscan
-# The same install as README's first command, plus the CUDA extra.
-RUN pip install '.[gpu]' && rm -rf /src
-
-RUN useradd --create-home --uid 10001 batchscan && mkdir -p /reports \
-    && chown batchscan /reports
+# The package alone, built by the locked setuptools; then the SBOM of the environment, made by
+# cyclonedx-bom from its own locked venv, which goes again with the sources.
+RUN /opt/batchscan/bin/pip install --no-deps --no-build-isolation . \
+    && python3 -m venv /tmp/tools \
+    && /tmp/tools/bin/pip install --require-hashes -r requirements/tools.txt \
+    && mkdir -p /usr/share/doc/batchscan \
+    && /tmp/tools/bin/cyclonedx-py environment --pyproject pyproject.toml --output-reproducible \
+        -o /usr/share/doc/batchscan/sbom.cdx.json /opt/batchscan \
+    && rm -rf /tmp/tools /src \
+    && useradd --create-home --uid 10001 batchscan \
+    && mkdir -p /reports && chown batchscan /reports
 USER batchscan
 WORKDIR /home/batchscan
 

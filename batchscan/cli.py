@@ -20,8 +20,8 @@ from typing import Any, NoReturn, TypeVar
 
 from batchscan import __version__, options
 from batchscan.config import ConfigError, load_config, pseudonym_key
-from batchscan.ingest.paths import PRIVATE_UMASK
 from batchscan.options import EXIT_ERROR, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, Option
+from batchscan.storage.files import PRIVATE_UMASK
 
 _R = TypeVar("_R")
 
@@ -321,6 +321,22 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _verbose_version(argv: list[str]) -> bool:
+    """``batchscan --version --verbose``: the release, then Python's and each score package's
+    version (:func:`batchscan.versions`, what manifest.json and runs.parquet record) and the
+    device the model would run on, one ``name version`` per line. True when it printed."""
+    if sorted(argv) != ["--verbose", "--version"]:
+        return False
+    from batchscan import versions
+    from batchscan.scoring.infer import device_description
+
+    print(f"batchscan {__version__}")
+    for name, found in versions().items():
+        print(f"{name} {found or 'not installed'}")
+    print(f"device {device_description()}")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``batchscan`` console script."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
@@ -333,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     # reports, state, labels, models: readable by owner and group only (a stricter umask wins)
     os.umask(os.umask(0) | PRIVATE_UMASK)
     argv = sys.argv[1:] if argv is None else argv
+    if _verbose_version(argv):
+        return EXIT_OK
     named = options.command_in(argv)
     args = build_parser(commands=named).parse_args(argv)
     if getattr(args, "config", None) is not None:

@@ -874,7 +874,15 @@ PROGRAM: Final = Command(
     "batchscan",
     "Score the chest radiographs of a DICOM archive with a pneumonia CNN and write "
     "Parquet/CSV reports.",
-    (Option("--version", kind=VERSION, help="print batchscan's version and exit"),),
+    (
+        Option("--version", kind=VERSION, help="print batchscan's version and exit"),
+        Option(
+            "--verbose",
+            kind=FLAG,
+            help="with --version: also Python's and each score package's version (what "
+            "manifest.json and runs.parquet record) and the device the model would run on",
+        ),
+    ),
     {EXIT_OK: "the version or the help printed", EXIT_USAGE: "no or an unknown subcommand"},
 )
 

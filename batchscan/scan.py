@@ -27,20 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from batchscan import __version__
+from batchscan import __version__, version_facts, versions
 from batchscan.engines.pipeline import RunStats, ScanConfig, manifest_for, new_run_id, run_local
 from batchscan.ingest.discover import iter_files
 from batchscan.ingest.domain import Domain
-from batchscan.ingest.paths import make_private, private_files, sqlite_files, state_key
+from batchscan.ingest.paths import state_key
 from batchscan.ingest.records import FAILED, SCORED, SKIPPED, ImageRecord, Scores
 from batchscan.results.aggregate import aggregate_studies
-from batchscan.results.keys import row_keys
+from batchscan.results.keys import reread_notice, row_keys
 from batchscan.results.report import (
     DISCREPANCIES_SCHEMA,
     PERFORMANCE_SCHEMA,
-    publish,
-    remove_temporaries,
-    temporary_path,
     write_frame,
     write_images,
     write_manifest,
@@ -49,11 +46,13 @@ from batchscan.results.report import (
 )
 from batchscan.results.report_html import REPORT_FILE, ReportInputs, write_report
 from batchscan.results.runlock import report_dir_lock
-from batchscan.results.state import RUN_STUDY_COUNTS, STATE_FILE, StateError, StateStore
+from batchscan.results.state import RUN_STUDY_COUNTS, STATE_FILE, Finished, StateError, StateStore
 from batchscan.scoring.input_store import STORE_FILE, InputStore
 from batchscan.scoring.model import ModelCard, ModelError, check_model, load_model
 from batchscan.scoring.rescore import rescore
-from batchscan.site.monitoring import LABELS_DB, PERIODS, Monitored, monitor
+from batchscan.site.label_cache import LABELS_DB
+from batchscan.site.monitoring import PERIODS, Monitored, monitor
+from batchscan.storage.files import private_files, publish, remove_temporaries, temporary_path
 
 log = logging.getLogger("batchscan")
 
@@ -318,8 +317,6 @@ def run_scan(config: ScanConfig) -> ScanResult:
         except StateError as exc:
             store.close()
             raise UsageError(str(exc)) from exc
-        for made in sqlite_files(path):
-            make_private(made)
         try:
             return _run(config, checked, shadow, state, store)
         finally:
@@ -334,94 +331,147 @@ def _run(
     state: StateStore,
     store: InputStore,
 ) -> ScanResult:
-    """The run proper, with the lock held and the state open."""
-    run_id = new_run_id()
-    # the card's training domain reaches the per-file stages
-    config = replace(config, domain=Domain.from_card(checked.card))
-    remove_temporaries(config.out)  # left by a run that was killed
-    started_at = datetime.now(UTC).isoformat(timespec="seconds")
-    keys = row_keys(config, checked, shadow)
-    interrupted = state.begin_run(run_id, started_at, checked.version, __version__)
-    if interrupted:
-        log.info("previous run interrupted; finishing its work (%d run(s))", interrupted)
-    scorer = LazyScorer(config, checked, shadow)
-    progress = Progress(config.progress)
-    stats = RunStats()
-    temporaries: list[tuple[Path, Path]] = []
-
-    def reused(n: int) -> None:
-        stats.reused += n
-        progress(stats)
-
+    """The run proper, with the lock held and the state open: the steps of :class:`_Run`
+    in order. If any step fails, this run's temporary reports are removed (the previous
+    reports stay), the run is recorded as failed, and the state keeps its last checkpoint."""
+    run = _Run(config, checked, shadow, state, store)
     try:
-        holds = partial(store.holds, input_key=keys.input)
-        pending = state.pending(
-            iter_files(config.archive), run_id, keys, checked.version, reused, holds
+        run.read_and_score()
+        run.rescore_from_the_store()
+        finished = run.finish_the_state()
+        manifest = run.write_the_tables(finished)
+        run.write_the_srs(manifest)
+        monitored = run.monitor(manifest)
+        run.record_the_run(manifest)
+        run.write_the_page(manifest, monitored)
+        run.publish()
+    except BaseException:
+        run.abandon()
+        raise
+    return ScanResult(
+        manifest=manifest,
+        summary=summary_text(manifest),
+        warnings=(monitored.warning,) if monitored and monitored.warning else (),
+        problems=(
+            (f"monitoring not updated (the last good performance files stay): {monitored.error}",)
+            if monitored and monitored.error
+            else ()
+        ),
+    )
+
+
+class _Run:
+    """One run's steps and what they share: the run's id and keys, the scorer, the counts,
+    the seconds per stage, and the temporary reports that :meth:`publish` makes visible
+    together at the end.
+
+    Beginning one clears the temporary files a killed run left and records this run in the
+    state (runs a killed process left ``running`` become ``interrupted``).
+    """
+
+    def __init__(
+        self,
+        config: ScanConfig,
+        checked: ModelCard,
+        shadow: ModelCard | None,
+        state: StateStore,
+        store: InputStore,
+    ) -> None:
+        self.run_id = new_run_id()
+        # the card's training domain reaches the per-file stages
+        self.config = config = replace(config, domain=Domain.from_card(checked.card))
+        self.checked, self.shadow, self.state, self.store = checked, shadow, state, store
+        remove_temporaries(config.out)  # left by a run that was killed
+        self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        self.keys = row_keys(config, checked, shadow)
+        if notice := reread_notice(state, config):  # before the re-read, with its cost
+            log.warning(notice)
+        facts = {**version_facts(versions()), "row_keys": str(self.keys)}
+        interrupted = state.begin_run(
+            self.run_id, self.started_at, checked.version, __version__, facts
         )
+        if interrupted:
+            log.info("previous run interrupted; finishing its work (%d run(s))", interrupted)
+        self.scorer = LazyScorer(config, checked, shadow)
+        self.progress = Progress(config.progress)
+        self.stats = RunStats()
+        self.stages: dict[str, float] = {}
+        #: (temporary, final) of every report written so far, published by :meth:`publish`.
+        self.temporaries: list[tuple[Path, Path]] = []
+        self._reports_started = 0.0
 
-        def save(records: list[ImageRecord], inputs: dict[int, np.ndarray]) -> None:
-            # the inputs first: the state's checkpoint commits them before its rows
-            store.put(
-                ((state_key(r.path), r.size, r.mtime_ns), keys.input, inputs[i])
-                for i, r in enumerate(records)
-                if i in inputs and r.status == SCORED
-            )
-            store.delete(state_key(r.path) for r in records if r.status != SCORED)
-            state.save(records, run_id, keys, checked.version)
+    # -- the steps, in order -----------------------------------------------------------
 
-        def engine(records: Iterable[ImageRecord]) -> None:
-            if config.engine == "ray":
-                from batchscan.engines.ray_engine import ClusterError, run_ray
-
-                try:
-                    run_ray(config, records, checked.path, save, progress, stats)
-                except ClusterError as exc:
-                    raise UsageError(f"the Ray cluster cannot run this scan: {exc}") from exc
-            else:
-                run_local(config, records, scorer, save, progress, stats)
-
+    def read_and_score(self) -> None:
+        """Stream discovery past the state (unchanged files are reused unopened) into the
+        engine, which reads, scores and saves the rest."""
+        holds = partial(self.store.holds, input_key=self.keys.input)
+        pending = self.state.pending(
+            iter_files(self.config.archive),
+            self.run_id,
+            self.keys,
+            self.checked.version,
+            self._reused,
+            holds,
+        )
         clock = time.perf_counter()
-        engine(pending)
-        stages = {"read_and_score": time.perf_counter() - clock}
+        self._engine(pending)
+        self.stages["read_and_score"] = time.perf_counter() - clock
+
+    def rescore_from_the_store(self) -> None:
+        """Score again, from their stored inputs, the files whose model or domain changed;
+        those whose stored input is damaged are read like new files."""
         clock = time.perf_counter()
-        # the scored files whose model or domain changed: scored from their stored inputs
         again = rescore(
-            state.to_rescore(run_id, keys, os.path.abspath(config.archive)),
-            store,
-            keys.input,
-            config.stage_options,
-            scorer,
-            lambda records: save(records, {}),
+            self.state.to_rescore(self.run_id, self.keys, os.path.abspath(self.config.archive)),
+            self.store,
+            self.keys.input,
+            self.config.stage_options,
+            self.scorer,
+            lambda records: self._save(records, {}),
         )
-        stats.rescored = again.rescored
-        stages["rescore"] = time.perf_counter() - clock
-        if again.unusable:  # their stored inputs were damaged: read them like new files
-            stats.reused -= len(again.unusable)
+        self.stats.rescored = again.rescored
+        self.stages["rescore"] = time.perf_counter() - clock
+        if again.unusable:
+            self.stats.reused -= len(again.unusable)
             clock = time.perf_counter()
-            engine(again.unusable)
-            stages["read_and_score"] += time.perf_counter() - clock
-        progress.close()
-        clock = time.perf_counter()
-        finished = state.finish(
-            run_id,
+            self._engine(again.unusable)
+            self.stages["read_and_score"] += time.perf_counter() - clock
+        self.progress.close()  # nothing more is read
+
+    def finish_the_state(self) -> Finished:
+        """Drop vanished files, resolve duplicates and aggregate the touched studies, in
+        one transaction; every file found must be in the state."""
+        self._reports_started = time.perf_counter()
+        checked, shadow = self.checked, self.shadow
+        finished = self.state.finish(
+            self.run_id,
             partial(
                 aggregate_studies,
                 threshold=checked.threshold,
                 model_version=checked.version,
                 shadow=(shadow.threshold, shadow.version) if shadow is not None else None,
             ),
-            on_removed=store.delete,
+            on_removed=self.store.delete,
         )
-        if finished.files != stats.found + stats.reused:
+        found = self.stats.found + self.stats.reused
+        if finished.files != found:
             raise RuntimeError(
-                f"accounting error: {stats.found + stats.reused} files found but "
-                f"{finished.files} in the state"
+                f"accounting error: {found} files found but {finished.files} in the state"
             )
+        return finished
+
+    def write_the_tables(self, finished: Finished) -> dict[str, Any]:
+        """Write images.parquet and the studies (Parquet and CSV) from the state, to
+        temporary files; returns the run's manifest."""
+        config, state, checked, shadow = self.config, self.state, self.checked, self.shadow
         with_key = config.pseudonym_key is not None
-        temporaries.append(
-            write_images(state.image_rows(), config.out, run_id, patient_key=with_key)
+        self.temporaries.append(
+            write_images(state.image_rows(), config.out, self.run_id, patient_key=with_key)
         )
-        temporaries += write_studies(state.study_rows(), config.out, run_id, patient_key=with_key)
+        self.temporaries += write_studies(
+            state.study_rows(), config.out, self.run_id, patient_key=with_key
+        )
         study_counts = state.study_counts()
         model_info = {
             "path": str(checked.path),
@@ -440,89 +490,131 @@ def _run(
             "name": config.engine,
             "ray_address": config.ray_address,
             "workers": config.workers,
-            "device": scorer.device,
-            "precision": scorer.precision,
+            "device": self.scorer.device,
+            "precision": self.scorer.precision,
             "batch_size": config.batch_size,
         }
         totals = (finished.files, finished.by_status, finished.by_reason)
-        manifest = manifest_for(config, stats, totals, run_id, started_at, model_info, engine)
+        manifest = manifest_for(
+            config, self.stats, totals, self.run_id, self.started_at, model_info, engine
+        )
         manifest.update(
             files_removed=finished.removed,
-            files_rescored=stats.rescored,
-            input_store=_store_facts(store),
+            files_rescored=self.stats.rescored,
+            input_store=_store_facts(self.store),
             **study_counts,
         )
-        if config.sr_out is not None:
-            manifest["sr"] = _write_srs(config, checked, state, run_id)
-        monitored = _monitor(config, checked, state) if config.reports_file else None
-        if monitored is not None:
-            manifest["monitoring"] = {
-                **monitored.facts,
-                "warning": monitored.warning,
-                "error": monitored.error,
-            }
-            if monitored.error is None:  # else the last good files stay
-                assert monitored.performance is not None and monitored.discrepancies is not None
-                temporaries += write_frame(
-                    monitored.performance, PERFORMANCE_SCHEMA, config.out, "performance", run_id
-                )
-                temporaries += write_frame(
-                    monitored.discrepancies,
-                    DISCREPANCIES_SCHEMA,
-                    config.out,
-                    "discrepancies",
-                    run_id,
-                )
-        stages["finish_and_reports"] = time.perf_counter() - clock  # report.html not in it
-        stages["model_load"] = scorer.load_seconds  # inside the stage that first scored
-        stages["compile"] = scorer.compile_seconds  # likewise, per batch shape
+        return manifest
+
+    def write_the_srs(self, manifest: dict[str, Any]) -> None:
+        """With ``--sr-out``: an SR for every scored study whose content is new."""
+        if self.config.sr_out is not None:
+            manifest["sr"] = _write_srs(self.config, self.checked, self.state, self.run_id)
+
+    def monitor(self, manifest: dict[str, Any]) -> Monitored | None:
+        """With ``--reports-file``: the model against the radiologists' reports, written to
+        temporary files unless the reports file was bad (then the last good ones stay)."""
+        if not self.config.reports_file:
+            return None
+        monitored = _monitor(self.config, self.checked, self.state)
+        manifest["monitoring"] = {
+            **monitored.facts,
+            "warning": monitored.warning,
+            "error": monitored.error,
+        }
+        if monitored.error is None:
+            assert monitored.performance is not None and monitored.discrepancies is not None
+            out, run_id = self.config.out, self.run_id
+            self.temporaries += write_frame(
+                monitored.performance, PERFORMANCE_SCHEMA, out, "performance", run_id
+            )
+            self.temporaries += write_frame(
+                monitored.discrepancies, DISCREPANCIES_SCHEMA, out, "discrepancies", run_id
+            )
+        return monitored
+
+    def record_the_run(self, manifest: dict[str, Any]) -> None:
+        """The seconds by stage into the manifest, the run's outcome and figures into the
+        state, and runs.parquet and manifest.json to temporary files."""
+        stages = self.stages
+        stages["finish_and_reports"] = time.perf_counter() - self._reports_started
+        stages["model_load"] = self.scorer.load_seconds  # inside the stage that first scored
+        stages["compile"] = self.scorer.compile_seconds  # likewise, per batch shape
         manifest["seconds_by_stage"] = {k: round(v, 3) for k, v in stages.items()}
-        state.end_run(run_id, "ok", _run_facts(manifest))
-        temporaries.append(write_runs(state.run_rows(), config.out, run_id))
-        temporaries.append(write_manifest(manifest, config.out, run_id))
+        self.state.end_run(self.run_id, "ok", _run_facts(manifest))
+        self.temporaries.append(write_runs(self.state.run_rows(), self.config.out, self.run_id))
+        self.temporaries.append(write_manifest(manifest, self.config.out, self.run_id))
+
+    def write_the_page(self, manifest: dict[str, Any], monitored: Monitored | None) -> None:
+        """report.html, to a temporary file (not counted in the stages' seconds)."""
+        config = self.config
         # this run's monitoring frames, or None: the page reads the last good ones
         fresh = monitored if monitored is not None and monitored.error is None else None
         page = ReportInputs(
             config.out,
             manifest,
-            checked.card,
+            self.checked.card,
             config.archive,
-            explainer=scorer.explainer,
+            explainer=self.scorer.explainer,
             performance=fresh.performance if fresh else None,
             discrepancies=fresh.discrepancies if fresh else None,
-            stored_input=partial(_stored_input, state, store, keys.input),
+            stored_input=partial(_stored_input, self.state, self.store, self.keys.input),
         )
-        temporaries.append(
-            write_report(state, page, temporary_path(config.out / REPORT_FILE, run_id))
-        )
-        for temporary, final in temporaries:
+        temporary = temporary_path(config.out / REPORT_FILE, self.run_id)
+        self.temporaries.append(write_report(self.state, page, temporary))
+
+    def publish(self) -> None:
+        """Make every report of the run visible, each replaced atomically."""
+        for temporary, final in self.temporaries:
             publish(temporary, final)
-    except BaseException:
-        progress.close()
-        remove_temporaries(config.out, run_id)
+
+    def abandon(self) -> None:
+        """After a failure: remove this run's temporary files (the previous reports stay)
+        and record the run as failed."""
+        self.progress.close()
+        remove_temporaries(self.config.out, self.run_id)
         with contextlib.suppress(Exception):
-            state.end_run(run_id, "failed", {"seconds": round(stats.seconds, 3)})
-        raise
-    return ScanResult(
-        manifest=manifest,
-        summary=summary_text(manifest),
-        warnings=(monitored.warning,) if monitored and monitored.warning else (),
-        problems=(
-            (f"monitoring not updated (the last good performance files stay): {monitored.error}",)
-            if monitored and monitored.error
-            else ()
-        ),
-    )
+            self.state.end_run(self.run_id, "failed", {"seconds": round(self.stats.seconds, 3)})
+
+    # -- what the steps share ----------------------------------------------------------
+
+    def _reused(self, n: int) -> None:
+        self.stats.reused += n
+        self.progress(self.stats)
+
+    def _save(self, records: list[ImageRecord], inputs: dict[int, np.ndarray]) -> None:
+        """Store finished records: their inputs first (the state's checkpoint commits them
+        before its rows), then the rows."""
+        self.store.put(
+            ((state_key(r.path), r.size, r.mtime_ns), self.keys.input, inputs[i])
+            for i, r in enumerate(records)
+            if i in inputs and r.status == SCORED
+        )
+        self.store.delete(state_key(r.path) for r in records if r.status != SCORED)
+        self.state.save(records, self.run_id, self.keys, self.checked.version)
+
+    def _engine(self, records: Iterable[ImageRecord]) -> None:
+        """Read and score `records` on this machine's cores or on the Ray cluster."""
+        config = self.config
+        if config.engine == "ray":
+            from batchscan.engines.ray_engine import ClusterError, run_ray
+
+            try:
+                run_ray(config, records, self.checked.path, self._save, self.progress, self.stats)
+            except ClusterError as exc:
+                raise UsageError(f"the Ray cluster cannot run this scan: {exc}") from exc
+        else:
+            run_local(config, records, self.scorer, self._save, self.progress, self.stats)
 
 
 def _stored_input(
     state: StateStore, store: InputStore, input_key: str, stored_path: Any
 ) -> np.ndarray | None:
     """The stored model input of one file of the state (report.html's thumbnails)."""
-    row = state.query("SELECT size, mtime_ns FROM files WHERE path = ?", (stored_path,))
-    if not row:
+    identity = state.file_identity(stored_path)
+    if identity is None:
         return None
-    return store.get([(stored_path, row[0][0], row[0][1])], input_key).get(stored_path)
+    return store.get([(stored_path, *identity)], input_key).get(stored_path)
 
 
 def _monitor(config: ScanConfig, checked: ModelCard, state: StateStore) -> Monitored:
@@ -534,9 +626,7 @@ def _monitor(config: ScanConfig, checked: ModelCard, state: StateStore) -> Monit
     return monitor(
         config.reports_file,
         config.out / LABELS_DB,
-        state.stream(
-            "SELECT study_instance_uid, accession_number, study_date, score, flag FROM studies"
-        ),
+        state.study_scores(),
         period=config.monitor_period,
         threshold=checked.threshold,
         model_version=checked.version,
@@ -589,4 +679,6 @@ def _run_facts(manifest: dict[str, Any]) -> dict[str, Any]:
         "images_per_second": manifest["images_per_second"],
         "seconds": manifest["seconds"],
         **{k: manifest[k] for k in RUN_STUDY_COUNTS},
+        "device": manifest["engine"]["device"],
+        **version_facts(manifest["versions"]),
     }

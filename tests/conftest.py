@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import stat
+import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -32,6 +37,78 @@ def load_job(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+#: The user an unprivileged run becomes when the tests run as root (Debian's ``nobody``).
+NOBODY = 65534
+
+
+def scan_rows(archive: Path, out: Path, *extra: str) -> dict[str, tuple[str, str | None]]:
+    """``batchscan scan ARCHIVE --out OUT`` for real, in this process (every stage: header,
+    domain, decode, preprocess, the stability check, the blank gate, inference, the
+    duplicate check); each file's (status, reason) from images.parquet by path."""
+    from batchscan.cli import main
+
+    argv = ["scan", str(archive), "--out", str(out), "--workers", "0", "--no-progress"]
+    assert main([*argv, *extra]) == 0
+    return _rows(out)
+
+
+def _rows(out: Path) -> dict[str, tuple[str, str | None]]:
+    """Each file's (status, reason) in REPORT_DIR `out`'s images.parquet, by path."""
+    import pandas as pd
+
+    frame = pd.read_parquet(out / "images.parquet", columns=["path", "status", "reason"])
+    return {
+        path: (status, reason if isinstance(reason, str) else None)
+        for path, status, reason in frame.itertuples(index=False)
+    }
+
+
+@pytest.fixture
+def open_folder() -> Iterator[Path]:
+    """A folder every user may enter, for an archive that an unprivileged run reads
+    (pytest's own temporary folders are their owner's only); removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="batchscan-test-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        for inside in [folder, *folder.rglob("*")]:  # mode-000 entries, for a non-root owner
+            if not inside.is_symlink():
+                inside.chmod(0o755)
+        shutil.rmtree(folder)
+
+
+def _others_may_enter(path: Path) -> bool:
+    return all(p.stat().st_mode & stat.S_IXOTH for p in [path, *path.parents])
+
+
+def scan_rows_unprivileged(archive: Path, out: Path) -> dict[str, tuple[str, str | None]]:
+    """:func:`scan_rows` run without privileges: the command in a process of its own which,
+    as root (as in CI, where root would read every file whatever its mode), drops them with
+    ``setpriv``: it becomes :data:`NOBODY`, given `out`, when this Python and checkout are
+    open to other users; otherwise (a Python under /root) it stays uid 0 with every
+    capability dropped, so that file modes bind it as they bind the files' owner. `archive`
+    must be readable by that user (:func:`open_folder`)."""
+    home = out.parent / f"{out.name}.home"  # Keras and TensorFlow may write there
+    for folder in (out, home):
+        folder.mkdir()
+    command = [sys.executable, "-m", "batchscan.cli", "scan", str(archive), "--out", str(out),
+               "--workers", "0", "--no-progress"]  # fmt: skip
+    if os.geteuid() == 0:
+        code = (ROOT, Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable))
+        if all(_others_may_enter(p.resolve().parent) for p in code):
+            for folder in (out, home):
+                os.chown(folder, NOBODY, NOBODY)
+            drop = [f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        else:
+            drop = ["--bounding-set=-all", "--inh-caps=-all"]
+        command = ["setpriv", *drop, "--", *command]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HOME=str(home))
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return _rows(out)
 
 
 def real_file(name: str) -> Path:

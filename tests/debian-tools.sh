@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # The Debian packages some tests need, installed when missing (part of README's test command
 # and so of CI's): Orthanc, the real PACS that `batchscan send` is tested against; dicom3tools'
-# dciodvfy and DCMTK's dsrdump, the validators every SR the tests make must pass.
+# dciodvfy, DCMTK's dsrdump and Pixelmed's DicomSRValidator (pixelmed-apps), the validators
+# every SR the tests make must pass, and a JDK to run the validator over many SRs in one Java
+# process (tests/PixelmedSRValidator.java: a Java source file needs the compiler module, which
+# the runtime pixelmed-apps pulls in lacks); podman, runc (podman's default crun refuses these
+# machines' hybrid cgroups) and mmdebstrap, which build the image on a Debian base made here
+# and run it (tests/test_container.py).
 # As root with apt-get (CI): installs what is missing, and fails if it cannot. Otherwise it
 # installs nothing and says so; those tests are then skipped with a visible reason.
 set -euo pipefail
@@ -9,6 +14,11 @@ need=()
 command -v Orthanc >/dev/null || need+=(orthanc)
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v dsrdump >/dev/null || need+=(dcmtk)
+command -v podman >/dev/null || need+=(podman)
+command -v runc >/dev/null || need+=(runc)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v DicomSRValidator >/dev/null || need+=(pixelmed-apps)
+command -v javac >/dev/null || need+=(default-jdk-headless)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
     echo "debian-tools: not root with apt-get; tests that need ${need[*]} are skipped" >&2

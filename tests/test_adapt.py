@@ -5,6 +5,7 @@ dated after ``--until`` is learned from."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -12,13 +13,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from common import levers
+from common.hospitals import REPORT_TEXTS, kermany_hospital
 
 from batchscan.cli import main
 from batchscan.scoring.model import check_model, load_model
 from batchscan.site import adapt
 from batchscan.site.evaluate import SHORTCUT_ATTRIBUTES
 from batchscan.synth import write_reports
-from tests.conftest import ROOT, load_job
+from tests.conftest import ROOT
 from tests.test_input_store import Opened
 
 KERMANY = ROOT.parent / "shared" / "data" / "kermany_224"
@@ -139,14 +142,13 @@ def test_the_verdict_needs_a_gain_beyond_chance_overall_and_within_views() -> No
 
 @pytest.fixture(scope="module")
 def hospital(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The shifted hospital of jobs/experiments/adapt_levers.py (inverted, flattened Kermany
-    films the shipped model reads backwards), 150 studies in 2025 and 150 in 2026, scanned with its
+    """The shifted hospital of jobs/common/hospitals.py (inverted, flattened Kermany films the
+    shipped model reads backwards), 150 studies in 2025 and 150 in 2026, scanned with its
     reports and a pseudonym key."""
     if not (KERMANY / "labels.csv").is_file():
         pytest.skip(f"needs the shared data at {KERMANY}; CI has it")
-    job = load_job("experiments/adapt_levers")
     root = tmp_path_factory.mktemp("hospital")
-    archive, reports = job.kermany_hospital(KERMANY, "shifted", root, limit=150)
+    archive, reports = kermany_hospital(KERMANY, "shifted", root, limit=150)
     key = root / "key"
     key.write_bytes(b"k" * 32)
     out = root / "reports"
@@ -198,11 +200,8 @@ def test_adaptation_that_helps_is_deployed_and_nothing_after_the_date_is_learned
     # studies are only measured), and measured against reversed labels the model is no
     # longer better than the one in use
     texts, later = _texts(hospital["reports"]), _later(hospital["out"])
-    job = load_job("experiments/adapt_levers")
-    normal, pneumonia = set(job.REPORT_TEXTS[0]), set(job.REPORT_TEXTS[1])
-    opposite = {t: job.REPORT_TEXTS[0][0] for t in pneumonia} | {
-        t: job.REPORT_TEXTS[1][0] for t in normal
-    }
+    normal, pneumonia = set(REPORT_TEXTS[0]), set(REPORT_TEXTS[1])
+    opposite = {t: REPORT_TEXTS[0][0] for t in pneumonia} | {t: REPORT_TEXTS[1][0] for t in normal}
     flipped = [(a, opposite[t] if a in later else t) for a, t in texts.items()]
     assert later and all(t in normal | pneumonia for t in texts.values())
     reports = write_reports(tmp_path / "flipped.csv", flipped)
@@ -227,27 +226,26 @@ def test_adaptation_on_shuffled_labels_is_not_deployed(
     assert "not better than the model in use" in printed[-1]
 
 
-def test_an_ensemble_is_one_model_file_that_scans_explains_and_adapts_again(
+def test_the_ensemble_lever_makes_one_model_file_that_scans_explains_and_adapts_again(
     demo_scan: dict[str, Path], tmp_path: Path, capsys
 ) -> None:
-    """An ensemble of two (``AdaptRequest.ensemble``, the lever jobs/experiments/adapt_levers.py
-    measures): one file of two seed CNNs that the scan, its OOD check and its maps take as
-    they take one; a later ``adapt`` from it fine-tunes both members, and refuses to
-    pretrain it."""
+    """An ensemble of two (``Levers.ensemble`` of jobs/common/levers.py, the lever
+    jobs/experiments/adapt_levers.py measures): one file of two seed CNNs that the scan, its
+    OOD check and its maps take as they take one; the lever adapts again from it member by
+    member and refuses to pretrain it; ``batchscan adapt``, which trains the seed
+    architecture only, refuses it as a base with one line."""
     models = tmp_path / "models"
-    adapt.run_adaptation(
-        adapt.AdaptRequest(
-            report_dir=demo_scan["out"],
-            until=adapt.parse_until("2026-08-31"),
-            out=models,
-            epochs=2,
-            workers=0,
-            ensemble=2,
-        )
+    request = adapt.AdaptRequest(
+        report_dir=demo_scan["out"],
+        until=adapt.parse_until("2026-08-31"),
+        out=models,
+        epochs=2,
+        workers=0,
     )
+    levers.adapt(request, levers.Levers(ensemble=2))
     card = check_model(models / "site_cnn.keras").card
     assert card["architecture"]["members"] == 2
-    assert [m["seed"] for m in card["training"]["ensemble"]] == [1234, 2234]
+    assert [m["seed"] for m in card["ensemble"]["runs"]] == [1234, 2234]
     assert card["ensemble"]["members"] == 2
     assert load_model(models / "site_cnn.keras").keras_model.get_layer("conv2").groups == 2
     out = tmp_path / "rescan"
@@ -259,11 +257,15 @@ def test_an_ensemble_is_one_model_file_that_scans_explains_and_adapts_again(
     assert scored["ood_score"].notna().all()
     page = (out / "report.html").read_text()
     assert page.count("data:image/jpeg;base64") >= 1, "the top flagged studies carry maps"
+    again = dataclasses.replace(request, base=models / "site_cnn.keras", out=tmp_path / "m2")
+    levers.adapt(again)
+    assert check_model(tmp_path / "m2" / "site_cnn.keras").card["architecture"]["members"] == 2
+    with pytest.raises(adapt.AdaptError, match="is an ensemble of 2"):
+        levers.adapt(dataclasses.replace(again, pretrain=True, out=tmp_path / "m3"))
     capsys.readouterr()
     argv = ["--until", "2026-08-31", "--epochs", "2", "--no-progress", "--workers", "0"]
-    again = [*argv, "--base", str(models / "site_cnn.keras")]
-    assert main(["adapt", str(demo_scan["out"]), *again, "--out", str(tmp_path / "m2")]) == 0
-    assert check_model(tmp_path / "m2" / "site_cnn.keras").card["architecture"]["members"] == 2
-    assert main(["adapt", str(demo_scan["out"]), *again, "--pretrain",
-                 "--out", str(tmp_path / "m3")]) == 2  # fmt: skip
-    assert "is an ensemble of 2" in capsys.readouterr().err
+    refused = [*argv, "--base", str(models / "site_cnn.keras"), "--out", str(tmp_path / "m4")]
+    assert main(["adapt", str(demo_scan["out"]), *refused]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not the seed architecture" in err[0], err
+    assert not (tmp_path / "m4" / "site_cnn.keras").exists()

@@ -9,6 +9,7 @@ import pytest
 
 from batchscan.ingest import discover
 from batchscan.ingest.discover import iter_files
+from tests.conftest import scan_rows_unprivileged
 
 
 def _by_path(root: Path) -> dict[str, tuple[str, str | None]]:
@@ -72,17 +73,20 @@ def test_unreadable_directory_is_recorded(tmp_path: Path, monkeypatch: pytest.Mo
     }
 
 
-@pytest.mark.skipif(
-    os.geteuid() == 0, reason="root reads mode-000 folders; covered by the monkeypatch test"
-)
-def test_unreadable_directory_for_real(tmp_path: Path) -> None:
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0)
-    try:
-        assert _by_path(tmp_path) == {"locked/": ("failed", "unreadable_dir:permission_denied")}
-    finally:
-        locked.chmod(0o755)
+def test_unreadable_directory_for_real(open_folder: Path) -> None:
+    """A folder its user may not list, in a real scan without privileges (as root, as in
+    CI, the scan drops them): recorded, and its neighbour still read."""
+    archive = open_folder / "archive"
+    (archive / "locked").mkdir(parents=True)
+    (archive / "locked" / "f").write_bytes(b"1")
+    (archive / "ok").write_bytes(b"not a DICOM file")
+    archive.chmod(0o755)  # whatever umask an earlier scan in this process left
+    (archive / "ok").chmod(0o644)
+    (archive / "locked").chmod(0)
+    assert scan_rows_unprivileged(archive, open_folder / "out") == {
+        "locked/": ("failed", "unreadable_dir:permission_denied"),
+        "ok": ("skipped", "not_dicom"),
+    }
 
 
 def test_streams_before_the_walk_ends(tmp_path: Path) -> None:

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "batchscan"
-#: The parts of the flow, in order; the top-level modules come after all of them.
-FLOW = ("ingest", "scoring", "engines", "results", "site", "pacs")
+#: The parts of the flow, in order (storage, how anything is put on disk, below them all);
+#: the top-level modules come after all of them.
+FLOW = ("storage", "ingest", "scoring", "engines", "results", "site", "pacs")
 TOP = len(FLOW)
 
 
@@ -60,7 +61,7 @@ def test_the_top_level_shows_the_flow() -> None:
 def test_a_part_of_the_flow_imports_only_the_parts_before_it(module: str) -> None:
     own = _level(module)
     for imported in _imports(MODULES[module]):
-        if imported == "batchscan":  # the version only
+        if imported == "batchscan":  # the versions only (__version__, versions())
             continue
         assert _level(imported) <= own, f"{module} reaches up the flow to {imported}"
 
@@ -84,3 +85,22 @@ def test_no_modules_import_each_other_in_a_circle() -> None:
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_jobs_share_helpers_through_common_only() -> None:
+    """A script under jobs/ imports shared helpers from jobs/common/, never from another
+    script (a one-off measurement is not a library)."""
+    jobs = PACKAGE.parent / "jobs"
+    scripts = {p.stem for p in jobs.rglob("*.py") if p.parent.name != "common"}
+    for path in jobs.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            for name in names:
+                assert name.split(".")[0] not in scripts, f"{path} imports the script {name}"

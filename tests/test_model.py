@@ -91,55 +91,26 @@ def test_shipped_model_reproduces_card_test_auc(npz_path: Path) -> None:
     assert abs(roc_auc(y, scores) - loaded.card["test_auc"]) <= 0.002
 
 
-def _logits(model: object, x: np.ndarray) -> np.ndarray:
-    from batchscan.site.training import logits_of
-
-    return logits_of(model, x)
-
-
-def test_an_ensemble_in_one_chain_gives_exactly_the_mean_of_its_members_logits() -> None:
-    """merge_members puts k seed CNNs side by side (grouped conv2, zero weights between
-    members): its logit is the members' mean, split_members gives them back, and the maps
-    (HiResCAM on the last Conv2D) take it as they take one model."""
+def test_only_the_seed_architecture_is_a_base_for_training() -> None:
+    """train sets the base's weights layer by layer: a model of other widths is refused with
+    the layer named, not loaded half-way."""
     import keras
 
-    from batchscan.results.saliency import Explainer
-    from batchscan.scoring.model import (
-        build_seed_model,
-        members_of,
-        merge_members,
-        split_members,
-    )
-
-    members = []
-    for seed in (1, 2, 3):
-        keras.utils.set_random_seed(seed)
-        members.append(build_seed_model())
-    x = np.random.default_rng(0).random((6, 64, 64, 3), dtype=np.float32)
-    expected = np.mean([_logits(m, x) for m in members], axis=0)
-    merged = merge_members(members)
-    assert members_of(merged) == 3 and members_of(members[0]) == 1
-    np.testing.assert_allclose(_logits(merged, x), expected, atol=1e-4)
-    parts = split_members(merged)
-    np.testing.assert_allclose(np.mean([_logits(p, x) for p in parts], axis=0), expected, atol=1e-4)
-    for part, member in zip(parts, members, strict=True):  # the features are the member's own
-        np.testing.assert_array_equal(
-            part.get_layer("conv2").get_weights()[0], member.get_layer("conv2").get_weights()[0]
-        )
-    heat = Explainer(merged).maps(x[:2])
-    assert heat.shape[0] == 2 and np.isfinite(heat).all()
-    with pytest.raises(ValueError, match="only single seed CNNs"):
-        merge_members([merged])
-
-
-def test_an_ensemble_is_not_a_base_for_one_model() -> None:
-    from batchscan.scoring.model import ModelError, build_seed_model, merge_members
+    from batchscan.scoring.model import build_seed_model, check_seed_architecture
     from batchscan.site.training import Dataset, TrainConfig, train
 
+    check_seed_architecture(build_seed_model())
+    wider = keras.Sequential(
+        [
+            keras.Input(shape=(64, 64, 3)),
+            keras.layers.Conv2D(48, (3, 3), name="conv1"),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(1, name="score"),
+        ]
+    )
     x = np.zeros((4, 64, 64, 3), np.float32)
     y = np.array([0, 1, 0, 1])
     splits = ("train", "val", "test")
     data = Dataset({s: x for s in splits}, {s: y for s in splits}, "zeros", None, "test")
-    ensemble = merge_members([build_seed_model(), build_seed_model()])
-    with pytest.raises(ModelError, match="is an ensemble of 2"):
-        train(data, TrainConfig(epochs=1), base=ensemble)
+    with pytest.raises(ModelError, match="layer 'conv1'"):
+        train(data, TrainConfig(epochs=1), base=wider)

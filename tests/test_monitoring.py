@@ -17,6 +17,7 @@ import pytest
 
 from batchscan.cli import main
 from batchscan.site import monitoring
+from batchscan.site.label_cache import LABELS_DB
 from batchscan.synth import DEMO_REPORTS, chest_phantom, write_labelled_studies, write_reports
 from tests.test_input_store import Opened
 
@@ -210,7 +211,7 @@ def monitor_studies(
     ]
     return monitoring.monitor(
         write_reports(tmp_path / "ris.csv", rows),
-        tmp_path / monitoring.LABELS_DB,
+        tmp_path / LABELS_DB,
         studies,
         period=period,
         threshold=0.5,

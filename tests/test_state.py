@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import shutil
 import signal
@@ -12,11 +13,18 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
+from batchscan import SCORE_PACKAGES, VERSION_COLUMNS, versions
 from batchscan.cli import main
+from batchscan.engines.pipeline import ScanConfig
+from batchscan.ingest.records import SKIPPED, ImageRecord
+from batchscan.results import keys
+from batchscan.results.state import StateStore
 from batchscan.scoring.model import default_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +86,62 @@ def test_new_model_version_rescores_everything_from_the_store(
     assert manifest["files_rescored"] == manifest["counts_by_status"]["scored"] == 8
     assert set(images(out)["model_version"]) == {manifest["model"]["version"]}
     assert manifest["model"]["version"].startswith("retrained-")
+
+
+def test_a_release_that_raises_the_row_format_says_so_before_reading_again(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One line, before the re-read starts, with why, how many files and for how long; and
+    every run names the versions and the device behind its scores (manifest, runs.parquet)."""
+    out = tmp_path / "out"
+    first = scan(archive, out, "--workers", "0")
+    assert first["versions"] == versions() and first["versions"]["tensorflow"]
+    assert first["engine"]["device"].startswith(("CPU (", "GPU ("))
+    monkeypatch.setattr(keys, "ROW_FORMAT", keys.ROW_FORMAT + 1)  # the next release's
+    with caplog.at_level(logging.INFO, logger="batchscan"):
+        second = scan(archive, out, "--workers", "0")
+    assert second["files_processed"] == 21
+    said = [r.getMessage() for r in caplog.records if "again" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(
+        "reading the 21 files of the last complete run again: their rows were made under "
+        f"row format {keys.ROW_FORMAT - 1} (this release's is {keys.ROW_FORMAT}); about "
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="batchscan"):
+        third = scan(archive, out, "--workers", "0")
+    assert third["files_processed"] == 0 and not any("again" in m for m in caplog.messages)
+    runs = pd.read_parquet(out / "runs.parquet")
+    for name, column in zip(("python", *SCORE_PACKAGES), VERSION_COLUMNS, strict=True):
+        assert list(runs[column]) == [versions()[name]] * 3
+    assert list(runs["device"].isna()) == [False, False, True], "no model loaded: no device"
+    assert runs["row_keys"].nunique() == 2
+
+
+def test_the_reread_line_names_an_input_version_options_and_older_states(tmp_path: Path) -> None:
+    config = ScanConfig(archive=tmp_path, out=tmp_path)
+    state = StateStore(tmp_path / "state.sqlite")
+    assert keys.reread_notice(state, config) is None, "an empty state reads nothing again"
+    old_input = keys.input_key(config, keys.INPUT_VERSION - 1)
+    for n, made in enumerate((keys.input_key(config), old_input, old_input)):
+        facts = {"row_keys": f"{keys.header_key(config)}.{made}.d.m.s"}
+        state.begin_run(f"r{n}", "2026-01-01T00:00:00", "m", "0", facts)
+        state.end_run(f"r{n}", "ok", {"files_found": 10**6, "images_per_second": 76.4 + n})
+    assert keys.reread_notice(state, config) == (
+        "reading the 1,000,000 files of the last complete run again: their rows were made "
+        f"under input version {keys.INPUT_VERSION - 1} (this release's is "
+        f"{keys.INPUT_VERSION}); about 3.5 h at the 78 images/s of this state's fastest run "
+        "(CHANGELOG.md gives a release's cost at a million files)"
+    )
+    assert keys.reread_notice(state, replace(config, min_edge=None)).count("decode options")
+    assert keys.reread_notice(state, replace(config, all_modalities=True)).count("header options")
+    state.begin_run("r3", "2026-01-01T00:00:00", "m", "0")  # killed: the rows are mixed
+    assert "input version" in keys.reread_notice(state, config)
+    state.close()
+    # a state of a release before the five keys: no run names them, one settings key a row
+    older = StateStore(tmp_path / "older.sqlite")
+    older.save([ImageRecord(path="a", abs_path="/a", status=SKIPPED)], "r", "0123abcd", "m")
+    assert "under row format 5 or older" in keys.reread_notice(older, config)
+    older.close()
 
 
 def test_duplicate_sop_instance_is_scored_once(archive: Path, tmp_path: Path) -> None:

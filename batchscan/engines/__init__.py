@@ -6,5 +6,6 @@
 * :mod:`~batchscan.engines.ray_engine` runs the same stage functions as Ray Data tasks, with
   token authentication and a driver that survives losing a node.
 
-May import: :mod:`batchscan.ingest` and :mod:`batchscan.scoring` (downwards); nothing above.
+May import: :mod:`batchscan.storage`, :mod:`batchscan.ingest` and :mod:`batchscan.scoring`
+(downwards); nothing above.
 """

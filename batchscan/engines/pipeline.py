@@ -34,7 +34,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from batchscan import __version__
+from batchscan import __version__, versions
 from batchscan.engines.workers import (
     DEFAULT_FILE_TIMEOUT,
     PreparedBatch,
@@ -471,4 +471,5 @@ def manifest_for(
         "model": model,
         "engine": engine,
         "code_version": __version__,
+        "versions": versions(),  # of Python and the packages behind the scores
     }

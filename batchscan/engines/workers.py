@@ -41,6 +41,10 @@ DEFAULT_FILE_TIMEOUT: Final = 120.0
 #: Files a worker decodes before it is replaced by a fresh process, so that memory a codec
 #: leaks (or fragments) over millions of files is given back; a restart costs ~0.1 s.
 DEFAULT_RECYCLE_AFTER: Final = 10_000
+#: The reasons the pool fails a file with itself: the decode process died on it (a codec's
+#: crash; tried again next run) or gave no result within the file timeout (not tried again).
+WORKER_CRASH: Final = "worker_crash"
+TIMEOUT: Final = "timeout"
 #: Times a task may lose its worker before any file started (then all its files fail).
 _MAX_SILENT_CRASHES: Final = 2
 
@@ -304,11 +308,11 @@ class WorkerPool:
             worker.process.join(timeout=10)
             self.crashes += 1
             detail = f"decode process ended ({_signal_name(worker.process.exitcode)})"
-            failed = self._retire(worker, "worker_crash", detail, queue)
+            failed = self._retire(worker, WORKER_CRASH, detail, queue)
         elif worker.current is not None and time.monotonic() - worker.started > self._file_timeout:
             self.timeouts += 1
             failed = self._retire(
-                worker, "timeout", f"no result after {self._file_timeout:g} s", queue
+                worker, TIMEOUT, f"no result after {self._file_timeout:g} s", queue
             )
         else:
             return

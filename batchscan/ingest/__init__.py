@@ -15,6 +15,7 @@ The first stages of the flow, run per file in the decode processes (or on Ray wo
 
 Every outcome is a value on an :class:`~batchscan.ingest.records.ImageRecord` (status and
 reason), never an exception that escapes a stage. May import: the standard library,
-numpy, pydicom, Pillow, imagecodecs, and ``batchscan.__version__``; nothing else of
-batchscan (it is the bottom of the flow).
+numpy, pydicom, Pillow, imagecodecs, ``batchscan.__version__`` and
+:mod:`batchscan.storage` (below the flow); nothing else of batchscan (it is the first
+part of the flow).
 """

@@ -142,14 +142,20 @@ def check_decodable(ds: Dataset) -> None:
         raise DecodeError(*problem)
 
 
+#: The reasons :func:`_decode_failure_reason` gives a decoder's exception: pixel data shorter
+#: than the header says, or ``decode_error:`` and what failed (``codec``, the exception type).
+TRUNCATED_PIXEL_DATA: Final = "truncated_pixel_data"
+DECODE_ERROR: Final = "decode_error:"
+
+
 def _decode_failure_reason(exc: BaseException) -> str:
     """A precise reason for the common decode failures, the exception type otherwise."""
     message = str(exc)
     if "less than expected" in message or "doesn't match the expected length" in message:
-        return "truncated_pixel_data"
+        return TRUNCATED_PIXEL_DATA
     if "exceptions were raised by all available plugins" in message:
-        return "decode_error:codec"
-    return f"decode_error:{type(exc).__name__}"
+        return f"{DECODE_ERROR}codec"
+    return f"{DECODE_ERROR}{type(exc).__name__}"
 
 
 class Pixels(NamedTuple):

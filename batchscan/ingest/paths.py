@@ -18,12 +18,9 @@ Two facts of real archives that a path string in Python does not survive by itse
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-from collections.abc import Iterator
-from pathlib import Path
-from typing import BinaryIO, Final
+from typing import BinaryIO
 
 
 def readable(text: str) -> str:
@@ -113,36 +110,3 @@ def stat(path: str) -> os.stat_result:
         return os.stat(name, dir_fd=parent)
     finally:
         os.close(parent)
-
-
-#: Bits every file batchscan writes goes without: the reports and the state hold accession
-#: numbers, ages and study dates, so neither "other" users nor group members may change them,
-#: and "other" users may not read them (0640 at most; a stricter umask wins).
-PRIVATE_UMASK: Final = 0o027
-
-
-@contextlib.contextmanager
-def private_files() -> Iterator[None]:
-    """Create files readable by owner and group only while inside (the umask gains
-    :data:`PRIVATE_UMASK`; restored after)."""
-    previous = os.umask(0)
-    os.umask(previous | PRIVATE_UMASK)
-    try:
-        yield
-    finally:
-        os.umask(previous)
-
-
-def sqlite_files(path: Path) -> tuple[Path, Path, Path]:
-    """A SQLite database's files on disk in WAL mode: the database, its WAL and its shared
-    memory (each to be made private, or removed, together)."""
-    return path, Path(f"{path}-wal"), Path(f"{path}-shm")
-
-
-def make_private(path: Path) -> None:
-    """Take the group-write and all "other" bits off an existing file (one an older release
-    made 0644); never adds a bit."""
-    with contextlib.suppress(OSError):
-        mode = path.stat().st_mode & 0o7777
-        if mode & PRIVATE_UMASK:
-            path.chmod(mode & ~PRIVATE_UMASK)

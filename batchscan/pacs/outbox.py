@@ -1,11 +1,12 @@
 """The ledger of an SR folder (``--sr-out``, the *outbox*): which SR was written for which
 study, and which was delivered to which PACS.
 
-A SQLite file in the outbox (``outbox.sqlite``, WAL journal) beside the SR files, so that
-the folder is self-contained: ``batchscan send OUTBOX`` needs nothing else, a scan and a
-send may run at the same time, and a crash loses nothing:
+A SQLite file in the outbox (``outbox.sqlite``, opened by
+:func:`batchscan.storage.sqlite.open_store`: WAL journal, a schema version row, private
+files) beside the SR files, so that the folder is self-contained: ``batchscan send OUTBOX``
+needs nothing else, a scan and a send may run at the same time, and a crash loses nothing:
 
-* an SR file is written first (atomically: a hidden temporary file, fsync, rename) and then
+* an SR file is written first (atomically, :func:`batchscan.storage.files.write`) and then
   recorded; an SR file without its row (a run killed in between) is recorded by the next
   run that derives the same UID, never written twice;
 * a delivery is recorded, and committed, only after the PACS acknowledged the C-STORE, one
@@ -26,13 +27,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from batchscan.ingest.paths import make_private, sqlite_files
+from batchscan.storage.sqlite import (
+    OnDamage,
+    OtherVersionError,
+    Schema,
+    StoreError,
+    open_store,
+)
 
 OUTBOX_FILE: Final = "outbox.sqlite"
 SCHEMA_VERSION: Final = 1
 
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+_TABLES: Final = """
 CREATE TABLE IF NOT EXISTS reports (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     sop_instance_uid TEXT NOT NULL UNIQUE,
@@ -57,6 +63,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (sop_instance_uid, destination)
 );
 """
+#: The ledger's tables and their version (:mod:`batchscan.storage.sqlite`).
+SCHEMA: Final = Schema(version=SCHEMA_VERSION, script=_TABLES)
+#: Seconds a scan and a send wait for each other's write to the ledger.
+BUSY_TIMEOUT: Final = 60.0
 
 
 class OutboxError(RuntimeError):
@@ -98,25 +108,22 @@ class Outbox:
         path = folder / OUTBOX_FILE
         if not create and not path.is_file():
             raise OutboxError(f"{folder} is no SR outbox (no {OUTBOX_FILE}; made by scan --sr-out)")
-        try:
+        try:  # the only record of what was delivered: refuse, never start afresh
             if create:
                 folder.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, isolation_level=None, timeout=60)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
-            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                self._db.execute(
-                    "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                )
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise OutboxError(
-                    f"outbox {path} has schema {row[0]}, this batchscan reads {SCHEMA_VERSION}"
-                )
-        except (OSError, sqlite3.DatabaseError) as exc:
+            self._db = open_store(
+                path,
+                SCHEMA,
+                on_damage=OnDamage.REFUSE,
+                synchronous="FULL",  # a delivery recorded is on disk when send goes on
+                busy_timeout=BUSY_TIMEOUT,
+            )
+        except OtherVersionError as exc:
+            raise OutboxError(
+                f"outbox {path} has schema {exc.found}, this batchscan reads {SCHEMA_VERSION}"
+            ) from exc
+        except (OSError, StoreError) as exc:
             raise OutboxError(f"cannot use SR outbox {path}: {exc}") from exc
-        for made in sqlite_files(path):
-            make_private(made)
 
     # -- what the scan writes ------------------------------------------------------------
 

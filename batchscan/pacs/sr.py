@@ -1,17 +1,28 @@
 """One DICOM Structured Report per scored study (``batchscan scan --sr-out DIR``).
 
 Why TID 1500 (Measurement Report) in a Comprehensive SR: it is the template that viewers
-show for AI results (OHIF reads it), highdicom builds and checks it, and it holds what a
-radiologist needs beside the images, as coded, machine-readable content:
+show for AI results (OHIF reads it) and that IHE AI Results (AIR) names for measurements
+and qualitative findings; highdicom builds and checks it, and it holds what a radiologist
+needs beside the images, as coded, machine-readable content:
 
 * the study group (TID 1501, tracking identifier "batchscan study score"): the algorithm
-  (name, ``model_version``, the threshold as a parameter), the finding type Pneumonia, the
-  study's score and the operating threshold as NUM items, the flag, the training-domain and
-  OOD verdicts as coded qualitative evaluations (Yes / No / Undetermined), and a TEXT item
-  saying plainly that this is no diagnosis;
-* one group per scored image: its score (a NUM that references the image) and its OOD
-  verdict, with the image as the group's source;
+  (TID 4019: name, ``model_version``, the threshold as a parameter), the finding type
+  Pneumonia, the study's score and the operating threshold as NUM items (TID 300), the
+  score qualified (TID 300 row 2, HAS CONCEPT MOD) by the training-domain and OOD verdicts
+  as coded Yes / No / Undetermined;
+* one group per scored image: its score (a NUM that references the image, qualified by the
+  image's OOD and training-domain verdicts) and its OOD distance, with the image as the
+  group's source;
+* the report's Qualitative Evaluations (TID 1500 rows 12 to 14): "Flagged for review"
+  Yes / No and the text saying plainly that this is no diagnosis;
 * the scored images in the image library and in CurrentRequestedProcedureEvidenceSequence.
+
+AIR's identification of the algorithm (Rev. 1.1, section 6.5.3.1): an item of the
+Contributing Equipment Sequence with Purpose of Reference (Newcode1, 99IHE, "Processing
+Algorithm"), Manufacturer, Manufacturer's Model Name (= the TID 4019 algorithm name),
+Software Versions (= the model version) and a Device UID derived from the model version,
+the same UID as the TID 1004 device observer's, so that it changes when the model does.
+Content Date and Time are the time of analysis (the start of the scan run).
 
 The patient and study modules are copied from the scored images' own headers (read at SR
 time, pixels never: the state holds no identity), so the PACS files the SR into the
@@ -22,10 +33,15 @@ of a digest of the study, the model and the scored content (each image's UID, sc
 and domain verdicts), so a rerun with nothing new derives the same UID and writes nothing,
 and a new image or a new model derives a new UID and a new SR, the earlier one kept.
 
-Codes: SNOMED CT and DICOM where they exist (Pneumonia 233604007, Plain chest X-ray
-399208008, Yes/No/Undetermined); the score, flag, threshold and verdict names are
-batchscan's own private scheme ``99BSCAN`` (declared in the SR's Coding Scheme
-Identification Sequence), because no standard code names a pneumonia probability.
+Codes: SNOMED CT and DICOM where they exist (Pneumonia 233604007, the procedure reported
+"Imaging procedure" 363679005 from CID 100 with "Plain chest X-ray" 399208008 as the
+performed procedure, Yes/No/Undetermined, "Comment"); the score, flag, threshold and
+verdict names are batchscan's own private scheme ``99BSCAN`` (declared in the SR's Coding
+Scheme Identification Sequence, as is AIR's ``99IHE``), because no standard code names a
+pneumonia probability.
+
+:func:`build_sr` builds the SR with highdicom's full constructor, the reference;
+:mod:`batchscan.pacs.template` makes the same SR at a fraction of the cost, for the scan.
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ import os
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -56,13 +73,17 @@ logging.getLogger("highdicom").setLevel(logging.CRITICAL + 1)
 
 #: Version of what an SR says: part of the UID digest, so that a release that changes the
 #: content makes new SRs (and one that does not, none).
-SR_FORMAT: Final = 1
+SR_FORMAT: Final = 2
 SERIES_NUMBER: Final = 9901
 SERIES_DESCRIPTION: Final = "batchscan pneumonia score (AI, not a diagnosis)"
 DISCLAIMER: Final = (
     "Not a diagnosis. batchscan is a research and triage aid, not a medical device: a "
     "pneumonia CNN's score of the chest radiographs named here, to be read by a radiologist."
 )
+MANUFACTURER: Final = "batchscan"
+#: Digits the SR keeps of a score (and the threshold) and of an OOD distance.
+SCORE_DIGITS: Final = 6
+DISTANCE_DIGITS: Final = 4
 ALGORITHM_NAME: Final = "batchscan pneumonia CNN"
 
 SCHEME: Final = "99BSCAN"
@@ -73,13 +94,24 @@ IN_DOMAIN: Final = hd.sr.CodedConcept("BSC004", SCHEME, "In the model's training
 OUT_OF_DISTRIBUTION: Final = hd.sr.CodedConcept("BSC005", SCHEME, "Out of distribution")
 OOD_DISTANCE: Final = hd.sr.CodedConcept("BSC006", SCHEME, "Out-of-distribution distance")
 PNEUMONIA: Final = hd.sr.CodedConcept("233604007", "SCT", "Pneumonia")
+#: TID 1500's procedure reported, from CID 100 (which holds no code for a chest
+#: radiograph); the SR document's performed procedure says which imaging it was.
+IMAGING_PROCEDURE: Final = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 CHEST_XRAY: Final = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
-#: TID 1501's row for text qualitative evaluations.
+#: TID 1500 row 12: the container of the report's qualitative evaluations.
 QUALITATIVE_EVALUATIONS: Final = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+COMMENT: Final = hd.sr.CodedConcept("121106", "DCM", "Comment")
+#: IHE AIR's Purpose of Reference of the algorithm's Contributing Equipment item.
+PROCESSING_ALGORITHM: Final = hd.sr.CodedConcept("Newcode1", "99IHE", "Processing Algorithm")
+#: The private coding schemes the SR uses: designator, name, responsible organization.
+PRIVATE_SCHEMES: Final = (
+    (SCHEME, "batchscan result codes", "batchscan"),
+    ("99IHE", "IHE private codes", "IHE International"),
+)
 
 #: Patient and study attributes highdicom copies from the first source; type 2 in the SR,
 #: so a source without one gets it empty (on the in-memory copy only).
-_COPIED: Final = (
+COPIED: Final = (
     "PatientID",
     "PatientName",
     "PatientBirthDate",
@@ -141,7 +173,9 @@ class Algorithm:
 
 
 def study_results(rows: Iterator[tuple[Any, ...]]) -> Iterator[StudyResult]:
-    """Group the rows of :data:`STUDY_IMAGES_SQL` (ordered by study) into studies."""
+    """Group the rows of
+    :meth:`~batchscan.results.state.StateStore.scored_study_images` (ordered by study)
+    into studies."""
     current: list[tuple[Any, ...]] = []
     for row in rows:
         if current and row[0] != current[0][0]:
@@ -150,17 +184,6 @@ def study_results(rows: Iterator[tuple[Any, ...]]) -> Iterator[StudyResult]:
         current.append(row)
     if current:
         yield _study(current)
-
-
-#: The scored studies with their scored images, ordered by study then image.
-STUDY_IMAGES_SQL: Final = (
-    "SELECT s.study_instance_uid, s.score, s.flag, s.score_basis, s.in_domain, "
-    "f.path, f.size, f.mtime_ns, f.sop_instance_uid, f.sop_class_uid, f.series_instance_uid, "
-    "f.view, f.score, f.ood_score, f.ood, f.in_domain "
-    "FROM studies s JOIN files f ON f.study_instance_uid = s.study_instance_uid "
-    "WHERE f.status = 'scored' AND f.sop_instance_uid IS NOT NULL "
-    "ORDER BY s.study_instance_uid, f.sop_instance_uid"
-)
 
 
 def _bool(value: Any) -> bool | None:
@@ -201,17 +224,17 @@ def content_digest(study: StudyResult, algorithm: Algorithm) -> str:
         "format": SR_FORMAT,
         "study": study.study_instance_uid,
         "model": algorithm.model_version,
-        "threshold": round(algorithm.threshold, 6),
-        "score": round(study.score, 6),
+        "threshold": round(algorithm.threshold, SCORE_DIGITS),
+        "score": round(study.score, SCORE_DIGITS),
         "flag": study.flag,
         "basis": study.score_basis,
         "in_domain": study.in_domain,
         "images": [
             [
                 i.sop_instance_uid,
-                round(i.score, 6),
+                round(i.score, SCORE_DIGITS),
                 i.ood,
-                None if i.ood_score is None else round(i.ood_score, 4),
+                None if i.ood_score is None else round(i.ood_score, DISTANCE_DIGITS),
                 i.in_domain,
                 i.view,
             ]
@@ -302,7 +325,7 @@ def fit_for_sr(header: Dataset) -> None:
     of "male"): real archives hold such values, and the PACS files the SR by its Study
     Instance UID, not by them. Copying them would make an invalid SR (or none at all).
     """
-    for keyword in _COPIED:
+    for keyword in COPIED:
         if keyword not in header or header[keyword].value is None:
             setattr(header, keyword, "")
     for keyword, kind in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
@@ -313,99 +336,208 @@ def fit_for_sr(header: Dataset) -> None:
         header.PatientSex = ""
 
 
-def _yes_no(value: bool | None) -> hd.sr.CodedConcept:
+def device_uid(algorithm: Algorithm) -> str:
+    """The Device UID of the algorithm (AIR: it changes when the model changes): a ``2.25``
+    UID of the model version, which names the weights' digest, so the same model has the same
+    UID on every machine and in every batchscan release."""
+    return derived_uid("device", algorithm.model_version)
+
+
+def algorithm_equipment(algorithm: Algorithm) -> Dataset:
+    """The algorithm's item of the Contributing Equipment Sequence, as IHE AIR specifies it
+    (Rev. 1.1, 6.5.3.1): purpose "Processing Algorithm", manufacturer, model name, software
+    versions and Device UID, with the values AIR's Table 6.5.3.1-1 pairs with the content
+    tree's TID 4019 algorithm name and version and TID 1004 device observer UID."""
+    item = Dataset()
+    item.Manufacturer = MANUFACTURER
+    item.ManufacturerModelName = ALGORITHM_NAME
+    item.DeviceUID = device_uid(algorithm)
+    item.SoftwareVersions = algorithm.model_version
+    item.PurposeOfReferenceCodeSequence = [_code_item(PROCESSING_ALGORITHM)]
+    return item
+
+
+def coding_schemes() -> list[Dataset]:
+    """The Coding Scheme Identification Sequence's items: the private schemes used."""
+    items = []
+    for designator, name, organization in PRIVATE_SCHEMES:
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = designator
+        scheme.CodingSchemeName = name
+        scheme.CodingSchemeResponsibleOrganization = organization
+        items.append(scheme)
+    return items
+
+
+def _code_item(code: hd.sr.CodedConcept) -> Dataset:
+    item = Dataset()
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme_designator
+    item.CodeMeaning = code.meaning
+    return item
+
+
+def yes_no(value: bool | None) -> hd.sr.CodedConcept:
+    """SNOMED CT's Yes, No, or Undetermined for an unknown verdict."""
     code = codes.SCT.Undetermined if value is None else codes.SCT.Yes if value else codes.SCT.No
     return hd.sr.CodedConcept(code.value, code.scheme_designator, code.meaning)
 
 
-def _score(value: float, **kw: Any) -> Any:
-    # the algorithm is named once per group (TID 1501), which covers its measurements
-    return hd.sr.Measurement(name=PNEUMONIA_SCORE, value=value, unit=codes.UCUM.NoUnits, **kw)
+def study_ood(study: StudyResult) -> bool | None:
+    """The study's OOD verdict: out of distribution when any scored image is, unknown when
+    any image's verdict is."""
+    verdicts = [i.ood for i in study.images]
+    return None if None in verdicts else any(verdicts)
+
+
+def verdict_item(concept: hd.sr.CodedConcept, value: bool | None) -> hd.sr.CodeContentItem:
+    """A verdict qualifying a score: HAS CONCEPT MOD CODE, Yes / No / Undetermined."""
+    return hd.sr.CodeContentItem(
+        name=concept,
+        value=yes_no(value),
+        relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+    )
+
+
+Verdicts = list[tuple[hd.sr.CodedConcept, bool | None]]
+
+
+def study_verdicts(study: StudyResult) -> Verdicts:
+    """What qualifies the study's score: its training-domain and OOD verdicts."""
+    return [(IN_DOMAIN, study.in_domain), (OUT_OF_DISTRIBUTION, study_ood(study))]
+
+
+def image_verdicts(image: ScoredImage) -> Verdicts:
+    """What qualifies an image's score: its OOD and training-domain verdicts."""
+    return [(OUT_OF_DISTRIBUTION, image.ood), (IN_DOMAIN, image.in_domain)]
+
+
+def study_tracking(study: StudyResult) -> tuple[str, str]:
+    """The study group's tracking identifier and tracking UID (TID 4108)."""
+    return "batchscan study score", derived_uid("study group", study.study_instance_uid)
+
+
+def image_tracking(image: ScoredImage) -> tuple[str, str]:
+    """An image group's tracking identifier and tracking UID (TID 4108)."""
+    return (
+        f"batchscan image score ({image.view or 'unknown'} view)",
+        derived_uid("image group", image.sop_instance_uid),
+    )
+
+
+def _score(value: float, verdicts: Verdicts, **kw: Any) -> hd.sr.Measurement:
+    """A score (TID 300) qualified by verdicts on what it was computed from: HAS CONCEPT MOD
+    CODE items (TID 300 row 2), before the image it was inferred from. The algorithm is
+    named once per group (TID 1501), which covers its measurements."""
+    measurement = hd.sr.Measurement(
+        name=PNEUMONIA_SCORE, value=round(value, SCORE_DIGITS), unit=codes.UCUM.NoUnits, **kw
+    )
+    num = measurement[0]
+    modifiers = [verdict_item(concept, verdict) for concept, verdict in verdicts]
+    num.ContentSequence = hd.sr.ContentSequence([*modifiers, *num.get("ContentSequence", [])])
+    return measurement
+
+
+def algorithm_identification(algorithm: Algorithm) -> hd.sr.AlgorithmIdentification:
+    """TID 4019: the algorithm's name, version (the model's) and parameters."""
+    return hd.sr.AlgorithmIdentification(
+        name=ALGORITHM_NAME,
+        version=algorithm.model_version,
+        parameters=[f"threshold={algorithm.threshold:.6f}", f"batchscan={algorithm.code_version}"],
+    )
+
+
+def observer_context(algorithm: Algorithm) -> hd.sr.ObservationContext:
+    """TID 1002/1004: the device observer, named as the Contributing Equipment item is."""
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=device_uid(algorithm),
+                name=MANUFACTURER,
+                manufacturer_name=MANUFACTURER,
+                model_name=ALGORITHM_NAME,
+            ),
+        )
+    )
+
+
+def report_evaluations(flag: bool) -> hd.sr.ContainerContentItem:
+    """TID 1500 rows 12 to 14: the flag (CODE) and the not-a-diagnosis text (TEXT)."""
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.CodeContentItem(
+                name=FLAGGED,
+                value=yes_no(flag),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            ),
+            hd.sr.TextContentItem(
+                name=COMMENT,
+                value=DISCLAIMER,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            ),
+        ]
+    )
+    return container
 
 
 def measurement_report(
     study: StudyResult, evidence: Sequence[Dataset], algorithm: Algorithm
 ) -> hd.sr.MeasurementReport:
     """The TID 1500 content tree of a study's SR (see the module's docstring)."""
-    algorithm_id = hd.sr.AlgorithmIdentification(
-        name=ALGORITHM_NAME,
-        version=algorithm.model_version,
-        parameters=[f"threshold={algorithm.threshold:.6f}", f"batchscan={algorithm.code_version}"],
-    )
-    any_ood = [i.ood for i in study.images]
-    study_ood = None if None in any_ood else any(any_ood)
+    algorithm_id = algorithm_identification(algorithm)
+    identifier, uid = study_tracking(study)
     study_group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid("study group", study.study_instance_uid),
-            identifier="batchscan study score",
-        ),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=identifier),
         finding_type=PNEUMONIA,
         algorithm_id=algorithm_id,
         measurements=[
-            _score(round(study.score, 6)),
+            _score(study.score, study_verdicts(study)),
             hd.sr.Measurement(
-                name=THRESHOLD, value=round(algorithm.threshold, 6), unit=codes.UCUM.NoUnits
+                name=THRESHOLD,
+                value=round(algorithm.threshold, SCORE_DIGITS),
+                unit=codes.UCUM.NoUnits,
             ),
         ],
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(FLAGGED, _yes_no(study.flag)),
-            hd.sr.QualitativeEvaluation(IN_DOMAIN, _yes_no(study.in_domain)),
-            hd.sr.QualitativeEvaluation(OUT_OF_DISTRIBUTION, _yes_no(study_ood)),
-        ],
-    )
-    study_group[0].ContentSequence.append(
-        hd.sr.TextContentItem(
-            name=QUALITATIVE_EVALUATIONS,
-            value=DISCLAIMER,
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
     )
     by_uid = {ds.SOPInstanceUID: ds for ds in evidence}
     image_groups = []
     for image in study.images:
         source = by_uid[image.sop_instance_uid]
         reference = hd.sr.SourceImageForMeasurement(source.SOPClassUID, source.SOPInstanceUID)
-        measurements = [_score(round(image.score, 6), referenced_images=[reference])]
+        measurements = [_score(image.score, image_verdicts(image), referenced_images=[reference])]
         if image.ood_score is not None:
             measurements.append(
                 hd.sr.Measurement(
-                    name=OOD_DISTANCE, value=round(image.ood_score, 4), unit=codes.UCUM.NoUnits
+                    name=OOD_DISTANCE,
+                    value=round(image.ood_score, DISTANCE_DIGITS),
+                    unit=codes.UCUM.NoUnits,
                 )
             )
+        identifier, uid = image_tracking(image)
         image_groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=derived_uid("image group", image.sop_instance_uid),
-                    identifier=f"batchscan image score ({image.view or 'unknown'} view)",
-                ),
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=identifier),
                 finding_type=PNEUMONIA,
                 algorithm_id=algorithm_id,
                 measurements=measurements,
-                qualitative_evaluations=[
-                    hd.sr.QualitativeEvaluation(OUT_OF_DISTRIBUTION, _yes_no(image.ood)),
-                    hd.sr.QualitativeEvaluation(IN_DOMAIN, _yes_no(image.in_domain)),
-                ],
                 source_images=[
                     hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID)
                 ],
             )
         )
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=derived_uid("device", ALGORITHM_NAME),
-            name="batchscan",
-            manufacturer_name="batchscan",
-            model_name=algorithm.model_version,
-        ),
-    )
-    return hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=CHEST_XRAY,
+    report = hd.sr.MeasurementReport(
+        observation_context=observer_context(algorithm),
+        procedure_reported=IMAGING_PROCEDURE,
         imaging_measurements=[study_group, *image_groups],
         title=codes.DCM.ImagingMeasurementReport,
         referenced_images=[ds for ds in evidence if describable(ds)] or None,
     )
+    report[0].ContentSequence.append(report_evaluations(study.flag))
+    return report
 
 
 def describable(header: Dataset) -> bool:
@@ -415,15 +547,17 @@ def describable(header: Dataset) -> bool:
     image reference the images already), and its entry for a projection radiograph needs
     Patient Orientation and Imager Pixel Spacing, which many real radiographs leave empty
     (a cross-sectional image needs its spacing, orientation and position). Such an image is
-    left out of the library rather than described with values it does not carry.
+    left out of the library rather than described with values it does not carry; so is an
+    image whose modality highdicom can only call "Other" (a secondary capture), which is no
+    modality of CID 29, the entry's value set.
     """
     try:
-        hd.sr.ImageLibraryEntryDescriptors(header)
+        descriptors = hd.sr.ImageLibraryEntryDescriptors(header)
     except INTERPRETER_EXITS:
         raise
     except Exception:
         return False
-    return True
+    return str(descriptors[0].ConceptCodeSequence[0].CodeValue) != "OT"
 
 
 def build_sr(
@@ -432,8 +566,11 @@ def build_sr(
     algorithm: Algorithm,
     sop_instance_uid: str,
     instance_number: int,
+    analysed_at: datetime,
 ) -> hd.sr.ComprehensiveSR:
-    """The SR dataset of a study (complete, unverified: a machine's result)."""
+    """The SR dataset of a study (complete, unverified: a machine's result), built with
+    highdicom's full constructor: the reference that :mod:`batchscan.pacs.template`'s SRs
+    are held equal to."""
     sr = hd.sr.ComprehensiveSR(
         evidence=list(evidence),
         content=measurement_report(study, evidence, algorithm),
@@ -441,31 +578,36 @@ def build_sr(
         series_number=SERIES_NUMBER,
         sop_instance_uid=sop_instance_uid,
         instance_number=instance_number,
-        manufacturer="batchscan",
+        manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=False,
         is_verified=False,
         series_description=SERIES_DESCRIPTION,
+        performed_procedure_codes=[CHEST_XRAY],
     )
+    # highdicom's items: the source image's acquisition equipment (when its header names
+    # one), then highdicom itself; it takes DICOM's purposes of reference only, so AIR's
+    # item is put before its own here
+    equipment = sr.ContributingEquipmentSequence
+    equipment.insert(len(equipment) - 1, algorithm_equipment(algorithm))
+    local = analysed_at.astimezone()
+    sr.ContentDate, sr.ContentTime = DA(local.date()), TM(local.time())
     sr.SoftwareVersions = algorithm.code_version
     sr.ManufacturerModelName = ALGORITHM_NAME
-    scheme = Dataset()
-    scheme.CodingSchemeDesignator = SCHEME
-    scheme.CodingSchemeName = "batchscan result codes"
-    scheme.CodingSchemeResponsibleOrganization = "batchscan"
-    sr.CodingSchemeIdentificationSequence = [scheme]
-    _separate(sr)
+    sr.CodingSchemeIdentificationSequence = coding_schemes()
+    separate(sr)
     return sr
 
 
-def _separate(item: Dataset) -> None:
+def separate(item: Dataset) -> Dataset:
     """Mark every container SEPARATE: its items are distinct measurements and verdicts, not
     one sentence (highdicom's default, CONTINUOUS, has viewers such as DCMTK's dsr2html run
     the values together as prose, without their names)."""
     if item.get("ValueType") == "CONTAINER":
         item.ContinuityOfContent = "SEPARATE"
     for child in item.get("ContentSequence", []):
-        _separate(child)
+        separate(child)
+    return item
 
 
 def sr_file(outbox: Path, study_instance_uid: str, sop_instance_uid: str) -> Path:

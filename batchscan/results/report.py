@@ -1,11 +1,13 @@
 """Reports: ``images.parquet``, ``studies.parquet``, ``studies.csv`` and ``manifest.json``.
 
 Dashboards poll REPORT_DIR, so a reader must never see a half-written file: every report is
-written to a hidden temporary file in REPORT_DIR (same filesystem), flushed to disk and then
-moved over the old one with ``os.replace``, which is atomic on POSIX. The rows come from
-the incremental state (:mod:`batchscan.results.state`) in chunks and stream into the temporary files
-in row groups, so memory does not grow with the archive; the previous reports stay in place
-until the run ends. ``runs.parquet`` holds the run history, one row per run.
+written to a hidden temporary file in REPORT_DIR named by the run
+(:func:`batchscan.storage.files.temporary_path`), and the scan publishes them all at the
+end (:func:`batchscan.storage.files.publish`: fsync, mode, an atomic rename, fsync of the
+folder). The rows come from the incremental state (:mod:`batchscan.results.state`) in
+chunks and stream into the temporary files in row groups, so memory does not grow with the
+archive; the previous reports stay in place until the run ends. ``runs.parquet`` holds the
+run history, one row per run.
 
 The Arrow schemas are explicit: every column has its type, none is ``object``.
 """
@@ -13,7 +15,6 @@ The Arrow schemas are explicit: every column has its type, none is ``object``.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from datetime import date
 from pathlib import Path
@@ -23,6 +24,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+
+from batchscan import VERSION_COLUMNS
+from batchscan.storage.files import temporary_path
 
 IMAGES_SCHEMA: Final = pa.schema(
     [
@@ -111,6 +115,9 @@ RUNS_SCHEMA: Final = pa.schema(
         pa.field("studies_in_domain", pa.int64()),
         pa.field("studies_out_of_domain", pa.int64()),
         pa.field("studies_domain_unknown", pa.int64()),
+        pa.field("device", pa.string()),
+        *(pa.field(name, pa.string()) for name in VERSION_COLUMNS),
+        pa.field("row_keys", pa.string()),
     ]
 )
 
@@ -150,34 +157,6 @@ STUDIES_FILE: Final = "studies.parquet"
 STUDIES_CSV: Final = "studies.csv"
 MANIFEST_FILE: Final = "manifest.json"
 RUNS_FILE: Final = "runs.parquet"
-
-
-def temporary_path(final: Path, run_id: str) -> Path:
-    """The hidden temporary file that becomes `final` when the run ends."""
-    return final.with_name(f".{final.name}.{run_id}.tmp")
-
-
-def remove_temporaries(out_dir: Path, run_id: str | None = None) -> None:
-    """Delete the temporary report files of `run_id` (of every run when None).
-
-    Called with the REPORT_DIR lock held: at the start of a run it clears what a killed run
-    left behind; after a failure it clears this run's own.
-    """
-    pattern = f".*.{run_id}.tmp" if run_id else ".*.tmp"
-    for path in out_dir.glob(pattern):
-        path.unlink(missing_ok=True)
-
-
-def publish(temporary: Path, final: Path) -> None:
-    """Flush `temporary` to disk and move it over `final` atomically."""
-    with temporary.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, final)
-    directory = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def with_patient_key(schema: pa.Schema, enabled: bool) -> pa.Schema:

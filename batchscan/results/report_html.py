@@ -8,8 +8,9 @@ opens from a file share on a workstation with no network.
 It must stay fast and small on a state of ten million files, so:
 
 * every figure is an aggregate computed in SQL by the state database (counts by bin, by
-  week, by device), never a table loaded into Python; accounting comes from the manifest,
-  which the run has just counted;
+  week, by device; asked of :class:`~batchscan.results.state.StateStore` by what it
+  means), never a table loaded into Python; accounting comes from the manifest, which the
+  run has just counted;
 * images are shown only for a bounded few (the top flagged studies, a random quality-control
   sample found by one early-stopping pass), and their pictures are made again from the
   archive at the end, through the scan's own stages
@@ -26,6 +27,7 @@ No patient name, ID, birth date or free text is shown: the same columns as the r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import json
@@ -53,6 +55,7 @@ from batchscan.results.saliency import (
     shown_options,
 )
 from batchscan.results.state import StateStore
+from batchscan.storage import files
 
 REPORT_FILE: Final = "report.html"
 #: The explained figures of the last page, reused while their files and model are the same.
@@ -70,8 +73,6 @@ WEEKS: Final = 52
 RUNS: Final = 30
 #: Discrepancies listed on the page (all are in discrepancies.csv).
 TOP_DISCREPANCIES: Final = 25
-
-_BIN_SQL: Final = f"MIN(CAST(score * {BINS} AS INTEGER), {BINS - 1})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,53 +192,31 @@ class _Figures:
 
     def save(self) -> None:
         """Keep the figures of this page (only those) for the next one, atomically."""
-        target = self.inputs.out_dir / FIGURES_FILE
-        temporary = target.with_name(f".{FIGURES_FILE}.tmp")
-        try:
-            temporary.write_text(json.dumps(self.used), encoding="utf-8")
-            os.replace(temporary, target)
-        except OSError:  # a cache: the page does not depend on it
-            temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a cache: the page does not depend on it
+            files.write(self.inputs.out_dir / FIGURES_FILE, json.dumps(self.used))
 
 
 def _histograms(state: StateStore, column: str) -> dict[str, list[int]]:
     counts: dict[str, list[int]] = defaultdict(lambda: [0] * BINS)
-    for value, bin_, n in state.query(
-        f"SELECT {column}, {_BIN_SQL} AS b, COUNT(*) FROM studies GROUP BY 1, 2"
-    ):
+    for value, bin_, n in state.study_score_bins(column, BINS):
         name = {None: "unknown", 0: "false", 1: "true"}.get(value, str(value))
         counts[name][int(bin_)] += int(n)
     return dict(sorted(counts.items()))
 
 
-def _top_groups(state: StateStore, expression: str) -> tuple[list[list[object]], dict]:
+def _top_groups(state: StateStore, by: str) -> tuple[list[list[object]], dict]:
     """Per group (device, model version): n, mean score, flagged share, histogram; the
     most frequent :data:`TOP_GROUPS` only."""
-    totals = state.query(
-        f"SELECT {expression} AS g, COUNT(*), AVG(score), AVG(flag) FROM studies "
-        f"GROUP BY g ORDER BY 2 DESC, 1 LIMIT {TOP_GROUPS}"
-    )
-    names = [row[0] for row in totals]
-    marks = ",".join("?" * len(names))
-    counts: dict[str, list[int]] = {str(n): [0] * BINS for n in names}
-    if names:
-        for name, bin_, n in state.query(
-            f"SELECT {expression} AS g, {_BIN_SQL}, COUNT(*) FROM studies "
-            f"WHERE {expression} IN ({marks}) GROUP BY 1, 2",
-            tuple(names),
-        ):
-            counts[str(name)][int(bin_)] += int(n)
+    totals, binned = state.study_groups(by, TOP_GROUPS, BINS)
+    counts: dict[str, list[int]] = {str(g.group): [0] * BINS for g in totals}
+    for name, bin_, n in binned:
+        counts[str(name)][int(bin_)] += int(n)
     rows = [[str(g), int(n), float(mean), float(flagged)] for g, n, mean, flagged in totals]
     return rows, counts
 
 
 def _section_runs(state: StateStore) -> str:
-    runs = state.query(
-        "SELECT run_id, replace(substr(started_at, 1, 16), 'T', ' '), outcome, files_found, "
-        "files_processed, scored, skipped, "
-        "failed, studies, studies_flagged, images_per_second, seconds, model_version "
-        f"FROM runs ORDER BY seq DESC LIMIT {RUNS}"
-    )
+    runs = state.recent_runs(RUNS)
     history = plots.table(
         [
             "run",
@@ -256,14 +235,14 @@ def _section_runs(state: StateStore) -> str:
         ],
         runs,
     )
-    done = [r for r in reversed(runs) if r[2] == "ok" and r[8]]
+    done = [r for r in reversed(runs) if r.outcome == "ok" and r.studies]
     chart = ""
     if len(done) > 1:
         series: dict[str, list[float | None]] = defaultdict(lambda: [None] * len(done))
         for i, run in enumerate(done):
-            series[str(run[12])][i] = run[9] / run[8]
+            series[str(run.model_version)][i] = run.studies_flagged / run.studies
         chart = plots.lines_svg(
-            [str(r[1]) for r in done],
+            [str(r.started) for r in done],
             series,
             "Share of studies flagged after each run, by model version",
             "flagged share",
@@ -309,12 +288,8 @@ def _section_scores(state: StateStore, threshold: float) -> str:
 
 
 def _section_weeks(state: StateStore) -> str:
-    weeks = state.query(
-        "SELECT date(study_date, '-6 days', 'weekday 1') AS week, COUNT(*), SUM(flag) "
-        f"FROM studies WHERE study_date IS NOT NULL GROUP BY week ORDER BY week DESC "
-        f"LIMIT {WEEKS}"
-    )[::-1]
-    undated = state.query("SELECT COUNT(*) FROM studies WHERE study_date IS NULL")[0][0]
+    weeks = state.studies_per_week(WEEKS)
+    undated = state.undated_studies()
     if not weeks:
         return f"<h2>Studies per week</h2><p>No study has a study date ({undated} undated).</p>"
     chart = plots.bars_svg(
@@ -332,10 +307,9 @@ def _section_weeks(state: StateStore) -> str:
 
 def _section_groups(state: StateStore, threshold: float) -> str:
     edges = np.linspace(0.0, 1.0, BINS + 1)
-    device = "COALESCE(manufacturer, 'unknown') || ' / ' || COALESCE(manufacturer_model, '?')"
     parts = ["<h2>Drift: scores by device and by model version</h2>"]
-    for title, expression in (("device", device), ("model version", "model_version")):
-        rows, counts = _top_groups(state, expression)
+    for title, by in (("device", "device"), ("model version", "model_version")):
+        rows, counts = _top_groups(state, by)
         parts.append(f"<h3>By {title}</h3>")
         parts.append(plots.table([title, "studies", "mean score", "flagged share"], rows))
         chart = plots.binned_svg(
@@ -351,10 +325,7 @@ def _section_groups(state: StateStore, threshold: float) -> str:
 
 
 def _section_flagged(state: StateStore, inputs: ReportInputs, figures: _Figures) -> str:
-    top = state.query(
-        "SELECT study_instance_uid, accession_number, study_date, score, views, in_domain "
-        f"FROM studies WHERE flag = 1 ORDER BY score DESC, study_instance_uid LIMIT {TOP_STUDIES}"
-    )
+    top = state.top_flagged_studies(TOP_STUDIES)
     if not top:
         return "<h2>Top flagged studies</h2><p>No study is flagged.</p>"
     rows = [
@@ -369,12 +340,7 @@ def _section_flagged(state: StateStore, inputs: ReportInputs, figures: _Figures)
     ]
     sheet = []
     for uid, acc, *_ in top:
-        images = state.query(
-            "SELECT path, score, view FROM files WHERE study_instance_uid = ? AND "
-            f"status = 'scored' ORDER BY score DESC, path LIMIT {IMAGES_PER_STUDY}",
-            (uid,),
-        )
-        for path, image_score, view in images:
+        for path, image_score, view, _ in state.top_scored_images(uid, IMAGES_PER_STUDY):
             caption = f"{acc or uid[-8:]} {view or ''} {image_score:.3f}"
             sheet.append(figures.figure(path, caption))
     return (
@@ -392,11 +358,7 @@ def _section_flagged(state: StateStore, inputs: ReportInputs, figures: _Figures)
 def _section_sample(state: StateStore, inputs: ReportInputs) -> str:
     scored = int(inputs.manifest["counts_by_status"].get("scored", 0))
     every = max(1, scored // (4 * SAMPLE_IMAGES))
-    picked = state.query(
-        "SELECT path, score, view, accession_number FROM files WHERE status = 'scored' "
-        f"AND abs(random()) % ? = 0 LIMIT {SAMPLE_IMAGES}",
-        (every,),
-    )
+    picked = state.random_scored_images(every, SAMPLE_IMAGES)
     sheet = "".join(
         _figure(inputs, path, f"{acc or ''} {view or ''} {score:.3f}")
         for path, score, view, acc in picked
@@ -577,9 +539,10 @@ def write_report(
     state: StateStore, inputs: ReportInputs, temporary: Path | None = None
 ) -> tuple[Path, Path]:
     """Write the page to `temporary` (default: a hidden file beside it); returns
-    (temporary, final) for the caller to publish atomically."""
+    (temporary, final) for the caller to publish with the run's other reports
+    (:func:`batchscan.storage.files.publish`)."""
     final = inputs.out_dir / REPORT_FILE
-    temporary = temporary or final.with_name(f".{REPORT_FILE}.tmp")
+    temporary = temporary or files.temporary_path(final, "page")
     temporary.write_text(render(state, inputs), encoding="utf-8")
     return temporary, final
 
@@ -601,7 +564,7 @@ def regenerate(report_dir: Path) -> Path:
     """
     import json
 
-    from batchscan.results.report import MANIFEST_FILE, publish
+    from batchscan.results.report import MANIFEST_FILE
     from batchscan.results.runlock import report_dir_lock
     from batchscan.results.state import STATE_FILE, StateError
     from batchscan.scoring.model import ModelError, check_model
@@ -635,8 +598,9 @@ def regenerate(report_dir: Path) -> Path:
         except StateError as exc:
             raise ReportError(str(exc)) from exc
         try:
-            temporary, final = write_report(state, inputs)
+            page = render(state, inputs)
         finally:
             state.close()
-        publish(temporary, final)
+        final = report_dir / REPORT_FILE
+        files.write(final, page)
     return final

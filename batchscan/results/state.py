@@ -1,8 +1,11 @@
 """Incremental state: what every file of the archive was found to be, kept between runs.
 
 A nightly run over an archive that only grows should read only what is new. The state is a
-SQLite database (standard library; WAL journal, so a reader never blocks the run and a
-``kill -9`` loses at most the last uncommitted checkpoint) in REPORT_DIR by default.
+SQLite database (opened by :func:`batchscan.storage.sqlite.open_store`: WAL journal, so a
+reader never blocks the run and a ``kill -9`` loses at most the last uncommitted checkpoint;
+a schema version row; private files) in REPORT_DIR by default. This module owns its tables:
+no SQL of them is written anywhere else, and every reader (the reports, report.html, the
+SR stage, monitoring, ``train`` and ``adapt``) asks a method here that says what it wants.
 
 Per file it keeps the report row (status, reason, UIDs, score...) plus what decides whether
 the row is still valid: size and mtime (as rsync decides), and the row's :class:`RowKeys`,
@@ -38,16 +41,25 @@ import contextlib
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple, TypeVar
 
 import pandas as pd
 
+from batchscan import VERSION_COLUMNS
 from batchscan.ingest.paths import from_state, readable, state_key
 from batchscan.ingest.records import FAILED, SCORED, SKIPPED, ImageRecord, chunks
 from batchscan.results.aggregate import STUDY_COLUMNS
+from batchscan.storage.sqlite import (
+    OnDamage,
+    OtherVersionError,
+    Schema,
+    StoreError,
+    open_readonly,
+    open_store,
+)
 
 STATE_FILE: Final = "state.sqlite"
 SCHEMA_VERSION: Final = 1
@@ -96,6 +108,9 @@ RUN_COLUMNS: Final = (
     "model_version",
     "code_version",
     *RUN_STUDY_COUNTS,
+    "device",
+    *VERSION_COLUMNS,
+    "row_keys",
 )
 
 _INTEGER_COLUMNS: Final = {
@@ -130,6 +145,9 @@ _RUN_TYPES: Final = {
     "seconds": "REAL",
     "model_version": "TEXT",
     "code_version": "TEXT",
+    "device": "TEXT",
+    **dict.fromkeys(VERSION_COLUMNS, "TEXT"),
+    "row_keys": "TEXT",
 }
 
 
@@ -139,8 +157,7 @@ def _sql_type(name: str) -> str:
     return "REAL" if name in _REAL_COLUMNS else "TEXT"
 
 
-_SCHEMA: Final = f"""
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+_TABLES: Final = f"""
 CREATE TABLE IF NOT EXISTS files (
     {", ".join(f'"{c}" {_sql_type(c)}' for c in IMAGE_COLUMNS)},
     model_score REAL,
@@ -165,6 +182,8 @@ CREATE TABLE IF NOT EXISTS runs (
     {", ".join(f'"{c}" {_RUN_TYPES.get(c, "INTEGER")}' for c in RUN_COLUMNS[1:])}
 ) WITHOUT ROWID;
 """
+#: The state's tables and their version (:mod:`batchscan.storage.sqlite`).
+SCHEMA: Final = Schema(version=SCHEMA_VERSION, script=_TABLES)
 
 
 class StateError(RuntimeError):
@@ -204,6 +223,13 @@ class RowKeys:
     def __str__(self) -> str:
         return ".".join((self.header, self.input, self.domain, self.model, self.shadow))
 
+    @classmethod
+    def parse(cls, text: str) -> RowKeys | None:
+        """The keys of a stored ``settings_key`` (what :meth:`__str__` wrote), or None for
+        a key of an older row format, which is not five keys."""
+        parts = text.split(".")
+        return cls(*parts) if len(parts) == 5 else None
+
 
 #: What :func:`decide` says of a stored row.
 REUSE: Final = "reuse"
@@ -216,15 +242,15 @@ def decide(stored_key: str, status: str, reason: str | None, keys: RowKeys) -> s
     is final: :data:`REUSE` it (with the current keys), :data:`RESCORE` it from its stored
     input (a scored row, or a duplicate, which keeps its model score), or :data:`READ` the
     file again."""
-    parts = stored_key.split(".")
-    if parts == str(keys).split("."):
+    stored = RowKeys.parse(stored_key)
+    if stored == keys:
         return REUSE
-    if len(parts) != 5 or parts[:2] != [keys.header, keys.input]:
+    if stored is None or (stored.header, stored.input) != (keys.header, keys.input):
         return READ
     if status == SCORED or (reason or "").startswith(DUPLICATE_PREFIX):
         return RESCORE
-    if parts[2] != keys.domain and not (
-        parts[2].startswith(SCORE_MODE) and keys.domain.startswith(SCORE_MODE)
+    if stored.domain != keys.domain and not (
+        stored.domain.startswith(SCORE_MODE) and keys.domain.startswith(SCORE_MODE)
     ):
         # under --out-of-domain skip the domain decides whether a file is decoded at all:
         # a row skipped as out of domain may now be taken in, a decode failure now skipped
@@ -240,6 +266,117 @@ class Finished:
     by_status: Counter[str]
     by_reason: Counter[str]
     files: int
+
+
+class StudyScore(NamedTuple):
+    """A study as monitoring joins it to the report labels (:meth:`StateStore.study_scores`)."""
+
+    study_instance_uid: str
+    accession_number: str | None
+    study_date: str | None
+    score: float
+    flag: int
+
+
+class StudyImage(NamedTuple):
+    """A scored image with its study's outcome, a row of
+    :meth:`StateStore.scored_study_images` (``path`` as stored, :func:`state_key`)."""
+
+    study_instance_uid: str
+    study_score: float
+    flag: int
+    score_basis: str
+    study_in_domain: int | None
+    path: str | bytes
+    size: int
+    mtime_ns: int
+    sop_instance_uid: str
+    sop_class_uid: str | None
+    series_instance_uid: str | None
+    view: str | None
+    score: float
+    ood_score: float | None
+    ood: int | None
+    in_domain: int | None
+
+
+class StudyGroup(NamedTuple):
+    """One group of :meth:`StateStore.study_groups`: its name, studies, mean score and the
+    share of them flagged."""
+
+    group: str
+    studies: int
+    mean_score: float
+    flagged_share: float
+
+
+class RunLine(NamedTuple):
+    """A run as report.html lists it (:meth:`StateStore.recent_runs`; ``started`` as
+    ``YYYY-MM-DD HH:MM`` UTC)."""
+
+    run_id: str
+    started: str
+    outcome: str
+    files_found: int | None
+    files_processed: int | None
+    scored: int | None
+    skipped: int | None
+    failed: int | None
+    studies: int | None
+    studies_flagged: int | None
+    images_per_second: float | None
+    seconds: float | None
+    model_version: str | None
+
+
+class FlaggedStudy(NamedTuple):
+    """A flagged study as report.html shows it (:meth:`StateStore.top_flagged_studies`)."""
+
+    study_instance_uid: str
+    accession_number: str | None
+    study_date: str | None
+    score: float
+    views: str | None
+    in_domain: int | None
+
+
+class ShownImage(NamedTuple):
+    """An image report.html shows (``path`` as stored, :func:`state_key`; the accession
+    number only where asked for)."""
+
+    path: str | bytes
+    score: float
+    view: str | None
+    accession_number: str | None
+
+
+_Row = TypeVar("_Row", StudyGroup, RunLine, FlaggedStudy, ShownImage)
+#: How report.html groups studies (:meth:`StateStore.study_groups`): by device
+#: (manufacturer / model) and by model version.
+STUDY_GROUPS: Final = {
+    "device": "COALESCE(manufacturer, 'unknown') || ' / ' || COALESCE(manufacturer_model, '?')",
+    "model_version": "model_version",
+}
+#: The rows of :meth:`StateStore.scored_study_images` (the columns of :class:`StudyImage`).
+_STUDY_IMAGES_SQL: Final = (
+    "SELECT s.study_instance_uid, s.score, s.flag, s.score_basis, s.in_domain, "
+    "f.path, f.size, f.mtime_ns, f.sop_instance_uid, f.sop_class_uid, f.series_instance_uid, "
+    "f.view, f.score, f.ood_score, f.ood, f.in_domain "
+    "FROM studies s JOIN files f ON f.study_instance_uid = s.study_instance_uid "
+    "WHERE f.status = ? AND f.sop_instance_uid IS NOT NULL "
+    "ORDER BY s.study_instance_uid, f.sop_instance_uid"
+)
+
+
+def _bin(bins: int) -> str:
+    """The SQL of a study's score bin, of `bins` equal bins over [0, 1]."""
+    return f"MIN(CAST(score * {int(bins)} AS INTEGER), {int(bins) - 1})"
+
+
+def _study_column(name: str) -> str:
+    if name not in STUDY_COLUMNS:
+        raise ValueError(f"no study column {name!r}")
+    return f'"{name}"'
 
 
 def _text(value: Any) -> Any:
@@ -290,8 +427,8 @@ def final_rows(
     columns = ", ".join(f'"{c}"' for c in names)
     found: dict[str | bytes, tuple[ImageRecord, str]] = {}
     try:
-        db = sqlite3.connect(f"file:{state_path}?mode=ro", uri=True)
-    except sqlite3.Error:
+        db = open_readonly(state_path, SCHEMA)
+    except StoreError:
         return found
     try:
         for part in chunks(paths, _CHUNK):
@@ -307,6 +444,38 @@ def final_rows(
     finally:
         db.close()
     return found
+
+
+def scored_files(state_path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    """The scored file rows of the state at `state_path`, read-only (``batchscan adapt``
+    reading a scan's state while a scan may run): `columns` (of :data:`IMAGE_COLUMNS`) and
+    ``input_key``, the input key of each row's :class:`RowKeys` (missing for a row of an
+    older format).
+
+    Raises
+    ------
+    StateError
+        The state cannot be read.
+    ValueError
+        A column the state does not keep.
+    """
+    wanted = [c for c in columns if c != "input_key"]
+    unknown = set(wanted) - set(IMAGE_COLUMNS)
+    if unknown:
+        raise ValueError(f"no file columns {sorted(unknown)}")
+    names = ", ".join(f'"{c}"' for c in (*wanted, "settings_key"))
+    try:
+        db = open_readonly(state_path, SCHEMA)
+        try:
+            rows = db.execute(f"SELECT {names} FROM files WHERE status = ?", (SCORED,)).fetchall()
+        finally:
+            db.close()
+    except (StoreError, sqlite3.Error) as exc:
+        raise StateError(str(exc)) from None
+    frame = pd.DataFrame(rows, columns=[*wanted, "settings_key"])
+    keys = frame.pop("settings_key").map(RowKeys.parse)
+    frame["input_key"] = [None if k is None else k.input for k in keys]
+    return frame
 
 
 class StateStore:
@@ -333,29 +502,23 @@ class StateStore:
         #: Called before each checkpoint commits (the input store commits with the state,
         #: first, so that a row a crash leaves has the input it was saved with).
         self.on_commit = on_commit
-        try:
-            self._db = sqlite3.connect(path, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            self._add_new_columns()
-            version = self._db.execute(
-                "SELECT value FROM meta WHERE key='schema_version'"
-            ).fetchone()
-        except sqlite3.DatabaseError as exc:
+        try:  # the state is the only record of the archive: refuse, never start afresh
+            self._db = open_store(path, SCHEMA, on_damage=OnDamage.REFUSE)
+        except OtherVersionError as exc:
+            raise StateError(
+                f"state database {path} has schema {exc.found}, this batchscan reads "
+                f"{SCHEMA_VERSION}"
+            ) from exc
+        except StoreError as exc:
             raise StateError(
                 f"cannot use state database {path}: {exc} (move it away to start afresh: "
                 "the next run then reads the whole archive again)"
             ) from exc
-        if version is None:
-            self._db.execute(
-                "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
-        elif int(version[0]) != SCHEMA_VERSION:
-            raise StateError(
-                f"state database {path} has schema {version[0]}, this batchscan reads "
-                f"{SCHEMA_VERSION}"
-            )
+        try:
+            self._add_new_columns()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StateError(f"cannot use state database {path}: {exc}") from exc
         self._last_commit = time.monotonic()
         self._db.execute("BEGIN")
 
@@ -378,9 +541,17 @@ class StateStore:
 
     # -- the run -----------------------------------------------------------------------
 
-    def begin_run(self, run_id: str, started_at: str, model_version: str, code: str) -> int:
-        """Record the run as ``running``; runs left ``running`` by a killed process become
-        ``interrupted``. Returns how many were."""
+    def begin_run(
+        self,
+        run_id: str,
+        started_at: str,
+        model_version: str,
+        code: str,
+        facts: dict[str, Any] | None = None,
+    ) -> int:
+        """Record the run as ``running``, with `facts` (columns of :data:`RUN_COLUMNS`: the
+        versions behind its scores, so that a run killed half-way names them too); runs
+        left ``running`` by a killed process become ``interrupted``. Returns how many were."""
         interrupted = self._db.execute(
             "UPDATE runs SET outcome='interrupted' WHERE outcome='running'"
         ).rowcount
@@ -389,11 +560,12 @@ class StateStore:
             "VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM runs), ?, 'running', ?, ?)",
             (run_id, started_at, model_version, code),
         )
-        self.commit()
+        self.end_run(run_id, "running", facts or {})
         return interrupted
 
     def end_run(self, run_id: str, outcome: str, facts: dict[str, Any]) -> None:
-        """Record how the run ended (``ok`` or ``failed``) and its figures."""
+        """Record how the run ended (``ok`` or ``failed``) and its figures (columns of
+        :data:`RUN_COLUMNS`; others are ignored)."""
         known = {k: v for k, v in facts.items() if k in RUN_COLUMNS and k != "run_id"}
         assignments = ", ".join(f"{k}=?" for k in known)
         self._db.execute(
@@ -757,18 +929,130 @@ class StateStore:
         ).fetchone()
         return {name: int(value or 0) for name, value in zip(RUN_STUDY_COUNTS, row, strict=True)}
 
-    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        """Rows of a read-only query (the HTML report's aggregates are computed here, in
-        SQL, so that a report of ten million files never loads them into Python)."""
-        return self._db.execute(sql, params).fetchall()
+    def any_row_keys(self) -> str | None:
+        """The keys one file row was stored under (``settings_key``), or None in an empty
+        state: what a state made before runs recorded their ``row_keys`` was made under."""
+        row = self._db.execute("SELECT settings_key FROM files LIMIT 1").fetchone()
+        return row[0] if row else None
 
-    def stream(
-        self, sql: str, params: tuple[Any, ...] = (), chunk: int = 8192
-    ) -> Iterator[tuple[Any, ...]]:
-        """The rows of a read-only query, `chunk` at a time (a pass over every study
-        holds one chunk in memory, not the archive)."""
-        for rows in self._fetch_chunks(sql, params, chunk):
-            yield from rows
+    def file_identity(self, stored_path: str | bytes) -> tuple[int, int] | None:
+        """(size, mtime_ns) of a file's row by its stored path (:func:`state_key`), or None:
+        what the input store keys that file's input by."""
+        row = self._db.execute(
+            "SELECT size, mtime_ns FROM files WHERE path = ?", (stored_path,)
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def study_scores(self, chunk: int = 8192) -> Iterator[StudyScore]:
+        """Every study's score and flag with its accession number and study date, `chunk`
+        rows at a time (monitoring joins them to the report labels)."""
+        for rows in self._fetch_chunks(
+            "SELECT study_instance_uid, accession_number, study_date, score, flag FROM studies",
+            (),
+            chunk,
+        ):
+            yield from map(StudyScore._make, rows)
+
+    def scored_study_images(self, chunk: int = 8192) -> Iterator[StudyImage]:
+        """Every scored image that has a SOP Instance UID, with its study's outcome, ordered
+        by study and then SOP Instance UID, `chunk` rows at a time (the SR stage groups
+        them into one SR per study)."""
+        for rows in self._fetch_chunks(_STUDY_IMAGES_SQL, (SCORED,), chunk):
+            yield from map(StudyImage._make, rows)
+
+    # -- what report.html draws (aggregates computed in SQL, so that a page of ten
+    #    million files never loads them into Python) ------------------------------------
+
+    def study_score_bins(self, by: str, bins: int) -> list[tuple[Any, int, int]]:
+        """Studies counted by (value of the study column `by`, score bin of `bins` equal
+        bins over [0, 1])."""
+        column = _study_column(by)
+        return self._db.execute(
+            f"SELECT {column}, {_bin(bins)} AS b, COUNT(*) FROM studies GROUP BY 1, 2"
+        ).fetchall()
+
+    def study_groups(
+        self, by: str, top: int, bins: int
+    ) -> tuple[list[StudyGroup], list[tuple[str, int, int]]]:
+        """The `top` largest groups of studies by `by` (one of :data:`STUDY_GROUPS`), most
+        studies first, and their studies counted by (group, score bin of `bins`)."""
+        expression = STUDY_GROUPS[by]
+        totals = self._rows(
+            StudyGroup,
+            f"SELECT {expression} AS g, COUNT(*), AVG(score), AVG(flag) FROM studies "
+            "GROUP BY g ORDER BY 2 DESC, 1 LIMIT ?",
+            (top,),
+        )
+        names = tuple(group.group for group in totals)
+        if not names:
+            return totals, []
+        marks = ",".join("?" * len(names))
+        counts = self._db.execute(
+            f"SELECT {expression} AS g, {_bin(bins)}, COUNT(*) FROM studies "
+            f"WHERE {expression} IN ({marks}) GROUP BY 1, 2",
+            names,
+        ).fetchall()
+        return totals, counts
+
+    def recent_runs(self, limit: int) -> list[RunLine]:
+        """The last `limit` runs, newest first."""
+        return self._rows(
+            RunLine,
+            "SELECT run_id, replace(substr(started_at, 1, 16), 'T', ' '), outcome, "
+            "files_found, files_processed, scored, skipped, failed, studies, "
+            "studies_flagged, images_per_second, seconds, model_version "
+            "FROM runs ORDER BY seq DESC LIMIT ?",
+            (limit,),
+        )
+
+    def studies_per_week(self, weeks: int) -> list[tuple[str, int, int | None]]:
+        """(Monday of the week of study date, studies, flagged) of the last `weeks` weeks
+        that have studies, oldest first."""
+        return self._db.execute(
+            "SELECT date(study_date, '-6 days', 'weekday 1') AS week, COUNT(*), SUM(flag) "
+            "FROM studies WHERE study_date IS NOT NULL GROUP BY week ORDER BY week DESC "
+            "LIMIT ?",
+            (weeks,),
+        ).fetchall()[::-1]
+
+    def undated_studies(self) -> int:
+        """Studies without a valid study date."""
+        return int(
+            self._db.execute("SELECT COUNT(*) FROM studies WHERE study_date IS NULL").fetchone()[0]
+        )
+
+    def top_flagged_studies(self, limit: int) -> list[FlaggedStudy]:
+        """The `limit` flagged studies of highest score (ties by study UID)."""
+        return self._rows(
+            FlaggedStudy,
+            "SELECT study_instance_uid, accession_number, study_date, score, views, "
+            "in_domain FROM studies WHERE flag = 1 ORDER BY score DESC, "
+            "study_instance_uid LIMIT ?",
+            (limit,),
+        )
+
+    def top_scored_images(self, study_instance_uid: str, limit: int) -> list[ShownImage]:
+        """The `limit` scored images of a study of highest score (ties by path)."""
+        return self._rows(
+            ShownImage,
+            "SELECT path, score, view, NULL FROM files WHERE study_instance_uid = ? AND "
+            "status = ? ORDER BY score DESC, path LIMIT ?",
+            (study_instance_uid, SCORED, limit),
+        )
+
+    def random_scored_images(self, one_in: int, limit: int) -> list[ShownImage]:
+        """At most `limit` scored images drawn at random, about one in `one_in` of them, in
+        one pass that stops at `limit` (a new draw every call)."""
+        return self._rows(
+            ShownImage,
+            "SELECT path, score, view, accession_number FROM files WHERE status = ? "
+            "AND abs(random()) % ? = 0 LIMIT ?",
+            (SCORED, one_in, limit),
+        )
+
+    def _rows(self, row: type[_Row], sql: str, params: tuple[Any, ...]) -> list[_Row]:
+        """Every row of a query, as `row` named tuples."""
+        return [row._make(values) for values in self._db.execute(sql, params)]
 
     # -- transactions ------------------------------------------------------------------
 

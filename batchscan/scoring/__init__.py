@@ -7,5 +7,6 @@
   :mod:`~batchscan.scoring.rescore` scores stored inputs again when the model or the
   training domain changes, without opening the archive.
 
-May import: :mod:`batchscan.ingest` (downwards), TensorFlow/Keras, numpy; nothing above.
+May import: :mod:`batchscan.storage` and :mod:`batchscan.ingest` (downwards), TensorFlow/Keras,
+numpy; nothing above.
 """

@@ -13,6 +13,8 @@ TensorFlow is imported here lazily, so decode workers that import batchscan neve
 
 from __future__ import annotations
 
+import contextlib
+import platform
 import time
 from typing import Any, Literal
 
@@ -31,6 +33,27 @@ def gpu_available() -> bool:
     import tensorflow as tf
 
     return bool(tf.config.list_physical_devices("GPU"))
+
+
+def device_description() -> str:
+    """The device the model runs on, as its maker names it: ``GPU (NVIDIA H200)`` from
+    TensorFlow's device details, else ``CPU (AMD EPYC 7B13)`` from ``/proc/cpuinfo``. Two
+    devices give scores that differ in float rounding (and by more in mixed precision), so
+    every run records the one its scores came from (manifest.json, runs.parquet)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        name = details.get("device_name") or gpus[0].name
+        return f"GPU ({name}{f' x{len(gpus)}' if len(gpus) > 1 else ''})"
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        name = next(
+            (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+            name,
+        )
+    return f"CPU ({name})"
 
 
 def _mixed_precision_copy(model: Any) -> Any:
@@ -90,7 +113,8 @@ class Scorer:
         use_mixed = precision == "mixed" or (precision == "auto" and gpu_available())
         model = _mixed_precision_copy(loaded.keras_model) if use_mixed else loaded.keras_model
         self.precision = "mixed" if use_mixed else "float32"
-        self.device = "GPU" if gpu_available() else "CPU"
+        #: ``CPU (model name)`` or ``GPU (name)``: :func:`device_description`.
+        self.device = device_description()
         self.ood = loaded.ood
         if self.ood is not None:  # one pass gives the score and the layer OOD reads
             import keras

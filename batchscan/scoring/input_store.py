@@ -8,7 +8,7 @@ I/O.
 
 What an entry holds and when it is used: the input of one file, keyed by the file's
 identity (its state key, size and mtime) and the *input key* (the options and versions
-that make an input, :func:`batchscan.scan.input_key`). An entry is used only when all
+that make an input, :func:`batchscan.results.keys.input_key`). An entry is used only when all
 four match the file as discovery sees it now; anything else is a miss, and a miss means
 the file is read again, never a crash or a score from another picture.
 
@@ -18,11 +18,13 @@ deflated (:func:`encode`; the level step 1.5e-5 moves a score by far less than t
 the store promises, tested). Each entry carries a CRC-32 of its bytes: a flipped bit is a
 miss.
 
-Crash safety: SQLite in WAL mode, committed with the state's checkpoints; a run killed
-with SIGKILL loses at most the entries since the last checkpoint (those files are read
-again). A store that cannot be opened or read (truncated, overwritten, another program's
-file) is deleted and started afresh with a warning: it is a cache of the archive, and
-holds pictures of patients, so it is written 0640 like every file and never copied aside.
+Crash safety: SQLite in WAL mode (opened by :func:`batchscan.storage.sqlite.open_store`),
+committed with the state's checkpoints; a run killed with SIGKILL loses at most the entries
+since the last checkpoint (those files are read again). A store that cannot be opened or
+read (truncated, overwritten, another program's file) is deleted and started afresh with a
+warning (its failure policy, :attr:`~batchscan.storage.sqlite.OnDamage.START_AFRESH`): it
+is a cache of the archive, and holds pictures of patients, so it is written 0640 like every
+file and never copied aside.
 
 Beside the inputs, the store keeps what the drift monitor (:mod:`batchscan.site.drift`)
 derives from a sample of them (a few statistics of the picture and the model's penultimate
@@ -46,9 +48,18 @@ from typing import Any, Final
 
 import numpy as np
 
-from batchscan.ingest.paths import make_private, sqlite_files
 from batchscan.ingest.preprocess import CHANNELS, INPUT_SIZE
 from batchscan.ingest.records import chunks
+from batchscan.storage.sqlite import (
+    OnDamage,
+    Schema,
+    StoreError,
+    UnavailableError,
+    open_readonly,
+    open_store,
+    remove,
+    sqlite_files,
+)
 
 log = logging.getLogger("batchscan")
 
@@ -64,8 +75,7 @@ LEVEL_BYTES: Final = INPUT_SIZE * INPUT_SIZE * 2
 ZLIB_LEVEL: Final = 1
 _CHUNK: Final = 500
 
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+_TABLES: Final = """
 CREATE TABLE IF NOT EXISTS inputs (
     path NOT NULL UNIQUE,
     size INTEGER NOT NULL,
@@ -89,6 +99,11 @@ CREATE TABLE IF NOT EXISTS derived (
 #: overflow page of its own (with SQLite's default 4 KiB pages an entry took three pages,
 #: 12 KiB; measured).
 PAGE_SIZE: Final = 32768
+#: The store's table and its version (:mod:`batchscan.storage.sqlite`): the version is the
+#: entry encoding, kept under the key stores have always had.
+SCHEMA: Final = Schema(
+    version=ENCODING, script=_TABLES, version_key="encoding", page_size=PAGE_SIZE
+)
 
 #: A file's identity as the store keys it: (state key, size, mtime_ns).
 Identity = tuple[str | bytes, int, int]
@@ -158,39 +173,23 @@ class InputStore:
         self.resets = 0
         try:
             self._open()
-        except sqlite3.DatabaseError as exc:
+        except (StoreError, sqlite3.DatabaseError) as exc:
             self._reset(exc)
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def _open(self) -> None:
         if self.readonly:
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
-            row = self._db.execute("SELECT value FROM meta WHERE key='encoding'").fetchone()
-            if row is None or row[0] != str(ENCODING):
-                raise sqlite3.DatabaseError(f"entry encoding {row and row[0]}")
+            self._db = open_readonly(self.path, SCHEMA)
             return
-        db = sqlite3.connect(self.path, isolation_level=None)
+        db = open_store(self.path, SCHEMA, on_damage=OnDamage.START_AFRESH, on_afresh=self._afresh)
         try:
-            db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # only takes on a new database
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-            row = db.execute("SELECT value FROM meta WHERE key='encoding'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta VALUES ('encoding', ?)", (str(ENCODING),))
-            elif row[0] != str(ENCODING):
-                raise sqlite3.DatabaseError(
-                    f"entry encoding {row[0]}, this batchscan reads {ENCODING}"
-                )
             db.execute("SELECT COUNT(*) FROM inputs").fetchone()  # a truncated file fails here
             db.execute("BEGIN")
         except BaseException:
             db.close()
             raise
         self._db = db
-        for made in self.files():
-            make_private(made)
 
     def files(self) -> tuple[Path, Path, Path]:
         """The store's files on disk (database, WAL, shared memory)."""
@@ -202,34 +201,37 @@ class InputStore:
                 self._db.close()
         self._db = None
 
-    def _reset(self, exc: BaseException) -> None:
-        """Delete a store that is damaged and start an empty one (its files will be read
-        again). A store that is sound but cannot be used now (disk full, locked, an I/O
-        error: SQLite's OperationalError) is kept and left alone for the rest of the run, as
-        is a read-only one: a full disk tonight must not cost the whole store."""
+    def _afresh(self, exc: BaseException) -> None:
+        """Say that the store is deleted and started afresh (its files will be read
+        again)."""
         self.resets += 1
-        if self.readonly or isinstance(exc, sqlite3.OperationalError):
-            log.warning(
-                "input store %s cannot be used now (%s): kept, and not used for the rest of "
-                "this run (its files are read)",
-                self.path,
-                exc,
-            )
-            self._close_quietly()
-            return
         log.warning(
             "input store %s cannot be used (%s): started afresh; the files it held are "
             "read from the archive again",
             self.path,
             exc,
         )
+
+    def _reset(self, exc: BaseException) -> None:
+        """Delete a store that is damaged and start an empty one (its files will be read
+        again). A store that is sound but cannot be used now (disk full, locked, an I/O
+        error: SQLite's OperationalError) is kept and left alone for the rest of the run, as
+        is a read-only one: a full disk tonight must not cost the whole store."""
         self._close_quietly()
-        for made in self.files():
-            with contextlib.suppress(FileNotFoundError):
-                made.unlink()
+        if self.readonly or isinstance(exc, sqlite3.OperationalError | UnavailableError):
+            self.resets += 1
+            log.warning(
+                "input store %s cannot be used now (%s): kept, and not used for the rest of "
+                "this run (its files are read)",
+                self.path,
+                exc,
+            )
+            return
+        self._afresh(exc)
+        remove(self.path)
         try:
             self._open()
-        except sqlite3.DatabaseError as again:  # e.g. REPORT_DIR's disk is failing
+        except (StoreError, sqlite3.DatabaseError) as again:  # e.g. REPORT_DIR's disk is failing
             log.warning("input store %s cannot be made (%s): runs without one", self.path, again)
             self._db = None
 

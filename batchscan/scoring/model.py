@@ -29,7 +29,7 @@ from batchscan.scoring.ood import OodStatistics
 #: Stem of the model shipped inside the package and used when ``--model`` is not given.
 DEFAULT_MODEL_NAME: Final = "pneumonia_cnn_seed"
 
-#: Keys a card must hold (see docs/interface.md of the project).
+#: Keys a card must hold (docs/model.md, "The model file and its card").
 REQUIRED_CARD_KEYS: Final = (
     "preprocessing",
     "threshold",
@@ -104,125 +104,51 @@ class LoadedModel:
     ood: OodStatistics | None = None
 
 
-#: Units of the seed architecture's layers that an ensemble widens (one block per member).
-_CONV1: Final = 32
-_CONV2: Final = 64
-_DENSE: Final = 64
-
-
-def build_seed_model(members: int = 1) -> Any:
+def build_seed_model() -> Any:
     """Build the seed architecture of the original design (untrained).
 
     Conv2D(32, 3x3, relu) -> MaxPool(2) -> Conv2D(64, 3x3, relu) -> MaxPool(2) -> Flatten ->
     Dense(64, relu) -> Dense(1, sigmoid), input 64 x 64 x 3.
-
-    With ``members`` > 1 the same chain of layers holds that many seed CNNs side by side
-    (:func:`merge_members` fills it): ``conv1`` has 32 filters per member, ``conv2`` is a
-    grouped convolution (each member's 64 filters see only its own 32 channels), ``dense``
-    has 64 units per member (weights between members stay zero) and ``score`` averages the
-    members' logits. Why one chain rather than k models: the scan, the OOD statistics
-    (``dense``), calibration (``score``) and the maps (HiResCAM on the last Conv2D) all work
-    on one chain of layers, and then serve an ensemble unchanged.
     """
     import keras
 
-    if members < 1:
-        raise ValueError("members must be at least 1")
-    k = members
     return keras.Sequential(
         [
             keras.Input(shape=(INPUT_SIZE, INPUT_SIZE, CHANNELS), name="image"),
-            keras.layers.Conv2D(_CONV1 * k, (3, 3), activation="relu", name="conv1"),
+            keras.layers.Conv2D(32, (3, 3), activation="relu", name="conv1"),
             keras.layers.MaxPooling2D((2, 2), name="pool1"),
-            keras.layers.Conv2D(_CONV2 * k, (3, 3), activation="relu", groups=k, name="conv2"),
+            keras.layers.Conv2D(64, (3, 3), activation="relu", name="conv2"),
             keras.layers.MaxPooling2D((2, 2), name="pool2"),
             keras.layers.Flatten(name="flatten"),
-            keras.layers.Dense(_DENSE * k, activation="relu", name="dense"),
+            keras.layers.Dense(64, activation="relu", name="dense"),
             keras.layers.Dense(1, activation="sigmoid", name="score"),
         ],
-        name="pneumonia_cnn_seed" if k == 1 else f"pneumonia_cnn_seed_ensemble_{k}",
+        name="pneumonia_cnn_seed",
     )
 
 
-def members_of(keras_model: Any) -> int:
-    """How many seed CNNs a model of the seed architecture holds (1, or an ensemble's k).
+def check_seed_architecture(keras_model: Any) -> None:
+    """Refuse a model whose layers are not those of :func:`build_seed_model` (by name and
+    weight shapes): training, pretraining and calibration set and read its layers by name.
 
     Raises
     ------
-    ValueError
-        If the model is not the seed architecture (or an ensemble of it).
+    ModelError
+        Naming the first layer that differs.
     """
-    try:
-        filters = int(keras_model.get_layer("conv1").filters)
-        groups = int(keras_model.get_layer("conv2").groups)
-    except (ValueError, AttributeError) as exc:
-        raise ValueError(f"not the seed architecture: {exc}") from None
-    if filters % _CONV1 or filters // _CONV1 != groups:
-        raise ValueError(
-            f"not the seed architecture: conv1 {filters} filters, conv2 {groups} groups"
-        )
-    return groups
-
-
-def merge_members(models: list[Any]) -> Any:
-    """One model that averages the logits of seed CNNs (each of ``members_of`` 1).
-
-    The result, of :func:`build_seed_model` with ``members=len(models)``, gives exactly
-    ``sigmoid(mean of the members' logits)``; calibrate it afterwards as one model.
-    """
-    import numpy as np
-
-    k = len(models)
-    if k == 0:
-        raise ValueError("no models to merge")
-    if any(members_of(m) != 1 for m in models):
-        raise ValueError("only single seed CNNs can be merged")
-    merged = build_seed_model(k)
-    weights = [{layer.name: layer.get_weights() for layer in m.layers} for m in models]
-    conv1 = [np.concatenate([w["conv1"][i] for w in weights], axis=-1) for i in (0, 1)]
-    conv2 = [np.concatenate([w["conv2"][i] for w in weights], axis=-1) for i in (0, 1)]
-    # flatten orders (row, column, channel): member g's channels are g*64 ... g*64 + 63
-    kernel = weights[0]["dense"][0]
-    places = kernel.shape[0] // _CONV2
-    dense = np.zeros((places, _CONV2 * k, _DENSE * k), dtype=kernel.dtype)
-    for g, w in enumerate(weights):
-        rows, cols = slice(g * _CONV2, (g + 1) * _CONV2), slice(g * _DENSE, (g + 1) * _DENSE)
-        dense[:, rows, cols] = w["dense"][0].reshape(places, _CONV2, _DENSE)
-    dense_bias = np.concatenate([w["dense"][1] for w in weights])
-    score = np.concatenate([w["score"][0] for w in weights], axis=0) / k
-    score_bias = np.mean([w["score"][1] for w in weights], axis=0)
-    merged.get_layer("conv1").set_weights(conv1)
-    merged.get_layer("conv2").set_weights(conv2)
-    merged.get_layer("dense").set_weights(
-        [dense.reshape(places * _CONV2 * k, _DENSE * k), dense_bias]
-    )
-    merged.get_layer("score").set_weights([score, score_bias])
-    return merged
-
-
-def split_members(keras_model: Any) -> list[Any]:
-    """The seed CNNs an ensemble holds (the model itself, rebuilt, when it holds one), each
-    with its share of the last layer (its logit, before averaging, times one)."""
-    import numpy as np
-
-    k = members_of(keras_model)
-    w = {layer.name: layer.get_weights() for layer in keras_model.layers}
-    places = w["dense"][0].shape[0] // (_CONV2 * k)
-    out = []
-    for g in range(k):
-        one = build_seed_model()
-        c1 = slice(g * _CONV1, (g + 1) * _CONV1)
-        c2 = slice(g * _CONV2, (g + 1) * _CONV2)
-        d = slice(g * _DENSE, (g + 1) * _DENSE)
-        one.get_layer("conv1").set_weights([w["conv1"][0][..., c1], w["conv1"][1][c1]])
-        one.get_layer("conv2").set_weights([w["conv2"][0][..., c2], w["conv2"][1][c2]])
-        dense = w["dense"][0].reshape(places, _CONV2 * k, _DENSE * k)[:, c2, d]
-        one.get_layer("dense").set_weights(
-            [np.ascontiguousarray(dense.reshape(places * _CONV2, _DENSE)), w["dense"][1][d]]
-        )
-        one.get_layer("score").set_weights([w["score"][0][d] * k, w["score"][1]])
-        out.append(one)
-    return out
+    expected = {
+        layer.name: [tuple(w.shape) for w in layer.get_weights()]
+        for layer in build_seed_model().layers
+    }
+    for name, shapes in expected.items():
+        try:
+            found = [tuple(w.shape) for w in keras_model.get_layer(name).get_weights()]
+        except (ValueError, AttributeError):
+            raise ModelError(f"not the seed architecture: no layer {name!r}") from None
+        if found != shapes:
+            raise ModelError(
+                f"not the seed architecture: layer {name!r} has weights {found}, not {shapes}"
+            )
 
 
 def sha256_of(path: Path) -> str:

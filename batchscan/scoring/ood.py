@@ -20,11 +20,14 @@ numpy: the scoring stage (:mod:`batchscan.scoring.infer`) computes the activatio
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
+
+from batchscan.storage import files
 
 #: The layer whose activations are compared (the seed CNN's penultimate Dense layer).
 LAYER: Final = "dense"
@@ -88,16 +91,18 @@ def distances(features: np.ndarray, stats: OodStatistics) -> np.ndarray:
 
 
 def save(stats: OodStatistics, path: Path) -> str:
-    """Write the statistics as npz; returns the file's sha256 (for the card)."""
-    with path.open("wb") as handle:
-        np.savez(
-            handle,
-            layer=np.array(stats.layer),
-            means=stats.means,
-            precision=stats.precision,
-            threshold=np.array(stats.threshold),
-        )
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """Write the statistics as npz (atomically); returns the file's sha256 (for the card)."""
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        layer=np.array(stats.layer),
+        means=stats.means,
+        precision=stats.precision,
+        threshold=np.array(stats.threshold),
+    )
+    data = buffer.getvalue()
+    files.write(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def card_section(stats: OodStatistics, path: Path, sha256: str, n_train: int) -> dict[str, Any]:

@@ -31,10 +31,8 @@ above zero), and no header attribute carries its figure (the shortcut check's wa
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
-import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -46,15 +44,21 @@ import numpy as np
 import pandas as pd
 
 from batchscan.engines.pipeline import ScanConfig, prepared_stream
-from batchscan.ingest.paths import from_state, make_private, stat
+from batchscan.ingest.paths import from_state, stat
 from batchscan.ingest.records import ImageRecord
 from batchscan.results import plots
 from batchscan.results.aggregate import aggregate_studies
 from batchscan.results.keys import input_key
-from batchscan.results.report import MANIFEST_FILE, publish
-from batchscan.results.state import STATE_FILE
+from batchscan.results.report import MANIFEST_FILE
+from batchscan.results.state import STATE_FILE, StateError, scored_files
 from batchscan.scoring.input_store import STORE_FILE, InputStore
-from batchscan.scoring.model import ModelError, check_model, load_model, members_of
+from batchscan.scoring.model import (
+    ModelCard,
+    ModelError,
+    check_model,
+    check_seed_architecture,
+    load_model,
+)
 from batchscan.site import metrics
 from batchscan.site.evaluate import (
     compare_shadow,
@@ -63,7 +67,8 @@ from batchscan.site.evaluate import (
     shortcut_checks,
     shortcut_html,
 )
-from batchscan.site.monitoring import LABELS_DB, MonitorError, known_labels, read_all, report_digest
+from batchscan.site.label_cache import LABELS_DB, known_labels, report_digest
+from batchscan.site.monitoring import MonitorError, read_all
 from batchscan.site.report_labels import ReportLabeler
 from batchscan.site.site_training import (
     FINE_TUNE_EPOCHS,
@@ -73,6 +78,7 @@ from batchscan.site.site_training import (
     balance_weights,
     split_by_patient,
 )
+from batchscan.storage import files
 
 #: Studies of each class the later period needs before a verdict can say "deploy".
 MIN_LATER_PER_CLASS: Final = 20
@@ -83,14 +89,12 @@ TARGET_SENSITIVITY: Final = 0.90
 #: Worst errors of each kind drawn with their maps in adaptation.html.
 ERRORS_SHOWN: Final = 6
 JSON_FILE: Final = "adaptation.json"
-PRETRAIN_CACHE_VERSION: Final = 1
 HTML_FILE: Final = "adaptation.html"
 #: The columns read from the state's file rows.
 _COLUMNS: Final = (
     "path",
     "size",
     "mtime_ns",
-    "settings_key",
     "study_instance_uid",
     "accession_number",
     "study_date",
@@ -129,26 +133,9 @@ class AdaptRequest:
     pretrain_views: int | None = None
     epochs: int | None = None
     patience: int = 8
-    #: Use at most this many labelled training-period studies, drawn with the seed (a
-    #: learning curve: ``jobs/experiments/adapt_levers.py``); None: all of them.
-    max_labelled: int | None = None
-    #: A file that keeps the pretrained backbone under a key of what made it (the
-    #: period's films, the base model, the seed, the views), so that runs differing only in
-    #: what they fine-tune on pretrain once; None: pretrain every time.
-    pretrain_cache: Path | None = None
-    #: Probability of erasing a training picture's borders
-    #: (:func:`batchscan.site.training.erase_borders`); 0: none. Measured against the edge
-    #: shortcut (``jobs/experiments/lung_evidence.py``), it did not help, so no option sets it.
-    erase_borders: float = 0.0
     #: ``view``: every view carries the same class balance in the loss and the validation
     #: AUC (:func:`batchscan.site.site_training.balance_weights`); None: class weighting.
     balance: str | None = None
-    #: Seed CNNs trained on the same split and averaged in one model
-    #: (:func:`batchscan.site.training.train_ensemble`); None: as many as the base holds
-    #: (one, unless the model in use is an ensemble). Measured on the simulated hospitals
-    #: (``jobs/experiments/adapt_levers.py --variants plain,ens3``), three did not help, so
-    #: no option sets it.
-    ensemble: int | None = None
 
 
 @dataclass(slots=True)
@@ -236,16 +223,10 @@ def scored_images(report_dir: Path, manifest: dict[str, Any]) -> pd.DataFrame:
     """The scored file rows of the scan's state (read-only), with ``input_key`` from each
     row's keys and ``date`` parsed from the study date (NaT when missing or invalid)."""
     state = Path(manifest.get("arguments", {}).get("state") or report_dir / STATE_FILE)
-    db = sqlite3.connect(f"file:{state}?mode=ro", uri=True)
     try:
-        columns = ", ".join(f'"{c}"' for c in _COLUMNS)
-        rows = db.execute(f"SELECT {columns} FROM files WHERE status = 'scored'").fetchall()
-    except sqlite3.Error as exc:
+        frame = scored_files(state, _COLUMNS)
+    except StateError as exc:
         raise AdaptError(f"cannot read the scan's state {state}: {exc}") from None
-    finally:
-        db.close()
-    frame = pd.DataFrame(rows, columns=list(_COLUMNS))
-    frame["input_key"] = frame["settings_key"].str.split(".").str[1]
     frame["date"] = pd.to_datetime(frame["study_date"], errors="coerce").dt.normalize()
     frame["status"] = "scored"
     return frame
@@ -332,55 +313,6 @@ def load_inputs(
         else np.zeros((0, 64, 64), np.float32)
     )
     return kept, inputs, len(again)
-
-
-def pretrain_key(period: pd.DataFrame, base_version: str, seed: int, views: int) -> str:
-    """What makes a pretraining: the period's films (paths, sizes, mtimes), the base model,
-    the seed and the views seen."""
-    digest = hashlib.sha256(f"{PRETRAIN_CACHE_VERSION}\0{base_version}\0{seed}\0{views}".encode())
-    for path, size, mtime in sorted(
-        zip(period["path"].map(str), period["size"], period["mtime_ns"], strict=True)
-    ):
-        digest.update(f"\n{path}\0{size}\0{mtime}".encode("utf-8", "surrogatepass"))
-    return digest.hexdigest()
-
-
-def load_pretrained(path: Path | None, key: str) -> Any:
-    """The pretraining kept at `path` under `key`, or None (no file, another key, or a
-    file that cannot be read: pretraining runs again)."""
-    from batchscan.site.pretrain import BACKBONE_LAYERS, Pretrained
-
-    if path is None or not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if str(data["key"]) != key:
-                return None
-            facts = json.loads(str(data["facts"]))
-            if facts.get("collapsed"):
-                return Pretrained(None, facts)
-            weights = {
-                name: [data[f"{name}:{i}"] for i in range(int(data[f"{name}:n"]))]
-                for name in BACKBONE_LAYERS
-            }
-            return Pretrained(weights, facts)
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def save_pretrained(path: Path | None, key: str, pretrained: Any) -> None:
-    """Keep `pretrained` at `path` under `key` (atomically; nothing when `path` is None)."""
-    if path is None:
-        return
-    arrays: dict[str, Any] = {"key": np.array(key), "facts": np.array(json.dumps(pretrained.facts))}
-    for name, weights in (pretrained.weights or {}).items():
-        arrays[f"{name}:n"] = np.array(len(weights))
-        arrays.update({f"{name}:{i}": w for i, w in enumerate(weights)})
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("wb") as handle:
-        np.savez(handle, **arrays)
-    make_private(temporary)
-    publish(temporary, path)
 
 
 def _examples(rows: pd.DataFrame, inputs: np.ndarray) -> Examples:
@@ -576,41 +508,72 @@ def _error_figures(
     }
 
 
-def run_adaptation(
-    request: AdaptRequest, labeler: Callable[[], ReportLabeler] = ReportLabeler
-) -> Adaptation:
-    """Label, split by date, (pretrain,) train, measure both models on the later studies,
-    write the model, its card, adaptation.json and adaptation.html, and say whether to
-    deploy.
+@dataclass(frozen=True, slots=True)
+class ScanInUse:
+    """The scan an adaptation starts from: the manifest of its last run, the model in use
+    (the scan's) and the base to fine-tune (``--base``, else the model in use)."""
+
+    manifest: dict[str, Any]
+    in_use: ModelCard
+    base: ModelCard
+
+
+@dataclass(slots=True)
+class Selection:
+    """The scan's scored images (``rows``, with ``date`` and ``report_label``) and the rows
+    of each part, before any model input is read: the labelled ``earlier`` and ``later``
+    images and the pretraining ``films`` (every scored image of the training period; none
+    without ``--pretrain``); ``accounting`` counts what was left out and why."""
+
+    rows: pd.DataFrame
+    earlier: pd.DataFrame
+    later: pd.DataFrame
+    films: pd.DataFrame
+    accounting: Counter[str]
+
+
+@dataclass(slots=True)
+class Periods:
+    """The parts with their model inputs: the training period's labelled images (with their
+    patient split into ``train``/``val``), the later images measured (patients seen in the
+    training period left out) and the pretraining films."""
+
+    earlier: Period
+    later: Period
+    films: Period
+    examples: Examples
+    split: np.ndarray
+    accounting: Counter[str]
+
+
+def open_scan(request: AdaptRequest) -> ScanInUse:
+    """The scan in REPORT_DIR, its model and the base, checked before anything is read.
 
     Raises
     ------
     AdaptError
-        No scan or no labels in REPORT_DIR, or too few labelled training-period studies
-        to split (the message gives the counts).
+        No finished scan, ``--out`` inside the archive, or the scan's model unusable.
     batchscan.scoring.model.ModelError
-        The model in use (or ``--base``) cannot be loaded.
+        ``--base`` cannot be used.
     """
-    from batchscan.site.training import (
-        Dataset,
-        TrainConfig,
-        predict_scores,
-        train_ensemble,
-        write_model,
-    )
-
     manifest = read_scan(request.report_dir)
     archive = Path(str(manifest.get("arguments", {}).get("archive"))).resolve()
     out = request.out.resolve()
     if out == archive or archive in out.parents:
         raise AdaptError(f"--out {request.out} is inside the archive; it is never written")
     try:
-        in_use_card = check_model(Path(manifest["model"]["path"]))
+        in_use = check_model(Path(manifest["model"]["path"]))
     except (KeyError, ModelError) as exc:
         raise AdaptError(f"the scan's model cannot be used: {exc}") from None
-    base_card = check_model(request.base) if request.base else in_use_card
-    labels, label_facts = site_labels(request.report_dir, request.reports_file, labeler)
-    rows = scored_images(request.report_dir, manifest)
+    base = check_model(request.base) if request.base else in_use
+    return ScanInUse(manifest, in_use, base)
+
+
+def select_rows(request: AdaptRequest, scan: ScanInUse, labels: dict[str, str]) -> Selection:
+    """The scan's scored images with their report labels, cut at ``--until``: labelled
+    images dated up to it (training), after it (measurement), and with ``--pretrain``
+    every image dated up to it."""
+    rows = scored_images(request.report_dir, scan.manifest)
     until = pd.Timestamp(request.until)
     rows["report_label"] = rows["accession_number"].map(labels)
     accounting: Counter[str] = Counter()
@@ -623,26 +586,38 @@ def run_adaptation(
     dated = rows[rows["date"].notna()]
     decided = dated["report_label"].isin(("pneumonia", "normal"))
     labelled = dated[decided].assign(label=(dated["report_label"] == "pneumonia").astype(int))
-    earlier_rows = labelled[labelled["date"] <= until]
-    if request.max_labelled is not None:
-        studies = np.sort(earlier_rows["study_instance_uid"].unique())
-        if len(studies) > request.max_labelled:
-            rng = np.random.default_rng(request.seed)
-            chosen = rng.choice(studies, request.max_labelled, replace=False)
-            earlier_rows = earlier_rows[earlier_rows["study_instance_uid"].isin(chosen)]
-    later_rows = labelled[labelled["date"] > until]
-    pretrain_rows = dated[dated["date"] <= until] if request.pretrain else dated.iloc[:0]
-    needed = pd.concat([earlier_rows, later_rows, pretrain_rows]).drop_duplicates("path")
+    return Selection(
+        rows=rows,
+        earlier=labelled[labelled["date"] <= until],
+        later=labelled[labelled["date"] > until],
+        films=dated[dated["date"] <= until] if request.pretrain else dated.iloc[:0],
+        accounting=accounting,
+    )
+
+
+def load_periods(request: AdaptRequest, scan: ScanInUse, selection: Selection) -> Periods:
+    """Read the selected images' model inputs (:func:`load_inputs`), split the training
+    period's patients into train and val, and leave out of the measurement the later
+    studies of patients the model learns from.
+
+    Raises
+    ------
+    AdaptError
+        Too few labelled training-period studies to split.
+    """
+    accounting = selection.accounting
+    labelled = pd.concat([selection.earlier, selection.later])
+    needed = pd.concat([labelled, selection.films]).drop_duplicates("path")
     kept, inputs, reread = load_inputs(
         request.report_dir,
-        manifest,
+        scan.manifest,
         needed.drop(columns=["label"], errors="ignore"),
         workers=request.workers,
         progress=request.progress,
     )
     accounting["files read again (not in the input store)"] = reread
     accounting["labelled images without a model input (left out)"] = int(
-        (~pd.concat([earlier_rows, later_rows])["path"].isin(kept["path"])).sum()
+        (~labelled["path"].isin(kept["path"])).sum()
     )
     position = {p: i for i, p in enumerate(kept["path"])}
 
@@ -650,7 +625,7 @@ def run_adaptation(
         part = part[part["path"].isin(position)].reset_index(drop=True)
         return Period(part, inputs[[position[p] for p in part["path"]]])
 
-    earlier, later = period(earlier_rows), period(later_rows)
+    earlier, later = period(selection.earlier), period(selection.later)
     examples = _examples(earlier.images, earlier.inputs)
     try:
         split = split_by_patient(
@@ -661,49 +636,72 @@ def run_adaptation(
     except TrainingError as exc:
         raise AdaptError(f"studies dated up to {request.until}: {exc}") from None
     # later studies of patients the model learned from are not new to it
-    period_patients = rows.loc[rows["date"] <= until, "patient_key"].dropna()
-    known = {k for k in period_patients if k}
+    rows = selection.rows
+    period_patients = rows.loc[rows["date"] <= pd.Timestamp(request.until), "patient_key"]
+    known = {k for k in period_patients.dropna() if k}
     seen = later.images["patient_key"].isin(known).to_numpy()
     accounting["later images of patients in the training period (left out)"] = int(seen.sum())
     later = Period(later.images[~seen].reset_index(drop=True), later.inputs[~seen])
+    return Periods(earlier, later, period(selection.films), examples, split, accounting)
 
-    base_model = load_model(base_card.path).keras_model
-    pretrained_facts = None
-    if request.pretrain and members_of(base_model) > 1:
-        raise AdaptError(
-            f"--pretrain starts from one seed CNN, and {base_card.version} is an ensemble of "
-            f"{members_of(base_model)}: give --base a single model"
+
+def load_base(scan: ScanInUse) -> Any:
+    """The Keras model to fine-tune (``--base``, else the model in use).
+
+    Raises
+    ------
+    AdaptError
+        It is not the seed architecture (which is all that ``adapt`` trains).
+    """
+    base = load_model(scan.base.path).keras_model
+    try:
+        check_seed_architecture(base)
+    except ModelError as exc:
+        raise AdaptError(f"{scan.base.version} cannot be fine-tuned here: {exc}") from None
+    return base
+
+
+def pretraining(request: AdaptRequest, base: Any, films: Period) -> Any:
+    """``--pretrain``: SimSiam from `base`'s backbone on the training period's films
+    (:func:`batchscan.site.pretrain.pretrain`).
+
+    Raises
+    ------
+    AdaptError
+        Too few films to pretrain on.
+    """
+    from batchscan.site.pretrain import DEFAULT_VIEWS, pretrain
+
+    try:
+        return pretrain(
+            base,
+            films.inputs,
+            views=request.pretrain_views or DEFAULT_VIEWS,
+            seed=request.seed,
+            verbose=request.progress,
         )
-    if request.pretrain:
-        from batchscan.site.pretrain import DEFAULT_VIEWS, pretrain, with_backbone
+    except ValueError as exc:
+        raise AdaptError(f"--pretrain: studies dated up to {request.until}: {exc}") from None
 
-        films = pretrain_rows[pretrain_rows["path"].isin(position)]
-        views = request.pretrain_views or DEFAULT_VIEWS
-        key = pretrain_key(films, base_card.version, request.seed, views)
-        pretrained = load_pretrained(request.pretrain_cache, key)
-        if pretrained is None:
-            try:
-                pretrained = pretrain(
-                    base_model,
-                    inputs[[position[p] for p in films["path"]]],
-                    views=views,
-                    seed=request.seed,
-                    verbose=request.progress,
-                )
-            except ValueError as exc:
-                raise AdaptError(
-                    f"--pretrain: studies dated up to {request.until}: {exc}"
-                ) from None
-            save_pretrained(request.pretrain_cache, key, pretrained)
-        pretrained_facts = pretrained.facts
-        base_model = with_backbone(base_model, pretrained)
 
-    def as_x(a: np.ndarray) -> np.ndarray:
-        return np.repeat(a[..., None], 3, axis=-1)
+def _as_x(inputs: np.ndarray) -> np.ndarray:
+    """Model inputs (N, 64, 64) as the network takes them (N, 64, 64, 3)."""
+    return np.repeat(inputs[..., None], 3, axis=-1)
 
-    x = {s: as_x(earlier.inputs[split == s]) for s in ("train", "val")}
+
+def training_set(
+    request: AdaptRequest, periods: Periods
+) -> tuple[Any, dict[str, np.ndarray] | None]:
+    """The training period's train and val parts as a
+    :class:`batchscan.site.training.Dataset` (its test part: the later images, which only
+    the card's figures read), and the ``--balance view`` weights (None: class weighting)."""
+    from batchscan.site.training import Dataset
+
+    split, examples = periods.split, periods.examples
+    x = {s: _as_x(periods.earlier.inputs[split == s]) for s in ("train", "val")}
     y = {s: examples.label[split == s] for s in ("train", "val")}
-    x["test"], y["test"] = as_x(later.inputs), later.images["label"].to_numpy(dtype=np.int64)
+    x["test"] = _as_x(periods.later.inputs)
+    y["test"] = periods.later.images["label"].to_numpy(dtype=np.int64)
     if len(x["test"]) == 0:  # write_model scores a test split: give it the validation part
         x["test"], y["test"] = x["val"], y["val"]
     dataset = Dataset(
@@ -712,14 +710,6 @@ def run_adaptation(
         name=f"{request.report_dir.name}: report-labelled studies dated up to {request.until}",
         sha256=None,
         source=str(request.report_dir),
-    )
-    config = TrainConfig(
-        epochs=request.epochs or FINE_TUNE_EPOCHS,
-        learning_rate=FINE_TUNE_LEARNING_RATE,
-        patience=request.patience,
-        seed=request.seed,
-        verbose=1 if request.progress else 0,
-        erase_borders=request.erase_borders,
     )
     weights = (
         {
@@ -731,14 +721,44 @@ def run_adaptation(
         if request.balance == "view"
         else None
     )
-    members = request.ensemble or members_of(base_model)
-    model, report = train_ensemble(dataset, config, members, base=base_model, sample_weight=weights)
+    return dataset, weights
+
+
+def train_config(request: AdaptRequest) -> Any:
+    """Fine-tuning as ``batchscan train`` fine-tunes, with ``--epochs`` and ``--patience``."""
+    from batchscan.site.training import TrainConfig
+
+    return TrainConfig(
+        epochs=request.epochs or FINE_TUNE_EPOCHS,
+        learning_rate=FINE_TUNE_LEARNING_RATE,
+        patience=request.patience,
+        seed=request.seed,
+        verbose=1 if request.progress else 0,
+    )
+
+
+def write_site_model(
+    request: AdaptRequest,
+    scan: ScanInUse,
+    periods: Periods,
+    trained: tuple[Any, dict[str, Any]],
+    dataset: Any,
+    config: Any,
+    pretrained: Any = None,
+    card_facts: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the new model ``--out/<name>.keras`` and its card, which states the site's
+    domain, the study dates learned from, the split and the base; `card_facts` replace or
+    add card entries. Returns the card."""
+    from batchscan.site.training import write_model
+
+    model, report = trained
+    split, examples, later = periods.split, periods.examples, periods.later
     request.out.mkdir(parents=True, exist_ok=True)
-    out_path = request.out / f"{request.name}.keras"
     studies_in = {
         s: len(set(np.asarray(examples.study)[split == s].tolist())) for s in ("train", "val")
     }
-    dates = earlier.images["date"]
+    dates = periods.earlier.images["date"]
     facts = {
         "intended_use": "Scores this site's frontal chest radiographs after adaptation to its "
         "report-labelled studies; deploy only on the verdict of batchscan adapt.",
@@ -774,16 +794,9 @@ def run_adaptation(
             "shares": {"train": 1 - VALIDATION_SHARE, "val": VALIDATION_SHARE},
             "seed": request.seed,
         },
-        "base_model": {"version": base_card.version, "name": base_card.card.get("name")},
+        "base_model": {"version": scan.base.version, "name": scan.base.card.get("name")},
         "mode": "fine_tune" + ("_after_simsiam_pretraining" if request.pretrain else ""),
-        "ensemble": {
-            "members": members,
-            "what": "seed CNNs fine-tuned on the same split with seeds seed + 1000 i, "
-            "logits averaged, calibrated and thresholded on val as one model",
-        }
-        if members > 1
-        else None,
-        "pretraining": pretrained_facts,
+        "pretraining": pretrained.facts if pretrained is not None else None,
         "balance": {"by": request.balance},
         "limits": [
             "Not a medical device; not for diagnosis; every flag needs a radiologist's read.",
@@ -791,32 +804,52 @@ def run_adaptation(
             "studies like those it learned from and must be checked again when they change.",
             "Sees a 28 x 28 pixel picture (upsampled to 64 x 64): fine findings are invisible.",
         ],
+        **(card_facts or {}),
     }
-    card = write_model(model, report, dataset, config, out_path, "batchscan adapt", facts)
+    out_path = request.out / f"{request.name}.keras"
+    return write_model(model, report, dataset, config, out_path, "batchscan adapt", facts)
+
+
+def report_adaptation(
+    request: AdaptRequest,
+    scan: ScanInUse,
+    periods: Periods,
+    label_facts: dict[str, Any],
+    model: Any,
+    card: dict[str, Any],
+) -> Adaptation:
+    """Score the later studies with the new model, measure it against the model in use
+    (:func:`measure`), decide (:func:`verdict`) and write adaptation.json and
+    adaptation.html (:func:`write_adaptation`)."""
+    from batchscan.site.training import predict_scores
+
+    earlier, later = periods.earlier, periods.later
+    out_path = request.out / f"{request.name}.keras"
     new_card = check_model(out_path)
-    in_use = {"version": in_use_card.version, "threshold": in_use_card.threshold}
+    in_use = {"version": scan.in_use.version, "threshold": scan.in_use.threshold}
     new = {"version": new_card.version, "threshold": new_card.threshold}
 
     later_images = later.images.copy()
     later_images["new_score"] = (
-        predict_scores(model, as_x(later.inputs)) if len(later_images) else []
+        predict_scores(model, _as_x(later.inputs)) if len(later_images) else []
     )
     old_studies = study_frame(later_images, later_images["score"].to_numpy(), in_use["threshold"])
     new_studies = study_frame(later_images, later_images["new_score"].to_numpy(), new["threshold"])
     measured = measure(old_studies, new_studies["score"].to_numpy(), in_use, new)
     decision = verdict(measured, new["version"])
+    splits = card["training_data"]["splits"]
     result = {
         "until": str(request.until),
         "report_dir": str(request.report_dir),
         "model_in_use": in_use,
         "new_model": {**new, "path": str(out_path), "card": str(out_path.with_suffix(".json"))},
         "labels": label_facts,
-        "accounting": dict(accounting),
+        "accounting": dict(periods.accounting),
         "periods": {
             "training": {
                 "studies": card["training_data"]["studies"],
-                "train_studies": studies_in["train"],
-                "validation_studies": studies_in["val"],
+                "train_studies": splits["train"]["studies"],
+                "validation_studies": splits["val"]["studies"],
                 "pneumonia_studies": int(
                     earlier.images.groupby("study_instance_uid")["label"].first().sum()
                 ),
@@ -829,7 +862,9 @@ def run_adaptation(
                 "first_date": str(later.images["date"].min().date()) if len(later_images) else None,
                 "last_date": str(later.images["date"].max().date()) if len(later_images) else None,
             },
-            "pretraining_images": int(card["pretraining"]["images"]) if pretrained_facts else 0,
+            "pretraining_images": int(card["pretraining"]["images"])
+            if card.get("pretraining")
+            else 0,
         },
         "patients_known": bool(earlier.images["patient_key"].notna().any()),
         "validation": {"auc": card["metrics"].get("val_auc"), "threshold": card["threshold"]},
@@ -849,6 +884,38 @@ def run_adaptation(
     )
     written = write_adaptation(result, request.out, figures)
     return Adaptation(result, written)
+
+
+def run_adaptation(
+    request: AdaptRequest, labeler: Callable[[], ReportLabeler] = ReportLabeler
+) -> Adaptation:
+    """Label, split by date, (pretrain,) train, measure both models on the later studies,
+    write the model, its card, adaptation.json and adaptation.html, and say whether to
+    deploy.
+
+    Raises
+    ------
+    AdaptError
+        No scan or no labels in REPORT_DIR, a base that is not the seed architecture, or
+        too few labelled training-period studies to split (the message gives the counts).
+    batchscan.scoring.model.ModelError
+        The model in use (or ``--base``) cannot be loaded.
+    """
+    from batchscan.site.pretrain import with_backbone
+    from batchscan.site.training import train
+
+    scan = open_scan(request)
+    labels, label_facts = site_labels(request.report_dir, request.reports_file, labeler)
+    periods = load_periods(request, scan, select_rows(request, scan, labels))
+    base = load_base(scan)
+    pretrained = pretraining(request, base, periods.films) if request.pretrain else None
+    if pretrained is not None:
+        base = with_backbone(base, pretrained)
+    dataset, weights = training_set(request, periods)
+    config = train_config(request)
+    trained = train(dataset, config, base=base, sample_weight=weights)
+    card = write_site_model(request, scan, periods, trained, dataset, config, pretrained)
+    return report_adaptation(request, scan, periods, label_facts, trained[0], card)
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -1007,10 +1074,7 @@ def write_adaptation(
         (HTML_FILE, render_html(result, figures)),
     ):
         path = out / name
-        temporary = path.with_name(f".{name}.tmp")
-        temporary.write_text(text, encoding="utf-8")
-        make_private(temporary)
-        publish(temporary, path)
+        files.write(path, text)
         written.append(path)
     return written
 
@@ -1030,11 +1094,24 @@ __all__ = [
     "AdaptError",
     "AdaptRequest",
     "Adaptation",
+    "Period",
+    "Periods",
+    "ScanInUse",
+    "Selection",
+    "load_base",
+    "load_periods",
     "measure",
+    "open_scan",
     "parse_until",
+    "pretraining",
     "read_scan",
+    "report_adaptation",
     "run_adaptation",
+    "select_rows",
     "site_labels",
     "summary",
+    "train_config",
+    "training_set",
     "verdict",
+    "write_site_model",
 ]

@@ -44,6 +44,7 @@ from batchscan.results import plots
 from batchscan.results.report import MANIFEST_FILE, STUDIES_FILE
 from batchscan.results.saliency import Figure
 from batchscan.site import metrics
+from batchscan.storage import files
 
 KEYS: Final = ("accession_number", "study_instance_uid")
 LABEL_COLUMN: Final = "label"
@@ -945,19 +946,14 @@ def last_overall_auc(report_dir: Path) -> float | None:
     return None
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def write_evaluation(
     result: dict[str, Any], out_dir: Path, figures: dict[str, Figure] | None = None
 ) -> list[Path]:
     """Write ``evaluation.json`` and ``evaluation.html`` (with the errors' `figures`) to
-    `out_dir` (each replaced atomically); returns their paths."""
+    `out_dir` (each replaced atomically, :func:`batchscan.storage.files.write`); returns
+    their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out_dir / JSON_FILE, out_dir / HTML_FILE
-    _atomic_write(json_path, json.dumps(result, indent=2) + "\n")
-    _atomic_write(html_path, render_html(result, figures))
+    files.write(json_path, json.dumps(result, indent=2) + "\n")
+    files.write(html_path, render_html(result, figures))
     return [json_path, html_path]

@@ -5,8 +5,8 @@ Why here: a hospital gets a radiology report for every study, every day, and bat
 already turn reports into labels (:mod:`batchscan.site.report_labels`). So each scan with
 ``--reports-file`` labels the reports that are new or changed since the last run (a
 report is known by its accession number and a digest of its text, in
-``REPORT_DIR/report_labels.sqlite``; the text itself is never kept), joins the labels to
-the studies the state holds, and measures:
+``REPORT_DIR/report_labels.sqlite``, :mod:`batchscan.site.label_cache`; the text itself is
+never kept), joins the labels to the studies the state holds, and measures:
 
 * :func:`performance`: one row per day, ISO week (starting Monday) or calendar month of
   study date: studies labelled, pneumonia among them, the AUC with its 95 % bootstrap interval,
@@ -39,9 +39,6 @@ scoring.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date
@@ -53,9 +50,9 @@ import pandas as pd
 
 from batchscan.results.report import DISCREPANCIES_SCHEMA, PERFORMANCE_SCHEMA
 from batchscan.site import metrics
+from batchscan.site.label_cache import LabelCache
 from batchscan.site.report_labels import Report, ReportLabeler, ReportsError, read_reports
 
-LABELS_DB: Final = "report_labels.sqlite"
 PERIODS: Final = ("day", "week", "month")
 #: Studies of each class the latest period needs before it may warn.
 MIN_PER_CLASS: Final = 10
@@ -130,94 +127,6 @@ def read_all(path: Path) -> list[Report]:
         for report in reports:
             latest[report.key] = report
     return list(latest.values())
-
-
-def report_digest(text: str | None) -> str:
-    """The digest a report is known by (its text changes, its label is made again)."""
-    return hashlib.sha256((text or "").encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
-@dataclass(slots=True)
-class Refreshed:
-    """What :meth:`LabelCache.refresh` did."""
-
-    reports: int = 0
-    labelled: int = 0
-    unchanged: int = 0
-    labels: dict[str, str] = field(default_factory=dict)
-    reasons: dict[str, str] = field(default_factory=dict)
-
-
-class LabelCache:
-    """The labels of the reports seen so far, by accession, with the digest of the text
-    they were made from (so a report is labelled once, and again only when it changes).
-    Kept across runs: a nightly export that holds only the day's reports adds to it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None)
-        try:
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS labels (accession TEXT PRIMARY KEY, digest TEXT NOT "
-                "NULL, label TEXT NOT NULL, reason TEXT NOT NULL) WITHOUT ROWID"
-            )
-        except sqlite3.DatabaseError:
-            self._db.close()
-            raise
-
-    def refresh(self, reports: list[Report], labeler: Callable[[], ReportLabeler]) -> Refreshed:
-        """Label the reports that are new or changed (`labeler` is made only if any is) and
-        return every label known, ``pneumonia``, ``normal`` or ``uncertain``."""
-        known = {
-            accession: digest
-            for accession, digest in self._db.execute("SELECT accession, digest FROM labels")
-        }
-        todo = [(r, report_digest(r.text)) for r in reports]
-        todo = [(r, d) for r, d in todo if known.get(r.key) != d]
-        done = Refreshed(reports=len(reports), labelled=len(todo))
-        done.unchanged = len(reports) - len(todo)
-        if todo:
-            decisions = labeler().label_many(r.text for r, _ in todo)
-            rows = [
-                (r.key, d, decision.label, decision.reason)
-                for (r, d), decision in zip(todo, decisions, strict=True)
-            ]
-            self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR REPLACE INTO labels VALUES (?, ?, ?, ?)", rows)
-            self._db.execute("COMMIT")
-        for accession, label, reason in self._db.execute(
-            "SELECT accession, label, reason FROM labels"
-        ):
-            done.labels[accession], done.reasons[accession] = label, reason
-        return done
-
-    def close(self) -> None:
-        """Close the database."""
-        with contextlib.suppress(sqlite3.Error):
-            self._db.close()
-
-
-def known_labels(path: Path) -> dict[str, tuple[str, str, str]]:
-    """The labels a :class:`LabelCache` at `path` holds, read-only (another process, such
-    as ``batchscan adapt``, reads a scan's labels while a scan may run): (digest, label,
-    reason) by accession; empty when there is no readable cache."""
-    if not path.is_file():
-        return {}
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error:
-        return {}
-    try:
-        return {
-            accession: (digest, label, reason)
-            for accession, digest, label, reason in db.execute(
-                "SELECT accession, digest, label, reason FROM labels"
-            )
-        }
-    except sqlite3.Error:
-        return {}
-    finally:
-        db.close()
 
 
 def joined(studies: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:

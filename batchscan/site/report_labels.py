@@ -46,18 +46,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import sys
-import tempfile
 import tomllib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final, Literal
+
+from batchscan.storage import files
 
 KEYS: Final = ("accession_number", "study_instance_uid")
 DEFAULT_TEXT_COLUMN: Final = "report"
@@ -621,27 +620,16 @@ class LabelsRun:
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
-    """Write a CSV atomically (a temporary file in the same folder, then a rename), readable
-    by owner and group only: the labels name studies, the audit quotes reports."""
+    """Write a CSV atomically (:func:`batchscan.storage.files.writing`), readable by owner
+    and group only: the labels name studies, the audit quotes reports."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            writer.writerows(rows)
-        os.chmod(tmp, 0o640 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@cache
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
+    with (
+        files.writing(path) as temporary,
+        temporary.open("w", encoding="utf-8", newline="") as handle,
+    ):
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def run_labels(

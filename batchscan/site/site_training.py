@@ -48,9 +48,10 @@ from batchscan.ingest.sanity import BLANK_RULE
 from batchscan.results.keys import header_key, input_key
 from batchscan.results.state import STATE_FILE, final_rows
 from batchscan.scoring.input_store import STORE_FILE, InputStore
-from batchscan.scoring.model import check_model, load_model
+from batchscan.scoring.model import ModelCard, check_model, load_model
 from batchscan.site import metrics
 from batchscan.site.evaluate import Labels
+from batchscan.storage import files
 
 #: Shares of patients (by studies) in train / val / test.
 SPLIT_SHARES: Final = (0.70, 0.15, 0.15)
@@ -231,8 +232,7 @@ def _cache_key(examples_fingerprint: str, labels_sha: str, settings: dict[str, A
 
 def save_cache(path: Path, examples: Examples, key: str) -> None:
     """Write the examples (no patient key: only group numbers) atomically."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("wb") as handle:
+    with files.writing(path) as temporary, temporary.open("wb") as handle:
         np.savez(
             handle,
             key=np.array(key),
@@ -248,7 +248,6 @@ def save_cache(path: Path, examples: Examples, key: str) -> None:
             files=np.array(examples.files),
             accounting=np.array(json.dumps(examples.accounting)),
         )
-    os.replace(temporary, path)
 
 
 def load_cache(path: Path, key: str) -> Examples | None:
@@ -425,17 +424,23 @@ class TrainRequest:
     balance: str | None = None
 
 
-def run_training(request: TrainRequest) -> dict[str, Any]:
-    """Collect (or reuse) the examples, split, train, write ``<name>.keras`` and its card.
+@dataclass(slots=True)
+class Collected:
+    """The labelled examples and where they came from: the labels file's sha256, the cache
+    file, and whether the examples were ``reused`` from it, ``written`` to it or read from
+    the ``scan input store``."""
 
-    Returns
-    -------
-    dict
-        The card, plus ``cache`` (``reused`` or ``written``) under ``_run``.
-    """
-    from batchscan.site.training import Dataset, TrainConfig, predict_scores, train, write_model
+    examples: Examples
+    labels_sha256: str
+    cache: Path
+    cache_state: str
 
-    base_card = check_model(request.base)
+
+def gather_examples(request: TrainRequest) -> Collected:
+    """The examples of the archive's labelled studies: from the cache when it holds them
+    under the same archive, labels and settings, else through the scan's stages
+    (:func:`collect`), then kept in the cache (not with ``--from-scan``, whose input store
+    is the cache)."""
     settings = {
         "spec": PREPROCESSING_SPEC["version"],
         "blank_rule": BLANK_RULE,
@@ -470,7 +475,23 @@ def run_training(request: TrainRequest) -> dict[str, Any]:
         if request.from_scan is None:
             save_cache(cache, examples, key)
             cache_state = "written"
-    split = split_by_patient(examples, request.seed)
+    return Collected(examples, labels_sha, cache, cache_state)
+
+
+def _data_name(request: TrainRequest) -> str:
+    """The training data's name in the card: the archive and the labels file."""
+    return f"{request.archive.name} + {request.labels_path.name}"
+
+
+def split_dataset(
+    request: TrainRequest, collected: Collected, split: np.ndarray
+) -> tuple[Any, dict[str, list[str]], dict[str, np.ndarray] | None]:
+    """The examples by split as a :class:`batchscan.site.training.Dataset`, the views of
+    each split, and the ``--balance view`` weights of train and val (None: class
+    weighting)."""
+    from batchscan.site.training import Dataset
+
+    examples = collected.examples
     x = {
         s: np.repeat(examples.inputs[split == s][..., None], 3, axis=-1)
         for s in ("train", "val", "test")
@@ -485,13 +506,21 @@ def run_training(request: TrainRequest) -> dict[str, Any]:
     dataset = Dataset(
         x=x,
         y=y,
-        name=f"{request.archive.name} + {request.labels_path.name}",
-        sha256=labels_sha,
+        name=_data_name(request),
+        sha256=collected.labels_sha256,
         source=str(request.archive),
     )
+    return dataset, views, weights
+
+
+def train_config(request: TrainRequest) -> Any:
+    """The training run asked for: fine-tuning takes :data:`FINE_TUNE_EPOCHS` and
+    :data:`FINE_TUNE_LEARNING_RATE`, ``--from-scratch`` the shipped model's own."""
+    from batchscan.site.training import TrainConfig
+
     fine_tune = not request.from_scratch
     defaults = TrainConfig()
-    config = TrainConfig(
+    return TrainConfig(
         epochs=request.epochs or (FINE_TUNE_EPOCHS if fine_tune else defaults.epochs),
         batch_size=request.batch_size,
         learning_rate=request.learning_rate
@@ -501,27 +530,36 @@ def run_training(request: TrainRequest) -> dict[str, Any]:
         augment=request.augment,
         verbose=1 if request.progress else 2,
     )
-    base_model = load_model(request.base).keras_model if fine_tune else None
-    model, report = train(dataset, config, base=base_model, sample_weight=weights)
-    test_by_view = by_view(y["test"], predict_scores(model, x["test"]), views["test"])
-    out_path = request.out / f"{request.name}.keras"
+
+
+def card_facts(
+    request: TrainRequest,
+    collected: Collected,
+    split: np.ndarray,
+    base_card: ModelCard,
+    test_by_view: dict[str, Any],
+) -> dict[str, Any]:
+    """What the new model's card says beyond the training run: the domain the training
+    images actually were, the archive and labels, the split by counts and seed, the base,
+    the balance and the test figures per view."""
+    examples = collected.examples
     studies = {
         s: {
             "images": int((split == s).sum()),
             "studies": len({st for st, k in zip(examples.study, split, strict=True) if k == s}),
             "patients": len(set(examples.group[split == s].tolist())),
-            "pneumonia_images": int(y[s].sum()),
-            "normal_images": int((y[s] == 0).sum()),
+            "pneumonia_images": int(examples.label[split == s].sum()),
+            "normal_images": int((examples.label[split == s] == 0).sum()),
         }
         for s in ("train", "val", "test")
     }
-    facts = {
+    return {
         "intended_use": "Scores this site's frontal chest radiographs after local "
         "fine-tuning; measure with batchscan evaluate on studies it did not learn from.",
         "domain": domain_seen(examples, split == "train", request.archive.name),
         "training_data": {
-            "name": dataset.name,
-            "labels_sha256": labels_sha,
+            "name": _data_name(request),
+            "labels_sha256": collected.labels_sha256,
             "uncertain_labels": {
                 "rows": request.labels.uncertain,
                 "policy": request.labels.uncertain_policy,
@@ -564,7 +602,30 @@ def run_training(request: TrainRequest) -> dict[str, Any]:
             "Binary normal / pneumonia only; no other finding is detected, none is ruled out.",
         ],
     }
-    command = "batchscan train"
-    card = write_model(model, report, dataset, config, out_path, command, card_facts=facts)
-    card["_run"] = {"cache": cache_state, "cache_path": str(cache)}
+
+
+def run_training(request: TrainRequest) -> dict[str, Any]:
+    """Collect (or reuse) the examples, split, train, write ``<name>.keras`` and its card.
+
+    Returns
+    -------
+    dict
+        The card, plus ``cache`` (``reused`` or ``written``) under ``_run``.
+    """
+    from batchscan.site.training import predict_scores, train, write_model
+
+    base_card = check_model(request.base)
+    collected = gather_examples(request)
+    split = split_by_patient(collected.examples, request.seed)
+    dataset, views, weights = split_dataset(request, collected, split)
+    config = train_config(request)
+    base = None if request.from_scratch else load_model(request.base).keras_model
+    model, report = train(dataset, config, base=base, sample_weight=weights)
+    scores = predict_scores(model, dataset.x["test"])
+    facts = card_facts(
+        request, collected, split, base_card, by_view(dataset.y["test"], scores, views["test"])
+    )
+    out_path = request.out / f"{request.name}.keras"
+    card = write_model(model, report, dataset, config, out_path, "batchscan train", facts)
+    card["_run"] = {"cache": collected.cache_state, "cache_path": str(collected.cache)}
     return card

@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 
@@ -29,15 +29,9 @@ from batchscan import __version__
 from batchscan.ingest import sanity
 from batchscan.ingest.preprocess import PREPROCESSING_SPEC, preprocess_many
 from batchscan.scoring import ood
-from batchscan.scoring.model import (
-    ModelError,
-    build_seed_model,
-    members_of,
-    merge_members,
-    sha256_of,
-    split_members,
-)
+from batchscan.scoring.model import build_seed_model, check_seed_architecture, sha256_of
 from batchscan.site import metrics as m
+from batchscan.storage import files
 
 SPLITS = ("train", "val", "test")
 #: Environment variable naming the folder that holds the training data.
@@ -102,9 +96,6 @@ class TrainConfig:
     augment: bool = True
     class_weighting: bool = True
     max_train: int | None = None  # for quick tests: use only the first N shuffled images
-    #: Probability that a training picture's borders are erased (:func:`erase_borders`);
-    #: 0 leaves them (the shipped model's training).
-    erase_borders: float = 0.0
     verbose: int | str = "auto"
     augmentation: dict[str, float] = field(
         default_factory=lambda: {
@@ -240,36 +231,6 @@ def _augmenter(config: TrainConfig) -> Any:
     )
 
 
-#: Widest band :func:`erase_borders` covers on a side, as a share of the picture's side.
-BORDER_BAND: Final = 0.2
-
-
-def erase_borders(x: Any, probability: float, band: float = BORDER_BAND) -> Any:
-    """A batch of model inputs (B, H, W, C) with, for each picture drawn with
-    `probability`, a band of random width (0 to `band` of the side) along each of its four
-    edges painted one random grey level.
-
-    Why: the maps of the shipped model's flagged films lie mostly at the chest wall, the
-    arms, the picture's edge and the burnt-in side marker, not in the lungs (docs/reports.md, "Where
-    a score came from"). A model trained on pictures whose edges are sometimes replaced by
-    a flat grey cannot rely on them and has to find its evidence in the middle, where the
-    lungs are. Measured, not assumed: ``jobs/experiments/lung_evidence.py``.
-    """
-    import tensorflow as tf
-
-    shape = tf.shape(x)
-    batch, height, width = shape[0], shape[1], shape[2]
-    applied = tf.random.uniform((batch, 1, 1, 1)) < probability
-    widths = tf.random.uniform((batch, 4), 0.0, band)  # left, right, top, bottom
-    cols = tf.cast(tf.range(width), tf.float32)[None, :] / tf.cast(width, tf.float32)
-    rows = tf.cast(tf.range(height), tf.float32)[None, :] / tf.cast(height, tf.float32)
-    in_cols = (cols < widths[:, 0:1]) | (cols >= 1.0 - widths[:, 1:2])  # (B, W)
-    in_rows = (rows < widths[:, 2:3]) | (rows >= 1.0 - widths[:, 3:4])  # (B, H)
-    edge = in_rows[:, :, None, None] | in_cols[:, None, :, None]  # (B, H, W, 1)
-    grey = tf.random.uniform((batch, 1, 1, 1))
-    return tf.where(edge & applied, grey, x)
-
-
 def logits_of(model: Any, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Pre-sigmoid outputs of the seed model (the last Dense layer without its activation)."""
     import keras
@@ -297,6 +258,7 @@ def train(
     config: TrainConfig,
     base: Any = None,
     sample_weight: dict[str, np.ndarray] | None = None,
+    more_augmentation: Callable[[Any], Any] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train, select on val, calibrate on val, pick the threshold on val.
 
@@ -304,7 +266,14 @@ def train(
     (fine-tuning, as ``batchscan train`` does by default); otherwise from scratch. With
     `sample_weight` (``train`` and ``val`` arrays, e.g. ``batchscan train --balance view``)
     each example of the loss and of the validation AUC that early stopping follows counts
-    by its weight, instead of class weighting.
+    by its weight, instead of class weighting. `more_augmentation` maps each training batch
+    of pictures (B, 64, 64, 3) after the augmentation: the commands pass none; the jobs
+    that measure other augmentations pass theirs (``jobs/common/levers.py``).
+
+    Raises
+    ------
+    batchscan.scoring.model.ModelError
+        `base` is not the seed architecture.
 
     Returns
     -------
@@ -344,9 +313,9 @@ def train(
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-    if config.erase_borders > 0:
+    if more_augmentation is not None:
         train_ds = train_ds.map(
-            lambda x, *rest: (erase_borders(x, config.erase_borders), *rest),
+            lambda x, *rest: (more_augmentation(x), *rest),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
@@ -354,12 +323,7 @@ def train(
 
     model = build_seed_model()
     if base is not None:
-        if members_of(base) != 1:
-            raise ModelError(
-                f"the base model is an ensemble of {members_of(base)} seed CNNs; this trains "
-                "one: give a single model as the base (batchscan adapt fine-tunes an "
-                "ensemble member by member)"
-            )
+        check_seed_architecture(base)
         model.set_weights(base.get_weights())
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
@@ -421,65 +385,6 @@ def calibrate(model: Any, x_val: np.ndarray, y_val: np.ndarray) -> dict[str, Any
         "val_ece_after_calibration": m.expected_calibration_error(y_val, val_scores),
         "threshold": m.youden_threshold(y_val, val_scores),
     }
-
-
-def train_ensemble(
-    dataset: Dataset,
-    config: TrainConfig,
-    members: int,
-    base: Any = None,
-    sample_weight: dict[str, np.ndarray] | None = None,
-) -> tuple[Any, dict[str, Any]]:
-    """Train `members` seed CNNs on the same split and average their logits in one model.
-
-    Why: with a few hundred labelled studies one training run is a lottery over seeds, and
-    an average of several was the hope; measured on one split (docs/site/adapt.md), it did
-    not help, so ``adapt`` uses it only for an ensemble base. Member ``i`` trains with seed
-    ``config.seed + 1000 * i`` (member 0 is exactly what :func:`train` makes with
-    `config`) from `base`'s member ``i`` modulo the base's members. The merged model
-    (:func:`batchscan.scoring.model.merge_members`) is calibrated and given its threshold on
-    val as one model. With ``members=1`` this is :func:`train`.
-
-    Returns
-    -------
-    (keras.Model, dict)
-        The calibrated model and a report as :func:`train`'s, with ``members`` (each
-        member's seed, epochs, best epoch and val AUC).
-    """
-    from dataclasses import replace
-
-    if members < 1:
-        raise ValueError("an ensemble needs at least one member")
-    if members == 1 and (base is None or members_of(base) == 1):
-        return train(dataset, config, base=base, sample_weight=sample_weight)
-    bases = split_members(base) if base is not None else [None]
-    trained, reports = [], []
-    for i in range(members):
-        member_config = replace(config, seed=config.seed + 1000 * i)
-        model, report = train(dataset, member_config, bases[i % len(bases)], sample_weight)
-        trained.append(model)
-        reports.append({**report, "seed": member_config.seed})
-    merged = merge_members(trained) if members > 1 else trained[0]
-    x_val, y_val = dataset.x["val"], dataset.y["val"]
-    report = {
-        "epochs_run": max(r["epochs_run"] for r in reports),
-        "best_epoch": [r["best_epoch"] for r in reports],
-        "train_seconds": round(sum(r["train_seconds"] for r in reports), 1),
-        "class_weight": reports[0]["class_weight"],
-        "n_train": reports[0]["n_train"],
-        "val_auc_history": reports[0]["val_auc_history"],
-        "members": [
-            {
-                "seed": r["seed"],
-                "epochs_run": r["epochs_run"],
-                "best_epoch": r["best_epoch"],
-                "val_auc": m.roc_auc(y_val, predict_scores(t, x_val)),
-            }
-            for r, t in zip(reports, trained, strict=True)
-        ],
-        **calibrate(merged, x_val, y_val),
-    }
-    return merged, report
 
 
 def sanity_bound(inputs: np.ndarray) -> dict[str, Any]:
@@ -549,10 +454,11 @@ def write_model(
     import tensorflow as tf
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    members = members_of(model)
-    shipped = build_seed_model(members)  # uncompiled: the file carries weights only
+    # rebuilt from its own layers, uncompiled: the file carries weights only
+    shipped = keras.Sequential.from_config(model.get_config())
     shipped.set_weights(model.get_weights())
-    shipped.save(out_path)
+    with files.writing(out_path, suffix=out_path.suffix) as temporary:  # Keras wants .keras
+        shipped.save(temporary)
     model = shipped
     threshold = float(report["threshold"])
     card_metrics: dict[str, Any] = {}
@@ -566,12 +472,7 @@ def write_model(
         "model_file": out_path.name,
         "model_sha256": sha256_of(out_path),
         "architecture": {
-            "name": "seed CNN of the original design"
-            if members == 1
-            else f"ensemble of {members} seed CNNs of the original design, side by side in "
-            "one chain of layers (grouped conv2; weights between members are zero), "
-            "logits averaged",
-            "members": members,
+            "name": "seed CNN of the original design",
             "layers": architecture_summary(model),
             "parameters": int(model.count_params()),
             "input_shape": [64, 64, 3],
@@ -592,12 +493,8 @@ def write_model(
             "epochs_max": config.epochs,
             "early_stopping": f"val AUC, patience {config.patience}, best weights restored",
             "augmentation": config.augmentation if config.augment else None,
-            "border_erasing": {"probability": config.erase_borders, "band": BORDER_BAND}
-            if config.erase_borders > 0
-            else None,
             "class_weighting": report["class_weight"],
             "seed": config.seed,
-            "ensemble": report.get("members"),
             "command": command,
             **{k: report[k] for k in ("epochs_run", "best_epoch", "train_seconds", "n_train")},
         },
@@ -629,5 +526,5 @@ def write_model(
         "limits": LIMITS,
         **(card_facts or {}),
     }
-    out_path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    files.write(out_path.with_suffix(".json"), json.dumps(card, indent=2) + "\n")
     return card

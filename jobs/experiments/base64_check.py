@@ -3,7 +3,7 @@
 
 Usage:
     python jobs/experiments/base64_check.py [--data DIR] [--adults N] [--sizes 300,1000]
-        [--adapt-seeds 1,2] [--no-control] [--json OUT.json]
+        [--adapt-seeds 1,2] [--no-control] [--epochs N] [--json OUT.json]
 
 The shipped model learned PneumoniaMNIST: Kermany et al.'s pediatric films, centre-cropped
 and reduced to 28 x 28 px, then upsampled to the model's 64 x 64 input. ``kermany_224`` holds
@@ -34,7 +34,7 @@ Measured on the same held-out data: the PneumoniaMNIST test split (624 films at 
 read as normal (``adult_normal_rsna_128``, ``--adults`` drawn with seed 0): the share a
 base leaves below its threshold. Then adaptation: each base fine-tuned as ``batchscan adapt``
 fine-tunes (``FINE_TUNE_LEARNING_RATE``, early stopping on 20 % of the patients) on
-``--sizes`` labelled films of the shifted hospital (``jobs/experiments/adapt_levers.py``:
+``--sizes`` labelled films of the shifted hospital (``jobs/common/hospitals.py``:
 grey levels inverted and flattened, ``1 - x ** 0.6``) drawn with each ``--adapt-seeds`` seed
 from the train films, and measured on the shifted test films. (``batchscan adapt`` itself cannot
 run from the 64 px base: the scan and its input store make the shipped 28 px inputs only.)
@@ -53,8 +53,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from site_training_check import _PATIENT, _shifted
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jobs/, for common/
+from common.hospitals import patient_of, shifted
 
 from batchscan.ingest.preprocess import INPUT_SIZE, SOURCE_SIZE, preprocess_many
 from batchscan.scoring.model import load_model
@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="300,1000")
     parser.add_argument("--adapt-seeds", default="1,2")
     parser.add_argument("--no-control", action="store_true")
+    parser.add_argument(
+        "--epochs", type=int, help="at most N epochs per training (default: 60 a base, 30 adapting)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -148,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     films = [np.asarray(Image.open(kermany / r["path"]).convert("L")) for r in rows]
     labels = np.array([r["label"] == "PNEUMONIA" for r in rows], dtype=np.int64)
     splits = np.array([r["split"] for r in rows])
-    patients = np.array(
-        [(m.group(0) if (m := _PATIENT.search(Path(r["path"]).name)) else r["path"]) for r in rows]
-    )
+    patients = np.array([patient_of(r["path"]) or r["path"] for r in rows])
     mnist = np.load(args.data / "pneumoniamnist_28_full.npz")
     measured = np.empty((len(rows), 2))
     for split, keys in (("train", ("train", "val")), ("test", ("test",))):
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def inputs(size: int, at: np.ndarray, shift: bool = False) -> np.ndarray:
         chosen = pictures[at]
-        return preprocess_many([_shifted(p) for p in chosen] if shift else chosen, size=size)
+        return preprocess_many([shifted(p) for p in chosen] if shift else chosen, size=size)
 
     bases: dict[str, dict[str, Any]] = {}
     shipped = load_model()
@@ -207,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             sha256=None,
             source=str(kermany),
         )
-        model, report = train(data, TrainConfig(verbose=0))
+        model, report = train(
+            data, TrainConfig(verbose=0, **({"epochs": args.epochs} if args.epochs else {}))
+        )
         bases[name] = {"size": size, "model": model, "threshold": report["threshold"]}
         print(f"trained {name}: {report['epochs_run']} epochs, {report['train_seconds']} s")
 
@@ -249,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                     source="kermany_224",
                 )
                 config = TrainConfig(
-                    epochs=30, learning_rate=FINE_TUNE_LEARNING_RATE, patience=8, seed=seed,
+                    epochs=args.epochs or 30, learning_rate=FINE_TUNE_LEARNING_RATE, patience=8,
+                    seed=seed,
                     verbose=0,
                 )  # fmt: skip
                 adapted, report = train(data, config, base=model)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Where a model takes its evidence: the share of its map's mass inside the lung fields,
 on 24 films whose lungs were outlined by hand, for the shipped model and for site models
-adapted with and without border erasing (``batchscan adapt --erase-borders``); with the
-AUC within views on the later studies (docs/site/adapt.md).
+adapted with and without border erasing (``Levers.erase_borders`` of ``jobs/common/levers.py``:
+``batchscan adapt`` has no such option, since it did not help); with the AUC within views on
+the later studies (docs/site/adapt.md).
 
 Usage:
     python jobs/experiments/lung_evidence.py [--work DIR] [--data DIR] [--hospitals kermany,shifted]
@@ -13,8 +14,9 @@ the arms, the picture's edge and the side marker, not in the lungs. A model that
 lungs is one whose map mass lies in them. The outlines (``tests/data/lung_fields.json``)
 are polygons drawn on the 64 x 64 model inputs of 12 normal and 12 pneumonia films of
 ``kermany_224``'s test split, which are later studies of every simulated hospital of
-``jobs/experiments/adapt_levers.py`` (this job reuses its ``--work`` folder: hospitals already
-scanned and models already adapted there are not made again). The maps are HiResCAM on the last
+``jobs/common/hospitals.py`` (this job can share ``jobs/experiments/adapt_levers.py``'s
+``--work`` folder: hospitals already scanned and models already adapted there are not made
+again). The maps are HiResCAM on the last
 convolution layer (:mod:`batchscan.results.saliency`), each scaled to its own maximum; "area" is
 the share of the picture the outlines cover, what a map spread evenly would give.
 """
@@ -31,9 +33,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adapt_levers import UNTIL, scan_hospital
-from site_training_check import _shifted
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jobs/, for common/
+from common.hospitals import UNTIL, scan_hospital, shifted
+from common.levers import Levers, adapt
 
 from batchscan.ingest.preprocess import INPUT_SIZE, preprocess
 
@@ -60,7 +62,7 @@ def film_inputs(data: Path, films: list[dict[str, Any]], kind: str) -> np.ndarra
     for film in films:
         picture = np.asarray(Image.open(data / film["path"]).convert("L"))
         if kind == "shifted":
-            picture = _shifted(picture)
+            picture = shifted(picture)
         inputs.append(preprocess(picture.astype(np.float32) / 255.0))
     return np.stack(inputs).astype(np.float32)
 
@@ -83,7 +85,7 @@ def evidence(model_path: Path | None, x: np.ndarray, masks: np.ndarray) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    from batchscan.site.adapt import AdaptRequest, run_adaptation
+    from batchscan.site.adapt import AdaptRequest
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -111,17 +113,16 @@ def main(argv: list[str] | None = None) -> int:
                     name = f"s{seed}_{'plain' if erase == 0 else f'erase{erase:g}'}_{args.labelled}"
                     out = work / kind / name
                     if not (out / "adaptation.json").is_file():
-                        run_adaptation(
+                        adapt(
                             AdaptRequest(
                                 report_dir=report_dir,
                                 until=UNTIL,
                                 out=out,
                                 seed=seed,
                                 epochs=args.epochs,
-                                max_labelled=args.labelled,
-                                erase_borders=erase,
                                 workers=0,
-                            )
+                            ),
+                            Levers(max_labelled=args.labelled, erase_borders=erase),
                         )
                     result = json.loads((out / "adaptation.json").read_text())
                     within = result["measured"]["within_views"]["new"]["auc"]

@@ -31,26 +31,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from site_training_check import _PATIENT, _run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jobs/, for common/
+from common.hospitals import AP_SHARE, patient_ids, run_batchscan, with_marker
 
 from batchscan.synth import write_labelled_studies, write_labels
 
 ROOT = Path(__file__).resolve().parents[2]
-#: Share of AP films among normal and among pneumonia studies (both periods).
-AP_SHARE = {0: 0.85, 1: 0.25}
-
-
-def with_marker(picture: np.ndarray) -> np.ndarray:
-    """The picture with a bright "AP" burnt into its top right corner."""
-    image = Image.fromarray(picture)
-    draw = ImageDraw.Draw(image)
-    side = picture.shape[1]
-    font = ImageFont.load_default(size=max(side // 6, 10))
-    draw.text((side - side // 3, side // 20), "AP", fill=255, font=font)
-    return np.asarray(image)
 
 
 def write_period(
@@ -68,10 +56,7 @@ def write_period(
     for r, view in zip(rows, views, strict=True):
         picture = np.asarray(Image.open(data / r["path"]).convert("L"))
         pictures.append(with_marker(picture) if marker and view == "AP" else picture)
-    patients = []
-    for r in rows:
-        match = _PATIENT.search(Path(r["path"]).name)
-        patients.append(f"{prefix}-{match.group(0) if match else Path(r['path']).stem}")
+    patients = patient_ids((r["path"] for r in rows), prefix)
     archive = target / f"{prefix}_archive"
     written = write_labelled_studies(
         archive, pictures, labels, prefix=prefix, views=views, patient_ids=patients, modality="DX"
@@ -91,8 +76,8 @@ def evaluate(work: Path, model: Path | None, name: str, later: Path, labels: Pat
     """Scan the later studies with `model` (None: the shipped one) and evaluate them."""
     reports = work / f"reports_{name}"
     extra = ["--model", str(model)] if model is not None else []
-    _run("scan", str(later), "--out", str(reports), "--no-progress", *extra)
-    _run("evaluate", str(reports), "--labels", str(labels))
+    run_batchscan("scan", str(later), "--out", str(reports), "--no-progress", *extra)
+    run_batchscan("evaluate", str(reports), "--labels", str(labels))
     result = json.loads((reports / "evaluation.json").read_text())
     view = result["shortcuts"]["attributes"]["view"]
     per_view = result["subgroups"]["view"]
@@ -138,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         later = work / "L_archive"
         rows = {"shipped": evaluate(work, None, "shipped", later, later_labels)}
         for label, (name, extra) in runs.items():
-            text = _run(*base, "--name", name, *cache, *extra)
+            text = run_batchscan(*base, "--name", name, *cache, *extra)
             print(f"[{label}] " + " | ".join(text.strip().splitlines()[-2:]))
             rows[label] = evaluate(work, models / f"{name}.keras", name, later, later_labels)
     print("\nlater studies (no marker):")

@@ -3,7 +3,7 @@
 
 Usage:
     python jobs/experiments/site_training_check.py [--work DIR] [--data DIR] [--adults 1000]
-        [--shifted 300]
+        [--shifted 300] [--limit N] [--epochs N]
 
 Treats ``kermany_224`` as a hospital's labelled archive: writes its images as one-image DICOM
 studies (accession numbers, PatientID from the file names so that the split is by patient;
@@ -25,38 +25,21 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jobs/, for common/
+from common.hospitals import patient_ids, run_batchscan, shifted
+
 from batchscan.scoring.model import default_model_path
 from batchscan.synth import write_labelled_studies, write_labels
 
 ROOT = Path(__file__).resolve().parents[2]
-_PATIENT = re.compile(r"(person\d+)|((?:NORMAL2-)?IM-\d+)")
-
-
-def _run(*args: str) -> str:
-    started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "batchscan.cli", *args], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"batchscan {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    print(f"$ batchscan {' '.join(args)}   ({time.perf_counter() - started:.0f} s)")
-    return done.stdout
-
-
-def _shifted(picture: np.ndarray) -> np.ndarray:
-    """Another hospital's processing: inverted grey levels, flattened contrast."""
-    return np.rint(255 * (1 - (picture / 255.0) ** 0.6)).astype(np.uint8)
 
 
 def _write_split(
@@ -73,12 +56,9 @@ def _write_split(
         rows = [rows[i] for i in sorted(np.random.default_rng(0).choice(len(rows), limit, False))]
     pictures = [np.asarray(Image.open(data / r["path"]).convert("L")) for r in rows]
     if shift:
-        pictures = [_shifted(p) for p in pictures]
+        pictures = [shifted(p) for p in pictures]
     labels = [int(r["label"] == "PNEUMONIA") for r in rows]
-    patients = []
-    for r in rows:
-        match = _PATIENT.search(Path(r["path"]).name)
-        patients.append(f"{prefix}-{match.group(0) if match else Path(r['path']).stem}")
+    patients = patient_ids((r["path"] for r in rows), prefix)
     written = write_labelled_studies(target, pictures, labels, prefix=prefix, patient_ids=patients)
     return write_labels(target.parent / f"{target.name}_labels.csv", written)
 
@@ -89,11 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--adults", type=int, default=1000)
     parser.add_argument("--shifted", type=int, default=300)
+    parser.add_argument("--limit", type=int, help="studies of each split (default: all)")
+    parser.add_argument("--epochs", type=int, help="passed to batchscan train")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="batchscan-train-"))
     kermany = args.data / "kermany_224"
-    train_labels = _write_split(kermany, "train", work / "hospital_train", "KTR")
-    test_labels = _write_split(kermany, "test", work / "hospital_test", "KTE")
+    train_labels = _write_split(kermany, "train", work / "hospital_train", "KTR", args.limit)
+    test_labels = _write_split(kermany, "test", work / "hospital_test", "KTE", args.limit)
 
     adult_dir = args.data / "adult_normal_rsna_128"
     with (adult_dir / "labels.csv").open(newline="") as handle:
@@ -111,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
 
     models = work / "models"
     common = ["--labels", str(train_labels), "--out", str(models), "--no-progress"]
-    print(_run("train", str(work / "hospital_train"), *common, "--name", "finetuned"))
+    common += ["--epochs", str(args.epochs)] if args.epochs else []
+    print(run_batchscan("train", str(work / "hospital_train"), *common, "--name", "finetuned"))
     print(
-        _run(
+        run_batchscan(
             "train",
             str(work / "hospital_train"),
             *common,
@@ -137,12 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, model in candidates.items():
         slug = name.replace(" ", "_")
         reports = work / f"reports_test_{slug}"
-        _run("scan", str(work / "hospital_test"), "--out", str(reports), "--model", str(model))
-        print(_run("evaluate", str(reports), "--labels", str(test_labels)))
+        run_batchscan(
+            "scan", str(work / "hospital_test"), "--out", str(reports), "--model", str(model)
+        )
+        print(run_batchscan("evaluate", str(reports), "--labels", str(test_labels)))
         result = json.loads((reports / "evaluation.json").read_text())
         o = result["overall"]
         adults = work / f"reports_adults_{slug}"
-        _run("scan", str(work / "adults"), "--out", str(adults), "--model", str(model))
+        run_batchscan("scan", str(work / "adults"), "--out", str(adults), "--model", str(model))
         studies = pd.read_parquet(adults / "studies.parquet")
         images = pd.read_parquet(adults / "images.parquet")
         scored = images[images["status"] == "scored"]
@@ -157,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     shifted_train = _write_split(
         kermany, "train", work / "shifted_train", "STR", args.shifted, True
     )
-    shifted_test = _write_split(kermany, "test", work / "shifted_test", "STE", None, True)
+    shifted_test = _write_split(kermany, "test", work / "shifted_test", "STE", args.limit, True)
     print(
-        _run(
+        run_batchscan(
             "train",
             str(work / "shifted_train"),
             "--labels",
@@ -169,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             "--name",
             "shifted",
             "--no-progress",
+            *(["--epochs", str(args.epochs)] if args.epochs else []),
         )
         .strip()
         .splitlines()[-1]
@@ -182,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         ("fine-tuned", models / "shifted.keras"),
     ):
         reports = work / f"reports_shifted_{name}"
-        _run("scan", str(work / "shifted_test"), "--out", str(reports), "--model", str(model))
-        _run("evaluate", str(reports), "--labels", str(shifted_test))
+        run_batchscan(
+            "scan", str(work / "shifted_test"), "--out", str(reports), "--model", str(model)
+        )
+        run_batchscan("evaluate", str(reports), "--labels", str(shifted_test))
         o = json.loads((reports / "evaluation.json").read_text())["overall"]
         rows.append(
             f"| {name} | {o['auc']:.3f} ({o['auc_ci95'][0]:.3f}-{o['auc_ci95'][1]:.3f}) | "

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adapt_levers import UNTIL
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jobs/, for common/
+from common.hospitals import UNTIL
 
 from batchscan.site import metrics
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Nightly batchscan run for cron (see crontab.example; systemd users: batchscan.timer).
+# Nightly batchscan run for cron (see crontab.example) and for systemd (batchscan.service
+# runs this same script; see jobs/deploy/systemd/).
 #
 #   batchscan-nightly.sh CONFIG.toml [LOG_DIR]
 #
