@@ -52,6 +52,7 @@ from batchscan.ingest.preprocess import CHANNELS, INPUT_SIZE
 from batchscan.ingest.records import chunks
 from batchscan.storage.sqlite import (
     OnDamage,
+    OtherVersionError,
     Schema,
     StoreError,
     UnavailableError,
@@ -64,8 +65,11 @@ from batchscan.storage.sqlite import (
 log = logging.getLogger("batchscan")
 
 STORE_FILE: Final = "inputs.sqlite"
-#: Version of the entry encoding (not of the inputs: that is the input key's business).
-ENCODING: Final = 1
+#: Version of the store's layout, kept in the row stores have always had (``encoding``):
+#: 1, the entries and their encoding (not the inputs: that is the input key's business);
+#: 2 adds the ``derived`` table, by an upgrade in place (:data:`SCHEMA`), so that a store
+#: of version 1 keeps its entries.
+VERSION: Final = 2
 #: Quantization levels of [0, 1] (16 bits).
 LEVELS: Final = 65535
 #: Bytes of one input's levels before deflation.
@@ -75,15 +79,9 @@ LEVEL_BYTES: Final = INPUT_SIZE * INPUT_SIZE * 2
 ZLIB_LEVEL: Final = 1
 _CHUNK: Final = 500
 
-_TABLES: Final = """
-CREATE TABLE IF NOT EXISTS inputs (
-    path NOT NULL UNIQUE,
-    size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL,
-    input_key TEXT NOT NULL,
-    crc INTEGER NOT NULL,
-    data BLOB NOT NULL
-);
+#: What the drift monitor derived from an input (:meth:`InputStore.put_derived`), since
+#: version 2.
+_DERIVED: Final = """
 CREATE TABLE IF NOT EXISTS derived (
     path NOT NULL UNIQUE,
     size INTEGER NOT NULL,
@@ -94,15 +92,42 @@ CREATE TABLE IF NOT EXISTS derived (
     data BLOB NOT NULL
 );
 """
+_TABLES: Final = (
+    """
+CREATE TABLE IF NOT EXISTS inputs (
+    path NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    input_key TEXT NOT NULL,
+    crc INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+"""
+    + _DERIVED
+)
 #: Database page size: a rowid table keeps a row of up to a page less 35 bytes on its page,
 #: so with 32 KiB pages about four 8 KB entries share one and no entry spills into an
 #: overflow page of its own (with SQLite's default 4 KiB pages an entry took three pages,
 #: 12 KiB; measured).
 PAGE_SIZE: Final = 32768
-#: The store's table and its version (:mod:`batchscan.storage.sqlite`): the version is the
-#: entry encoding, kept under the key stores have always had.
+
+#: Older versions whose entries a read-only reader reads as they are (it never reads
+#: ``derived``); a scan upgrades them.
+_READS_AS_IS: Final = ("1",)
+
+
+def _add_derived(db: sqlite3.Connection) -> None:
+    """Version 1 to 2: the ``derived`` table beside the entries, which stay."""
+    db.execute(_DERIVED)
+
+
+#: The store's tables and their version (:mod:`batchscan.storage.sqlite`).
 SCHEMA: Final = Schema(
-    version=ENCODING, script=_TABLES, version_key="encoding", page_size=PAGE_SIZE
+    version=VERSION,
+    script=_TABLES,
+    version_key="encoding",
+    upgrades={1: _add_derived},
+    page_size=PAGE_SIZE,
 )
 
 #: A file's identity as the store keys it: (state key, size, mtime_ns).
@@ -180,7 +205,12 @@ class InputStore:
 
     def _open(self) -> None:
         if self.readonly:
-            self._db = open_readonly(self.path, SCHEMA)
+            try:
+                self._db = open_readonly(self.path, SCHEMA)
+            except OtherVersionError as exc:  # adapt or train before the next scan upgraded it
+                if exc.found not in _READS_AS_IS:
+                    raise
+                self._db = open_readonly(self.path)
             return
         db = open_store(self.path, SCHEMA, on_damage=OnDamage.START_AFRESH, on_afresh=self._afresh)
         try:
