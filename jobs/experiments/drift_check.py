@@ -58,8 +58,8 @@ import pandas as pd
 from PIL import Image, ImageFilter
 from pydicom.data import get_testdata_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from site_training_check import _PATIENT
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # jobs/, for common/
+from common.hospitals import patient_of
 
 from batchscan.ingest.dicom import read_display_image
 from batchscan.ingest.preprocess import preprocess
@@ -157,8 +157,7 @@ def load_pools(data: Path, split: str, subset: int, scorer: Scorer) -> dict[str,
         rows = list(csv.DictReader(handle))
     mine = []
     for r in rows:
-        match = _PATIENT.search(Path(r["path"]).name)
-        if _half(match.group(0) if match else r["path"], split):
+        if _half(patient_of(r["path"]) or r["path"], split):
             mine.append(r)
     films = [
         np.asarray(Image.open(kermany / r["path"]).convert("L"), np.float32) / 255 for r in mine
