@@ -268,37 +268,39 @@ def _daily(days: int, per_day: int, wrong_share: list[float], seed: int = 0) -> 
 
 
 def test_the_disagreement_alarm_needs_seven_days_in_a_row_above_the_band() -> None:
-    steady = [0.10] * 40
-    table = monitoring.disagreement(_daily(40, 100, steady), "day", threshold=0.5)
-    assert table["reference"].sum() == monitoring.REFERENCE_PERIODS
+    steady = [0.10] * 50
+    table = monitoring.disagreement(_daily(50, 100, steady), "day", threshold=0.5)
+    assert table["reference"].sum() == monitoring.REFERENCE_PERIODS["day"] == 28
     assert table.loc[~table["reference"], "band"].between(0.15, 0.25).all()
     assert monitoring.disagreement_warning(table, "day") is None
 
-    run = monitoring.DISAGREEMENT_RUN
-    shifted = [0.10] * 20 + [0.35] * run
-    table = monitoring.disagreement(_daily(20 + run, 100, shifted), "day", threshold=0.5)
+    run, before = monitoring.DISAGREEMENT_RUN, 30
+    shifted = [0.10] * before + [0.35] * run
+    table = monitoring.disagreement(_daily(before + run, 100, shifted), "day", threshold=0.5)
     assert table["above"].tail(run).all()
-    assert table["above"].head(20).sum() <= 3, "a day above the band by chance is no alarm"
+    assert table["above"].head(before).sum() <= 3, "a day above the band by chance is no alarm"
     warning = monitoring.disagreement_warning(table, "day")
     assert warning is not None and warning.startswith("WARNING: performance: ")
-    assert f"in {run} consecutive days" in warning and "2026-03-21 to 2026-03-27" in warning
-    one_short = monitoring.disagreement(_daily(19 + run, 100, shifted), "day", threshold=0.5)
+    assert f"in {run} consecutive days" in warning and "2026-03-31 to 2026-04-06" in warning
+    one_short = monitoring.disagreement(
+        _daily(before + run - 1, 100, shifted), "day", threshold=0.5
+    )
     assert monitoring.disagreement_warning(one_short, "day") is None
 
     # a day of few labelled studies (a Sunday) neither breaks the run nor extends it
-    frame = _daily(20 + run, 100, shifted)
-    sunday = (pd.Timestamp("2026-03-24")).date().isoformat()
+    frame = _daily(before + run, 100, shifted)
+    sunday = (pd.Timestamp("2026-04-05")).date().isoformat()
     kept = frame[(frame["study_date"] != sunday) | (frame.index % 10 == 0)]
     table = monitoring.disagreement(kept, "day", threshold=0.5)
     assert monitoring.disagreement_warning(table, "day") is None, "only six counted days"
     table = monitoring.disagreement(
-        pd.concat([kept, _daily(20 + run + 1, 100, [*shifted, 0.35])[-100:]]), "day", 0.5
+        pd.concat([kept, _daily(before + run + 1, 100, [*shifted, 0.35])[-100:]]), "day", 0.5
     )
     assert monitoring.disagreement_warning(table, "day") is not None
 
 
 def test_monitoring_prints_the_disagreement_alarm_beside_the_auc_alarm(tmp_path: Path) -> None:
-    frame = _daily(30, 60, [0.1] * 20 + [0.45] * 10, seed=3)
+    frame = _daily(40, 60, [0.1] * 30 + [0.45] * 10, seed=3)
     frame["accession_number"] = [f"D{i:06d}" for i in range(len(frame))]
     done = monitor_studies(tmp_path, frame, frame["label"].to_numpy() == 1, "day")
     assert done.disagreement_warning is not None

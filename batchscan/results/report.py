@@ -151,6 +151,26 @@ DISCREPANCIES_SCHEMA: Final = pa.schema(
         pa.field("model_version", pa.string(), nullable=False),
     ]
 )
+#: drift.parquet/csv (:mod:`batchscan.site.drift`): each period of study date against the
+#: reference, one row per signal. ``statistic`` is a share's change or a KS distance,
+#: ``threshold`` the value it had to exceed at this ``n`` (the Bonferroni level, or the
+#: smallest change that matters), ``p_value`` Bonferroni-corrected over the signal's tests,
+#: ``significant`` past the threshold in this period, ``alarm`` also in the periods before
+#: it that persistence asks for, ``reference`` a period of the reference.
+DRIFT_SCHEMA: Final = pa.schema(
+    [
+        pa.field("period_start", pa.date32(), nullable=False),
+        pa.field("signal", pa.string(), nullable=False),
+        pa.field("statistic", pa.float64()),
+        pa.field("threshold", pa.float64()),
+        pa.field("p_value", pa.float64()),
+        pa.field("n", pa.int64(), nullable=False),
+        pa.field("significant", pa.bool_(), nullable=False),
+        pa.field("alarm", pa.bool_(), nullable=False),
+        pa.field("reference", pa.bool_(), nullable=False),
+        pa.field("detail", pa.string()),
+    ]
+)
 
 IMAGES_FILE: Final = "images.parquet"
 STUDIES_FILE: Final = "studies.parquet"

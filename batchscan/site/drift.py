@@ -61,20 +61,22 @@ nothing; undated studies are left out.
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from itertools import pairwise
-from typing import Any, Final
+from typing import Any, Final, ParamSpec
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 from pydicom.uid import UID
 
 from batchscan.ingest.preprocess import INPUT_SIZE
+from batchscan.results.report import DRIFT_SCHEMA
 from batchscan.results.state import StateStore
 from batchscan.scoring.input_store import InputStore
 from batchscan.site import metrics
@@ -84,27 +86,8 @@ from batchscan.site.monitoring import (
     reference_rows,
 )
 
-#: drift.parquet/csv, written with :func:`batchscan.results.report.write_frame`: each period
-#: of study date against the reference, one row per signal. ``statistic`` is a share's change
-#: or a KS distance, ``threshold`` the value it had to exceed at this ``n`` (the Bonferroni
-#: level, or the smallest change that matters), ``p_value`` Bonferroni-corrected over the
-#: signal's tests, ``significant`` past the threshold in this period, ``alarm`` also in the
-#: periods before it that persistence asks for, ``reference`` a period of the reference.
-#: (Declared here until the scan writes the file; then with the report's other schemas.)
-DRIFT_SCHEMA: Final = pa.schema(
-    [
-        pa.field("period_start", pa.date32(), nullable=False),
-        pa.field("signal", pa.string(), nullable=False),
-        pa.field("statistic", pa.float64()),
-        pa.field("threshold", pa.float64()),
-        pa.field("p_value", pa.float64()),
-        pa.field("n", pa.int64(), nullable=False),
-        pa.field("significant", pa.bool_(), nullable=False),
-        pa.field("alarm", pa.bool_(), nullable=False),
-        pa.field("reference", pa.bool_(), nullable=False),
-        pa.field("detail", pa.string()),
-    ]
-)
+log = logging.getLogger("batchscan")
+
 #: The columns of drift.parquet and drift.csv.
 DRIFT_COLUMNS: Final = tuple(DRIFT_SCHEMA.names)
 
@@ -187,6 +170,7 @@ BATCH: Final = 512
 
 #: Made from model inputs (N, 64, 64, 3) -> features (N, units).
 FeatureMaker = Callable[[np.ndarray], np.ndarray]
+_P = ParamSpec("_P")
 
 
 def image_statistics(inputs: np.ndarray) -> np.ndarray:
@@ -243,11 +227,13 @@ class Sample:
 @dataclass(slots=True)
 class Drifted:
     """What one drift pass gives the scan: the frame to write (:data:`DRIFT_COLUMNS`), the
-    ``WARNING: drift`` line or None, and facts for the manifest."""
+    ``WARNING: drift`` line or None, facts for the manifest, and why the monitor could not
+    run (`error`: then the frame is empty and the last good drift files stay)."""
 
     frame: pd.DataFrame
     warning: str | None = None
     facts: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
 
 
 def header_values(images: pd.DataFrame) -> dict[str, tuple[np.ndarray, list[str]]]:
@@ -377,9 +363,9 @@ def _distributions(
     )
 
 
-def _unusual(values: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-    """Which sampled images lie beyond the reference's range, and how many of the
-    reference's held-out half do: (flags (k,), (count, size)).
+def _unusual(values: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which sampled images lie beyond the reference's range, and which are the reference's
+    held-out half (whose share beyond it is the reference's rate): (flags (k,), held (k,)).
 
     A leak of other images (another body part, adults, other processing of some films)
     moves the tail of a distribution before its body: 10 % of films unlike the rest move a
@@ -407,8 +393,9 @@ def _unusual(values: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, tuple[in
     precision = np.linalg.inv(covariance)
     distance = np.einsum("ij,jk,ik->i", standard, precision, standard)
     threshold = np.quantile(distance[held], 1.0 - UNUSUAL_SHARE)
-    flags = distance > threshold
-    return flags, (int(flags[held].sum()), len(held))
+    held_out = np.zeros(len(values), dtype=bool)
+    held_out[held] = True
+    return distance > threshold, held_out
 
 
 def _projection(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -443,6 +430,21 @@ class _Periods:
         return [order[bounds[i] : bounds[i + 1]] for i in range(len(self.starts))]
 
 
+@dataclass(frozen=True, slots=True)
+class _Reference:
+    """What a judged period is compared with, for every signal: the counts of each header
+    value, the sorted scores, the OOD and flag counts, the sorted sampled measures and the
+    held-out share beyond the reference's range (``unusual``) of the reference's rows: all
+    of them, or those of one day of the week."""
+
+    tables: dict[str, np.ndarray]
+    score: np.ndarray
+    ood: tuple[int, int]
+    flags: tuple[int, int]
+    sampled: dict[str, np.ndarray]
+    unusual: tuple[int, int] | None
+
+
 def judge(
     images: pd.DataFrame,
     studies: pd.DataFrame,
@@ -460,7 +462,8 @@ def judge(
     studies:
         One row per scored study: ``study_date``, ``flag``.
     period:
-        ``day``, ``week`` or ``month``.
+        ``day``, ``week`` or ``month``; a day is compared with the reference's days of its
+        weekday (:func:`_weekdays`).
     sample:
         What was derived from a sample of the stored inputs, or None (no image or feature
         signal).
@@ -476,9 +479,7 @@ def judge(
     starts = period_starts(images["study_date"], period)
     periods = _Periods(starts)
     counts = np.bincount(periods.codes[periods.codes >= 0], minlength=len(periods.starts))
-    base = reference_rows(
-        images["study_date"], starts, lambda rows: int(rows.sum()) >= MIN_IMAGES, reference
-    ).to_numpy(dtype=bool)
+    base = _reference_rows(images["study_date"], starts, period, reference)
     base_starts = set(starts[base].dropna().unique())
     if int(base.sum()) < MIN_IMAGES:
         return Drifted(
@@ -495,28 +496,28 @@ def judge(
         return (codes >= 0) & wanted[np.maximum(codes, 0)]
 
     level = ALPHA / len(SIGNALS)
-    tables = {}
-    for name, (codes, labels) in header_values(images).items():
-        known = periods.codes >= 0
-        table = np.bincount(
+    headers = header_values(images)
+    known = periods.codes >= 0
+    tables = {
+        name: np.bincount(
             periods.codes[known] * len(labels) + codes[known],
             minlength=len(periods.starts) * len(labels),
         ).reshape(len(periods.starts), len(labels))
-        tables[name] = (table, np.bincount(codes[base], minlength=len(labels)), labels)
+        for name, (codes, labels) in headers.items()
+    }
     image_groups = periods.groups(periods.codes)
     score = images["score"].to_numpy(dtype=np.float64)[:, None]
-    score_base = np.sort(score[base], axis=0)
     ood_known = images["ood"].notna().to_numpy()
     ood = images["ood"].fillna(False).to_numpy(dtype=bool)
-    ood_base = (int(ood[base & ood_known].sum()), int((base & ood_known).sum()))
     study_codes = periods.codes_of(period_starts(studies["study_date"], period))
     flags = studies["flag"].fillna(False).to_numpy(dtype=bool)
     study_groups = periods.groups(study_codes)
     study_base = in_reference(studies["study_date"], study_codes)
-    flag_base = (int(flags[study_base].sum()), int(study_base.sum()))
 
-    sampled: dict[str, tuple[np.ndarray, np.ndarray, list[str], np.ndarray]] = {}
+    sampled: dict[str, tuple[np.ndarray, list[str], np.ndarray]] = {}
     sample_groups: list[np.ndarray] = [np.empty(0, np.int64)] * len(periods.starts)
+    sample_codes = np.empty(0, np.int64)
+    sample_base = np.zeros(0, dtype=bool)
     if sample is not None and len(sample.statistics):
         sample_codes = periods.codes_of(period_starts(sample.study_dates, period))
         sample_groups = periods.groups(sample_codes)
@@ -525,7 +526,6 @@ def judge(
             stats = np.asarray(sample.statistics, dtype=np.float64)
             sampled["image"] = (
                 stats,
-                np.sort(stats[sample_base], axis=0),
                 [f"{name} ({what})" for name, what in IMAGE_STATISTICS.items()],
                 np.ones(stats.shape[1]),
             )
@@ -533,50 +533,92 @@ def judge(
             if features.size:
                 centre, axes, spread = _projection(features[sample_base])
                 if axes.shape[1]:
-                    projected = (features - centre) @ axes
                     k = axes.shape[1]
                     sampled["features"] = (
-                        projected,
-                        np.sort(projected[sample_base], axis=0),
+                        (features - centre) @ axes,
                         [f"principal component {j + 1} of {k}" for j in range(k)],
                         np.maximum(spread, 1e-12),
                     )
     unusual: np.ndarray | None = None
+    held = np.zeros(0, dtype=bool)
     if sampled:  # the statistics and every unit of the features, not only the components
         assert sample is not None
         whole = np.concatenate([sample.statistics, sample.features], axis=1)
-        unusual, unusual_base = _unusual(np.asarray(whole, dtype=np.float64), sample_base)
+        unusual, held = _unusual(np.asarray(whole, dtype=np.float64), sample_base)
+
+    def compared(rows: np.ndarray, study_rows: np.ndarray, sample_rows: np.ndarray) -> _Reference:
+        """The reference made of these rows (masks of images, studies and the sample)."""
+        known_rows = rows & ood_known
+        return _Reference(
+            tables={
+                name: np.bincount(codes[rows], minlength=len(labels))
+                for name, (codes, labels) in headers.items()
+            },
+            score=np.sort(score[rows], axis=0),
+            ood=(int(ood[known_rows].sum()), int(known_rows.sum())),
+            flags=(int(flags[study_rows].sum()), int(study_rows.sum())),
+            sampled={
+                name: np.sort(values[sample_rows], axis=0)
+                for name, (values, _, _) in sampled.items()
+            },
+            unusual=None
+            if unusual is None
+            else (int(unusual[held & sample_rows].sum()), int((held & sample_rows).sum())),
+        )
+
+    everything = compared(base, study_base, sample_base)
+    weekdays = _weekdays(period, starts, studies["study_date"], sample)
+    strata: dict[int, _Reference] = {}
+
+    def reference_of(i: int) -> _Reference:
+        """The whole reference, or for a day the reference's days of its weekday when they
+        hold :data:`MIN_IMAGES` scored images (and as many sampled ones)."""
+        if weekdays is None:
+            return everything
+        day = int(periods.starts[i].day_of_week)
+        if day not in strata:
+            image_day, study_day, sample_day = (w == day for w in weekdays)
+            if int((base & image_day).sum()) < MIN_IMAGES:
+                strata[day] = everything
+            else:
+                mine = compared(base & image_day, study_base & study_day, sample_base & sample_day)
+                if int((sample_base & sample_day).sum()) < MIN_IMAGES:
+                    mine = replace(mine, sampled=everything.sampled, unusual=everything.unusual)
+                strata[day] = mine
+        return strata[day]
 
     rows: list[dict[str, Any]] = []
     for i, start in enumerate(periods.starts):
         if counts[i] < MIN_IMAGES:
             continue
+        against = reference_of(i)
         tested: dict[str, _Tested] = {}
-        for name, (table, table_base, labels) in tables.items():
-            tested[name] = _shares(table[i], table_base, labels, level, SIGNALS[name])
+        for name, table in tables.items():
+            labels = headers[name][1]
+            tested[name] = _shares(table[i], against.tables[name], labels, level, SIGNALS[name])
         mine = image_groups[i]
         tested["score"] = _distributions(
-            score[mine], score_base, level, [SIGNALS["score"]], np.ones(1)
+            score[mine], against.score, level, [SIGNALS["score"]], np.ones(1)
         )
-        if len(study_groups[i]) and flag_base[1]:
+        if len(study_groups[i]) and against.flags[1]:
             group = study_groups[i]
             tested["flag_rate"] = _rate(
-                int(flags[group].sum()), len(group), *flag_base, level, SIGNALS["flag_rate"]
+                int(flags[group].sum()), len(group), *against.flags, level, SIGNALS["flag_rate"]
             )
-        known = mine[ood_known[mine]]
-        if len(known) and ood_base[1]:
+        known_ood = mine[ood_known[mine]]
+        if len(known_ood) and against.ood[1]:
             tested["ood_rate"] = _rate(
-                int(ood[known].sum()), len(known), *ood_base, level, SIGNALS["ood_rate"]
+                int(ood[known_ood].sum()), len(known_ood), *against.ood, level, SIGNALS["ood_rate"]
             )
         if len(sample_groups[i]) >= MIN_IMAGES:
-            for name, (values, values_base, names, scale) in sampled.items():
+            for name, (values, names, scale) in sampled.items():
                 tested[name] = _distributions(
-                    values[sample_groups[i]], values_base, level, names, scale
+                    values[sample_groups[i]], against.sampled[name], level, names, scale
                 )
-            if unusual is not None:
-                mine = unusual[sample_groups[i]]
+            if unusual is not None and against.unusual is not None and against.unusual[1]:
+                picked = unusual[sample_groups[i]]
                 tested["unusual"] = _rate(
-                    int(mine.sum()), len(mine), *unusual_base, level, SIGNALS["unusual"]
+                    int(picked.sum()), len(picked), *against.unusual, level, SIGNALS["unusual"]
                 )
         is_reference = (
             start in base_starts if reference is None else bool(base[image_groups[i]].all())
@@ -605,7 +647,7 @@ def judge(
         if reference is not None
         else f"the {len(base_starts)} {period}s from {min(base_starts).date()} to "
         f"{max(base_starts).date()}"
-    )
+    ) + (", each day against those of its weekday" if weekdays is not None else "")
     return Drifted(
         frame,
         warning=drift_warning(frame, period, judged, reference_text),
@@ -617,6 +659,48 @@ def judge(
             "alarms": int(frame["alarm"].sum()) if len(frame) else 0,
         },
     )
+
+
+def _reference_rows(
+    study_dates: pd.Series,
+    starts: pd.Series,
+    period: str,
+    reference: tuple[date, date] | None,
+) -> np.ndarray:
+    """The reference's images (a mask): the studies dated FROM..TO, or the first
+    :data:`~batchscan.site.monitoring.REFERENCE_PERIODS` periods with :data:`MIN_IMAGES`
+    scored images."""
+    return reference_rows(
+        study_dates, starts, period, lambda rows: int(rows.sum()) >= MIN_IMAGES, reference
+    ).to_numpy(dtype=bool)
+
+
+def _weekdays(
+    period: str,
+    starts: pd.Series,
+    study_dates: pd.Series,
+    sample: Sample | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """For day periods, the day of the week (0 Monday) of each image, study and sampled
+    image (-1 undated); None for weeks and months.
+
+    Why: a hospital's weekend is another hospital, with fewer studies, more bedside (AP)
+    films, sicker patients; against a reference of all days a Saturday differs in its view
+    mix, its pictures and its scores every week and would alarm every weekend. Against the
+    reference's Saturdays (four of them in the default reference of four weeks,
+    :data:`~batchscan.site.monitoring.REFERENCE_PERIODS`) it differs only when it changed.
+    A weekday whose days in the reference hold fewer than :data:`MIN_IMAGES` images (a
+    pinned reference of a few days, a weekend that is too small to be judged) is compared
+    with the whole reference."""
+    if period != "day":
+        return None
+
+    def day_of(values: pd.Series) -> np.ndarray:
+        days = pd.to_datetime(values, errors="coerce")
+        return days.dt.day_of_week.fillna(-1).to_numpy(dtype=np.int64)
+
+    sampled = day_of(sample.study_dates) if sample is not None else np.empty(0, np.int64)
+    return day_of(starts), day_of(study_dates), sampled
 
 
 def _persist(frame: pd.DataFrame, periods: int) -> pd.DataFrame:
@@ -691,6 +775,23 @@ class _Clock:
         self._since = now
 
 
+def _reported(monitor: Callable[_P, Drifted]) -> Callable[_P, Drifted]:
+    """`monitor`, returning a fault as its ``error`` (logged with its traceback) instead of
+    raising it: the monitor must never cost the run its reports."""
+
+    @functools.wraps(monitor)
+    def guarded(*args: _P.args, **kwargs: _P.kwargs) -> Drifted:
+        try:
+            return monitor(*args, **kwargs)
+        except Exception as exc:
+            log.exception("drift monitor failed")
+            empty = pd.DataFrame(columns=list(DRIFT_COLUMNS))
+            return Drifted(empty, error=f"{type(exc).__name__}: {exc}")
+
+    return guarded
+
+
+@_reported
 def monitor_drift(
     state: StateStore,
     store: InputStore | None,
@@ -703,7 +804,8 @@ def monitor_drift(
     max_new: int = MAX_NEW_PER_RUN,
 ) -> Drifted:
     """The drift monitor on a REPORT_DIR's state and input store (the scan calls it at the
-    end of every run; it opens no archive file).
+    end of every run; it opens no archive file). A fault in it comes back as the result's
+    ``error``, never raised.
 
     Parameters
     ----------
@@ -738,9 +840,11 @@ def monitor_drift(
     clock.lap("read")
 
     sample, made, waiting = None, 0, 0
-    if store is not None and len(images):
+    starts = period_starts(images["study_date"], period)
+    base = _reference_rows(images["study_date"], starts, period, reference)
+    if store is not None and base.sum() >= MIN_IMAGES:  # else nothing to compare pictures with
         sample, made, waiting = _derive(
-            images, store, period, input_key, model_key, features, reference, max_new, clock
+            images, starts, base, store, input_key, model_key, features, max_new, clock
         )
     clock.lap("make")  # (and "kept" within _derive)
 
@@ -759,19 +863,18 @@ def monitor_drift(
 
 def _derive(
     images: pd.DataFrame,
+    starts: pd.Series,
+    base: np.ndarray,
     store: InputStore,
-    period: str,
     input_key: str,
     model_key: str,
     features: FeatureMaker | None,
-    reference: tuple[date, date] | None,
     max_new: int,
     clock: _Clock,
 ) -> tuple[Sample | None, int, int]:
     """The sample's vectors, from the store where kept, else made from the stored inputs
-    (reference periods first, then the newest): (sample, made, left for later runs); the
-    reading of the kept ones is timed on `clock` as ``kept``."""
-    starts = period_starts(images["study_date"], period)
+    (the reference's images, `base`, first, then the newest periods'): (sample, made, left
+    for later runs); the reading of the kept ones is timed on `clock` as ``kept``."""
     picked = sample_rows(images["path"], starts)
     rows = images.iloc[picked]
     identities = list(
@@ -781,12 +884,10 @@ def _derive(
     kept = store.derived(identities, input_key, key)
     missing = [i for i, identity in enumerate(identities) if identity[0] not in kept]
     if missing:
-        base = reference_rows(
-            images["study_date"], starts, lambda r: int(r.sum()) >= MIN_IMAGES, reference
-        ).to_numpy(dtype=bool)[picked]
+        first = base[picked]
         when = starts.iloc[picked].to_numpy()
         # reference first, then the newest periods first
-        missing.sort(key=lambda i: (not base[i], -pd.Timestamp(when[i]).value))
+        missing.sort(key=lambda i: (not first[i], -pd.Timestamp(when[i]).value))
     todo, waiting = missing[:max_new], max(0, len(missing) - max_new)
     clock.lap("kept")
     made = 0

@@ -70,8 +70,12 @@ DISAGREEMENT_BAND: Final = 0.95
 #: neither breaks a run nor extends it).
 MIN_DISAGREEMENT_STUDIES: Final = 20
 #: The reference of the disagreement alarm and of the drift monitor
-#: (:mod:`batchscan.site.drift`): the first this many periods with enough studies.
-REFERENCE_PERIODS: Final = 4
+#: (:mod:`batchscan.site.drift`), by period: the first this many periods with enough
+#: studies. Four weeks or four months; for days four weeks of them, so that a site's weekly
+#: rhythm (fewer studies and more bedside films at the weekend) is inside the reference,
+#: with four of each day of the week (the drift monitor compares a day with the reference's
+#: days of its weekday).
+REFERENCE_PERIODS: Final = {"day": 28, "week": 4, "month": 4}
 #: Bootstrap resamples of the intervals.
 RESAMPLES: Final = 1000
 #: Files of a reports folder that are read (RIS exports), in name order.
@@ -156,19 +160,20 @@ def period_starts(study_dates: pd.Series, period: str) -> pd.Series:
 def reference_rows(
     study_dates: pd.Series,
     starts: pd.Series,
+    period: str,
     enough: Callable[[pd.Series], bool],
     pinned: tuple[date, date] | None = None,
 ) -> pd.Series:
     """Which rows make the reference: those dated ``FROM..TO`` (inclusive) when `pinned`,
-    else those of the first :data:`REFERENCE_PERIODS` periods whose rows pass `enough` (a
-    mask of one period's rows -> whether they are enough), in date order. The
+    else those of the first :data:`REFERENCE_PERIODS` periods of `period` whose rows pass
+    `enough` (a mask of one period's rows -> whether they are enough), in date order. The
     disagreement alarm and the drift monitor (:mod:`batchscan.site.drift`) share it."""
     if pinned is not None:
         days = pd.to_datetime(study_dates, errors="coerce")
         return (days >= pd.Timestamp(pinned[0])) & (days <= pd.Timestamp(pinned[1]))
     chosen: list[Any] = []
     for start in sorted(starts.dropna().unique()):
-        if len(chosen) == REFERENCE_PERIODS:
+        if len(chosen) == REFERENCE_PERIODS[period]:
             break
         if enough(starts == start):
             chosen.append(start)
@@ -204,6 +209,7 @@ def disagreement(
     base = reference_rows(
         frame["study_date"],
         starts,
+        period,
         lambda rows: int(rows.sum()) >= MIN_DISAGREEMENT_STUDIES,
         reference,
     ).to_numpy(dtype=bool)

@@ -7,9 +7,10 @@ Usage:
         [--seeds 3] [--rates 50,200] [--horizon 28] [--stable-days 365] [--subset 1200]
 
 A simulated paediatric hospital (``kermany_224``: two devices, 25 % pneumonia, ages 1 to 5,
-one film a study, a Poisson number of studies a day) runs for two weeks, then one shift
-begins and lasts ``--horizon`` days; a stable hospital runs for ``--stable-days`` days. The
-shifts: one device's films processed differently (contrast, gamma, sharpening,
+one film a study, a Poisson number of studies a day, 30 % AP films; a Saturday or Sunday has
+40 % of a weekday's studies, 60 % AP films and 35 % pneumonia) runs for six weeks, then one
+shift begins and lasts ``--horizon`` days; a stable hospital runs for ``--stable-days`` days.
+The shifts: one device's films processed differently (contrast, gamma, sharpening,
 collimation), a new device named in the header, non-chest images leaking in (pydicom-data's
 extremity radiograph, CT and MR pictures, cropped and turned), films stored turned by 90
 degrees (a stand-in for laterals, of which the data hold none), adults appearing
@@ -70,8 +71,16 @@ from batchscan.site import drift, metrics, monitoring
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up lines
 ROOT = Path(__file__).resolve().parents[2]
 START = pd.Timestamp("2025-01-06")
-SHIFT_DAY = 14
+#: The shift's first day (a Monday): six weeks, so that the default reference of day periods
+#: (the first 28 days with enough images: at 50 studies a day the weekends hold too few)
+#: lies before it.
+SHIFT_DAY = 42
 PREVALENCE = 0.25
+#: Share of AP films on a weekday.
+AP_SHARE = 0.3
+#: The weekly rhythm: a Saturday or Sunday has this share of a weekday's studies, this share
+#: of AP (bedside) films, and this many points more pneumonia.
+WEEKEND_RATE, WEEKEND_AP, WEEKEND_PNEUMONIA = 0.4, 0.6, 0.10
 REPORT_ERRORS = 0.05
 NON_CHEST = (
     "RG3_UNCR.dcm",
@@ -260,9 +269,14 @@ def simulate(
     for day in range(days):
         shifted = day >= shift_day
         since = day - shift_day
-        n = int(rng.poisson(rate))
-        date = (START + pd.Timedelta(days=day)).date().isoformat()
-        prevalence = shift.prevalence if shifted else PREVALENCE
+        when = START + pd.Timedelta(days=day)
+        weekend = when.day_of_week >= 5
+        n = int(rng.poisson(rate * (WEEKEND_RATE if weekend else 1.0)))
+        date = when.date().isoformat()
+        prevalence = (shift.prevalence if shifted else PREVALENCE) + (
+            WEEKEND_PNEUMONIA if weekend else 0.0
+        )
+        ap_share = WEEKEND_AP if weekend else AP_SHARE
         for _ in range(n):
             device = "B" if rng.random() < DEVICE_B_SHARE else "A"
             if shifted and rng.random() < shift.new_device:
@@ -287,7 +301,7 @@ def simulate(
                 "study_date": date,
                 "manufacturer": maker,
                 "manufacturer_model": model,
-                "view": "PA" if rng.random() < 0.7 else "AP",
+                "view": "AP" if rng.random() < ap_share else "PA",
                 "patient_age_years": age,
                 "modality": modality,
                 "rows": rows,
