@@ -415,12 +415,13 @@ def write_shifting_archive(
     size: int = 128,
     start: date = date(2026, 1, 5),
 ) -> int:
-    """An archive in which the drift monitor has something to find: one-image chest studies
-    on the weekdays of `weeks` weeks from `start` (a Monday), `per_week` a week, from two CR
-    devices; from week `shift_week` (1 = the first) on, half of the studies come from a new
-    DX detector (``ACME DR-9``, JPEG-LS) whose films are processed otherwise (gamma 1.8, a
-    tighter shutter). A quarter of the studies carry an opacity. Returns the number of
-    studies written (tests/test_drift.py, jobs/experiments/report_check.py)."""
+    """An archive in which the drift monitor has something to find: one-image AP chest
+    studies of children on the weekdays of `weeks` weeks from `start` (a Monday),
+    `per_week` a week, from two CR devices; from week `shift_week` (1 = the first) on, half
+    of the studies come from a new DX detector (``ACME DR-9``, JPEG-LS) whose films are
+    processed otherwise (gamma 1.8, a tighter shutter). A quarter of the studies carry an
+    opacity. Returns the number of studies written (tests/test_drift.py,
+    jobs/experiments/report_check.py)."""
     root = Path(root)
     rng = np.random.default_rng(39)
     devices = (("Globex", "Radiant CR 300", "CR"), ("Initech", "Lumen CR 5", "CR"))
@@ -436,6 +437,7 @@ def write_shifting_archive(
             picture = np.pad(picture[edge:-edge, edge:-edge] ** 1.8, edge)
         spec = RadiographSpec(
             modality=modality,
+            view="AP",
             transfer_syntax=JPEGLSLossless if shifted else ExplicitVRLittleEndian,
             accession=f"SH{i:06d}",
             study_date=day.strftime("%Y%m%d"),

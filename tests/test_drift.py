@@ -19,6 +19,7 @@ from batchscan.ingest.preprocess import preprocess
 from batchscan.ingest.records import SCORED, ImageRecord
 from batchscan.results.aggregate import aggregate_studies
 from batchscan.results.report import DRIFT_SCHEMA, write_frame
+from batchscan.results.report_html import DRIFT_TITLE
 from batchscan.results.state import StateStore
 from batchscan.scoring.input_store import InputStore
 from batchscan.site import drift, monitoring
@@ -111,11 +112,11 @@ def test_stable_data_does_not_alarm() -> None:
     assert alarms(found).empty and found.warning is None
     assert frame["significant"].sum() <= 2, "about 0.01 of the 60 judged days, by design"
     assert list(frame.columns) == list(DRIFT_SCHEMA.names)
-    assert found.facts["reference"] == (
-        "the 28 days from 2026-03-01 to 2026-03-28, each day against those of its weekday"
-    )
+    assert found.facts["reference"] == "the 28 days from 2026-03-01 to 2026-03-28"
+    chance = sum(len(signals) for signals in found.facts["weekly_rhythm"].values())
+    assert chance <= 3, "no weekly rhythm: one by chance in 84 weekday-signal pairs at 0.01"
     weekly = drift.judge(images, studies, "week", sample)
-    assert weekly.facts["reference"] == "the 4 weeks from 2026-02-23 to 2026-03-16"
+    assert weekly.facts["reference"] == "the 4 weeks from 2026-02-23 to 2026-03-22"
 
 
 def test_a_weekly_rhythm_does_not_alarm_at_day_periods() -> None:
@@ -136,6 +137,10 @@ def test_a_weekly_rhythm_does_not_alarm_at_day_periods() -> None:
     saturday = frame[(frame["period_start"] == date(2026, 5, 30)) & (frame["signal"] == "view")]
     assert saturday["n"].iloc[0] == 50 and "of images" in saturday["detail"].iloc[0]
     assert frame["significant"].sum() <= 3, "about 0.01 of the 84 judged days, by design"
+    rhythm = found.facts["weekly_rhythm"]
+    assert set(rhythm) == {"Sat", "Sun"} and all(
+        {"view", "features"} <= set(v) for v in rhythm.values()
+    )
 
     images, studies, sample = timeline(SHIFT_DAY + 7, 150, "device", weekend=(50, 0.65))
     raised = alarms(drift.judge(images, studies, "day", sample))
@@ -148,9 +153,14 @@ def test_a_weekly_rhythm_does_not_alarm_at_day_periods() -> None:
     ("shift", "signals", "said"),
     [
         ("device", {"device"}, "manufacturer and model ACME DR-9: 0 % -> 3"),
-        ("contrast", {"image"}, "image statistics of the stored inputs: contrast"),
+        (
+            "contrast",
+            {"image"},
+            "image statistics of the stored inputs: contrast (standard deviation of the grey "
+            "levels): ",
+        ),
         ("features", {"features"}, "the model's penultimate features: principal component"),
-        ("prevalence", {"score", "flag_rate"}, "model score: median"),
+        ("prevalence", {"score", "flag_rate"}, "model score: "),
         ("ood", {"ood_rate"}, "images beyond the training set (ood): "),
     ],
 )
@@ -167,6 +177,8 @@ def test_each_kind_of_shift_alarms_on_its_second_day(
     assert found.warning is not None and found.warning.startswith("WARNING: drift: the day from ")
     assert said in found.warning and found.warning.count("\n") == 0
     assert (raised["statistic"] > raised["threshold"]).all()
+    if shift in ("contrast", "features", "prevalence"):  # what a KS distance says
+        assert " of images at or below " in found.warning and "(KS distance 0." in found.warning
 
 
 def test_a_shift_of_one_day_does_not_alarm_but_a_week_of_it_may() -> None:
@@ -214,9 +226,7 @@ def test_a_pinned_reference_is_the_studies_of_those_dates() -> None:
     assert before["significant"].all(), "against the new mix every earlier day differs"
     assert before["alarm"].iloc[1:].all() and not before["alarm"].iloc[0], "persistence"
     assert found.warning is None, "the latest day is part of the reference"
-    assert found.facts["reference"] == (
-        "studies dated 2026-03-31 to 2026-04-04, each day against those of its weekday"
-    )
+    assert found.facts["reference"] == "studies dated 2026-03-31 to 2026-04-04"
 
 
 def test_the_frame_goes_through_the_report_writer(tmp_path: Path) -> None:
@@ -397,10 +407,11 @@ def test_a_scan_watches_the_films_from_the_state_and_store_and_opens_no_archive_
     printed = capsys.readouterr().out.splitlines()
     facts = _manifest(out)["drift"]
     assert facts["vectors_made"] == facts["sampled"] == facts["images"] == 210
-    assert facts["reference"] == "the 4 weeks from 2026-01-05 to 2026-01-26"
+    assert facts["reference"] == "the 4 weeks from 2026-01-05 to 2026-02-01"
     warning = facts["warning"]
     assert warning.startswith("WARNING: drift: the week from 2026-02-09 differs from the ")
     assert "manufacturer and model ACME DR-9: 0 % -> " in warning and facts["error"] is None
+    assert "modality DX: 0 % -> " in warning, "the value that came, not the one that shrank"
     assert [line for line in printed if line.startswith("WARNING: drift")] == [warning]
     frame = pd.read_parquet(out / "drift.parquet")
     assert list(frame.columns) == list(DRIFT_SCHEMA.names)
@@ -409,7 +420,7 @@ def test_a_scan_watches_the_films_from_the_state_and_store_and_opens_no_archive_
     assert set(raised["period_start"].astype(str)) == {"2026-02-02", "2026-02-09"}
     assert {"device", "transfer_syntax", "modality", "image"} <= set(raised["signal"])
     page = (out / "report.html").read_text(encoding="utf-8")
-    assert "<h2>Drift of the films</h2>" in page and "ACME DR-9: 0 %" in page
+    assert f"<h2>{DRIFT_TITLE}</h2>" in page and "ACME DR-9: 0 %" in page
 
     # another model: rescored and watched again from the store; no archive file opened
     with Opened(archive, monkeypatch) as opened:

@@ -284,8 +284,11 @@ def signals_svg(
             top = np.nanmax(np.r_[statistic, threshold, 0.0]) * 1.15 or 1.0
             for start, stop in _runs(reference):
                 ax.axvspan(start - 0.5, stop - 0.5, color="#7f7f7f", alpha=0.18, lw=0)
-            ax.fill_between(positions, threshold, top, color=COLOURS[1], alpha=0.1, lw=0)
-            ax.plot(positions, threshold, color=COLOURS[1], lw=0.8, ls="--")
+            judged = ~reference  # the reference's periods are not judged: no band there
+            ax.fill_between(  # a step per period: its own threshold, from its n
+                positions, threshold, top, where=judged, step="mid", color=COLOURS[1], alpha=0.1
+            )
+            ax.plot(positions, threshold, color=COLOURS[1], lw=0.8, ls="--", ds="steps-mid")
             ax.plot(positions, statistic, color="black", lw=0.9, marker="o", ms=1.5)
             ax.plot(positions[alarm], statistic[alarm], "o", color=COLOURS[1], ms=4)
             ax.set_ylim(0, top)
@@ -326,6 +329,7 @@ margin-right:.3em}.maps img{vertical-align:top}
 .warn{border:2px solid #b00;background:#fff4f4;padding:.2em 1em;margin:1em 0}
 .warn h2{color:#b00;border-bottom-color:#e8b4b4}tr.flag td{background:#fde2e2}
 .ok{border:2px solid #070;background:#f2fbf2;padding:.2em 1em;margin:1em 0}
+.periods td:first-child{white-space:nowrap}
 """
 
 

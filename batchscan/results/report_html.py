@@ -77,6 +77,7 @@ TOP_DISCREPANCIES: Final = 25
 #: drift.csv).
 DRIFT_PERIODS: Final = 90
 TOP_ALARMS: Final = 25
+DRIFT_TITLE: Final = "Drift of the films against the reference (no reports needed)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,8 +490,14 @@ def _section_drift(inputs: ReportInputs) -> str:
             f"<p><b>The drift monitor could not run this time</b> "
             f"({html.escape(facts['error'])}): the figures are those of its last good run.</p>"
         )
-    if facts.get("warning"):
-        notes.append(f"<p><b>{html.escape(facts['warning'])}</b></p>")
+    if facts.get("warning"):  # one line for cron's mail; here its parts, one a line
+        head, _, moved = facts["warning"].removeprefix("WARNING: drift: ").partition(": ")
+        items = "".join(
+            f"<li>{html.escape(part)}</li>"
+            for part in moved.split("; ")
+            if not part.startswith("see ")
+        )
+        notes.append(f"<div class='warn'><p><b>{html.escape(head)}:</b></p><ul>{items}</ul></div>")
     reference = facts.get("reference")
     about = (
         "<p class='note'>Each period of study date is compared with "
@@ -501,9 +508,16 @@ def _section_drift(inputs: ReportInputs) -> str:
         "threshold (dashed; the shaded band above it) and alarms (red) when it stays there "
         "for the periods persistence asks for. Grey: the reference's periods.</p>"
     )
+    if rhythm := facts.get("weekly_rhythm"):
+        found = "; ".join(f"{day}: {', '.join(signals)}" for day, signals in rhythm.items())
+        about += (
+            f"<p class='note'>A weekly rhythm in the reference ({html.escape(found)}): in "
+            "those signals a day of that weekday is compared with the reference's days of "
+            "its weekday.</p>"
+        )
     if not len(frame):
         return (
-            "<h2>Drift of the films</h2>"
+            f"<h2>{DRIFT_TITLE}</h2>"
             + "".join(notes)
             + about
             + (
@@ -546,11 +560,11 @@ def _section_drift(inputs: ReportInputs) -> str:
         else "<p>No signal has alarmed.</p>"
     )
     return (
-        "<h2>Drift of the films</h2>"
+        f"<h2>{DRIFT_TITLE}</h2>"
         + "".join(notes)
         + about
         + f"<div class='charts'>{chart}</div>"
-        + table
+        + f"<div class='periods'>{table}</div>"
     )
 
 
