@@ -19,6 +19,11 @@ ARG EXTRAS=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/batchscan/bin:$PATH
+# Unset, pip downloads the locked files from the package index. A builder that already holds
+# them (tests/test_container.py: the wheels CI's own install of the lock left in pip's cache)
+# mounts them and skips the download, the same files checked against the same hashes:
+#   podman build -v WHEELS:/wheels:ro --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/wheels .
+ARG PIP_NO_INDEX PIP_FIND_LINKS
 
 WORKDIR /src
 # The image's locks first: this layer (the large one) is rebuilt when one of them changes, not

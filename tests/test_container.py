@@ -37,6 +37,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -120,6 +121,24 @@ def _base() -> str:
     return name
 
 
+def _locked_wheels() -> Path:
+    """The files of the image's locks (prod.txt and tools.txt), fetched on the host by pip,
+    checked against the locks' hashes, into a folder the build mounts: pip on the host takes
+    them from its cache, which CI's own install of requirements/ci.txt (the same versions)
+    has just filled, so the build downloads nothing and unpacks TensorFlow once. The image's
+    Python (Debian bookworm's 3.11) takes the same wheels as the host's."""
+    wheels = _cache() / "wheels"
+    clock = time.perf_counter()
+    for lock in ("prod.txt", "tools.txt"):
+        _run(
+            sys.executable, "-m", "pip", "download", "--quiet", "--require-hashes", "--no-deps",
+            "--only-binary=:all:", "-d", str(wheels), "-r", str(ROOT / "requirements" / lock),
+            nice=True,
+        )  # fmt: skip
+    print(f"image step: the locked wheels fetched on the host {time.perf_counter() - clock:.0f} s")
+    return wheels
+
+
 @pytest.fixture(scope="module")
 def image() -> str:
     """The image of the Dockerfile on the mmdebstrap base (podman's layer cache reused)."""
@@ -131,8 +150,11 @@ def image() -> str:
         [*PODMAN, "image", "inspect", "--format", "{{.Id}}", IMAGE], capture_output=True, text=True
     ).stdout.strip()
     clock = time.perf_counter()
+    wheels = _locked_wheels()
     _run(
         *PODMAN, "build", "--network", "host", "-v", "/etc/ssl/certs:/etc/ssl/certs:ro",
+        "-v", f"{wheels}:/wheels:ro", "--build-arg", "PIP_NO_INDEX=1",
+        "--build-arg", "PIP_FIND_LINKS=/wheels",
         *LIMITS, "--build-arg", f"BASE={base}", "-t", IMAGE, str(ROOT),
         nice=True,
     )  # fmt: skip

@@ -153,18 +153,16 @@ def _renames(tree: ast.AST) -> list[int]:
     str.replace takes two, DataFrame.rename keywords)."""
     lines = []
     for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.ImportFrom)
-            and node.module in ("os", "shutil")
-            and any((node.module, alias.name) in _RENAMES for alias in node.names)
+        if isinstance(node, ast.ImportFrom) and any(
+            (node.module, alias.name) in _RENAMES for alias in node.names
         ):
             lines.append(node.lineno)
         if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
             continue
         owner = node.func.value
-        by_name = isinstance(owner, ast.Name) and (owner.id, node.func.attr) in _RENAMES
-        path_move = node.func.attr in ("rename", "replace") and len(node.args) == 1
-        if by_name or (path_move and not node.keywords):
+        named = isinstance(owner, ast.Name) and (owner.id, node.func.attr) in _RENAMES
+        path_method = node.func.attr in ("rename", "replace") and len(node.args) == 1
+        if named or (path_method and not node.keywords):
             lines.append(node.lineno)
     return lines
 
