@@ -133,7 +133,7 @@ def test_the_drift_section_draws_each_signal_and_says_what_moved(tmp_path: Path)
         if signal in set(found.frame["signal"]):
             assert f">{signal}<" in page, signal  # a panel each
     box = page[page.index("<div class='warn'>") : page.index("</div>")]
-    assert "the day from 2026-04-04 differs from the reference" in box
+    assert "<b>The day from 2026-04-04 differs from the reference (the 28 days" in box
     assert "<li>manufacturer and model ACME DR-9: 0 % -&gt; " in box and "drift.csv" not in box
     alarms = found.frame[found.frame["alarm"]]
     assert f"What moved where a signal alarmed ({len(alarms)} alarms)" in page

@@ -497,7 +497,8 @@ def _section_drift(inputs: ReportInputs) -> str:
             for part in moved.split("; ")
             if not part.startswith("see ")
         )
-        notes.append(f"<div class='warn'><p><b>{html.escape(head)}:</b></p><ul>{items}</ul></div>")
+        head = html.escape(head[:1].upper() + head[1:])  # a heading of its own here
+        notes.append(f"<div class='warn'><p><b>{head}:</b></p><ul>{items}</ul></div>")
     reference = facts.get("reference")
     about = (
         "<p class='note'>Each period of study date is compared with "
