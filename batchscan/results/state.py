@@ -407,6 +407,20 @@ def _record_of(
     return ImageRecord(path=path, abs_path=f"{root}/{path}", **values)
 
 
+def _known(columns: tuple[str, ...], allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """`columns`, when all are `allowed` (a typed read names columns, never SQL).
+
+    Raises
+    ------
+    ValueError
+        Naming the columns that are not.
+    """
+    unknown = set(columns) - set(allowed)
+    if unknown:
+        raise ValueError(f"not {what} columns: {sorted(unknown)}")
+    return columns
+
+
 def final_rows(
     state_path: Path, paths: list[str | bytes], root: str
 ) -> dict[str | bytes, tuple[ImageRecord, str]]:
@@ -857,6 +871,37 @@ class StateStore:
                 if name in part:
                     part[name] = [None if v is None else bool(v) for v in part[name]]
             yield part
+
+    def scored_file_facts(
+        self, columns: tuple[str, ...], chunk: int = 8192
+    ) -> Iterator[dict[str, list[Any]]]:
+        """`columns` (of :data:`IMAGE_COLUMNS`) of every scored file, by path, as column
+        lists; ``path`` comes as stored (the key of the model-input store), not made
+        readable. What the drift monitor reads (:mod:`batchscan.site.drift`).
+
+        Raises
+        ------
+        ValueError
+            If a column is not one of :data:`IMAGE_COLUMNS`.
+        """
+        names = ", ".join(f'"{c}"' for c in _known(columns, IMAGE_COLUMNS, "file"))
+        sql = f"SELECT {names} FROM files WHERE status=? ORDER BY path"
+        for rows in self._fetch_chunks(sql, (SCORED,), chunk):
+            yield {name: [row[i] for row in rows] for i, name in enumerate(columns)}
+
+    def study_facts(
+        self, columns: tuple[str, ...], chunk: int = 8192
+    ) -> Iterator[dict[str, list[Any]]]:
+        """`columns` (of :data:`STUDY_COLUMNS`) of every study row, as column lists (a
+        narrow read where :meth:`study_rows` reads them all).
+
+        Raises
+        ------
+        ValueError
+            If a column is not one of :data:`STUDY_COLUMNS`.
+        """
+        columns = _known(columns, STUDY_COLUMNS, "study")
+        yield from self._columns("studies", columns, "study_instance_uid", chunk)
 
     def run_rows(self) -> dict[str, list[Any]]:
         """The run history, oldest first."""
