@@ -69,6 +69,7 @@ def timeline(
             "transfer_syntax_uid": rng.choice(
                 ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.90"], n, p=[0.8, 0.2]
             ),
+            "photometric": "MONOCHROME2",
             "score": np.where(ap, rng.beta(3.0, 4.0, n), rng.beta(2.0, 5.0, n)),
             "ood": rng.random(n) < 0.01,
         }
@@ -78,9 +79,14 @@ def timeline(
     mixing = rng.normal(size=(16, 16))
     features = np.maximum(rng.normal(size=(n, 16)) @ mixing, 0.0)
     features[ap] += 0.8 * features.std(axis=0)
+    # each device's detector pitch (drawn from no random numbers: the timelines stay as they were)
+    images["pixel_spacing_mm"] = np.where(images["manufacturer"] == "Globex", 0.1, 0.139)
     if shift == "device":
         new = shifted & (rng.random(n) < 0.38)
         images.loc[new, ["manufacturer", "manufacturer_model"]] = ["ACME", "DR-9"]
+    elif shift == "detector":  # the same devices, a new detector plate of another pitch
+        new = shifted & (rng.random(n) < 0.38)
+        images.loc[new, ["pixel_spacing_mm", "photometric"]] = [0.2, "MONOCHROME1"]
     elif shift == "contrast":
         statistics[shifted, 1] += 0.8
     elif shift == "features":
@@ -153,6 +159,7 @@ def test_a_weekly_rhythm_does_not_alarm_at_day_periods() -> None:
     ("shift", "signals", "said"),
     [
         ("device", {"device"}, "manufacturer and model ACME DR-9: 0 % -> 3"),
+        ("detector", {"spacing", "photometric"}, "pixel spacing band 0.200-0.225 mm: 0 % -> 3"),
         (
             "contrast",
             {"image"},
@@ -291,6 +298,8 @@ def _hospital(root: Path, days: int, per_day: int, contrast_from: int) -> tuple[
                 manufacturer_model="DR-1",
                 patient_age_years=3.0,
                 transfer_syntax_uid="1.2.840.10008.1.2.1",
+                photometric="MONOCHROME2",
+                pixel_spacing_mm=0.139,
                 score=0.2 + 0.6 * (i % 4 == 0),
                 ood_score=1.0,
                 ood=False,

@@ -17,8 +17,9 @@ What is compared, period by period (``day``, ``week`` or ``month`` of study date
 scored images, or the studies dated ``FROM..TO``), one row per signal (:data:`SIGNALS`):
 
 * the header mix of the scored images (device, view, age band, modality, image matrix,
-  transfer syntax): for each value its share against the reference's, by a two-proportion
-  test; the value whose share moved most significantly speaks for the signal;
+  transfer syntax, photometric interpretation, pixel spacing band): for each value its
+  share against the reference's, by a two-proportion test; the value whose share moved
+  most significantly speaks for the signal;
 * the image statistics of a sample of the stored 64 x 64 inputs (:func:`image_statistics`:
   grey levels, contrast, sharpness, the border, left-right symmetry, orientation), each by
   a two-sample Kolmogorov-Smirnov test;
@@ -100,6 +101,8 @@ SIGNALS: Final = {
     "modality": "modality",
     "matrix": "image matrix (long edge)",
     "transfer_syntax": "transfer syntax",
+    "photometric": "photometric interpretation",
+    "spacing": "pixel spacing band",
     "image": "image statistics of the stored inputs",
     "features": "the model's penultimate features",
     "score": "model score",
@@ -108,7 +111,16 @@ SIGNALS: Final = {
     "unusual": "images unlike the reference's (statistics or features beyond its range)",
 }
 #: The header facts of :data:`SIGNALS` (one categorical value per scored image).
-HEADER_SIGNALS: Final = ("device", "view", "age", "modality", "matrix", "transfer_syntax")
+HEADER_SIGNALS: Final = (
+    "device",
+    "view",
+    "age",
+    "modality",
+    "matrix",
+    "transfer_syntax",
+    "photometric",
+    "spacing",
+)
 #: The file columns the monitor reads from the state.
 FILE_COLUMNS: Final = (
     "path",
@@ -123,6 +135,8 @@ FILE_COLUMNS: Final = (
     "rows",
     "columns",
     "transfer_syntax_uid",
+    "photometric",
+    "pixel_spacing_mm",
     "score",
     "ood",
 )
@@ -140,9 +154,12 @@ IMAGE_STATISTICS: Final = {
 }
 #: Age bands of the ``age`` signal (lower edges in years; the last is open).
 AGE_BANDS: Final = (0, 1, 5, 12, 18, 40, 65)
-#: Width of the ``matrix`` signal's bands of the long edge, in pixels (a new detector changes
-#: its matrix with its pixel spacing, which the state does not hold).
+#: Width of the ``matrix`` signal's bands of the long edge, in pixels.
 MATRIX_BAND: Final = 512
+#: Width of the ``spacing`` signal's bands of the pixel spacing, in mm: detectors' pitches lie
+#: 0.1-0.2 mm apart by a few hundredths (CR plates 0.1, flat panels 0.139-0.2), so a band this
+#: wide tells most detectors apart without splitting one detector's calibrated values.
+SPACING_BAND: Final = 0.025
 
 #: Chance, per period, that any signal is significant on stable data (Bonferroni over the
 #: signals and over each signal's tests).
@@ -278,6 +295,7 @@ def header_values(images: pd.DataFrame) -> dict[str, tuple[np.ndarray, list[str]
         pd.to_numeric(images["columns"], errors="coerce").to_numpy(dtype=np.float64),
     )
     band = pd.Series(np.floor(long_edge / MATRIX_BAND) * MATRIX_BAND)
+    spacing = pd.to_numeric(images["pixel_spacing_mm"], errors="coerce").to_numpy(np.float64)
     return {
         "device": coded(device, text),
         "view": coded(images["view"], text),
@@ -291,6 +309,11 @@ def header_values(images: pd.DataFrame) -> dict[str, tuple[np.ndarray, list[str]
         "matrix": coded(band, lambda v: f"{int(v)}-{int(v) + MATRIX_BAND - 1} px"),
         "transfer_syntax": coded(
             images["transfer_syntax_uid"], lambda uid: UID(str(uid)).name or str(uid)
+        ),
+        "photometric": coded(images["photometric"], text),
+        "spacing": coded(
+            pd.Series(np.floor(spacing / SPACING_BAND + 1e-9) * SPACING_BAND),
+            lambda v: f"{v:.3f}-{v + SPACING_BAND:.3f} mm",
         ),
     }
 

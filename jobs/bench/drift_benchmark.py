@@ -76,6 +76,8 @@ def _records(first: int, count: int, per_day: int, rng: np.random.Generator) -> 
                 manufacturer_model="DR-1",
                 patient_age_years=float(rng.uniform(1, 90)),
                 transfer_syntax_uid="1.2.840.10008.1.2.1",
+                photometric="MONOCHROME2",
+                pixel_spacing_mm=(0.1, 0.139)[i % 2],
                 score=float(rng.beta(2, 5)),
                 ood_score=1.0,
                 ood=bool(rng.random() < 0.01),

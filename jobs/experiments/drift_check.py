@@ -92,10 +92,11 @@ NON_CHEST = (
 )
 #: The hospital's two devices: header facts of each (device B is the one whose processing
 #: changes).
+#: maker, model, modality, transfer syntax, rows, columns, photometric, pixel spacing (mm)
 DEVICES = {
-    "A": ("Globex", "DR-1", "DX", "1.2.840.10008.1.2.4.90", 3000, 2500),
-    "B": ("Initech", "CR-5", "CR", "1.2.840.10008.1.2.1", 2500, 2048),
-    "new": ("ACME", "DR-9", "DX", "1.2.840.10008.1.2.4.80", 3072, 3072),
+    "A": ("Globex", "DR-1", "DX", "1.2.840.10008.1.2.4.90", 3000, 2500, "MONOCHROME2", 0.148),
+    "B": ("Initech", "CR-5", "CR", "1.2.840.10008.1.2.1", 2500, 2048, "MONOCHROME1", 0.1),
+    "new": ("ACME", "DR-9", "DX", "1.2.840.10008.1.2.4.80", 3072, 3072, "MONOCHROME2", 0.139),
 }
 DEVICE_B_SHARE = 0.4
 RAMP_LEVELS = (1.1, 1.2, 1.3, 1.4, 1.5)
@@ -290,7 +291,7 @@ def simulate(
             candidates = by_class[name][label] if len(by_class[name][label]) else by_class[name][0]
             index = int(candidates[rng.integers(0, len(candidates))])
             pool = pools[name]
-            maker, model, modality, syntax, rows, cols = DEVICES[device]
+            maker, model, modality, syntax, rows, cols, photometric, spacing = DEVICES[device]
             age = pool.age[index] if not np.isnan(pool.age[index]) else rng.uniform(1.0, 6.0)
             if shift.ages_missing:
                 age = None
@@ -307,6 +308,8 @@ def simulate(
                 "rows": rows,
                 "columns": cols,
                 "transfer_syntax_uid": syntax,
+                "photometric": photometric,
+                "pixel_spacing_mm": spacing,
                 "score": float(pool.score[index]),
                 "ood": bool(pool.ood[index]),
                 "label": int(pool.label[index]),
