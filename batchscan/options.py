@@ -87,6 +87,17 @@ def iso_date(text: str) -> date:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
 
 
+def date_range(text: str) -> tuple[date, date]:
+    """Two ISO dates, ``FROM..TO`` (both days inside), FROM not after TO."""
+    first, dots, last = text.partition("..")
+    if not dots:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FROM..TO (two dates YYYY-MM-DD)")
+    start, end = iso_date(first.strip()), iso_date(last.strip())
+    if start > end:
+        raise argparse.ArgumentTypeError(f"{text!r}: FROM is after TO")
+    return start, end
+
+
 @dataclass(frozen=True)
 class Kind:
     """What an option's value is.
@@ -124,6 +135,7 @@ NUMBER: Final = Kind("number", float, float)
 INTEGER: Final = Kind("int", int, int)
 SECONDS: Final = Kind("seconds > 0", float, seconds)
 DATE: Final = Kind("date YYYY-MM-DD", str, iso_date)
+DATES: Final = Kind("dates YYYY-MM-DD..YYYY-MM-DD", str, date_range)
 FLAG: Final = Kind("flag", bool, None)
 VERSION: Final = Kind("prints the version", bool, None)
 
@@ -170,6 +182,8 @@ def _resolve(module: str, name: str) -> Any:
         fields = getattr(found, "__dataclass_fields__", None)
         if isinstance(found, type) and fields and part in fields:
             found = fields[part].default
+        elif isinstance(found, Mapping):  # a constant by key (``REFERENCE_PERIODS.day``)
+            found = found[part]
         else:
             found = getattr(found, part)
     return found
@@ -313,6 +327,7 @@ class Command:
 
 _PIPELINE: Final = "batchscan.engines.pipeline"
 _SITE_TRAINING: Final = "batchscan.site.site_training"
+_MONITORING: Final = "batchscan.site.monitoring"
 ALL_CORES: Final = FromCode(_PIPELINE, "default_workers", call=True, shown="all cores")
 
 
@@ -543,10 +558,24 @@ SCAN: Final = Command(
         REPORTS_FILE,
         Option(
             "--monitor-period",
-            choices=("week", "month"),
+            choices=("day", "week", "month"),
             default=_scan_default("monitor_period"),
-            help="the periods of performance.parquet: ISO weeks (from Monday) or months "
-            "(default {default})",
+            help="the periods of performance.parquet and drift.parquet: days, ISO weeks (from "
+            "Monday) or months of study date (default {default})",
+        ),
+        Option(
+            "--drift-reference",
+            kind=DATES,
+            metavar="FROM..TO",
+            example="2026-01-05..2026-02-01",
+            help="the studies dated FROM..TO (two dates, both inside) as the reference of the "
+            "drift monitor and of the disagreement alarm; default: the first {days} days with "
+            "enough studies for day periods (four of each weekday; a day is compared with "
+            "those of its weekday), the first {periods} weeks or months for the others",
+            quotes={
+                "days": FromCode(_MONITORING, "REFERENCE_PERIODS.day"),
+                "periods": FromCode(_MONITORING, "REFERENCE_PERIODS.week"),
+            },
         ),
         PACS_CREDENTIALS,
         replace(CALLING_AET, help="a DIMSE PACS: batchscan's AE title (default {default})"),

@@ -5,7 +5,8 @@ lock REPORT_DIR (:class:`~batchscan.results.runlock.LockHeldError`, exit 3) -> o
 state -> stream discovery past the state (unchanged files are reused) into the engine, whose
 results are committed to the state in checkpoints -> finish the state (vanished files,
 duplicates, touched studies re-aggregated) -> write every report from the state to a
-temporary file -> publish them all with atomic renames. If anything fails before the end,
+temporary file (with the drift monitor's, :mod:`batchscan.site.drift`, from the state and the
+input store) -> publish them all with atomic renames. If anything fails before the end,
 the temporary files are removed, the previous reports stay as they were, and the state keeps
 its last checkpoint, from which the next run goes on.
 """
@@ -44,6 +45,7 @@ from batchscan.results.aggregate import aggregate_studies
 from batchscan.results.keys import reread_notice, row_keys
 from batchscan.results.report import (
     DISCREPANCIES_SCHEMA,
+    DRIFT_SCHEMA,
     PERFORMANCE_SCHEMA,
     write_frame,
     write_images,
@@ -57,6 +59,7 @@ from batchscan.results.state import RUN_STUDY_COUNTS, STATE_FILE, Finished, Stat
 from batchscan.scoring.input_store import STORE_FILE, InputStore
 from batchscan.scoring.model import ModelCard, ModelError, check_model, load_model
 from batchscan.scoring.rescore import rescore
+from batchscan.site.drift import Drifted, monitor_drift
 from batchscan.site.label_cache import LABELS_DB
 from batchscan.site.monitoring import PERIODS, Monitored, monitor
 from batchscan.storage.files import private_files, publish, remove_temporaries, temporary_path
@@ -74,8 +77,9 @@ class UsageError(ValueError):
 @dataclass(frozen=True, slots=True)
 class ScanResult:
     """What a finished run reports back to the command line: the manifest, the summary
-    paragraph, lines to print after it (``WARNING: performance``), and problems that make
-    the run's exit status 1 although it published (a reports file with a bad row)."""
+    paragraph, lines to print after it (``WARNING: performance``, ``WARNING: drift``), and
+    problems that make the run's exit status 1 although it published (a reports file with a
+    bad row, a drift monitor that failed)."""
 
     manifest: dict[str, Any]
     summary: str
@@ -117,7 +121,11 @@ def check_config(config: ScanConfig) -> None:
             raise UsageError(f"Ray cluster at --ray-address {config.ray_address}: {problem}")
     _writable_outside(config.out, root, "--out", "report folder")
     if config.monitor_period not in PERIODS:
-        raise UsageError(f"--monitor-period must be week or month, got {config.monitor_period!r}")
+        raise UsageError(
+            f"--monitor-period must be {', '.join(PERIODS)}, got {config.monitor_period!r}"
+        )
+    if config.drift_reference is not None and config.drift_reference[0] > config.drift_reference[1]:
+        raise UsageError("--drift-reference: FROM is after TO")
     if config.reports_file is not None and not (
         config.reports_file.is_file() or config.reports_file.is_dir()
     ):
@@ -296,20 +304,33 @@ class LazyScorer:
     def __call__(self, inputs: np.ndarray) -> Scores:
         """Scores of model inputs (see :meth:`batchscan.scoring.infer.Scorer.score_ood`), with the
         shadow model's beside them when there is one."""
+        scorer = self._main()
+        if self._shadow is not None and self._shadow_scorer is None:
+            started = time.perf_counter()
+            try:
+                self._shadow_scorer = self._make(load_model(self._shadow.path))
+            except ModelError as exc:
+                raise UsageError(f"--shadow-model: {exc}") from exc
+            self.load_seconds += time.perf_counter() - started
+        scores = scorer.score_ood(inputs)
+        if self._shadow_scorer is None:
+            return scores
+        return replace(scores, shadow=np.clip(self._shadow_scorer.score(inputs), 0.0, 1.0))
+
+    def features(self, inputs: np.ndarray) -> np.ndarray:
+        """The penultimate features of model inputs (the drift monitor's, see
+        :meth:`batchscan.scoring.infer.Scorer.features`), from the model this run loaded, or
+        loads now: a night whose vectors are all kept never loads it."""
+        return self._main().features(inputs)
+
+    def _main(self) -> Any:
+        """The scorer of the model in use, made on first need."""
         if self._scorer is None:
             started = time.perf_counter()
             self._scorer = self._make(self.loaded())
             self.device, self.precision = self._scorer.device, self._scorer.precision
-            if self._shadow is not None:
-                try:
-                    self._shadow_scorer = self._make(load_model(self._shadow.path))
-                except ModelError as exc:
-                    raise UsageError(f"--shadow-model: {exc}") from exc
-            self.load_seconds = time.perf_counter() - started
-        scores = self._scorer.score_ood(inputs)
-        if self._shadow_scorer is None:
-            return scores
-        return replace(scores, shadow=np.clip(self._shadow_scorer.score(inputs), 0.0, 1.0))
+            self.load_seconds += time.perf_counter() - started
+        return self._scorer
 
     @property
     def compile_seconds(self) -> float:
@@ -386,21 +407,25 @@ def _run(
         manifest = run.write_the_tables(finished)
         run.write_the_srs(manifest)
         monitored = run.monitor(manifest)
+        drifted = run.watch_drift(manifest)
         run.record_the_run(manifest)
-        run.write_the_page(manifest, monitored)
+        run.write_the_page(manifest, monitored, drifted)
         run.publish()
     except BaseException:
         run.abandon()
         raise
+    problems = []
+    if monitored and monitored.error:
+        problems.append(
+            f"monitoring not updated (the last good performance files stay): {monitored.error}"
+        )
+    if drifted.error:
+        problems.append(f"drift not updated (the last good drift files stay): {drifted.error}")
     return ScanResult(
         manifest=manifest,
         summary=summary_text(manifest),
-        warnings=(monitored.warning,) if monitored and monitored.warning else (),
-        problems=(
-            (f"monitoring not updated (the last good performance files stay): {monitored.error}",)
-            if monitored and monitored.error
-            else ()
-        ),
+        warnings=(*(monitored.warnings if monitored else ()), *filter(None, [drifted.warning])),
+        problems=tuple(problems),
     )
 
 
@@ -586,6 +611,7 @@ class _Run:
         manifest["monitoring"] = {
             **monitored.facts,
             "warning": monitored.warning,
+            "disagreement_warning": monitored.disagreement_warning,
             "error": monitored.error,
         }
         if monitored.error is None:
@@ -599,6 +625,26 @@ class _Run:
             )
         return monitored
 
+    def watch_drift(self, manifest: dict[str, Any]) -> Drifted:
+        """The films against the reference (:mod:`batchscan.site.drift`), from the state and
+        the input store, written to temporary files unless the monitor failed (then the last
+        good ones stay and the run ends with status 1)."""
+        drifted = monitor_drift(
+            self.state,
+            self.store,
+            period=self.config.monitor_period,
+            input_key=self.keys.input,
+            model_key=self.checked.version,
+            features=self.scorer.features,
+            reference=self.config.drift_reference,
+        )
+        manifest["drift"] = {**drifted.facts, "warning": drifted.warning, "error": drifted.error}
+        if drifted.error is None:
+            self.temporaries += write_frame(
+                drifted.frame, DRIFT_SCHEMA, self.config.out, "drift", self.run_id
+            )
+        return drifted
+
     def record_the_run(self, manifest: dict[str, Any]) -> None:
         """The seconds by stage into the manifest, the run's outcome and figures into the
         state, and runs.parquet and manifest.json to temporary files."""
@@ -611,7 +657,9 @@ class _Run:
         self.temporaries.append(write_runs(self.state.run_rows(), self.config.out, self.run_id))
         self.temporaries.append(write_manifest(manifest, self.config.out, self.run_id))
 
-    def write_the_page(self, manifest: dict[str, Any], monitored: Monitored | None) -> None:
+    def write_the_page(
+        self, manifest: dict[str, Any], monitored: Monitored | None, drifted: Drifted
+    ) -> None:
         """report.html, to a temporary file (not counted in the stages' seconds)."""
         config = self.config
         # this run's monitoring frames, or None: the page reads the last good ones
@@ -628,6 +676,7 @@ class _Run:
             stored_input=partial(_stored_input, self.state, self.store, self.keys.input),
             fetched=None if pacs is None else self._reader(),
             identity=self.state.file_identity,
+            drift=drifted.frame if drifted.error is None else None,
         )
         temporary = temporary_path(config.out / REPORT_FILE, self.run_id)
         self.temporaries.append(write_report(self.state, page, temporary))
@@ -739,6 +788,7 @@ def _monitor(config: ScanConfig, checked: ModelCard, state: StateStore) -> Monit
         threshold=checked.threshold,
         model_version=checked.version,
         reference_auc=last_overall_auc(config.out),
+        reference=config.drift_reference,
     )
 
 

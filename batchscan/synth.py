@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Final
 
@@ -403,3 +404,49 @@ def write_demo_archive(root: Path | str, *, size: int = 1024, studies: int = 6) 
     reports = [(a, DEMO_REPORTS[label][i // 2 % 3]) for i, (a, label) in enumerate(labels)]
     written.append(write_reports(root / "reports.csv", reports))
     return written
+
+
+def write_shifting_archive(
+    root: Path | str,
+    *,
+    weeks: int = 12,
+    per_week: int = 35,
+    shift_week: int = 9,
+    size: int = 128,
+    start: date = date(2026, 1, 5),
+) -> int:
+    """An archive in which the drift monitor has something to find: one-image AP chest
+    studies of children on the weekdays of `weeks` weeks from `start` (a Monday),
+    `per_week` a week, from two CR devices; from week `shift_week` (1 = the first) on, half
+    of the studies come from a new DX detector (``ACME DR-9``, JPEG-LS) whose films are
+    processed otherwise (gamma 1.8, a tighter shutter). A quarter of the studies carry an
+    opacity. Returns the number of studies written (tests/test_drift.py,
+    jobs/experiments/report_check.py)."""
+    root = Path(root)
+    rng = np.random.default_rng(39)
+    devices = (("Globex", "Radiant CR 300", "CR"), ("Initech", "Lumen CR 5", "CR"))
+    n = weeks * per_week
+    for i in range(n):
+        week, nth = divmod(i, per_week)
+        day = start + timedelta(weeks=week, days=nth % 5)
+        shifted = week + 1 >= shift_week and rng.random() < 0.5
+        manufacturer, model, modality = ("ACME", "DR-9", "DX") if shifted else devices[i % 2]
+        picture = chest_phantom(size, seed=5000 + i, opacity=0.9 * (rng.random() < 0.25))
+        if shifted:
+            edge = size // 8
+            picture = np.pad(picture[edge:-edge, edge:-edge] ** 1.8, edge)
+        spec = RadiographSpec(
+            modality=modality,
+            view="AP",
+            transfer_syntax=JPEGLSLossless if shifted else ExplicitVRLittleEndian,
+            accession=f"SH{i:06d}",
+            study_date=day.strftime("%Y%m%d"),
+            patient_id=f"SHP{i:06d}",
+            patient_age=f"{int(rng.integers(1, 6)):03d}Y",
+            patient_sex="MF"[i % 2],
+            manufacturer=manufacturer,
+            manufacturer_model=model,
+            window=(2048, 4096),
+        )
+        write_radiograph(root / f"{day:%Y%m%d}/SH{i:06d}/IM0001", picture, spec)
+    return n

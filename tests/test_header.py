@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 
 from batchscan.ingest.header import StageOptions, read_header
 from batchscan.ingest.records import ImageRecord
@@ -132,3 +134,30 @@ def test_study_dates_become_iso_or_nothing() -> None:
     assert iso_date("20260413") == "2026-04-13"
     assert iso_date("2026.04.13") == "2026-04-13"  # ACR-NEMA
     assert [iso_date(v) for v in ("", "20261340", "2026041", "garbage", "20260230")] == [None] * 5
+
+
+def test_photometric_and_pixel_spacing_are_read_and_hostile_values_become_none(
+    tmp_path: Path, picture
+) -> None:
+    """The two header facts the drift monitor watches: PixelSpacing before
+    ImagerPixelSpacing, and a value no radiograph has (zero, text, 1e9) is None, never an
+    error: the file is still read."""
+    path = write_radiograph(tmp_path / "f", picture, RadiographSpec())
+    ds = pydicom.dcmread(path)
+    ds.ImagerPixelSpacing = [0.139, 0.139]
+    ds.save_as(path)
+    record = _classify(path)
+    assert (record.status, record.photometric, record.pixel_spacing_mm) == (
+        "pending",
+        ds.PhotometricInterpretation,
+        0.139,
+    )
+    ds.PixelSpacing = [0.2, 0.2]
+    ds.save_as(path)
+    assert _classify(path).pixel_spacing_mm == 0.2
+    ds.pop("ImagerPixelSpacing")
+    for bad in (b"0", b"1e9", b"abc", b"-0.2"):  # written as the bytes a broken device sends
+        ds["PixelSpacing"] = RawDataElement(Tag(0x00280030), "DS", len(bad), bad, 0, True, True)
+        ds.save_as(path)
+        record = _classify(path)
+        assert (record.status, record.pixel_spacing_mm) == ("pending", None), bad

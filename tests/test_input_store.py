@@ -10,6 +10,7 @@ import os
 import shutil
 import sqlite3
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -314,3 +315,38 @@ def test_a_store_that_cannot_be_written_now_is_kept(tmp_path: Path, caplog) -> N
     again = InputStore(path)  # the next run has it all
     assert set(again.get([("a", 1, 2)], "key")) == {"a"}
     again.close()
+
+
+def test_a_store_of_the_previous_version_keeps_its_entries_and_gains_derived(
+    tmp_path: Path,
+) -> None:
+    """A store made before the drift monitor (version 1: the entries alone) is upgraded in
+    place by the next scan, never thrown away; until then a read-only reader (adapt, train)
+    reads its entries as they are."""
+    path = tmp_path / STORE_FILE
+    x = np.repeat(np.linspace(0, 1, 4096, dtype=np.float32).reshape(64, 64, 1), 3, axis=2)
+    data = encode(x)
+    old = sqlite3.connect(path)  # the previous release's layout, as it wrote it
+    old.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('encoding', '1');"
+        "CREATE TABLE inputs (path NOT NULL UNIQUE, size INTEGER NOT NULL, "
+        "mtime_ns INTEGER NOT NULL, input_key TEXT NOT NULL, crc INTEGER NOT NULL, "
+        "data BLOB NOT NULL);"
+    )
+    old.execute("INSERT INTO inputs VALUES ('a', 1, 2, 'key', ?, ?)", (zlib.crc32(data), data))
+    old.commit()
+    old.close()
+    reader = InputStore(path, readonly=True)
+    assert set(reader.get([("a", 1, 2)], "key")) == {"a"} and reader.resets == 0
+    reader.close()
+    store = InputStore(path)
+    assert store.resets == 0, "upgraded, not started afresh"
+    assert set(store.get([("a", 1, 2)], "key")) == {"a"}
+    store.put_derived([(("a", 1, 2), "key", "model", np.ones(3, np.float32))])
+    store.close()
+    again = InputStore(path, readonly=True)
+    assert set(again.derived([("a", 1, 2)], "key", "model")) == {"a"}
+    again.close()
+    (version,) = sqlite3.connect(path).execute("SELECT value FROM meta").fetchone()
+    assert version == "2"

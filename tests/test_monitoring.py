@@ -17,6 +17,7 @@ import pytest
 
 from batchscan.cli import main
 from batchscan.site import monitoring
+from batchscan.site.label_cache import LABELS_DB
 from batchscan.synth import DEMO_REPORTS, chest_phantom, write_labelled_studies, write_reports
 from tests.test_input_store import Opened
 
@@ -191,3 +192,119 @@ def test_the_cron_wrapper_mails_the_performance_warning(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("WARNING: performance") and done.stdout.count("\n") == 1
+
+
+def monitor_studies(
+    tmp_path: Path, frame: pd.DataFrame, said: np.ndarray, period: str
+) -> monitoring.Monitored:
+    """:func:`monitoring.monitor` on studies (``accession_number``, ``study_date``,
+    ``score``; flagged at 0.5) whose reports say pneumonia where `said` is true, with the
+    real labeler."""
+    normal, pneumonia = DEMO_REPORTS[0][0], DEMO_REPORTS[1][0]
+    rows = [
+        (a, pneumonia if p else normal)
+        for a, p in zip(frame["accession_number"], said, strict=True)
+    ]
+    studies = [
+        (f"1.2.826.0.1.39.{i}", r.accession_number, r.study_date, r.score, r.score >= 0.5)
+        for i, r in enumerate(frame.itertuples())
+    ]
+    return monitoring.monitor(
+        write_reports(tmp_path / "ris.csv", rows),
+        tmp_path / LABELS_DB,
+        studies,
+        period=period,
+        threshold=0.5,
+        model_version="test",
+    )
+
+
+def test_a_month_that_has_just_begun_does_not_silence_the_warning(tmp_path: Path) -> None:
+    """The check that found the defect: 400 CR studies, March's reports agreeing with the
+    films, April's shuffled among April's studies, and April's dates running to 3 May, so
+    that the newest month holds a handful of studies. The warning judges April, the most
+    recent month that holds enough studies, and says so."""
+    rng = np.random.default_rng(39)
+    n = 400
+    score = rng.uniform(0.0, 1.0, n)
+    march = [f"2026-03-{1 + i % 31:02d}" for i in range(n // 2)]
+    april = [  # 1 April to 3 May: the last 6 % of April's studies fall in May
+        (pd.Timestamp("2026-04-01") + pd.Timedelta(days=int(33 * i / (n // 2)))).date().isoformat()
+        for i in range(n // 2)
+    ]
+    frame = pd.DataFrame(
+        {
+            "accession_number": [f"CR{i:06d}" for i in range(n)],
+            "study_date": march + april,
+            "score": score,
+        }
+    )
+    agree = score >= np.median(score)
+    said = agree.copy()
+    said[n // 2 :] = rng.permutation(agree[n // 2 :])
+    done = monitor_studies(tmp_path, frame, said, "month")
+    perf = done.performance.set_index(done.performance["period_start"].astype(str))
+    assert list(perf.index) == ["2026-03-01", "2026-04-01", "2026-05-01"]
+    assert perf.loc["2026-05-01", "n_labelled"] < 2 * monitoring.MIN_PER_CLASS
+    assert perf.loc["2026-04-01", "auc"] <= 0.70 < perf.loc["2026-03-01", "auc"]
+    assert done.warning is not None, "a month that has just begun silenced the warning"
+    assert done.warning.startswith("WARNING: performance: the month from 2026-04-01 ")
+    assert "the month from 2026-05-01 holds fewer" in done.warning, done.warning
+
+
+def _daily(days: int, per_day: int, wrong_share: list[float], seed: int = 0) -> pd.DataFrame:
+    """Labelled studies of `days` days from 1 March 2026, `per_day` a day, of which the
+    share `wrong_share[day]` is flagged against its report label."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for day in range(days):
+        label = rng.integers(0, 2, per_day)
+        wrong = rng.random(per_day) < wrong_share[day]
+        flagged = (label == 1) != wrong
+        score = np.where(flagged, 0.75, 0.25) + rng.uniform(-0.2, 0.2, per_day)
+        date = (pd.Timestamp("2026-03-01") + pd.Timedelta(days=day)).date().isoformat()
+        rows += [(date, int(y), float(s)) for y, s in zip(label, score, strict=True)]
+    return pd.DataFrame(rows, columns=["study_date", "label", "score"])
+
+
+def test_the_disagreement_alarm_needs_seven_days_in_a_row_above_the_band() -> None:
+    steady = [0.10] * 50
+    table = monitoring.disagreement(_daily(50, 100, steady), "day", threshold=0.5)
+    assert table["reference"].sum() == monitoring.REFERENCE_PERIODS["day"] == 28
+    assert table.loc[~table["reference"], "band"].between(0.15, 0.25).all()
+    assert monitoring.disagreement_warning(table, "day") is None
+
+    run, before = monitoring.DISAGREEMENT_RUN, 30
+    shifted = [0.10] * before + [0.35] * run
+    table = monitoring.disagreement(_daily(before + run, 100, shifted), "day", threshold=0.5)
+    assert table["above"].tail(run).all()
+    assert table["above"].head(before).sum() <= 3, "a day above the band by chance is no alarm"
+    warning = monitoring.disagreement_warning(table, "day")
+    assert warning is not None and warning.startswith("WARNING: performance: ")
+    assert f"in {run} consecutive days" in warning and "2026-03-31 to 2026-04-06" in warning
+    one_short = monitoring.disagreement(
+        _daily(before + run - 1, 100, shifted), "day", threshold=0.5
+    )
+    assert monitoring.disagreement_warning(one_short, "day") is None
+
+    # a day of few labelled studies (a Sunday) neither breaks the run nor extends it
+    frame = _daily(before + run, 100, shifted)
+    sunday = (pd.Timestamp("2026-04-05")).date().isoformat()
+    kept = frame[(frame["study_date"] != sunday) | (frame.index % 10 == 0)]
+    table = monitoring.disagreement(kept, "day", threshold=0.5)
+    assert monitoring.disagreement_warning(table, "day") is None, "only six counted days"
+    table = monitoring.disagreement(
+        pd.concat([kept, _daily(before + run + 1, 100, [*shifted, 0.35])[-100:]]), "day", 0.5
+    )
+    assert monitoring.disagreement_warning(table, "day") is not None
+
+
+def test_monitoring_prints_the_disagreement_alarm_beside_the_auc_alarm(tmp_path: Path) -> None:
+    frame = _daily(40, 60, [0.1] * 30 + [0.45] * 10, seed=3)
+    frame["accession_number"] = [f"D{i:06d}" for i in range(len(frame))]
+    done = monitor_studies(tmp_path, frame, frame["label"].to_numpy() == 1, "day")
+    assert done.disagreement_warning is not None
+    assert done.warnings == tuple(w for w in (done.warning, done.disagreement_warning) if w)
+    perf = done.performance
+    assert {"disagreement", "disagreement_band"} <= set(perf.columns)
+    assert (perf["disagreement"].tail(10) > perf["disagreement_band"].tail(10)).all()

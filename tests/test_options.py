@@ -155,6 +155,39 @@ def test_the_help_quotes_the_code_not_a_copy() -> None:
     assert workers.default == options.ALL_CORES.value() and "all cores" in workers.help
 
 
+def test_the_drift_reference_is_two_dates_from_either_place_and_a_bad_one_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from datetime import date
+
+    from batchscan.site.monitoring import REFERENCE_PERIODS
+
+    wanted = (date(2026, 1, 5), date(2026, 2, 1))
+    status, args = _run(
+        monkeypatch, ["scan", "/a", "--out", "/r", "--drift-reference", "2026-01-05..2026-02-01"]
+    )
+    assert (status, args.drift_reference, args.monitor_period) == (0, wanted, "month")
+    config = tmp_path / "batchscan.toml"
+    config.write_text('drift_reference = "2026-01-05..2026-02-01"\nmonitor_period = "day"\n')
+    status, args = _run(monkeypatch, ["scan", "/a", "--out", "/r", "--config", str(config)])
+    assert (status, args.drift_reference, args.monitor_period) == (0, wanted, "day")
+    for bad in ("2026-01-05", "2026-02-01..2026-01-05", "2026-01-05..soon"):
+        assert _run(monkeypatch, ["scan", "/a", "--out", "/r", "--drift-reference", bad]) == (
+            2,
+            None,
+        )
+        err = capsys.readouterr().err
+        assert "--drift-reference" in err and err.strip().count("\n") <= 1, err
+        config.write_text(f'drift_reference = "{bad}"\n')
+        assert _run(monkeypatch, ["scan", "--config", str(config)]) == (2, None)
+        assert "key 'drift_reference'" in capsys.readouterr().err
+    sub = next(
+        a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices
+    reference = next(a for a in sub["scan"]._actions if "--drift-reference" in a.option_strings)
+    assert f"the first {REFERENCE_PERIODS['day']} days" in reference.help
+
+
 def test_a_parser_for_one_command_reads_no_default_of_the_others() -> None:
     parser = cli.build_parser(commands=["send"])
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices

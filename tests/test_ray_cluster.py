@@ -162,7 +162,10 @@ def test_a_node_with_another_release_is_refused_before_any_file(
 
     other = tmp_path / "other"
     shutil.copytree(Path(batchscan.__file__).parent, other / "batchscan")
-    (other / "batchscan" / "__init__.py").write_text('__version__ = "9.9.9"\n')
+    init = other / "batchscan" / "__init__.py"
+    # only the release changes: the rest of the package (versions(), ...) stays as it is
+    source = init.read_text()
+    init.write_text(source + '\n__version__ = "9.9.9"\n')
     with cluster_job.NetnsCluster(f"bsv{os.getpid()}", workers=0) as cluster:
         cluster.add_worker(PYTHONPATH=str(other))
         out = tmp_path / "out"

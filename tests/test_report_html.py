@@ -12,13 +12,16 @@ import pandas as pd
 import pytest
 
 from batchscan.cli import main
-from batchscan.results.report_html import FIGURES_FILE
+from batchscan.results import report_html
+from batchscan.results.report_html import FIGURES_FILE, ReportInputs
+from batchscan.site import drift
 from batchscan.synth import write_demo_archive
 
 SECTIONS = (
     "Top flagged studies",
     "What the model saw",
     "Scores",
+    "Drift of the films against the reference",
     "Studies per week",
     "By device",
     "By model version",
@@ -110,3 +113,43 @@ def test_report_without_the_archive_still_has_its_numbers(tmp_path: Path) -> Non
     assert main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()
     assert "not available" in page and ">Top flagged studies" in page
+
+
+def _drift_page(tmp_path: Path, frame: pd.DataFrame | None, facts: dict) -> str:
+    manifest = {"arguments": {"monitor_period": "day"}, "drift": facts}
+    return report_html._section_drift(ReportInputs(tmp_path, manifest, None, None, drift=frame))
+
+
+def test_the_drift_section_draws_each_signal_and_says_what_moved(tmp_path: Path) -> None:
+    from tests.test_drift import SHIFT_DAY, timeline
+
+    images, studies, sample = timeline(SHIFT_DAY + 5, 150, "device")
+    found = drift.judge(images, studies, "day", sample)
+    facts = {**found.facts, "warning": found.warning, "error": None}
+    page = _drift_page(tmp_path, found.frame, facts)
+    assert page.startswith("<h2>Drift of the films against the reference (no reports needed)")
+    assert page.count("<svg") == 1 and "<script" not in page
+    for signal in drift.SIGNALS:
+        if signal in set(found.frame["signal"]):
+            assert f">{signal}<" in page, signal  # a panel each
+    box = page[page.index("<div class='warn'>") : page.index("</div>")]
+    assert "<b>The day from 2026-04-04 differs from the reference (the 28 days" in box
+    assert "<li>manufacturer and model ACME DR-9: 0 % -&gt; " in box and "drift.csv" not in box
+    alarms = found.frame[found.frame["alarm"]]
+    assert f"What moved where a signal alarmed ({len(alarms)} alarms)" in page
+    assert page.count("<td>device</td>") == len(alarms)  # newest first, each with its detail
+    assert page.index("<td>2026-04-04</td>") < page.index("<td>2026-04-01</td>")
+
+    images, studies, sample = timeline(SHIFT_DAY + 5, 150)
+    quiet = drift.judge(images, studies, "day", sample)
+    facts = {**quiet.facts, "warning": None, "weekly_rhythm": {"Sat": ["view", "score"]}}
+    page = _drift_page(tmp_path, quiet.frame, facts)
+    assert "No signal has alarmed." in page and "class='warn'" not in page
+    assert "A weekly rhythm in the reference (Sat: view, score)" in page
+    empty = pd.DataFrame(columns=list(drift.DRIFT_COLUMNS))
+    page = _drift_page(tmp_path, empty, {"reference": "too few scored images for a reference"})
+    assert "No period judged yet" in page and "<svg" not in page
+    assert _drift_page(tmp_path, None, {}) == "", "no drift.parquet yet: no section"
+    failed = {"error": "RuntimeError: a fault", "warning": None}
+    page = _drift_page(tmp_path, quiet.frame, failed)
+    assert "could not run this time</b> (RuntimeError: a fault)" in page and "<svg" in page

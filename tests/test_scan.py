@@ -193,6 +193,8 @@ def test_no_temporary_files_left(scanned) -> None:
     _, out, _ = scanned
     assert sorted(p.name for p in out.iterdir()) == [
         ".batchscan.lock",
+        "drift.csv",  # every scan watches the films (batchscan.site.drift)
+        "drift.parquet",
         "images.parquet",
         "inputs.sqlite",
         "manifest.json",

@@ -142,7 +142,11 @@ class ScanConfig:
         The site's RIS export (a file, or a folder of them) to monitor the model against
         (:mod:`batchscan.site.monitoring`); None for no monitoring.
     monitor_period:
-        ``week`` (ISO, from Monday) or ``month``: the periods of ``performance.parquet``.
+        ``day``, ``week`` (ISO, from Monday) or ``month``: the periods of
+        ``performance.parquet`` and ``drift.parquet``.
+    drift_reference:
+        The studies dated (FROM, TO) as the reference of the drift monitor
+        (:mod:`batchscan.site.drift`) and the disagreement alarm; None for the first periods.
     """
 
     archive: Path | PacsArchive
@@ -171,6 +175,7 @@ class ScanConfig:
     shadow_model: Path | None = None
     reports_file: Path | None = None
     monitor_period: str = "month"
+    drift_reference: tuple[date, date] | None = None
 
     def __post_init__(self) -> None:
         if self.prepare is None:  # the real stages; tests inject faulty ones
@@ -527,6 +532,8 @@ def manifest_for(
         if k not in ("prepare", "pseudonym_key", "domain")  # the domain is the card's
     }
     arguments["pseudonym_key"] = "set" if config.pseudonym_key is not None else None
+    if config.drift_reference is not None:  # as it is given: FROM..TO
+        arguments["drift_reference"] = "..".join(d.isoformat() for d in config.drift_reference)
     if config.pacs is not None:  # the PACS by its URL (never with credentials), its options
         arguments["archive"] = config.pacs.name
         arguments["pacs"] = {k: _plain(v) for k, v in asdict(config.pacs).items() if k != "url"}

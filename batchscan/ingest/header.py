@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from batchscan.ingest.decoders import DEFAULT_MIN_EDGE
@@ -401,6 +402,24 @@ def _fill_identity(record: ImageRecord, ds: Dataset) -> None:
     record.patient_sex = patient_sex(ds)
     record.manufacturer = _text(ds, "Manufacturer")[:64] or None
     record.manufacturer_model = _text(ds, "ManufacturerModelName")[:64] or None
+    record.photometric = token(_text(ds, "PhotometricInterpretation"), default="") or None
+    record.pixel_spacing_mm = pixel_spacing_mm(ds)
+
+
+def pixel_spacing_mm(ds: Dataset) -> float | None:
+    """The row spacing of the pixels in mm: PixelSpacing (calibrated to the patient), else
+    ImagerPixelSpacing (at the detector, what CR and DX films mostly carry); None when
+    neither holds a number a radiograph could have (0.01-5 mm), since a hostile or broken
+    value must not become a drift monitor's category."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            value = ds.get(keyword)
+            first = float(value[0] if isinstance(value, list | tuple | MultiValue) else value)
+        except Exception:  # absent (None), empty, malformed or not a number
+            continue
+        if 0.01 <= first <= 5.0:
+            return round(first, 4)
+    return None
 
 
 #: PatientAge units (PS3.5 Table 6.2-1, VR AS) in years.

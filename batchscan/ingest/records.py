@@ -71,6 +71,12 @@ class ImageRecord:
         (:mod:`batchscan.ingest.domain`); None when unknown.
     patient_sex:
         ``M``, ``F``, ``O`` from PatientSex, None otherwise.
+    photometric, pixel_spacing_mm:
+        Photometric Interpretation (``MONOCHROME1``, ``MONOCHROME2``...) and the row spacing
+        of the pixels in mm (PixelSpacing, else ImagerPixelSpacing; None when absent or not a
+        plausible radiograph's, outside 0.01-5 mm): header facts the drift monitor watches,
+        because a new detector or new post-processing shows in them before it shows in the
+        scores.
     manufacturer, manufacturer_model:
         The device (Manufacturer, ManufacturerModelName), for grouping scores by device.
     score:
@@ -102,6 +108,8 @@ class ImageRecord:
     transfer_syntax_uid: str | None = None
     rows: int | None = None
     columns: int | None = None
+    photometric: str | None = None
+    pixel_spacing_mm: float | None = None
     accession_number: str | None = None
     study_date: str | None = None
     voi_source: str | None = None

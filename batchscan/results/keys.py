@@ -27,8 +27,8 @@ from batchscan.scoring.model import ModelCard
 #: release are read again rather than reported half-empty (3: domain, OOD, device columns
 #: and ISO study dates; 4: JPEG 2000 bands, batchscan.ingest.sampling; 5: the fallback window keeps
 #: pixel padding in its sample, the blank-image rule batchscan-blank-v1; 6: the five row
-#: keys and the model-input store). What changes an input is versioned on its own
-#: (:data:`batchscan.ingest.preprocess.INPUT_VERSION`).
+#: keys, the model-input store, photometric and pixel spacing). What changes an input is
+#: versioned on its own (:data:`batchscan.ingest.preprocess.INPUT_VERSION`).
 ROW_FORMAT = 6
 
 

@@ -256,6 +256,62 @@ def band_svg(
         return _svg(fig)
 
 
+def signals_svg(
+    x: Sequence[str],
+    signals: Mapping[str, Mapping[str, Sequence[Any]]],
+    title: str,
+    columns: int = 4,
+) -> str:
+    """Small multiples over an ordered x axis, one panel per signal (its own y scale, since
+    a share's change and a KS distance are not on one): the ``statistic`` (line), the
+    ``threshold`` it had to exceed, with the band above it shaded (the alarm band), the
+    ``reference`` periods shaded grey, and the periods of an ``alarm`` marked in red. Each
+    signal maps those four names to values aligned with `x` (None where it has no row)."""
+    positions = np.arange(len(x))
+    rows = max(1, -(-len(signals) // columns))
+
+    def floats(seq: Sequence[Any]) -> np.ndarray:
+        return np.array([np.nan if v is None else float(v) for v in seq], dtype=float)
+
+    with _figure() as (fig, _):
+        fig.clf()
+        fig.set_size_inches(9.6, 1.7 * rows + 0.5)
+        axes = fig.subplots(rows, columns, sharex=True, squeeze=False)
+        for ax, (name, series) in zip(axes.flat, signals.items(), strict=False):
+            statistic, threshold = floats(series["statistic"]), floats(series["threshold"])
+            alarm = np.array([bool(v) for v in series["alarm"]])
+            reference = np.array([bool(v) for v in series["reference"]])
+            top = np.nanmax(np.r_[statistic, threshold, 0.0]) * 1.15 or 1.0
+            for start, stop in _runs(reference):
+                ax.axvspan(start - 0.5, stop - 0.5, color="#7f7f7f", alpha=0.18, lw=0)
+            judged = ~reference  # the reference's periods are not judged: no band there
+            ax.fill_between(  # a step per period: its own threshold, from its n
+                positions, threshold, top, where=judged, step="mid", color=COLOURS[1], alpha=0.1
+            )
+            ax.plot(positions, threshold, color=COLOURS[1], lw=0.8, ls="--", ds="steps-mid")
+            ax.plot(positions, statistic, color="black", lw=0.9, marker="o", ms=1.5)
+            ax.plot(positions[alarm], statistic[alarm], "o", color=COLOURS[1], ms=4)
+            ax.set_ylim(0, top)
+            ax.set_title(name, fontsize=8, pad=2)
+            ax.tick_params(axis="y", labelsize=6)
+        for ax in list(axes.flat)[len(signals) :]:
+            ax.set_visible(False)
+        step = max(1, len(x) // 4)
+        for ax in axes[-1]:
+            ax.set_xticks(positions[::step], [x[i] for i in range(0, len(x), step)])
+            ax.tick_params(axis="x", labelsize=6, rotation=30)
+        if len(x):
+            axes[0][0].set_xlim(-0.5, len(x) - 0.5)
+        fig.suptitle(title, fontsize=9)
+        return _svg(fig)
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """The (start, stop) of each run of true values in `mask`."""
+    edges = np.diff(np.r_[0, mask.astype(np.int8), 0])
+    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1), strict=True))
+
+
 #: The style of every page: readable on a workstation screen and in a printout.
 STYLE: Final = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;color:#222;padding:0 1em}
@@ -273,6 +329,7 @@ margin-right:.3em}.maps img{vertical-align:top}
 .warn{border:2px solid #b00;background:#fff4f4;padding:.2em 1em;margin:1em 0}
 .warn h2{color:#b00;border-bottom-color:#e8b4b4}tr.flag td{background:#fde2e2}
 .ok{border:2px solid #070;background:#f2fbf2;padding:.2em 1em;margin:1em 0}
+.periods td:first-child{white-space:nowrap}
 """
 
 

@@ -65,6 +65,9 @@ IMAGES_SCHEMA: Final = pa.schema(
         pa.field("ood", pa.bool_()),
         pa.field("model_version", pa.string(), nullable=False),
         pa.field("shadow_score", pa.float64()),
+        # added after the columns dashboards read by position, so no position moves
+        pa.field("photometric", pa.string()),
+        pa.field("pixel_spacing_mm", pa.float64()),
     ]
 )
 
@@ -133,6 +136,8 @@ PERFORMANCE_SCHEMA: Final = pa.schema(
         pa.field("sensitivity", pa.float64()),
         pa.field("specificity", pa.float64()),
         pa.field("model_version", pa.string(), nullable=False),
+        pa.field("disagreement", pa.float64()),
+        pa.field("disagreement_band", pa.float64()),
     ]
 )
 #: discrepancies.parquet/csv: studies the model and the report disagree on (no report text).
@@ -147,6 +152,26 @@ DISCREPANCIES_SCHEMA: Final = pa.schema(
         pa.field("report_reason", pa.string()),
         pa.field("study_instance_uid", pa.string(), nullable=False),
         pa.field("model_version", pa.string(), nullable=False),
+    ]
+)
+#: drift.parquet/csv (:mod:`batchscan.site.drift`): each period of study date against the
+#: reference, one row per signal. ``statistic`` is a share's change or a KS distance,
+#: ``threshold`` the value it had to exceed at this ``n`` (the Bonferroni level, or the
+#: smallest change that matters), ``p_value`` Bonferroni-corrected over the signal's tests,
+#: ``significant`` past the threshold in this period, ``alarm`` also in the periods before
+#: it that persistence asks for, ``reference`` a period of the reference.
+DRIFT_SCHEMA: Final = pa.schema(
+    [
+        pa.field("period_start", pa.date32(), nullable=False),
+        pa.field("signal", pa.string(), nullable=False),
+        pa.field("statistic", pa.float64()),
+        pa.field("threshold", pa.float64()),
+        pa.field("p_value", pa.float64()),
+        pa.field("n", pa.int64(), nullable=False),
+        pa.field("significant", pa.bool_(), nullable=False),
+        pa.field("alarm", pa.bool_(), nullable=False),
+        pa.field("reference", pa.bool_(), nullable=False),
+        pa.field("detail", pa.string()),
     ]
 )
 
@@ -274,7 +299,9 @@ def write_manifest(manifest: dict[str, Any], out_dir: Path, run_id: str) -> tupl
 
 def period_label(start: date, period: str) -> str:
     """How a monitoring period (:mod:`batchscan.site.monitoring`) is named on report.html
-    (``2026-W03`` or ``2026-01``)."""
+    (``2026-01-15``, ``2026-W03`` or ``2026-01``)."""
+    if period == "day":
+        return start.isoformat()
     if period == "week":
         year, week, _ = start.isocalendar()
         return f"{year}-W{week:02d}"

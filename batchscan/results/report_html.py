@@ -73,6 +73,11 @@ WEEKS: Final = 52
 RUNS: Final = 30
 #: Discrepancies listed on the page (all are in discrepancies.csv).
 TOP_DISCREPANCIES: Final = 25
+#: Drift periods drawn (the most recent) and alarms listed, the newest first (all are in
+#: drift.csv).
+DRIFT_PERIODS: Final = 90
+TOP_ALARMS: Final = 25
+DRIFT_TITLE: Final = "Drift of the films against the reference (no reports needed)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +101,9 @@ class ReportInputs:
     performance, discrepancies:
         The monitoring frames of this run (:mod:`batchscan.site.monitoring`); None reads the
         last ones published in REPORT_DIR, if any.
+    drift:
+        The drift monitor's frame of this run (:mod:`batchscan.site.drift`); None reads the
+        last one published in REPORT_DIR, if any.
     stored_input:
         The model input of a file (by its stored path) from the input store, or None when
         the store does not hold it; the quality-control thumbnails come from there rather
@@ -120,6 +128,7 @@ class ReportInputs:
     stored_input: Callable[[Any], np.ndarray | None] | None = None
     fetched: Callable[[Any], bytes] | None = None
     identity: Callable[[Any], tuple[int, int] | None] | None = None
+    drift: pd.DataFrame | None = None
 
 
 def _figure(inputs: ReportInputs, stored_path: Any, caption: str) -> str:
@@ -454,8 +463,9 @@ def _section_monitoring(inputs: ReportInputs) -> str:
             f"({html.escape(monitoring['error'])}): the figures are those of the last good one."
             "</p>"
         )
-    if monitoring.get("warning"):
-        notes.append(f"<p><b>{html.escape(monitoring['warning'])}</b></p>")
+    for key in ("warning", "disagreement_warning"):
+        if monitoring.get(key):
+            notes.append(f"<p><b>{html.escape(monitoring[key])}</b></p>")
     section = (
         "<h2>Performance against the radiologists' reports</h2>"
         + "".join(notes)
@@ -489,6 +499,98 @@ def _section_monitoring(inputs: ReportInputs) -> str:
         + plots.table(
             ["discrepancy", "accession", "study date", "score", "report", "report reason"], rows
         )
+    )
+
+
+def _section_drift(inputs: ReportInputs) -> str:
+    """The films against the reference, without reports (:mod:`batchscan.site.drift`): each
+    signal's statistic against its threshold per period, and what moved where one alarmed."""
+    frame = _monitoring_frame(inputs, "drift")
+    facts = inputs.manifest.get("drift") or {}
+    if frame is None:
+        return ""
+    notes = []
+    if facts.get("error"):
+        notes.append(
+            f"<p><b>The drift monitor could not run this time</b> "
+            f"({html.escape(facts['error'])}): the figures are those of its last good run.</p>"
+        )
+    if facts.get("warning"):  # one line for cron's mail; here its parts, one a line
+        head, _, moved = facts["warning"].removeprefix("WARNING: drift: ").partition(": ")
+        items = "".join(
+            f"<li>{html.escape(part)}</li>"
+            for part in moved.split("; ")
+            if not part.startswith("see ")
+        )
+        head = html.escape(head[:1].upper() + head[1:])  # a heading of its own here
+        notes.append(f"<div class='warn'><p><b>{head}:</b></p><ul>{items}</ul></div>")
+    reference = facts.get("reference")
+    about = (
+        "<p class='note'>Each period of study date is compared with "
+        + (f"the reference ({html.escape(reference)})" if reference else "a reference")
+        + " in what the scan keeps anyway: the header mix, statistics of the stored model "
+        "inputs, the model's penultimate features, the scores; no archive file is opened "
+        "and no report is needed. A signal is significant when its statistic passes the "
+        "threshold (dashed; the shaded band above it) and alarms (red) when it stays there "
+        "for the periods persistence asks for. Grey: the reference's periods.</p>"
+    )
+    if rhythm := facts.get("weekly_rhythm"):
+        found = "; ".join(f"{day}: {', '.join(signals)}" for day, signals in rhythm.items())
+        about += (
+            f"<p class='note'>A weekly rhythm in the reference ({html.escape(found)}): in "
+            "those signals a day of that weekday is compared with the reference's days of "
+            "its weekday.</p>"
+        )
+    if not len(frame):
+        return (
+            f"<h2>{DRIFT_TITLE}</h2>"
+            + "".join(notes)
+            + about
+            + (
+                "<p>No period judged yet: the monitor needs a reference of periods with enough "
+                "scored images.</p>"
+            )
+        )
+    period = facts.get("period") or inputs.manifest["arguments"].get("monitor_period", "month")
+    days = sorted(set(pd.to_datetime(frame["period_start"]).dt.date))[-DRIFT_PERIODS:]
+    shown = frame[pd.to_datetime(frame["period_start"]).dt.date.isin(days)]
+    labels = [period_label(d, period) for d in days]
+    signals = {}
+    for name, rows in shown.groupby("signal", sort=False):
+        by_day = rows.set_index(pd.to_datetime(rows["period_start"]).dt.date).reindex(days)
+        signals[str(name)] = {
+            "statistic": [None if pd.isna(v) else v for v in by_day["statistic"]],
+            "threshold": [None if pd.isna(v) else v for v in by_day["threshold"]],
+            "alarm": by_day["alarm"].eq(True).tolist(),
+            "reference": by_day["reference"].eq(True).tolist(),
+        }
+    chart = plots.signals_svg(
+        labels, signals, f"Each signal against its threshold per {period} (the last {len(days)})"
+    )
+    alarms = frame[frame["alarm"]].sort_values(["period_start", "p_value"], ascending=[False, True])
+    rows = [
+        [
+            period_label(pd.Timestamp(r.period_start).date(), period),
+            r.signal,
+            r.statistic,
+            r.threshold,
+            r.n,
+            r.detail or "",
+        ]
+        for r in alarms.head(TOP_ALARMS).itertuples()
+    ]
+    table = (
+        f"<h3>What moved where a signal alarmed ({len(alarms)} alarms)</h3>"
+        + plots.table([period, "signal", "statistic", "threshold", "n", "what moved"], rows)
+        if rows
+        else "<p>No signal has alarmed.</p>"
+    )
+    return (
+        f"<h2>{DRIFT_TITLE}</h2>"
+        + "".join(notes)
+        + about
+        + f"<div class='charts'>{chart}</div>"
+        + f"<div class='periods'>{table}</div>"
     )
 
 
@@ -549,6 +651,7 @@ def render(state: StateStore, inputs: ReportInputs) -> str:
         + _section_flagged(state, inputs, figures)
         + _section_scores(state, threshold)
         + _section_monitoring(inputs)
+        + _section_drift(inputs)
         + _section_weeks(state)
         + _section_groups(state, threshold)
         + _section_accounting(manifest)

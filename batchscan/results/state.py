@@ -129,7 +129,13 @@ _INTEGER_COLUMNS: Final = {
     "in_domain",
     "ood",
 }
-_REAL_COLUMNS: Final = {"score", "patient_age_years", "ood_score", "shadow_score"}
+_REAL_COLUMNS: Final = {
+    "score",
+    "patient_age_years",
+    "ood_score",
+    "shadow_score",
+    "pixel_spacing_mm",
+}
 #: Columns SQLite keeps as 0/1 that the reports type as booleans.
 _BOOL_COLUMNS: Final = ("in_domain", "ood")
 _STUDY_TYPES: Final = {
@@ -436,6 +442,20 @@ def _record_of(
         if values.get(name) is not None:
             values[name] = bool(values[name])
     return ImageRecord(path=path, abs_path=f"{root}/{path}", **values)
+
+
+def _known(columns: tuple[str, ...], allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """`columns`, when all are `allowed` (a typed read names columns, never SQL).
+
+    Raises
+    ------
+    ValueError
+        Naming the columns that are not.
+    """
+    unknown = set(columns) - set(allowed)
+    if unknown:
+        raise ValueError(f"not {what} columns: {sorted(unknown)}")
+    return columns
 
 
 def final_rows(
@@ -941,6 +961,37 @@ class StateStore:
                 if name in part:
                     part[name] = [None if v is None else bool(v) for v in part[name]]
             yield part
+
+    def scored_file_facts(
+        self, columns: tuple[str, ...], chunk: int = 8192
+    ) -> Iterator[dict[str, list[Any]]]:
+        """`columns` (of :data:`IMAGE_COLUMNS`) of every scored file, by path, as column
+        lists; ``path`` comes as stored (the key of the model-input store), not made
+        readable. What the drift monitor reads (:mod:`batchscan.site.drift`).
+
+        Raises
+        ------
+        ValueError
+            If a column is not one of :data:`IMAGE_COLUMNS`.
+        """
+        names = ", ".join(f'"{c}"' for c in _known(columns, IMAGE_COLUMNS, "file"))
+        sql = f"SELECT {names} FROM files WHERE status=? ORDER BY path"
+        for rows in self._fetch_chunks(sql, (SCORED,), chunk):
+            yield {name: [row[i] for row in rows] for i, name in enumerate(columns)}
+
+    def study_facts(
+        self, columns: tuple[str, ...], chunk: int = 8192
+    ) -> Iterator[dict[str, list[Any]]]:
+        """`columns` (of :data:`STUDY_COLUMNS`) of every study row, as column lists (a
+        narrow read where :meth:`study_rows` reads them all).
+
+        Raises
+        ------
+        ValueError
+            If a column is not one of :data:`STUDY_COLUMNS`.
+        """
+        columns = _known(columns, STUDY_COLUMNS, "study")
+        yield from self._columns("studies", columns, "study_instance_uid", chunk)
 
     def run_rows(self) -> dict[str, list[Any]]:
         """The run history, oldest first."""

@@ -141,11 +141,36 @@ class Scorer:
     def score_ood(self, inputs: np.ndarray) -> Scores:
         """Scores of `inputs` (N, 64, 64, 3) float32, as float64 (N,), with their OOD
         distances when the model has OOD statistics."""
-        if inputs.ndim != 4 or inputs.shape[1:] != (INPUT_SIZE, INPUT_SIZE, CHANNELS):
-            raise ValueError(f"expected (N, 64, 64, 3) inputs, got {inputs.shape}")
+        return self.score_features(inputs)[0]
+
+    def features(self, inputs: np.ndarray) -> np.ndarray:
+        """The activations of the layer the OOD check reads (the penultimate one), float32
+        (N, units), from the same forward pass as the scores; (N, 0) for a model whose card
+        names no OOD statistics. The drift monitor (:mod:`batchscan.site.drift`) compares
+        them period by period."""
+        return self.score_features(inputs)[1]
+
+    def score_features(self, inputs: np.ndarray) -> tuple[Scores, np.ndarray]:
+        """:meth:`score_ood` and :meth:`features` of `inputs`, from one forward pass."""
         threshold = self.ood.threshold if self.ood is not None else None
         if not len(inputs):
-            return Scores(np.empty(0), np.empty(0) if threshold is not None else None, threshold)
+            self._check(inputs)
+            empty = Scores(np.empty(0), np.empty(0) if threshold is not None else None, threshold)
+            return empty, np.empty((0, 0), np.float32)
+        out, features = self._forward_all(inputs)
+        distances = ood.distances(features, self.ood) if self.ood is not None else None
+        scores = Scores(np.clip(out, 0.0, 1.0), distances, threshold)
+        return scores, features.astype(np.float32, copy=False)
+
+    @staticmethod
+    def _check(inputs: np.ndarray) -> None:
+        if inputs.ndim != 4 or inputs.shape[1:] != (INPUT_SIZE, INPUT_SIZE, CHANNELS):
+            raise ValueError(f"expected (N, 64, 64, 3) inputs, got {inputs.shape}")
+
+    def _forward_all(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw scores (N,) and the penultimate layer (N, units; 0 units without OOD
+        statistics) of `inputs`, in batches padded to a few shapes."""
+        self._check(inputs)
         out = np.empty(len(inputs), dtype=np.float64)
         features: list[np.ndarray] = []
         for start in range(0, len(inputs), self.batch_size):
@@ -163,7 +188,4 @@ class Scorer:
             if size not in self._shapes:
                 self._shapes.add(size)
                 self.compile_seconds += time.perf_counter() - started
-        distances = (
-            ood.distances(np.concatenate(features), self.ood) if self.ood is not None else None
-        )
-        return Scores(np.clip(out, 0.0, 1.0), distances, threshold)
+        return out, np.concatenate(features)

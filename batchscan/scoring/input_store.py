@@ -26,6 +26,12 @@ warning (its failure policy, :attr:`~batchscan.storage.sqlite.OnDamage.START_AFR
 is a cache of the archive, and holds pictures of patients, so it is written 0640 like every
 file and never copied aside.
 
+Beside the inputs, the store keeps what the drift monitor (:mod:`batchscan.site.drift`)
+derives from a sample of them (a few statistics of the picture and the model's penultimate
+features, float32), under the same identity and input key and the key of the model that made
+them, so that each is made once and a nightly run makes only the new ones; a file that
+changes or vanishes takes its derived vector with it.
+
 The store sits beside the state and knows nothing of scoring; the engines hand it inputs
 and the rescoring stage (:mod:`batchscan.scoring.rescore`) reads them back.
 """
@@ -46,6 +52,7 @@ from batchscan.ingest.preprocess import CHANNELS, INPUT_SIZE
 from batchscan.ingest.records import chunks
 from batchscan.storage.sqlite import (
     OnDamage,
+    OtherVersionError,
     Schema,
     StoreError,
     UnavailableError,
@@ -58,8 +65,11 @@ from batchscan.storage.sqlite import (
 log = logging.getLogger("batchscan")
 
 STORE_FILE: Final = "inputs.sqlite"
-#: Version of the entry encoding (not of the inputs: that is the input key's business).
-ENCODING: Final = 1
+#: Version of the store's layout, kept in the row stores have always had (``encoding``):
+#: 1, the entries and their encoding (not the inputs: that is the input key's business);
+#: 2 adds the ``derived`` table, by an upgrade in place (:data:`SCHEMA`), so that a store
+#: of version 1 keeps its entries.
+VERSION: Final = 2
 #: Quantization levels of [0, 1] (16 bits).
 LEVELS: Final = 65535
 #: Bytes of one input's levels before deflation.
@@ -69,7 +79,21 @@ LEVEL_BYTES: Final = INPUT_SIZE * INPUT_SIZE * 2
 ZLIB_LEVEL: Final = 1
 _CHUNK: Final = 500
 
-_TABLES: Final = """
+#: What the drift monitor derived from an input (:meth:`InputStore.put_derived`), since
+#: version 2.
+_DERIVED: Final = """
+CREATE TABLE IF NOT EXISTS derived (
+    path NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    input_key TEXT NOT NULL,
+    model_key TEXT NOT NULL,
+    crc INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+"""
+_TABLES: Final = (
+    """
 CREATE TABLE IF NOT EXISTS inputs (
     path NOT NULL UNIQUE,
     size INTEGER NOT NULL,
@@ -79,15 +103,31 @@ CREATE TABLE IF NOT EXISTS inputs (
     data BLOB NOT NULL
 );
 """
+    + _DERIVED
+)
 #: Database page size: a rowid table keeps a row of up to a page less 35 bytes on its page,
 #: so with 32 KiB pages about four 8 KB entries share one and no entry spills into an
 #: overflow page of its own (with SQLite's default 4 KiB pages an entry took three pages,
 #: 12 KiB; measured).
 PAGE_SIZE: Final = 32768
-#: The store's table and its version (:mod:`batchscan.storage.sqlite`): the version is the
-#: entry encoding, kept under the key stores have always had.
+
+#: Older versions whose entries a read-only reader reads as they are (it never reads
+#: ``derived``); a scan upgrades them.
+_READS_AS_IS: Final = ("1",)
+
+
+def _add_derived(db: sqlite3.Connection) -> None:
+    """Version 1 to 2: the ``derived`` table beside the entries, which stay."""
+    db.execute(_DERIVED)
+
+
+#: The store's tables and their version (:mod:`batchscan.storage.sqlite`).
 SCHEMA: Final = Schema(
-    version=ENCODING, script=_TABLES, version_key="encoding", page_size=PAGE_SIZE
+    version=VERSION,
+    script=_TABLES,
+    version_key="encoding",
+    upgrades={1: _add_derived},
+    page_size=PAGE_SIZE,
 )
 
 #: A file's identity as the store keys it: (state key, size, mtime_ns).
@@ -165,7 +205,12 @@ class InputStore:
 
     def _open(self) -> None:
         if self.readonly:
-            self._db = open_readonly(self.path, SCHEMA)
+            try:
+                self._db = open_readonly(self.path, SCHEMA)
+            except OtherVersionError as exc:  # adapt or train before the next scan upgraded it
+                if exc.found not in _READS_AS_IS:
+                    raise
+                self._db = open_readonly(self.path)
             return
         db = open_store(self.path, SCHEMA, on_damage=OnDamage.START_AFRESH, on_afresh=self._afresh)
         try:
@@ -261,18 +306,23 @@ class InputStore:
                 self._reset(exc)
 
     def delete(self, paths: Iterable[str | bytes]) -> None:
-        """Drop the entries of `paths` (files that vanished, or no longer give an input)."""
+        """Drop the entries of `paths` (files that vanished, or no longer give an input),
+        and what was derived from them."""
         if self._db is None:
             return
         try:
             for part in chunks(paths, _CHUNK):
                 marks = ",".join("?" * len(part))
-                self._db.execute(f"DELETE FROM inputs WHERE path IN ({marks})", part)
+                for table in ("inputs", "derived"):
+                    self._db.execute(f"DELETE FROM {table} WHERE path IN ({marks})", part)
         except sqlite3.DatabaseError as exc:
             self._reset(exc)
 
-    def _entries(self, columns: str, paths: Iterable[str | bytes]) -> Iterator[tuple[Any, ...]]:
-        """``path, size, mtime_ns, input_key`` and `columns` of the entries of `paths`.
+    def _entries(
+        self, columns: str, paths: Iterable[str | bytes], table: str = "inputs"
+    ) -> Iterator[tuple[Any, ...]]:
+        """``path, size, mtime_ns, input_key`` and `columns` of the entries of `paths`
+        (in ``inputs``, or in ``derived``).
 
         Raises
         ------
@@ -283,7 +333,7 @@ class InputStore:
         for part in chunks(paths, _CHUNK):
             marks = ",".join("?" * len(part))
             yield from self._db.execute(
-                f"SELECT path, size, mtime_ns, input_key, {columns} FROM inputs "
+                f"SELECT path, size, mtime_ns, input_key, {columns} FROM {table} "
                 f"WHERE path IN ({marks})",
                 part,
             )
@@ -332,6 +382,57 @@ class InputStore:
             log.warning("input store %s: %d damaged entries, read again", self.path, len(bad))
             if not self.readonly:
                 self.delete(bad)
+        return found
+
+    # -- what was derived from the entries ---------------------------------------------
+
+    def put_derived(self, entries: Iterable[tuple[Identity, str, str, np.ndarray]]) -> None:
+        """Keep (identity, input key, model key, vector) entries: a vector of float32 made
+        from a file's input by a model (the drift monitor's image statistics and features,
+        :mod:`batchscan.site.drift`), so that each is made once. Replaces a path's old one."""
+        if self._db is None or self.readonly:
+            return
+        rows = []
+        for (path, size, mtime_ns), input_key, model_key, vector in entries:
+            data = np.ascontiguousarray(vector, "<f4").tobytes()
+            rows.append((path, size, mtime_ns, input_key, model_key, zlib.crc32(data), data))
+        if rows:
+            try:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO derived "
+                    "(path, size, mtime_ns, input_key, model_key, crc, data) "
+                    "VALUES (?,?,?,?,?,?,?)",
+                    rows,
+                )
+            except sqlite3.DatabaseError as exc:
+                self._reset(exc)
+
+    def derived(
+        self, identities: list[Identity], input_key: str, model_key: str
+    ) -> dict[str | bytes, np.ndarray]:
+        """The vectors :meth:`put_derived` kept for those `identities`, made from an input of
+        `input_key` by the model of `model_key`, by path (float32; a damaged or other
+        file's, input's or model's vector is left out, and made again)."""
+        if self._db is None:
+            return {}
+        wanted = {path: (size, mtime) for path, size, mtime in identities}
+        found: dict[str | bytes, np.ndarray] = {}
+        try:
+            for path, size, mtime, key, model, crc, data in self._entries(
+                "model_key, crc, data", wanted, table="derived"
+            ):
+                if (
+                    wanted.get(path) == (size, mtime)
+                    and key == input_key
+                    and model == model_key
+                    and isinstance(data, bytes)
+                    and len(data) % 4 == 0
+                    and zlib.crc32(data) == crc
+                ):
+                    found[path] = np.frombuffer(data, "<f4")
+        except sqlite3.DatabaseError as exc:
+            self._reset(exc)
+            return {}
         return found
 
     def stats(self) -> dict[str, int]:

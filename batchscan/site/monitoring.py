@@ -8,14 +8,20 @@ report is known by its accession number and a digest of its text, in
 ``REPORT_DIR/report_labels.sqlite``, :mod:`batchscan.site.label_cache`; the text itself is
 never kept), joins the labels to the studies the state holds, and measures:
 
-* :func:`performance`: one row per ISO week (starting Monday) or calendar month of study
-  date: studies labelled, pneumonia among them, the AUC with its 95 % bootstrap interval,
+* :func:`performance`: one row per day, ISO week (starting Monday) or calendar month of
+  study date: studies labelled, pneumonia among them, the AUC with its 95 % bootstrap interval,
   sensitivity and specificity at the model's threshold;
-* :func:`performance_warning`: a ``WARNING: performance`` line when the latest period's
-  AUC lies below the reference (the earlier periods pooled, or the site's last
-  ``batchscan evaluate``) by more than chance allows: the upper end of the 95 % interval of
-  the difference is below zero. A period with fewer than :data:`MIN_PER_CLASS` studies of
-  either class never warns: small is not bad;
+* :func:`performance_warning`: a ``WARNING: performance`` line when the AUC of the most
+  recent period with :data:`MIN_PER_CLASS` studies of each class (a period that has just
+  begun is passed over, and the line names the period judged) lies below the reference
+  (the periods before it pooled, or the site's last ``batchscan evaluate``) by more than
+  chance allows: the upper end of the 95 % interval of the difference is below zero. A
+  period with fewer studies of either class never warns: small is not bad;
+* :func:`disagreement_warning`: a second ``WARNING: performance`` line when the share of
+  labelled studies whose flag differs from the report label lay above the baseline's 95 %
+  band in :data:`DISAGREEMENT_RUN` consecutive periods (the Mayo Clinic team's rule, Sorin
+  et al., JACR 2025); the AUC needs both classes and waits for a whole period, this counts
+  disagreements and so reacts to a shift in prevalence or calibration as well;
 * :func:`discrepancies`: the studies a quality officer reviews first, flagged while the
   report says normal, and reported pneumonia while scored below the threshold.
 
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any, Final
 
@@ -46,11 +53,29 @@ from batchscan.site import metrics
 from batchscan.site.label_cache import LabelCache
 from batchscan.site.report_labels import Report, ReportLabeler, ReportsError, read_reports
 
-PERIODS: Final = ("week", "month")
+PERIODS: Final = ("day", "week", "month")
 #: Studies of each class the latest period needs before it may warn.
 MIN_PER_CLASS: Final = 10
 #: Studies of each class the earlier periods need to be the reference.
 MIN_REFERENCE_PER_CLASS: Final = 20
+#: The disagreement alarm, after the Mayo Clinic team's (Sorin et al., JACR 2025: daily
+#: disagreement of a deployed detector with the report labels above a 95 % band for 7
+#: consecutive days): a period counts against the model when the share of its labelled
+#: studies whose flag differs from the report label lies above the upper edge of the
+#: baseline's central :data:`DISAGREEMENT_BAND` band, and :data:`DISAGREEMENT_RUN` such
+#: periods in a row alarm.
+DISAGREEMENT_RUN: Final = 7
+DISAGREEMENT_BAND: Final = 0.95
+#: Labelled studies a period needs to count in a run (a smaller one is passed over: it
+#: neither breaks a run nor extends it).
+MIN_DISAGREEMENT_STUDIES: Final = 20
+#: The reference of the disagreement alarm and of the drift monitor
+#: (:mod:`batchscan.site.drift`), by period: the first this many periods with enough
+#: studies. Four weeks or four months; for days four weeks of them, so that a site's weekly
+#: rhythm (fewer studies and more bedside films at the weekend) is inside the reference,
+#: with four of each day of the week (the drift monitor compares a day with the reference's
+#: days of its weekday).
+REFERENCE_PERIODS: Final = {"day": 28, "week": 4, "month": 4}
 #: Bootstrap resamples of the intervals.
 RESAMPLES: Final = 1000
 #: Files of a reports folder that are read (RIS exports), in name order.
@@ -120,13 +145,117 @@ def joined(studies: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
 
 
 def period_starts(study_dates: pd.Series, period: str) -> pd.Series:
-    """The first day of each study date's ISO week (Monday) or month; NaT when undated."""
+    """The first day of each study date's day, ISO week (Monday) or month; NaT when
+    undated (the one period logic of the performance and drift monitors)."""
     days = pd.to_datetime(study_dates, errors="coerce")
-    if period == "week":
-        starts = days - pd.to_timedelta(days.dt.weekday, unit="D")
+    if period == "day":
+        starts = days
+    elif period == "week":
+        starts = days - pd.to_timedelta(days.dt.day_of_week, unit="D")
     else:
         starts = days.dt.to_period("M").dt.start_time
     return starts.dt.normalize()
+
+
+def reference_rows(
+    study_dates: pd.Series,
+    starts: pd.Series,
+    period: str,
+    enough: Callable[[pd.Series], bool],
+    pinned: tuple[date, date] | None = None,
+) -> pd.Series:
+    """Which rows make the reference: those dated ``FROM..TO`` (inclusive) when `pinned`,
+    else those of the first :data:`REFERENCE_PERIODS` periods of `period` whose rows pass
+    `enough` (a mask of one period's rows -> whether they are enough), in date order. The
+    disagreement alarm and the drift monitor (:mod:`batchscan.site.drift`) share it."""
+    if pinned is not None:
+        days = pd.to_datetime(study_dates, errors="coerce")
+        return (days >= pd.Timestamp(pinned[0])) & (days <= pd.Timestamp(pinned[1]))
+    chosen: list[Any] = []
+    for start in sorted(starts.dropna().unique()):
+        if len(chosen) == REFERENCE_PERIODS[period]:
+            break
+        if enough(starts == start):
+            chosen.append(start)
+    return starts.isin(chosen)
+
+
+def disagreement(
+    frame: pd.DataFrame,
+    period: str,
+    threshold: float,
+    reference: tuple[date, date] | None = None,
+) -> pd.DataFrame:
+    """Per period of :func:`joined` studies: ``period_start``, ``n`` labelled studies, the
+    ``disagreement`` (share whose flag, ``score >= threshold``, differs from the report
+    label), the upper edge of the baseline's band at this ``n`` (``band``), whether the
+    period lies ``above`` it and whether it is part of the ``reference``.
+
+    The baseline is the disagreement of the reference studies pooled
+    (:func:`reference_rows`: the first :data:`REFERENCE_PERIODS` periods with
+    :data:`MIN_DISAGREEMENT_STUDIES` labelled studies, or `reference` pinned); the band is
+    the central :data:`DISAGREEMENT_BAND` interval of a period's share of `n` studies, its
+    own binomial noise and the baseline's together (normal approximation, so that a period
+    of few studies needs a larger share to lie above it).
+    """
+    columns = ["period_start", "n", "disagreement", "band", "above", "reference"]
+    starts = period_starts(frame["study_date"], period)
+    dated = starts.notna()
+    if not dated.any():
+        return pd.DataFrame(columns=columns)
+    wrong = (frame["score"].to_numpy(dtype=np.float64) >= threshold) != (
+        frame["label"].to_numpy(dtype=int) == 1
+    )
+    base = reference_rows(
+        frame["study_date"],
+        starts,
+        period,
+        lambda rows: int(rows.sum()) >= MIN_DISAGREEMENT_STUDIES,
+        reference,
+    ).to_numpy(dtype=bool)
+    n0 = int(base.sum())
+    p0 = float(wrong[base].mean()) if n0 else float("nan")
+    z = metrics.NORMAL.inv_cdf(0.5 + DISAGREEMENT_BAND / 2.0)
+    rows = []
+    for start, index in pd.Series(np.arange(len(frame)))[dated.to_numpy()].groupby(
+        starts[dated].to_numpy(), sort=True
+    ):
+        part = index.to_numpy()
+        n, share = len(part), float(wrong[part].mean())
+        band = float("nan")
+        if n0:  # a baseline of no disagreement at all is taken as half a study of it
+            p = min(max(p0, 0.5 / n0), 1.0 - 0.5 / n0)
+            band = p0 + z * np.sqrt(p * (1.0 - p) * (1.0 / n + 1.0 / n0))
+        rows.append(
+            {
+                "period_start": pd.Timestamp(start).date(),
+                "n": n,
+                "disagreement": share,
+                "band": float(band),
+                "above": bool(n0 and share > band),
+                "reference": bool(base[part].any()),
+            }
+        )
+    return pd.DataFrame(rows, columns=columns)
+
+
+def disagreement_warning(table: pd.DataFrame, period: str) -> str | None:
+    """The ``WARNING: performance`` line of the disagreement alarm, or None: the most recent
+    :data:`DISAGREEMENT_RUN` periods with :data:`MIN_DISAGREEMENT_STUDIES` labelled studies
+    (reference periods aside) all lie above the baseline's band."""
+    counted = table[(table["n"] >= MIN_DISAGREEMENT_STUDIES) & ~table["reference"]]
+    run = counted.tail(DISAGREEMENT_RUN)
+    if len(run) < DISAGREEMENT_RUN or not run["above"].all():
+        return None
+    last = run.iloc[-1]
+    return (
+        f"WARNING: performance: the model's flags disagreed with the report labels above the "
+        f"baseline's {DISAGREEMENT_BAND:.0%} band in {DISAGREEMENT_RUN} consecutive {period}s "
+        f"with {MIN_DISAGREEMENT_STUDIES} or more labelled studies, from "
+        f"{run.iloc[0]['period_start']} to {last['period_start']} (the last: "
+        f"{last['disagreement']:.1%} of {int(last['n'])} labelled studies, band up to "
+        f"{last['band']:.1%}); see performance.csv and report.html"
+    )
 
 
 def _auc_interval(y: np.ndarray, s: np.ndarray, seed: int) -> tuple[float, float] | None:
@@ -136,16 +265,24 @@ def _auc_interval(y: np.ndarray, s: np.ndarray, seed: int) -> tuple[float, float
 
 
 def performance(
-    frame: pd.DataFrame, period: str, threshold: float, model_version: str
+    frame: pd.DataFrame,
+    period: str,
+    threshold: float,
+    model_version: str,
+    reference: tuple[date, date] | None = None,
 ) -> pd.DataFrame:
-    """One row per period with labelled studies (columns :data:`PERFORMANCE_COLUMNS`).
+    """One row per period with labelled studies (columns :data:`PERFORMANCE_COLUMNS`), with
+    the :func:`disagreement` of each and its baseline band.
 
     Parameters
     ----------
     frame:
         :func:`joined` studies (``study_date``, ``score``, ``label``).
     period:
-        ``week`` or ``month``.
+        ``day``, ``week`` or ``month``.
+    reference:
+        The disagreement's baseline pinned to studies dated FROM..TO, or None (the first
+        :data:`REFERENCE_PERIODS` periods with enough labelled studies).
     """
     starts = period_starts(frame["study_date"], period)
     rows = []
@@ -168,7 +305,26 @@ def performance(
                 "model_version": model_version,
             }
         )
-    return pd.DataFrame(rows, columns=list(PERFORMANCE_COLUMNS))
+    out = pd.DataFrame(rows, columns=list(PERFORMANCE_COLUMNS))
+    if len(out):
+        table = disagreement(frame, period, threshold, reference).set_index("period_start")
+        out["disagreement"] = out["period_start"].map(table["disagreement"])
+        out["disagreement_band"] = out["period_start"].map(table["band"])
+    return out
+
+
+def latest_full_period(starts: pd.Series, enough: Callable[[pd.Series], bool]) -> Any:
+    """The start of the most recent period whose rows pass `enough` (a mask of the rows of
+    one period -> whether they are enough to judge it), or None when no period does.
+
+    Why not simply the newest period: a period that has just begun holds a handful of
+    studies, and judging it alone would silence every alarm until it fills up (found on a
+    check: April's reports shuffled, its studies running to 3 May, no warning).
+    """
+    for start in sorted(starts.dropna().unique(), reverse=True):
+        if enough(starts == start):
+            return pd.Timestamp(start)
+    return None
 
 
 def performance_warning(
@@ -176,18 +332,24 @@ def performance_warning(
 ) -> str | None:
     """The ``WARNING: performance`` line, or None (see the module's description).
 
-    `reference_auc` (the last ``batchscan evaluate``) is the reference only when the earlier
-    periods hold too few studies of a class to be one.
+    The period judged is the most recent one with :data:`MIN_PER_CLASS` studies of each
+    class (:func:`latest_full_period`), and the line names it; the reference is the periods
+    before it. `reference_auc` (the last ``batchscan evaluate``) is the reference only when
+    the earlier periods hold too few studies of a class to be one.
     """
     starts = period_starts(frame["study_date"], period)
-    if starts.notna().sum() == 0:
+    labels = frame["label"].to_numpy(dtype=int)
+
+    def enough(rows: pd.Series) -> bool:
+        y = labels[rows.to_numpy()]
+        return min(int(y.sum()), int((y == 0).sum())) >= MIN_PER_CLASS
+
+    judged = latest_full_period(starts, enough)
+    if judged is None:
         return None
-    last = starts.max()
-    latest, earlier = frame[starts == last], frame[starts < last]
+    latest, earlier = frame[starts == judged], frame[starts < judged]
     y1 = latest["label"].to_numpy(dtype=int)
     s1 = latest["score"].to_numpy(dtype=np.float64)
-    if min(int(y1.sum()), int((y1 == 0).sum())) < MIN_PER_CLASS:
-        return None
     auc = metrics.roc_auc(y1, s1)
     y0 = earlier["label"].to_numpy(dtype=int)
     s0 = earlier["score"].to_numpy(dtype=np.float64)
@@ -204,8 +366,15 @@ def performance_warning(
         return None
     if interval is None or interval[1] >= 0:
         return None
+    newest = starts.max()
+    after = (
+        ""
+        if judged == newest
+        else f" (the most recent {period} with {MIN_PER_CLASS} studies of each class; the "
+        f"{period} from {newest.date()} holds fewer)"
+    )
     return (
-        f"WARNING: performance: the {period} from {last.date()} has AUC {auc:.3f} on "
+        f"WARNING: performance: the {period} from {judged.date()}{after} has AUC {auc:.3f} on "
         f"{len(y1)} labelled studies ({int(y1.sum())} pneumonia), below the reference AUC "
         f"{reference:.3f} of {source} by more than chance allows (difference "
         f"{auc - reference:+.3f}, 95 % CI {interval[0]:+.3f} to {interval[1]:+.3f}); see "
@@ -244,6 +413,13 @@ class Monitored:
     warning: str | None = None
     error: str | None = None
     facts: dict[str, Any] = field(default_factory=dict)
+    disagreement_warning: str | None = None
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """The ``WARNING: performance`` lines to print: the AUC alarm's, the disagreement
+        alarm's."""
+        return tuple(w for w in (self.warning, self.disagreement_warning) if w)
 
 
 def monitor(
@@ -256,9 +432,12 @@ def monitor(
     model_version: str,
     reference_auc: float | None = None,
     labeler: Callable[[], ReportLabeler] = ReportLabeler,
+    reference: tuple[date, date] | None = None,
 ) -> Monitored:
     """Label what is new in `reports_path`, join to `studies` (rows of study UID,
-    accession, study date, score, flag) and measure.
+    accession, study date, score, flag) and measure. `reference` pins the disagreement
+    alarm's baseline to studies dated FROM..TO (``--drift-reference``, shared with the
+    drift monitor).
 
     A reports file with a bad row gives ``error`` (naming file and line) and no frames:
     the last good monitoring files stay as they are.
@@ -279,7 +458,7 @@ def monitor(
     frame["flag"] = frame["flag"].astype(bool)  # SQLite keeps 0/1
     frame["model_version"] = model_version
     labelled = joined(frame, refreshed.labels)
-    rows = performance(labelled, period, threshold, model_version)
+    rows = performance(labelled, period, threshold, model_version, reference)
     facts = {
         "reports_file": str(reports_path),
         "period": period,
@@ -295,4 +474,7 @@ def monitor(
         discrepancies=discrepancies(labelled, refreshed.reasons),
         warning=performance_warning(labelled, period, reference_auc),
         facts=facts,
+        disagreement_warning=disagreement_warning(
+            disagreement(labelled, period, threshold, reference), period
+        ),
     )

@@ -5,10 +5,12 @@ Usage:
     python jobs/experiments/report_check.py screenshots [--out DIR] [--studies 160]
     python jobs/experiments/report_check.py cost [--files 100000] [--repeat 3]
 
-screenshots: scans the demo archive and a larger generated one (--studies studies over 26
-weeks, three devices, children and adults, scanned twice so there is a run history), then
-renders each report.html to PNG with headless Chromium (Debian's ``chromium``: apt-get install
-chromium) at a desktop width, full page, into --out. Look at the PNGs.
+screenshots: scans the demo archive, a larger generated one (--studies studies over 26
+weeks, three devices, children and adults, scanned twice so there is a run history) and one
+in which the drift monitor has something to find (``batchscan.synth.write_shifting_archive``:
+12 weeks of 35 studies, a new detector from the ninth, scanned with --monitor-period week),
+then renders each report.html to PNG with headless Chromium (Debian's ``chromium``: apt-get
+install chromium) at a desktop width, full page, into --out. Look at the PNGs.
 
 cost: builds a state of --files file rows (half of them scored, studies of four images, all
 hard links to a few real DICOM files so that thumbnails are really decoded) and times
@@ -32,7 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from batchscan.synth import RadiographSpec, chest_phantom, write_demo_archive, write_radiograph
+from batchscan.synth import (
+    RadiographSpec,
+    chest_phantom,
+    write_demo_archive,
+    write_radiograph,
+    write_shifting_archive,
+)
 
 DEVICES = [
     ("ACME Imaging", "Radiant CR 300", "CR"),
@@ -123,7 +131,11 @@ def screenshots(out: Path, studies: int) -> None:
     _varied_archive(archive / "later", studies - studies // 2, first=studies // 2)  # next night
     _batchscan("scan", str(archive), "--out", str(work / "varied_reports"), "--no-progress")
     _screenshot(work / "varied_reports/report.html", out / "report_varied.png")
-    for name in ("report_demo.png", "report_varied.png"):
+    write_shifting_archive(work / "shifting")
+    shifting = ("--out", str(work / "shifting_reports"), "--monitor-period", "week")
+    _batchscan("scan", str(work / "shifting"), *shifting, "--no-progress")
+    _screenshot(work / "shifting_reports/report.html", out / "report_drift.png")
+    for name in ("report_demo.png", "report_varied.png", "report_drift.png"):
         print(out / name)
 
 

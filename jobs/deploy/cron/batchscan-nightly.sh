@@ -10,8 +10,9 @@
 #   run, named by UTC start time, so logrotate is not needed and a run never appends to
 #   another run's log; logs older than BATCHSCAN_KEEP_LOG_DAYS (default 90) are deleted;
 # * prints nothing when the run succeeds (cron mails whatever a job prints) and one line
-#   plus the log's last lines when it does not; a `WARNING: performance` line of the scan
-#   (monitoring against reports, reports_file in CONFIG.toml) is printed even on success;
+#   plus the log's last lines when it does not; the scan's `WARNING: performance` lines
+#   (monitoring against reports, reports_file in CONFIG.toml) and `WARNING: drift` line (the
+#   films themselves against a reference) are printed even on success;
 # * when the scan succeeded and CONFIG.toml names a PACS (send_to or send_stow, with
 #   sr_out), sends the SRs the PACS has not acknowledged yet: `batchscan send --config
 #   CONFIG.toml`, into the same log. A PACS that is down does not fail the scan: its SRs
@@ -50,9 +51,10 @@ fi
 find "$log_dir" -maxdepth 1 -name 'batchscan-*.log' -mtime +"${BATCHSCAN_KEEP_LOG_DAYS:-90}" \
     -delete 2>/dev/null
 
-# the model against the radiologists' reports (--reports-file): cron mails this line even
-# when the run succeeded, since a model getting worse is news, not an error
-grep '^WARNING: performance' "$log" 2>/dev/null
+# the model against the radiologists' reports (--reports-file) and the films against their
+# reference (the drift monitor): cron mails these lines even when the run succeeded, since a
+# model getting worse, or its input changing, is news, not an error
+grep -E '^WARNING: (performance|drift)' "$log" 2>/dev/null
 
 case $status in
     0)
