@@ -121,6 +121,7 @@ def _locked(exc: Exception) -> int:
 def _scan(args: argparse.Namespace) -> int:
     from batchscan.engines.pipeline import ScanConfig
     from batchscan.ingest.decoders import DEFAULT_MIN_EDGE
+    from batchscan.ingest.sources import PacsArchive, PacsUnavailableError
     from batchscan.results.runlock import LockHeldError
     from batchscan.scan import UsageError, run_scan
 
@@ -128,9 +129,17 @@ def _scan(args: argparse.Namespace) -> int:
         key = pseudonym_key(args.pseudonym_key_file)
     except ConfigError as exc:
         return _failed(exc)
+    archive = args.archive
+    if isinstance(archive, str):  # a PACS URL: its options fill a PacsArchive by name
+        archive = _request(PacsArchive, args, url=archive)
+    elif args.since is not None or args.until is not None:
+        return _failed(
+            "--since and --until ask a PACS for a window of dates; ARCHIVE_DIR is a folder"
+        )
     config = _request(
         ScanConfig,
         args,
+        archive=archive,
         model_path=args.model,
         progress=_progress(args),
         jit_compile=not args.no_xla,
@@ -143,6 +152,8 @@ def _scan(args: argparse.Namespace) -> int:
         return _failed(exc)
     except LockHeldError as exc:
         return _locked(exc)
+    except PacsUnavailableError as exc:  # one line naming the PACS; what was scored is kept
+        return _failed(exc, EXIT_ERROR)
     print(result.summary)
     for line in result.warnings:
         print(line)
@@ -159,18 +170,25 @@ def _send(args: argparse.Namespace) -> int:
         SendError,
         TlsOptions,
         send_outbox,
+        send_stow,
     )
 
+    tls_files = (args.tls_ca, args.tls_cert, args.tls_key)
+    tls = TlsOptions(*tls_files) if any(f is not None for f in tls_files) else None
+    sends: list[Callable[[], Any]] = []  # C-STORE, STOW-RS or both (each its own ledger)
     try:
-        destination = Destination.parse(args.send_to)
-        tls_files = (args.tls_ca, args.tls_cert, args.tls_key)
-        tls = TlsOptions(*tls_files) if any(f is not None for f in tls_files) else None
-        outcome = send_outbox(args.outbox, destination, args.calling_aet, tls)
+        if args.send_to is not None:
+            destination = Destination.parse(args.send_to)
+            sends.append(lambda: send_outbox(args.outbox, destination, args.calling_aet, tls,
+                                             credentials=args.pacs_credentials))  # fmt: skip
+        if args.send_stow is not None:
+            sends.append(lambda: send_stow(args.outbox, args.send_stow, args.pacs_credentials, tls))
+        for send in sends:
+            print(send().summary())
     except (DestinationError, OutboxError) as exc:
         return _failed(exc)
     except SendError as exc:
         return _failed(exc, EXIT_ERROR)
-    print(outcome.summary())
     return EXIT_OK
 
 

@@ -82,7 +82,9 @@ def _value(option: options.Option, value: Any, folder: Path) -> Any:
         raise argparse.ArgumentTypeError(f"must be one of {', '.join(option.choices)}: {value!r}")
     parse = option.kind.parse
     converted = value if parse is None or kind is bool else parse(str(value))
-    return (folder / converted).absolute() if option.kind.path else converted
+    if option.kind.path and isinstance(converted, Path):  # a URL stays as it is
+        return (folder / converted).absolute()
+    return converted
 
 
 #: Shortest pseudonymisation key accepted: a short key could be guessed, and with it every

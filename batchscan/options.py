@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 import textwrap
 from collections.abc import Callable, Iterable, Mapping
@@ -111,7 +112,8 @@ class Kind:
         Text to value (argparse's ``type``); raises ``argparse.ArgumentTypeError`` with a
         one-line message. None for a flag.
     path:
-        A path: read from the config file, it is taken relative to the file's folder.
+        A path: read from the config file, it is taken relative to the file's folder (a
+        value that `parse` keeps as text, a URL, is taken as it is).
     """
 
     name: str
@@ -120,8 +122,15 @@ class Kind:
     path: bool = False
 
 
+def archive_or_url(text: str) -> Path | str:
+    """An archive folder (a path), or a PACS URL (``http(s)://…``, ``dicom://…``) kept as
+    text."""
+    return text if re.match(r"(https?|dicom)://", text, re.IGNORECASE) else Path(text)
+
+
 TEXT: Final = Kind("text", str, str)
 PATH: Final = Kind("path", str, Path, path=True)
+ARCHIVE: Final = Kind("path or PACS URL", str, archive_or_url, path=True)
 NUMBER: Final = Kind("number", float, float)
 INTEGER: Final = Kind("int", int, int)
 SECONDS: Final = Kind("seconds > 0", float, seconds)
@@ -285,6 +294,9 @@ class Command:
     help: str
     options: tuple[Option, ...]
     exits: Mapping[int, str]
+    #: Groups of options of which at least one must be given (on the command line or in
+    #: the config file): ``send``'s destinations.
+    any_of: tuple[tuple[str, ...], ...] = ()
 
     @property
     def reads_config(self) -> bool:
@@ -303,6 +315,11 @@ class Command:
         for option in self.options:
             if option.required and self.reads_config and getattr(args, option.dest) is None:
                 return f"{option.usage_name} is required (on the command line or in --config)"
+        for group in self.any_of:
+            named = [o for o in self.options if o.name in group]
+            if all(getattr(args, o.dest) is None for o in named):
+                which = " or ".join(o.usage_name for o in named)
+                return f"{which} is required (on the command line or in --config)"
         return None
 
 
@@ -384,18 +401,56 @@ SEED: Final = Option(
     help="seed of the patient split, the augmentation and the weights (default {default})",
 )
 _ANYTHING_ELSE: Final = "anything else (one line on stderr)"
+_SOURCES: Final = "batchscan.ingest.sources"
+CALLING_AET: Final = Option(
+    "--calling-aet",
+    metavar="AET",
+    default=FromCode(_SOURCES, "DEFAULT_CALLING_AET"),
+    help="batchscan's AE title (default {default})",
+)
+TLS_CA: Final = Option(
+    "--tls-ca",
+    kind=PATH,
+    metavar="PEM",
+    example="/etc/batchscan/pacs-ca.pem",
+    help="DICOM TLS or HTTPS: the CA of the PACS's certificate (default: the system's CAs)",
+)
+TLS_CERT: Final = Option(
+    "--tls-cert",
+    kind=PATH,
+    metavar="PEM",
+    example="/etc/batchscan/batchscan-cert.pem",
+    help="batchscan's own certificate, for a PACS that asks for one",
+)
+TLS_KEY: Final = Option(
+    "--tls-key",
+    kind=PATH,
+    metavar="PEM",
+    example="/etc/batchscan/batchscan-key.pem",
+    help="DICOM TLS: its private key",
+)
+PACS_CREDENTIALS: Final = Option(
+    "--pacs-credentials",
+    kind=PATH,
+    metavar="FILE",
+    example="/etc/batchscan/pacs.credentials",
+    help="a file of one line, user:password (HTTP basic; DICOM user identity) or Bearer "
+    "TOKEN, for a PACS that asks for credentials (readable by the job's user only; never "
+    "logged)",
+)
 
 SCAN: Final = Command(
     "scan",
-    "score an archive folder",
+    "score an archive folder or a PACS",
     (
         Option(
             "ARCHIVE_DIR",
             dest="archive",
-            kind=PATH,
+            kind=ARCHIVE,
             required=True,
             example="/mnt/pacs-export",
-            help="the archive folder (only read; required here or in --config)",
+            help="the archive folder, or a PACS: http(s)://HOST/…/dicom-web (DICOMweb) or "
+            "dicom://AET@HOST:PORT (C-FIND, C-GET); only read; required here or in --config",
         ),
         Option(
             "--out",
@@ -522,12 +577,58 @@ SCAN: Final = Command(
                 "periods": FromCode(_MONITORING, "REFERENCE_PERIODS.week"),
             },
         ),
+        PACS_CREDENTIALS,
+        replace(CALLING_AET, help="a DIMSE PACS: batchscan's AE title (default {default})"),
+        TLS_CA,
+        TLS_CERT,
+        TLS_KEY,
+        Option(
+            "--since",
+            kind=DATE,
+            metavar="DATE",
+            no_config="a backfill's window is given for one run, not kept for every night",
+            help="a PACS: ask for studies dated from DATE (YYYY-MM-DD; a backfill); default: "
+            "from the last run's high-water mark less --late-margin-days",
+        ),
+        Option(
+            "--until",
+            kind=DATE,
+            metavar="DATE",
+            no_config="a backfill's window is given for one run, not kept for every night",
+            help="a PACS: ask for studies dated up to DATE (YYYY-MM-DD); default: no end",
+        ),
+        Option(
+            "--late-margin-days",
+            kind=at_least(0),
+            default=FromCode(_SOURCES, "DEFAULT_LATE_MARGIN_DAYS"),
+            metavar="N",
+            help="a PACS: a nightly run asks again for the N days before the last run's "
+            "high-water mark, for studies that reach the PACS late (default {default})",
+        ),
+        Option(
+            "--pacs-connections",
+            kind=at_least(1),
+            default=FromCode(_SOURCES, "DEFAULT_CONNECTIONS"),
+            metavar="N",
+            help="a PACS: connections at once, each held by one decode process, which "
+            "fetches the next instance while it decodes one (default {default})",
+        ),
+        Option(
+            "--pacs-timeout",
+            kind=SECONDS,
+            default=FromCode(_SOURCES, "ANSWER_TIMEOUT"),
+            metavar="SECONDS",
+            help="a PACS: seconds to wait for each answer; a PACS that then does not answer "
+            "a probe either stops the run (default {default})",
+        ),
     ),
     {
         EXIT_OK: "the run finished (files that failed are listed in the report, not fatal)",
-        EXIT_ERROR: "anything else, and a run that published its reports but could not use "
+        EXIT_ERROR: "anything else, a PACS that went down or stopped answering during the run "
+        "(what was scored is kept), and a run that published its reports but could not use "
         "its --reports-file",
         EXIT_USAGE: "bad arguments or configuration, ARCHIVE_DIR missing or unreadable, a "
+        "PACS URL, credentials or TLS file that cannot be used, a "
         "model without a valid card, an --sr-out inside the archive or not writable, a "
         "missing --reports-file",
         EXIT_LOCKED: "another run holds REPORT_DIR (it is locked)",
@@ -731,7 +832,7 @@ REPORT: Final = Command(
 
 SEND: Final = Command(
     "send",
-    "send the SRs of an outbox that a PACS has not acknowledged (C-STORE)",
+    "send the SRs of an outbox that a PACS has not acknowledged (C-STORE or STOW-RS)",
     (
         Option(
             "OUTBOX",
@@ -745,44 +846,31 @@ SEND: Final = Command(
             "--to",
             dest="send_to",
             metavar="AET@HOST:PORT",
-            required=True,
             example="PACS@pacs.hospital.local:104",
-            help="the PACS's Storage SCP (required here or as send_to in --config)",
+            help="the PACS's Storage SCP (C-STORE); this or --stow (or both) is required, "
+            "here or in --config",
         ),
         Option(
-            "--calling-aet",
-            metavar="AET",
-            default="BATCHSCAN",
-            help="batchscan's AE title (default {default})",
+            "--stow",
+            dest="send_stow",
+            metavar="URL",
+            example="https://pacs.hospital.local/dicom-web",
+            help="the PACS's DICOMweb base, https://HOST/…/dicom-web: send by STOW-RS (with "
+            "--to as well: to both, each with its own deliveries in the ledger)",
         ),
+        CALLING_AET,
         CONFIG,
-        Option(
-            "--tls-ca",
-            kind=PATH,
-            metavar="PEM",
-            example="/etc/batchscan/pacs-ca.pem",
-            help="DICOM TLS: CA of the PACS's certificate",
-        ),
-        Option(
-            "--tls-cert",
-            kind=PATH,
-            metavar="PEM",
-            example="/etc/batchscan/batchscan-cert.pem",
-            help="DICOM TLS: batchscan's certificate",
-        ),
-        Option(
-            "--tls-key",
-            kind=PATH,
-            metavar="PEM",
-            example="/etc/batchscan/batchscan-key.pem",
-            help="DICOM TLS: its private key",
-        ),
+        TLS_CA,
+        TLS_CERT,
+        TLS_KEY,
+        PACS_CREDENTIALS,
     ),
     {
         EXIT_OK: "all delivered (or nothing to send)",
         EXIT_ERROR: "some left (PACS down, refused, an SR file missing or unreadable)",
         EXIT_USAGE: "bad arguments or configuration, or a folder that is no SR outbox",
     },
+    any_of=(("--to", "--stow"),),
 )
 
 ADAPT: Final = Command(

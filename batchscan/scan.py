@@ -19,9 +19,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,14 @@ from batchscan.engines.pipeline import RunStats, ScanConfig, manifest_for, new_r
 from batchscan.ingest.discover import iter_files
 from batchscan.ingest.domain import Domain
 from batchscan.ingest.paths import state_key
-from batchscan.ingest.records import FAILED, SCORED, SKIPPED, ImageRecord, Scores
+from batchscan.ingest.records import FAILED, SCORED, SKIPPED, ImageRecord, Scores, chunks
+from batchscan.ingest.sources import (
+    PacsArchive,
+    SourceConfigError,
+    Window,
+    high_water_after,
+    open_source,
+)
 from batchscan.results.aggregate import aggregate_studies
 from batchscan.results.keys import reread_notice, row_keys
 from batchscan.results.report import (
@@ -89,15 +96,9 @@ def check_config(config: ScanConfig) -> None:
         Archive missing or unreadable, REPORT_DIR inside the archive or not creatable,
         batch size, workers or files per task out of range.
     """
-    archive = config.archive
-    if not archive.is_dir():
-        raise UsageError(f"archive folder not found: {archive}")
-    if not os.access(archive, os.R_OK | os.X_OK):
-        raise UsageError(f"archive folder not readable: {archive}")
-    try:
-        os.scandir(archive).close()
-    except OSError as exc:
-        raise UsageError(f"archive folder not readable: {archive} ({exc.strerror})") from exc
+    root = None if config.pacs is not None else _check_folder(Path(config.archive))
+    if config.pacs is not None:
+        _check_pacs(config.pacs, config.all_modalities)
     if config.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {config.batch_size}")
     if config.workers < 0:
@@ -118,7 +119,6 @@ def check_config(config: ScanConfig) -> None:
         problem = unreachable(config.ray_address)
         if problem:
             raise UsageError(f"Ray cluster at --ray-address {config.ray_address}: {problem}")
-    root = archive.resolve()
     _writable_outside(config.out, root, "--out", "report folder")
     if config.monitor_period not in PERIODS:
         raise UsageError(
@@ -136,11 +136,40 @@ def check_config(config: ScanConfig) -> None:
             raise UsageError("--sr-out needs highdicom: pip install highdicom")
 
 
-def _writable_outside(folder: Path, archive_root: Path, option: str, what: str) -> None:
-    """Refuse an output `folder` inside the archive, or one that cannot be made or written;
-    make it otherwise (`option` and `what` name it in the one-line message)."""
+def _check_folder(archive: Path) -> Path:
+    """The resolved archive folder, or :class:`UsageError` when it is missing or unreadable."""
+    if not archive.is_dir():
+        raise UsageError(f"archive folder not found: {archive}")
+    if not os.access(archive, os.R_OK | os.X_OK):
+        raise UsageError(f"archive folder not readable: {archive}")
+    try:
+        os.scandir(archive).close()
+    except OSError as exc:
+        raise UsageError(f"archive folder not readable: {archive} ({exc.strerror})") from exc
+    return archive.resolve()
+
+
+def _check_pacs(pacs: PacsArchive, all_modalities: bool) -> None:
+    """:class:`UsageError` for a PACS that cannot be asked as given: a bad URL, credentials
+    file, AE title or TLS file, a window or a number out of range (nothing is sent to the
+    PACS yet)."""
+    if pacs.pacs_connections < 1:
+        raise UsageError(f"--pacs-connections must be at least 1, got {pacs.pacs_connections}")
+    if not pacs.pacs_timeout > 0:
+        raise UsageError(f"--pacs-timeout must be positive, got {pacs.pacs_timeout}")
+    try:
+        pacs.window(None)
+        open_source(pacs.url, pacs.source_options(all_modalities)).close()
+    except SourceConfigError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _writable_outside(folder: Path, archive_root: Path | None, option: str, what: str) -> None:
+    """Refuse an output `folder` inside the archive (`archive_root`; None for a PACS), or
+    one that cannot be made or written; make it otherwise (`option` and `what` name it in
+    the one-line message)."""
     resolved = folder.resolve()
-    if resolved == archive_root or archive_root in resolved.parents:
+    if archive_root is not None and (resolved == archive_root or archive_root in resolved.parents):
         raise UsageError(f"{option} {folder} is inside the archive; the archive is never written")
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -222,7 +251,18 @@ def summary_text(manifest: dict[str, Any]) -> str:
         f"{rate if rate is not None else 0:.1f} images/s this run; "
         f"model {manifest['model']['version']}; "
         f"reports in {manifest['arguments']['out']}."
+        + (f" {_pacs_sentence(manifest['pacs'])}" if "pacs" in manifest else "")
         + (f" {manifest['sr']['summary']}" if "sr" in manifest else "")
+    )
+
+
+def _pacs_sentence(pacs: dict[str, Any]) -> str:
+    """What a PACS scan asked for: the window of study dates and what the query listed."""
+    since, until = pacs["window"]
+    dates = f"studies dated {since or 'any day'} to {until or 'now'}"
+    return (
+        f"PACS {pacs['source']}: {pacs['instances_listed']} instances listed for {dates} "
+        f"(high-water mark now {pacs['high_water']})."
     )
 
 
@@ -343,6 +383,10 @@ def run_scan(config: ScanConfig) -> ScanResult:
         finally:
             state.close()
             store.close()
+            if config.pacs is not None:
+                from batchscan.engines.fetch import close_worker_sources
+
+                close_worker_sources()  # what fetched in this process (--workers 0, pictures)
 
 
 def _run(
@@ -417,6 +461,12 @@ class _Run:
         )
         if interrupted:
             log.info("previous run interrupted; finishing its work (%d run(s))", interrupted)
+        #: A PACS scan: the dates its query asks for, and how many instances it listed.
+        self.window: Window | None = None
+        self.listed = 0
+        if config.pacs is not None:
+            mark = state.high_water(config.pacs.name)
+            self.window = config.pacs.window(date.fromisoformat(mark[0]) if mark else None)
         self.scorer = LazyScorer(config, checked, shadow)
         self.progress = Progress(config.progress)
         self.stats = RunStats()
@@ -432,7 +482,7 @@ class _Run:
         engine, which reads, scores and saves the rest."""
         holds = partial(self.store.holds, input_key=self.keys.input)
         pending = self.state.pending(
-            iter_files(self.config.archive),
+            self._found(),
             self.run_id,
             self.keys,
             self.checked.version,
@@ -448,7 +498,7 @@ class _Run:
         those whose stored input is damaged are read like new files."""
         clock = time.perf_counter()
         again = rescore(
-            self.state.to_rescore(self.run_id, self.keys, os.path.abspath(self.config.archive)),
+            self.state.to_rescore(self.run_id, self.keys, self._root()),
             self.store,
             self.keys.input,
             self.config.stage_options,
@@ -469,6 +519,10 @@ class _Run:
         one transaction; every file found must be in the state."""
         self._reports_started = time.perf_counter()
         checked, shadow = self.checked, self.shadow
+        window = self.window
+        covered = None
+        if window is not None and (window.since, window.until) != (None, None):
+            covered = (_iso(window.since), _iso(window.until))  # the rest of the PACS stays
         finished = self.state.finish(
             self.run_id,
             partial(
@@ -478,12 +532,15 @@ class _Run:
                 shadow=(shadow.threshold, shadow.version) if shadow is not None else None,
             ),
             on_removed=self.store.delete,
+            covered=covered,
         )
         found = self.stats.found + self.stats.reused
-        if finished.files != found:
+        if finished.seen != found:
             raise RuntimeError(
-                f"accounting error: {found} files found but {finished.files} in the state"
+                f"accounting error: {found} files found but {finished.seen} in the state"
             )
+        if self.config.pacs is not None and window is not None:
+            self._advance_high_water(self.config.pacs, window)
         return finished
 
     def write_the_tables(self, finished: Finished) -> dict[str, Any]:
@@ -529,6 +586,15 @@ class _Run:
             input_store=_store_facts(self.store),
             **study_counts,
         )
+        if self.config.pacs is not None and self.window is not None:
+            mark = self.state.high_water(self.config.pacs.name)
+            manifest["pacs"] = {
+                "source": self.config.pacs.name,
+                "window": [_iso(self.window.since), _iso(self.window.until)],
+                "instances_listed": self.listed,
+                "high_water": mark[0] if mark else None,
+                "late_margin_days": self.config.pacs.late_margin_days,
+            }
         return manifest
 
     def write_the_srs(self, manifest: dict[str, Any]) -> None:
@@ -598,15 +664,18 @@ class _Run:
         config = self.config
         # this run's monitoring frames, or None: the page reads the last good ones
         fresh = monitored if monitored is not None and monitored.error is None else None
+        pacs = config.pacs
         page = ReportInputs(
             config.out,
             manifest,
             self.checked.card,
-            config.archive,
+            None if pacs is not None else Path(config.archive),
             explainer=self.scorer.explainer,
             performance=fresh.performance if fresh else None,
             discrepancies=fresh.discrepancies if fresh else None,
             stored_input=partial(_stored_input, self.state, self.store, self.keys.input),
+            fetched=None if pacs is None else self._reader(),
+            identity=self.state.file_identity,
             drift=drifted.frame if drifted.error is None else None,
         )
         temporary = temporary_path(config.out / REPORT_FILE, self.run_id)
@@ -626,6 +695,45 @@ class _Run:
             self.state.end_run(self.run_id, "failed", {"seconds": round(self.stats.seconds, 3)})
 
     # -- what the steps share ----------------------------------------------------------
+
+    def _found(self) -> Iterator[ImageRecord]:
+        """Discovery: the archive folder's files, or the instances the PACS's query lists
+        for this run's window of study dates (each noted in the state with the date it was
+        listed under)."""
+        pacs = self.config.pacs
+        if pacs is None:
+            yield from iter_files(Path(self.config.archive))
+            return
+        assert self.window is not None
+        source = open_source(pacs.url, pacs.source_options(self.config.all_modalities))
+        try:
+            for locators in chunks(source.find(self.window), 500):
+                self.state.list_instances((loc.path, loc.study_date) for loc in locators)
+                self.listed += len(locators)
+                yield from (loc.record() for loc in locators)
+        finally:
+            source.close()
+
+    def _root(self) -> str:
+        """Where the records rebuilt from the state are opened (a PACS's are fetched by
+        their locator: none)."""
+        return "" if self.config.pacs is not None else os.path.abspath(self.config.archive)
+
+    def _reader(self) -> Any:
+        """What fetches one of the PACS's instances by its path in this process (the
+        report's pictures, the SR stage's headers)."""
+        from batchscan.engines.fetch import InstanceReader
+
+        pacs = self.config.pacs
+        assert pacs is not None
+        return InstanceReader(pacs.url, pacs.source_options(self.config.all_modalities))
+
+    def _advance_high_water(self, pacs: PacsArchive, window: Window) -> None:
+        """After a complete run: the PACS's high-water mark to the last day the run
+        covered (a failed run leaves it, and the next run asks for the same dates)."""
+        old = self.state.high_water(pacs.name)
+        mark = high_water_after(date.fromisoformat(old[0]) if old else None, window, date.today())
+        self.state.set_high_water(pacs.name, mark.isoformat(), pacs.late_margin_days, self.run_id)
 
     def _reused(self, n: int) -> None:
         self.stats.reused += n
@@ -694,13 +802,22 @@ def _write_srs(
 
     assert config.sr_out is not None
     algorithm = Algorithm(model_version=checked.version, threshold=checked.threshold)
+    archive: Any = config.archive
+    if config.pacs is not None:  # the headers of a PACS's instances are fetched again
+        from batchscan.engines.fetch import InstanceReader
+
+        archive = InstanceReader(config.pacs.url, config.pacs.source_options(config.all_modalities))
     try:
         outcome = write_srs(
-            state, config.archive, config.sr_out, algorithm, run_id, workers=config.workers
+            state, archive, config.sr_out, algorithm, run_id, workers=config.workers
         )
     except OutboxError as exc:
         raise UsageError(str(exc)) from exc
     return {**outcome.manifest(), "summary": outcome.summary()}
+
+
+def _iso(day: date | None) -> str | None:
+    return None if day is None else day.isoformat()
 
 
 def _store_facts(store: InputStore) -> dict[str, Any]:

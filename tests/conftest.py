@@ -185,3 +185,37 @@ def archive(demo: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "archive"
     shutil.copytree(demo, copy)
     return copy
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local Ray instance (2 CPUs) for the module; its workers import this checkout
+    (batchscan and tests.faults)."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo archive at 256 px, made once for the session and only read: the PACS tests
+    load it into Orthanc and scan it as a folder to compare with."""
+    from batchscan.synth import write_demo_archive
+
+    folder = tmp_path_factory.mktemp("small_demo") / "archive"
+    write_demo_archive(folder, size=256)
+    return folder
+
+
+def credentials_file(folder: Path, user: str, password: str) -> Path:
+    """A ``--pacs-credentials`` file (``user:password``), readable by its owner only."""
+    path = folder / "pacs.credentials"
+    path.write_text(f"{user}:{password}\n", encoding="utf-8")
+    path.chmod(0o600)
+    return path

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Debian packages some tests need, installed when missing (part of README's test command
-# and so of CI's): Orthanc, the real PACS that `batchscan send` is tested against; dicom3tools'
+# and so of CI's): Orthanc, the real PACS that `batchscan send` is tested against, with its
+# DICOMweb plugin, the PACS a scan over DICOMweb and STOW-RS are tested against; dicom3tools'
 # dciodvfy, DCMTK's dsrdump and Pixelmed's DicomSRValidator (pixelmed-apps), the validators
 # every SR the tests make must pass, and a JDK to run the validator over many SRs in one Java
 # process (tests/PixelmedSRValidator.java: a Java source file needs the compiler module, which
@@ -12,6 +13,7 @@
 set -euo pipefail
 need=()
 command -v Orthanc >/dev/null || need+=(orthanc)
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v dsrdump >/dev/null || need+=(dcmtk)
 command -v podman >/dev/null || need+=(podman)

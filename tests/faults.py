@@ -49,3 +49,18 @@ def pid_prepare(record: ImageRecord, options: StageOptions) -> np.ndarray | None
     tensor = prepare_record(record, options)
     record.detail = str(os.getpid())
     return tensor
+
+
+class ClosingPrepare:
+    """:func:`pid_prepare` with a ``close`` hook that leaves a file ``closed-PID`` in
+    `folder`: which worker processes were closed as they stopped."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def __call__(self, record: ImageRecord, options: StageOptions) -> np.ndarray | None:
+        return pid_prepare(record, options)
+
+    def close(self) -> None:
+        with open(os.path.join(self.folder, f"closed-{os.getpid()}"), "w"):
+            pass

@@ -10,9 +10,10 @@ import re
 from tests.conftest import ROOT
 
 #: Where a reason is made from a literal: record.fail/skip(...), DecodeError(...),
-#: HeaderError(...), and the (reason, detail) tuples that header functions return.
+#: HeaderError(...), FetchError(...) (a PACS instance that could not be fetched: a failed
+#: row), and the (reason, detail) tuples that header functions return.
 _MADE = re.compile(
-    r'(?:\.fail|\.skip|DecodeError|HeaderError)\(\s*f?"([a-z_]+(?::[a-z_]*)?)'
+    r'(?:\.fail|\.skip|DecodeError|HeaderError|FetchError)\(\s*f?"([a-z_]+(?::[a-z_]*)?)'
     r'|return\s+\(?\s*f?"([a-z_]+(?::[a-z_]*)?)",'
     r'|reason = "([a-z_]+)" if .* else "([a-z_]+)"'
 )
@@ -20,7 +21,7 @@ _MADE = re.compile(
 _DECLARED = re.compile(r'^([A-Z][A-Z0-9_]*): Final = "([a-z_]+:?)"$', re.MULTILINE)
 #: ... counts where it is made: given to one of these calls, returned by a ``*_reason``
 #: function (alone or opening an f-string), or prefixed to a detail (not to a SQL pattern).
-_MAKERS = {"fail", "skip", "_retire", "DecodeError", "HeaderError"}
+_MAKERS = {"fail", "skip", "_retire", "DecodeError", "HeaderError", "FetchError"}
 
 
 def _made_from_declared(tree: ast.AST, declared: dict[str, str]) -> set[str]:

@@ -18,7 +18,7 @@ from batchscan.results import report
 from batchscan.scan import run_scan
 from batchscan.synth import RadiographSpec, chest_phantom, write_radiograph
 from tests.conftest import real_file
-from tests.faults import deleting_prepare, faulty_prepare, pid_prepare
+from tests.faults import ClosingPrepare, deleting_prepare, faulty_prepare, pid_prepare
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +191,21 @@ def test_workers_are_recycled_after_many_files(clean_archive: Path) -> None:
     assert recycled >= 1 and len(per_process) == recycled + 1
     # a worker due for recycling finishes the tasks it holds (depth 2 x 2 files) first
     assert max(per_process.values()) <= 4 + 2 * 2
+
+
+def test_a_stopping_worker_closes_its_stages(clean_archive: Path, tmp_path: Path) -> None:
+    """Every worker process, recycled or stopped at the end, calls its stages' ``close``
+    (a PACS scan's worker releases its association there; one left open kept the process
+    alive until it was killed)."""
+    from batchscan.engines.pipeline import worker_context
+    from batchscan.engines.workers import WorkerPool
+    from batchscan.ingest.discover import iter_files
+    from batchscan.ingest.records import chunks
+
+    options = ScanConfig(archive=clean_archive, out=clean_archive).stage_options
+    prepare = ClosingPrepare(str(tmp_path))
+    with WorkerPool(worker_context(), 1, options, prepare, recycle_after=4) as pool:
+        batches = list(pool.run(chunks(iter_files(clean_archive), 2)))
+    workers = {r.detail for b in batches for r in b.records}
+    assert len(workers) >= 2  # the worker, recycled at least once
+    assert {p.name for p in tmp_path.iterdir()} == {f"closed-{pid}" for pid in workers}

@@ -134,7 +134,7 @@ def test_a_required_value_missing_from_both_is_named(
     config.write_text('sr_out = "outbox"\n')
     assert _run(monkeypatch, ["send", "--config", str(config)]) == (2, None)
     err = capsys.readouterr().err
-    wanted = "--to AET@HOST:PORT is required (on the command line or in --config)"
+    wanted = "--to AET@HOST:PORT or --stow URL is required (on the command line or in --config)"
     assert err == f"batchscan: error: {wanted}\n"
     assert _run(monkeypatch, ["scan", "--out", str(tmp_path)]) == (2, None)
     assert "ARCHIVE_DIR is required" in capsys.readouterr().err

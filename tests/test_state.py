@@ -349,3 +349,48 @@ def test_unusable_state_is_a_usage_error(archive: Path, tmp_path: Path, capsys) 
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "cannot use state database" in err and err.count("\n") == 1
+
+
+def test_the_state_forgets_only_instances_listed_within_the_window(tmp_path: Path) -> None:
+    """Schema 2 without a PACS: a state of schema 1 is upgraded in place; a run over a
+    window of dates removes the unseen instances listed under those dates, keeps the rest;
+    an instance's size is the stored one until it is fetched."""
+    from batchscan.results.aggregate import aggregate_studies
+    from batchscan.results.state import RowKeys
+
+    path = tmp_path / "state.sqlite"
+    StateStore(path).close()
+    with sqlite3.connect(path) as db:  # as a release before the PACS tables left it
+        db.execute("DROP TABLE pacs_listed")
+        db.execute("DROP TABLE pacs_marks")
+        db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    keys = RowKeys("h", "i", "score-d", "m", "none")
+    state = StateStore(path)
+    try:
+        listed = {"1.1/1.2/1.3": "2026-01-01", "1.1/1.2/1.4": "2026-03-01", "1.5/1.6/1.7": None}
+        records = [
+            ImageRecord(path=p, abs_path=p, size=10, mtime_ns=0, study_instance_uid=p[:3])
+            .skip("view:LL")
+            for p in listed
+        ]  # fmt: skip
+        state.list_instances(listed.items())
+        state.save(records, "run1", keys, "m")
+        aggregate = lambda rows: aggregate_studies(rows, 0.5, "m")  # noqa: E731
+        state.finish("run1", aggregate)
+        # a night over March: the instance of January is not asked for, that of March is gone
+        assert not list(state.pending([], "run2", keys, "m"))
+        finished = state.finish("run2", aggregate, covered=("2026-02-01", None))
+        assert (finished.removed, finished.files, finished.seen) == (1, 2, 0)
+        # up to a date: January's is gone; an undated study is asked for only by a run
+        # over every date
+        assert state.finish("run3", aggregate, covered=(None, "2026-12-31")).removed == 1
+        assert state.finish("run4", aggregate).removed == 1
+        # a PACS record's size is unknown until fetched: the stored row's stands for it
+        state.save([records[0]], "run5", keys, "m")
+        found = ImageRecord(path=records[0].path, abs_path=records[0].path, mtime_ns=0)
+        assert not list(state.pending([found], "run6", keys, "m")), "reused, not fetched"
+        assert found.size == 10
+        state.set_high_water("https://pacs/dicom-web", "2026-03-02", 3, "run6")
+        assert state.high_water("https://pacs/dicom-web") == ("2026-03-02", 3)
+    finally:
+        state.close()

@@ -50,6 +50,7 @@ from batchscan.ingest.header import DEFAULT_MAX_PIXEL_BYTES, StageOptions, read_
 from batchscan.ingest.preprocess import preprocess
 from batchscan.ingest.records import FAILED, SCORED, SKIPPED, ImageRecord, Scores, chunks
 from batchscan.ingest.sanity import passes
+from batchscan.ingest.sources import PACS_UNAVAILABLE, PacsArchive, PacsUnavailableError
 
 log = logging.getLogger("batchscan")
 
@@ -96,8 +97,13 @@ class ScanConfig:
 
     Attributes
     ----------
+    archive:
+        The archive folder, or a PACS (:class:`~batchscan.ingest.sources.PacsArchive`):
+        its instances are found by query and fetched by the decode workers
+        (:mod:`batchscan.engines.fetch`).
     workers:
-        Decode processes; 0 decodes in the main process (debugging, tiny archives).
+        Decode processes; 0 decodes in the main process (debugging, tiny archives). A PACS
+        scan runs at most ``pacs_connections`` of them (:attr:`decode_processes`).
     files_per_task:
         Files sent to a worker at once: large enough to amortise inter-process overhead,
         small enough to keep every worker busy to the end.
@@ -107,7 +113,8 @@ class ScanConfig:
         Decode images only down to this short edge (see :mod:`batchscan.ingest.decoders`); None
         decodes at full resolution.
     prepare:
-        The per-record stages run in the workers (default :func:`prepare_record`).
+        The per-record stages run in the workers (default :func:`prepare_record`; for a
+        PACS, :class:`~batchscan.engines.fetch.FetchingPrepare`).
     state:
         The incremental state database (default ``REPORT_DIR/state.sqlite``).
     blank_gate:
@@ -142,7 +149,7 @@ class ScanConfig:
         (:mod:`batchscan.site.drift`) and the disagreement alarm; None for the first periods.
     """
 
-    archive: Path
+    archive: Path | PacsArchive
     out: Path
     model_path: Path | None = None
     batch_size: int = 256
@@ -172,7 +179,34 @@ class ScanConfig:
 
     def __post_init__(self) -> None:
         if self.prepare is None:  # the real stages; tests inject faulty ones
-            object.__setattr__(self, "prepare", prepare_record)
+            object.__setattr__(self, "prepare", self._stages())
+
+    def _stages(self) -> PrepareRecord:
+        if not isinstance(self.archive, PacsArchive):
+            return prepare_record
+        from batchscan.engines.fetch import FetchingPrepare
+
+        return FetchingPrepare(self.archive.url, self.archive.source_options(self.all_modalities))
+
+    @property
+    def pacs(self) -> PacsArchive | None:
+        """The PACS this scan reads, or None for a folder."""
+        return self.archive if isinstance(self.archive, PacsArchive) else None
+
+    @property
+    def decode_processes(self) -> int:
+        """The decode processes of the run: ``workers``, and for a PACS at most one per
+        connection (each holds one)."""
+        pacs = self.pacs
+        return self.workers if pacs is None else min(self.workers, pacs.pacs_connections)
+
+    @property
+    def worker_timeout(self) -> float:
+        """Seconds one record may take in a decode process: ``file_timeout``, and for a
+        PACS the longest a fetch may take besides (so that a hung PACS is told apart from
+        a hung codec, and its instances are tried again by the next run)."""
+        pacs = self.pacs
+        return self.file_timeout + (0.0 if pacs is None else pacs.fetch_seconds())
 
     @property
     def stage_options(self) -> StageOptions:
@@ -215,15 +249,20 @@ def prepare_record(record: ImageRecord, options: StageOptions) -> np.ndarray | N
 
 
 def prepare_display(
-    record: ImageRecord, options: StageOptions
+    record: ImageRecord, options: StageOptions, content: bytes | None = None
 ) -> tuple[DisplayImage, np.ndarray] | None:
     """:func:`prepare_record`, also returning the display picture the model input was made
-    from (for the pictures people look at: the same stages, not a second route)."""
-    if not record.pending or not _stable(record):
+    from (for the pictures people look at: the same stages, not a second route).
+
+    `content` is the file's bytes when they were fetched (an instance from a PACS): the
+    same stages read them as they read a file, and fetched bytes cannot change while they
+    are read, so the file-stability checks are left out."""
+    fetched = content is not None
+    if not record.pending or not (fetched or _stable(record)):
         return None
-    read_header(record, options)
+    read_header(record, options, content)
     judge(record, options.domain, options.skip_out_of_domain)
-    image = decode_record(record, options)
+    image = decode_record(record, options, content)
     if image is None:
         return None
     try:
@@ -231,37 +270,46 @@ def prepare_display(
     except Exception as exc:  # e.g. a degenerate 1 x N image
         record.fail(f"preprocess_error:{type(exc).__name__}", str(exc))
         return None
-    if not _stable(record):  # rewritten while we read it: the pixels may be a mix
+    if not fetched and not _stable(record):  # rewritten while we read it: a mix of pixels
         return None
     if options.blank_gate and not passes(record, tensor):  # constant or noise only
         return None
     return image, tensor
 
 
-def model_input(path: str | Path, options: StageOptions) -> np.ndarray:
-    """The model input the scan job makes of one file (for jobs and tests).
+def model_input(
+    path: str | Path, options: StageOptions, content: bytes | None = None
+) -> np.ndarray:
+    """The model input the scan job makes of one file (for jobs and tests), or of its
+    fetched `content` (a PACS's instance; `path` then only names it).
 
     Raises
     ------
     ValueError
         If the file is skipped or fails, with its reason.
     """
-    return display_and_input(path, options)[1]
+    return display_and_input(path, options, content)[1]
 
 
-def display_and_input(path: str | Path, options: StageOptions) -> tuple[DisplayImage, np.ndarray]:
-    """The display picture and the model input the scan job makes of one file.
+def display_and_input(
+    path: str | Path, options: StageOptions, content: bytes | None = None
+) -> tuple[DisplayImage, np.ndarray]:
+    """The display picture and the model input the scan job makes of one file, or of its
+    fetched `content` (a PACS's instance; `path` then only names it).
 
     Raises
     ------
     ValueError
         If the file is skipped or fails, with its reason.
     """
-    info = os.stat(path)
-    record = ImageRecord(
-        path=str(path), abs_path=str(path), size=info.st_size, mtime_ns=info.st_mtime_ns
-    )
-    prepared = prepare_display(record, options)
+    if content is None:
+        info = os.stat(path)
+        record = ImageRecord(
+            path=str(path), abs_path=str(path), size=info.st_size, mtime_ns=info.st_mtime_ns
+        )
+    else:
+        record = ImageRecord(path=str(path), abs_path=str(path), size=len(content))
+    prepared = prepare_display(record, options, content)
     if prepared is None:
         raise ValueError(f"{path}: {record.status} {record.reason}")
     return prepared
@@ -367,12 +415,16 @@ def prepared_stream(
     if first is None:  # nothing new in the archive: no worker is started
         return
     tasks = chain([first], tasks)
-    if config.workers == 0:
+    if config.decode_processes == 0:
         for chunk in tasks:
             yield run_task(chunk, options, config.prepare)
         return
     with WorkerPool(
-        worker_context(), config.workers, options, config.prepare, file_timeout=config.file_timeout
+        worker_context(),
+        config.decode_processes,
+        options,
+        config.prepare,
+        file_timeout=config.worker_timeout,
     ) as pool:
         yield from pool.run(tasks)
 
@@ -393,6 +445,9 @@ def run_local(
     ------
     RuntimeError
         If scored + skipped + failed != records in (a bug: a record was lost).
+    batchscan.ingest.sources.PacsUnavailableError
+        A worker found the PACS gone: what came back before is scored and handed on, the
+        rest is left to the next run.
     """
     stats = stats if stats is not None else RunStats()
 
@@ -407,10 +462,25 @@ def run_local(
 
     buffer = InferenceBuffer(score, config.batch_size, finished)
     for prepared in prepared_stream(config, iter(records), found):
+        prepared, lost = without_lost(prepared)
         buffer.add(prepared)
+        if lost is not None:
+            buffer.flush()
+            raise PacsUnavailableError(lost)
     buffer.flush()
     check_accounting(stats)
     return stats
+
+
+def without_lost(batch: PreparedBatch) -> tuple[PreparedBatch, str | None]:
+    """`batch` without the records a PACS scan's worker could not fetch because the PACS
+    went away (:func:`batchscan.engines.fetch.lost_pacs`), and why; a folder scan's batches
+    as they are."""
+    if not any(r.reason == PACS_UNAVAILABLE for r in batch.records):
+        return batch, None
+    from batchscan.engines.fetch import lost_pacs
+
+    return lost_pacs(batch)
 
 
 def check_accounting(stats: RunStats) -> None:
@@ -427,6 +497,11 @@ def check_accounting(stats: RunStats) -> None:
             f"accounting error: {stats.found} files found but {decided} decided "
             f"({dict(stats.by_status)})"
         )
+
+
+def _plain(value: Any) -> Any:
+    """An argument as JSON holds it: paths and dates as text."""
+    return str(value) if isinstance(value, Path | date) else value
 
 
 def new_run_id() -> str:
@@ -452,13 +527,16 @@ def manifest_for(
     scored = stats.by_status[SCORED] + stats.rescored
     files, by_status, by_reason = totals
     arguments = {
-        k: (str(v) if isinstance(v, Path) else v)
+        k: _plain(v)
         for k, v in asdict(config).items()
         if k not in ("prepare", "pseudonym_key", "domain")  # the domain is the card's
     }
     arguments["pseudonym_key"] = "set" if config.pseudonym_key is not None else None
     if config.drift_reference is not None:  # as it is given: FROM..TO
         arguments["drift_reference"] = "..".join(d.isoformat() for d in config.drift_reference)
+    if config.pacs is not None:  # the PACS by its URL (never with credentials), its options
+        arguments["archive"] = config.pacs.name
+        arguments["pacs"] = {k: _plain(v) for k, v in asdict(config.pacs).items() if k != "url"}
     return {
         "run_id": run_id,
         "started_at": started_at,

@@ -68,6 +68,7 @@ from batchscan.engines.workers import PrepareRecord, WorkerPool
 from batchscan.ingest.header import StageOptions
 from batchscan.ingest.preprocess import CHANNELS, INPUT_SIZE
 from batchscan.ingest.records import ImageRecord, chunks
+from batchscan.ingest.sources import PACS_UNAVAILABLE, PacsUnavailableError
 from batchscan.scoring.input_store import decode, encode
 
 #: Records handed to Ray per Dataset: bounds the driver's memory on any archive size.
@@ -291,13 +292,14 @@ def token_problem(address: str, timeout: float = CONNECT_TIMEOUT) -> str | None:
     return None
 
 
-def node_facts(archive: str) -> dict[str, Any]:
-    """What one node runs and sees (a Ray task pinned to the node runs this there)."""
+def node_facts(archive: str | None) -> dict[str, Any]:
+    """What one node runs and sees (a Ray task pinned to the node runs this there; no
+    archive folder for a PACS)."""
     import ray
 
     from batchscan import __version__
 
-    readable = os.path.isdir(archive) and os.access(archive, os.R_OK | os.X_OK)
+    readable = archive is None or (os.path.isdir(archive) and os.access(archive, os.R_OK | os.X_OK))
     return {
         "batchscan": __version__,
         "ray": ray.__version__,
@@ -306,8 +308,9 @@ def node_facts(archive: str) -> dict[str, Any]:
     }
 
 
-def preflight(archive: Path, timeout: float = PREFLIGHT_TIMEOUT) -> int:
+def preflight(archive: Path | None, timeout: float = PREFLIGHT_TIMEOUT) -> int:
     """Check every alive node with CPUs before any file is read; returns how many.
+    `archive` None: a PACS, which every node reaches itself (no folder to check).
 
     Raises
     ------
@@ -327,7 +330,7 @@ def preflight(archive: Path, timeout: float = PREFLIGHT_TIMEOUT) -> int:
     pending = {
         n["NodeManagerAddress"] + " " + n["NodeID"][:8]: task.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-        ).remote(str(archive))
+        ).remote(None if archive is None else str(archive))
         for n in nodes
     }
     for name, ref in pending.items():
@@ -424,7 +427,7 @@ def run_ray(
             if started is None:  # the first window: only now is Ray worth starting
                 started = _start_ray(config)
                 if config.ray_address:
-                    preflight(config.archive.resolve())
+                    preflight(None if config.pacs else Path(config.archive).resolve())
                 context = ray.data.DataContext.get_current()
                 context.enable_progress_bars = False
                 context.print_on_execution_start = False
@@ -435,11 +438,14 @@ def run_ray(
                 alive = _alive_nodes()
                 try:
                     for finished, inputs in _window(config, remaining, model_path):
+                        finished, inputs, lost = _without_lost(finished, inputs)
                         returned.update(r.path for r in finished)
                         stats.count(finished)
                         sink(finished, inputs)
                         if progress is not None:
                             progress(stats)
+                        if lost is not None:  # the PACS went away under the run
+                            raise PacsUnavailableError(lost)
                     break
                 except ray.exceptions.RayError as exc:
                     remaining = [r for r in remaining if r.path not in returned]
@@ -463,6 +469,23 @@ def run_ray(
             ray.shutdown()
     check_accounting(stats)
     return stats
+
+
+def _without_lost(
+    records: list[ImageRecord], inputs: dict[int, np.ndarray]
+) -> tuple[list[ImageRecord], dict[int, np.ndarray], str | None]:
+    """The records (and inputs, by position) of a batch from the cluster without those an
+    actor could not fetch because the PACS went away, and why (None when none)."""
+    lost = [r for r in records if r.reason == PACS_UNAVAILABLE]
+    if not lost:
+        return records, inputs, None
+    kept = [i for i, r in enumerate(records) if r.reason != PACS_UNAVAILABLE]
+    moved = {old: new for new, old in enumerate(kept)}
+    return (
+        [records[i] for i in kept],
+        {moved[i]: x for i, x in inputs.items() if i in moved},
+        lost[0].detail or "the PACS went away",
+    )
 
 
 def _alive_nodes() -> set[str]:
@@ -503,12 +526,18 @@ def _window(
         fn_constructor_kwargs={
             "options": config.stage_options,
             "prepare": config.prepare,
-            "file_timeout": config.file_timeout,
+            "file_timeout": config.worker_timeout,
         },
         batch_size=config.files_per_task,
         batch_format="pyarrow",
         zero_copy_batch=True,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus)),
+        # a PACS: one connection per actor, at most --pacs-connections of them
+        compute=ray.data.ActorPoolStrategy(
+            min_size=1,
+            max_size=max(
+                1, cpus if config.pacs is None else min(cpus, config.pacs.pacs_connections)
+            ),
+        ),
         num_cpus=1,
     )
     dataset = _map_batches(

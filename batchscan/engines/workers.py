@@ -73,9 +73,14 @@ def run_task(
     prepare: PrepareRecord,
     on_start: Callable[[int], None] | None = None,
 ) -> PreparedBatch:
-    """Run `prepare` over a task's records and stack the model inputs."""
+    """Run `prepare` over a task's records and stack the model inputs. A `prepare` with a
+    ``begin_task`` method is told the task's records first (a PACS scan's fetches start
+    ahead of the decoding: :mod:`batchscan.engines.fetch`)."""
     inputs: list[np.ndarray] = []
     index: list[int] = []
+    begin = getattr(prepare, "begin_task", None)
+    if begin is not None:
+        begin(records)
     for i, record in enumerate(records):
         if on_start is not None:
             on_start(i)
@@ -108,18 +113,25 @@ def _worker_main(
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         os.close(devnull)
-    while True:
-        try:
-            message = conn.recv()
-        except EOFError:
-            return
-        if message is None:
-            return
-        task_id, records = message
-        batch = run_task(
-            records, options, prepare, on_start=lambda i, t=task_id: conn.send(("start", t, i))
-        )
-        conn.send(("done", task_id, batch))
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except EOFError:
+                return
+            if message is None:
+                return
+            task_id, records = message
+            batch = run_task(
+                records, options, prepare, on_start=lambda i, t=task_id: conn.send(("start", t, i))
+            )
+            conn.send(("done", task_id, batch))
+    finally:
+        # a `prepare` that holds connections (a PACS scan's) closes them politely: a worker
+        # with an association still open would not exit, and be killed after a wait
+        close = getattr(prepare, "close", None)
+        if close is not None:
+            close()
 
 
 @dataclass(slots=True)

@@ -14,8 +14,14 @@ The first stages of the flow, run per file in the decode processes (or on Ray wo
   fine-tuning and inference, and :mod:`~batchscan.ingest.sanity` the blank-image gate.
 
 Every outcome is a value on an :class:`~batchscan.ingest.records.ImageRecord` (status and
-reason), never an exception that escapes a stage. May import: the standard library,
-numpy, pydicom, Pillow, imagecodecs, ``batchscan.__version__`` and
-:mod:`batchscan.storage` (below the flow); nothing else of batchscan (it is the first
-part of the flow).
+reason), never an exception that escapes a stage.
+
+A PACS takes the place of the folder through :mod:`~batchscan.ingest.sources`: a query finds
+the instances (as discovery finds files) and a fetch gives each one's bytes, which the same
+stages read as they read a file.
+
+May import: the standard library, numpy, pydicom, Pillow, imagecodecs,
+``batchscan.__version__`` and :mod:`batchscan.storage` (below the flow); for the PACS
+sources also requests, dicomweb-client and pynetdicom; nothing else of batchscan (it is the
+first part of the flow).
 """

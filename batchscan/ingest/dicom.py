@@ -95,9 +95,9 @@ class DisplayImage:
     decoder: str = ""
 
 
-def read_dataset(path: str) -> Dataset:
-    """Read a whole DICOM file (header and pixels); raw datasets without preamble too
-    (:func:`batchscan.ingest.header.parse_file`)."""
+def read_dataset(path: str | bytes) -> Dataset:
+    """Read a whole DICOM file, or its bytes (header and pixels); raw datasets without
+    preamble too (:func:`batchscan.ingest.header.parse_file`)."""
     try:
         return parse_file(path, stop_before_pixels=False)
     except InvalidDicomError as exc:
@@ -443,17 +443,20 @@ def read_display_image(path: str, min_edge: int | None = None) -> DisplayImage:
         return display_image_of(ds, min_edge)
 
 
-def decode_record(record: ImageRecord, options: StageOptions) -> DisplayImage | None:
+def decode_record(
+    record: ImageRecord, options: StageOptions, content: bytes | None = None
+) -> DisplayImage | None:
     """Decode stage for one eligible record; on failure the record says why and None returns.
 
     The declared size is checked again on the full dataset before any pixel is decoded.
+    `content` is the file's bytes when they were fetched rather than read from ``abs_path``.
     """
     if not record.pending:
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            ds = read_dataset(record.abs_path)
+            ds = read_dataset(record.abs_path if content is None else content)
             declared = declared_pixel_bytes(ds)
             if declared is not None and declared > options.max_pixel_bytes:
                 raise DecodeError("too_large", f"declares {declared} bytes of pixels")

@@ -286,8 +286,10 @@ def _drop_stray_meta(data: bytes, end: int) -> bytes:
     return data[:end] + data[position:]
 
 
-def parse_file(path: str, *, stop_before_pixels: bool) -> Dataset:
-    """Read a DICOM file (without its pixels when `stop_before_pixels`), whatever its path.
+def parse_file(path: str | bytes, *, stop_before_pixels: bool) -> Dataset:
+    """Read a DICOM file (without its pixels when `stop_before_pixels`), whatever its path;
+    `path` may also be the file's bytes (an instance fetched from a PACS), which are then
+    read exactly as the file would be.
 
     Part 10 files are checked first (:func:`part10_problem`) and their file meta group is
     taken as its group length bounds it (:func:`_drop_stray_meta`). Files without a preamble
@@ -302,14 +304,16 @@ def parse_file(path: str, *, stop_before_pixels: bool) -> Dataset:
     Exception
         Whatever pydicom raises for a broken file (callers record it).
     """
-    with open_binary(path) as handle:
+    in_memory = isinstance(path, bytes)
+    with io.BytesIO(path) if in_memory else open_binary(path) as handle:
         head = handle.read(HEAD_BYTES)
         kind = looks_like_dicom(head)
         if kind is False:
             raise InvalidDicomError("no DICOM preamble and no DICOM element at the start")
         handle.seek(0)
         if kind:
-            problem = part10_problem(head, os.fstat(handle.fileno()).st_size)
+            size = len(path) if in_memory else os.fstat(handle.fileno()).st_size
+            problem = part10_problem(head, size)
             if problem is not None:
                 raise HeaderError(*problem)
             end = _meta_end(head)
@@ -326,8 +330,8 @@ def parse_file(path: str, *, stop_before_pixels: bool) -> Dataset:
         return ds
 
 
-def read_dataset_header(path: str) -> Dataset:
-    """Read a file's header without its pixels (see :func:`parse_file`)."""
+def read_dataset_header(path: str | bytes) -> Dataset:
+    """Read a file's header (or its bytes') without its pixels (see :func:`parse_file`)."""
     return parse_file(path, stop_before_pixels=True)
 
 
@@ -561,17 +565,20 @@ def classify(record: ImageRecord, ds: Dataset, options: StageOptions) -> ImageRe
     return record
 
 
-def read_header(record: ImageRecord, options: StageOptions) -> ImageRecord:
+def read_header(
+    record: ImageRecord, options: StageOptions, content: bytes | None = None
+) -> ImageRecord:
     """Header stage for one record: parse the header and classify it; never raises.
 
-    Records that an earlier stage already decided pass through unchanged.
+    Records that an earlier stage already decided pass through unchanged. `content` is the
+    file's bytes when they were fetched (from a PACS) rather than read from ``abs_path``.
     """
     if not record.pending:
         return record
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns on every odd value; cron mails output
         try:
-            ds = read_dataset_header(record.abs_path)
+            ds = read_dataset_header(record.abs_path if content is None else content)
         except InvalidDicomError:
             return record.skip("not_dicom")
         except HeaderError as exc:

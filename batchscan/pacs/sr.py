@@ -47,15 +47,16 @@ pneumonia probability.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 import highdicom as hd
 import pydicom
@@ -270,28 +271,29 @@ def sr_series_uid(study_instance_uid: str) -> str:
     return derived_uid("sr series", study_instance_uid)
 
 
-def read_evidence(archive: Path, study: StudyResult) -> list[Dataset]:
-    """The headers (no pixel data) of a study's scored images, checked against the state.
+#: What fetches a PACS's instance by its path (``STUDY/SERIES/SOP``) for a PACS scan's SRs
+#: (:class:`batchscan.engines.fetch.InstanceReader`): the bytes, or an exception.
+Fetch = Callable[[str], bytes]
+
+
+def read_evidence(archive: Path | Fetch, study: StudyResult) -> list[Dataset]:
+    """The headers (no pixel data) of a study's scored images, checked against the state:
+    read from the archive folder, or fetched again from the PACS a scan read (`archive` a
+    :data:`Fetch`; an instance is the one scored when its size is the one stored).
 
     Raises
     ------
     EvidenceError
         A file changed since it was scored (``source_changed``: the next scan scores it
-        again and then writes the SR), cannot be read as DICOM (``source_unreadable``), or
-        is not the image the state names (``source_mismatch``).
+        again and then writes the SR), cannot be read as DICOM or fetched
+        (``source_unreadable``), or is not the image the state names (``source_mismatch``).
     """
     evidence = []
     for image in study.images:
-        path = os.path.join(os.fspath(archive), image.path)
+        source = _source(archive, image)
         try:
-            now = stat(path)
-        except OSError:
-            raise EvidenceError("source_changed") from None
-        if (now.st_size, now.st_mtime_ns) != (image.size, image.mtime_ns):
-            raise EvidenceError("source_changed")
-        try:
-            with open_binary(path) as handle:
-                header = pydicom.dcmread(handle, stop_before_pixels=True)
+            with source:
+                header = pydicom.dcmread(source, stop_before_pixels=True)
         except INTERPRETER_EXITS:
             raise
         except BaseException:
@@ -306,6 +308,38 @@ def read_evidence(archive: Path, study: StudyResult) -> list[Dataset]:
         fit_for_sr(header)
         evidence.append(header)
     return evidence
+
+
+def _source(archive: Path | Fetch, image: ScoredImage) -> BinaryIO:
+    """The scored image's file (or fetched bytes) to read its header from.
+
+    Raises
+    ------
+    EvidenceError
+        It changed or went since it was scored, or cannot be fetched.
+    """
+    if callable(archive):
+        try:
+            data = archive(image.path)
+        except INTERPRETER_EXITS:
+            raise
+        except BaseException as exc:  # a fetch error, the PACS gone: tried again next run
+            gone = getattr(exc, "reason", None) == "fetch_error:not_found"
+            raise EvidenceError("source_changed" if gone else "source_unreadable") from None
+        if len(data) != image.size:
+            raise EvidenceError("source_changed")
+        return io.BytesIO(data)
+    path = os.path.join(os.fspath(archive), image.path)
+    try:
+        now = stat(path)
+    except OSError:
+        raise EvidenceError("source_changed") from None
+    if (now.st_size, now.st_mtime_ns) != (image.size, image.mtime_ns):
+        raise EvidenceError("source_changed")
+    try:
+        return open_binary(path)
+    except OSError:
+        raise EvidenceError("source_unreadable") from None
 
 
 def _parses(kind: type, value: Any) -> bool:

@@ -44,6 +44,7 @@ from batchscan.pacs.outbox import Outbox
 from batchscan.pacs.sr import (
     Algorithm,
     EvidenceError,
+    Fetch,
     StudyResult,
     content_digest,
     read_evidence,
@@ -129,7 +130,7 @@ def sr_template(algorithm: Algorithm, analysed_at: datetime) -> SrTemplate:
 
 def encode_sr(
     study: StudyResult,
-    archive: Path,
+    archive: Path | Fetch,
     algorithm: Algorithm,
     uid: str,
     number: int,
@@ -169,7 +170,7 @@ class _Job:
 
 
 def _encode_job(
-    job: _Job, archive: Path, algorithm: Algorithm, analysed_at: datetime
+    job: _Job, archive: Path | Fetch, algorithm: Algorithm, analysed_at: datetime
 ) -> bytes | str:
     """The SR's bytes, or the reason code why there is none (never an exception: one
     study's headers must not stop the others)."""
@@ -189,7 +190,7 @@ class _Encoder:
     as long with workers as without)."""
 
     def __init__(
-        self, archive: Path, algorithm: Algorithm, analysed_at: datetime, workers: int
+        self, archive: Path | Fetch, algorithm: Algorithm, analysed_at: datetime, workers: int
     ) -> None:
         self.encode = partial(
             _encode_job, archive=archive, algorithm=algorithm, analysed_at=analysed_at
@@ -229,7 +230,7 @@ def analysis_time(state: StateStore, run_id: str) -> datetime:
 
 def write_srs(
     state: StateStore,
-    archive: Path,
+    archive: Path | Fetch,
     outbox_dir: Path,
     algorithm: Algorithm,
     run_id: str,

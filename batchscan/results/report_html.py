@@ -13,8 +13,8 @@ It must stay fast and small on a state of ten million files, so:
   run has just counted;
 * images are shown only for a bounded few (the top flagged studies, a random quality-control
   sample found by one early-stopping pass), and their pictures are made again from the
-  archive at the end, through the scan's own stages
-  (:func:`batchscan.engines.pipeline.model_input`):
+  archive (or fetched again from the PACS that was scanned) at the end, through the scan's
+  own stages (:func:`batchscan.engines.pipeline.model_input`):
   the 64 x 64 model input, at model-input size, where no burned-in text is legible;
 * the images of the top flagged studies also get a map of where their score came from
   (:mod:`batchscan.results.saliency`), drawn over the display picture at 256 px. Only those pay for
@@ -34,7 +34,7 @@ import json
 import os
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -108,6 +108,14 @@ class ReportInputs:
         The model input of a file (by its stored path) from the input store, or None when
         the store does not hold it; the quality-control thumbnails come from there rather
         than from the archive. None reads every thumbnail from the archive.
+    fetched:
+        For a PACS scan (no `archive`): the bytes of an instance by its stored path,
+        fetched again (raising when it cannot be), for the top flagged studies' maps and a
+        thumbnail the store lacks. None: no fetching (``batchscan report`` of a PACS scan
+        shows the maps it kept and the stored inputs).
+    identity:
+        The (size, mtime) the state holds for a stored path: what the kept figures of a
+        PACS's instances are keyed by.
     """
 
     out_dir: Path
@@ -118,6 +126,8 @@ class ReportInputs:
     performance: pd.DataFrame | None = None
     discrepancies: pd.DataFrame | None = None
     stored_input: Callable[[Any], np.ndarray | None] | None = None
+    fetched: Callable[[Any], bytes] | None = None
+    identity: Callable[[Any], tuple[int, int] | None] | None = None
     drift: pd.DataFrame | None = None
 
 
@@ -127,10 +137,18 @@ def _figure(inputs: ReportInputs, stored_path: Any, caption: str) -> str:
     stored = inputs.stored_input(stored_path) if inputs.stored_input is not None else None
     if stored is not None:
         thumbnail = input_picture(stored)
-    elif inputs.archive is not None:
+    elif inputs.archive is not None or inputs.fetched is not None:
         try:
-            path = os.path.join(os.fspath(inputs.archive), from_state(stored_path))
-            thumbnail = input_picture(model_input(path, shown_options(inputs.manifest)))
+            options = shown_options(inputs.manifest)
+            if inputs.fetched is not None:  # a PACS's instance
+                path = from_state(stored_path)
+                tensor = model_input(path, options, inputs.fetched(path))
+            else:
+                assert inputs.archive is not None
+                tensor = model_input(
+                    os.path.join(os.fspath(inputs.archive), from_state(stored_path)), options
+                )
+            thumbnail = input_picture(tensor)
         except Exception:  # moved, changed or gone since the scan: the page goes on
             pass
     return plots.figure(caption, thumbnail)
@@ -169,20 +187,24 @@ class _Figures:
         """The map over the display picture and the model input of one image, with its
         caption; the model input alone, or a plain caption, when that is all there is."""
         inputs = self.inputs
-        if inputs.archive is None:
-            return _figure(inputs, stored_path, caption)
-        path = os.path.join(os.fspath(inputs.archive), from_state(stored_path))
-        try:
-            info = os.stat(path)
-        except OSError:
+        if inputs.archive is not None:
+            path = os.path.join(os.fspath(inputs.archive), from_state(stored_path))
+            try:
+                info = os.stat(path)
+            except OSError:
+                return _figure(inputs, stored_path, caption)
+            identity: tuple[int, int] | None = (info.st_size, info.st_mtime_ns)
+        else:  # a PACS's instance, as the state knows it (fetched only when not kept)
+            path = from_state(stored_path)
+            identity = inputs.identity(stored_path) if inputs.identity is not None else None
+        if identity is None:
             return _figure(inputs, stored_path, caption)
         arguments = inputs.manifest.get("arguments", {})
         key = hashlib.sha256(
             json.dumps(
                 [
                     readable(str(stored_path)),
-                    info.st_size,
-                    info.st_mtime_ns,
+                    *identity,
                     inputs.manifest.get("model", {}).get("version"),
                     arguments.get("min_edge"),
                     arguments.get("max_pixel_bytes"),
@@ -191,8 +213,11 @@ class _Figures:
         ).hexdigest()
         entry = self.cached.get(key)
         if entry is None or (entry[0] is None and inputs.explainer is not None):
+            if inputs.archive is None and inputs.fetched is None:
+                return _figure(inputs, stored_path, caption)
             try:
-                made = explain_file(path, shown_options(inputs.manifest), self.explainer())
+                content = inputs.fetched(path) if inputs.fetched is not None else None
+                made = explain_file(path, shown_options(inputs.manifest), self.explainer(), content)
             except Exception:  # moved, changed or gone since the scan: the page goes on
                 return _figure(inputs, stored_path, caption)
             entry = [made.overlay, made.model_input]
@@ -700,8 +725,8 @@ def regenerate(report_dir: Path) -> Path:
             state = StateStore(state_path)
         except StateError as exc:
             raise ReportError(str(exc)) from exc
-        try:
-            page = render(state, inputs)
+        try:  # with no archive to read (a PACS, a folder gone), the figures kept show
+            page = render(state, replace(inputs, identity=state.file_identity))
         finally:
             state.close()
         final = report_dir / REPORT_FILE

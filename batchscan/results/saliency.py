@@ -182,15 +182,21 @@ def input_picture(tensor: np.ndarray) -> str:
     return data_uri(grey, "PNG")
 
 
-def explain_file(path: str | Path, options: StageOptions, explainer: Explainer | None) -> Figure:
-    """Decode one file through the scan's stages and draw its map.
+def explain_file(
+    path: str | Path,
+    options: StageOptions,
+    explainer: Explainer | None,
+    content: bytes | None = None,
+) -> Figure:
+    """Decode one file (or its fetched `content`: a PACS's instance) through the scan's
+    stages and draw its map.
 
     Raises
     ------
     ValueError, OSError
         The file is skipped or fails now (moved, changed, unreadable since the scan).
     """
-    display, tensor = display_and_input(path, options)
+    display, tensor = display_and_input(path, options, content)
     picture = None
     if explainer is not None:
         heat = explainer.maps(tensor[None])[0]

@@ -62,14 +62,21 @@ from batchscan.storage.sqlite import (
 )
 
 STATE_FILE: Final = "state.sqlite"
-SCHEMA_VERSION: Final = 1
+#: 2: the PACS tables (what each query listed, the high-water mark of each PACS).
+SCHEMA_VERSION: Final = 2
 #: Seconds between checkpoint commits while a run streams results in.
 CHECKPOINT_SECONDS: Final = 30.0
 #: Reasons that are worth trying again on the next run: the file may have been half-written
 #: or briefly unreadable, a worker may have been killed by the OOM killer, or a bug fixed.
 #: (``timeout`` is not retried: a file that hangs a decoder would cost --file-timeout every
 #: night.)
-RETRY_PREFIXES: Final = ("unstable", "unreadable", "internal_error", "worker_crash")
+RETRY_PREFIXES: Final = (
+    "unstable",
+    "unreadable",
+    "internal_error",
+    "worker_crash",
+    "fetch_error",  # a PACS that answered badly for one instance may answer well tomorrow
+)
 DUPLICATE_PREFIX: Final = "duplicate_of:"
 #: How a domain key made under ``--out-of-domain score`` begins: under it the domain never
 #: changes whether a file is decoded, only how its score is marked.
@@ -188,8 +195,35 @@ CREATE TABLE IF NOT EXISTS runs (
     {", ".join(f'"{c}" {_RUN_TYPES.get(c, "INTEGER")}' for c in RUN_COLUMNS[1:])}
 ) WITHOUT ROWID;
 """
+#: A PACS as the archive (schema 2): the study date under which the PACS's query last
+#: listed each instance (so that a run that asked for a window of dates removes only the
+#: instances of that window that are gone), and each PACS's high-water mark with the
+#: late-arrival margin of the run that set it.
+_PACS_TABLES: Final = """
+CREATE TABLE IF NOT EXISTS pacs_listed (
+    path TEXT PRIMARY KEY,
+    study_date TEXT
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pacs_marks (
+    source TEXT PRIMARY KEY,
+    high_water TEXT NOT NULL,
+    margin_days INTEGER NOT NULL,
+    run_id TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def _add_pacs_tables(db: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: the PACS tables (a state of folder scans keeps every row)."""
+    for statement in _PACS_TABLES.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
 #: The state's tables and their version (:mod:`batchscan.storage.sqlite`).
-SCHEMA: Final = Schema(version=SCHEMA_VERSION, script=_TABLES)
+SCHEMA: Final = Schema(
+    version=SCHEMA_VERSION, script=_TABLES + _PACS_TABLES, upgrades={1: _add_pacs_tables}
+)
 
 
 class StateError(RuntimeError):
@@ -266,12 +300,15 @@ def decide(stored_key: str, status: str, reason: str | None, keys: RowKeys) -> s
 
 @dataclass(slots=True)
 class Finished:
-    """What :meth:`StateStore.finish` changed and the report-level counts after it."""
+    """What :meth:`StateStore.finish` changed and the report-level counts after it
+    (``seen``: the rows this run found, which a run over a window of a PACS's dates may
+    leave fewer than ``files``)."""
 
     removed: int
     by_status: Counter[str]
     by_reason: Counter[str]
     files: int
+    seen: int = 0
 
 
 class StudyScore(NamedTuple):
@@ -627,6 +664,9 @@ class StateStore:
         todo: list[ImageRecord] = []
         for record in chunk:
             row = known.get(record.path)
+            if row is not None and record.size < 0 and record.pending:
+                # a PACS instance: its size is known once fetched; the row's stands for it
+                record.size = row[0]
             if (
                 not record.pending
                 or row is None
@@ -743,6 +783,7 @@ class StateStore:
         aggregate: Callable[[pd.DataFrame], pd.DataFrame],
         study_chunk: int = 2000,
         on_removed: Callable[[list[str | bytes]], None] | None = None,
+        covered: tuple[str | None, str | None] | None = None,
     ) -> Finished:
         """End of a complete run, in one transaction: drop vanished files, resolve duplicate
         SOP instances, re-aggregate the touched studies with `aggregate`.
@@ -750,24 +791,29 @@ class StateStore:
         `aggregate` maps the image rows of some studies (columns of :data:`IMAGE_COLUMNS`)
         to their study rows (columns of :data:`STUDY_COLUMNS`). `on_removed` gets the
         stored paths of vanished files, in chunks, before their rows go (the input store
-        prunes their entries).
+        prunes their entries). `covered`: the (first, last) ISO study dates a run over a
+        PACS asked for (an end None: open); only the instances its query listed under
+        those dates (:meth:`list_instances`) and did not list now are gone, every other
+        row stays. None: the run saw the whole archive.
         """
         self.commit()
+        gone, params = self._gone(run_id, covered)
         if on_removed is not None:
-            for rows in self._fetch_chunks(
-                "SELECT path FROM files WHERE seen_run != ?", (run_id,), _CHUNK
-            ):
+            for rows in self._fetch_chunks(f"SELECT path FROM files WHERE {gone}", params, _CHUNK):
                 on_removed([row[0] for row in rows])
         self._touch(
             (kind, uid)
             for study, sop in self._db.execute(
-                "SELECT study_instance_uid, sop_instance_uid FROM files WHERE seen_run != ?",
-                (run_id,),
+                f"SELECT study_instance_uid, sop_instance_uid FROM files WHERE {gone}", params
             )
             for kind, uid in (("study", study), ("sop", sop))
             if uid
         )
-        removed = self._db.execute("DELETE FROM files WHERE seen_run != ?", (run_id,)).rowcount
+        removed = self._db.execute(f"DELETE FROM files WHERE {gone}", params).rowcount
+        self._db.execute(
+            "DELETE FROM pacs_listed WHERE NOT EXISTS "
+            "(SELECT 1 FROM files WHERE files.path = pacs_listed.path)"
+        )
         self._resolve_duplicates()
         studies = [row[0] for row in self._db.execute("SELECT uid FROM touched WHERE kind='study'")]
         for part in chunks(studies, study_chunk):
@@ -781,13 +827,57 @@ class StateStore:
             by_status[status] += n
             if reason:
                 by_reason[reason] += n
+        seen = self._db.execute("SELECT COUNT(*) FROM files WHERE seen_run = ?", (run_id,))
         self.commit()
         return Finished(
             removed=removed,
             by_status=by_status,
             by_reason=by_reason,
             files=sum(by_status.values()),
+            seen=int(seen.fetchone()[0]),
         )
+
+    @staticmethod
+    def _gone(
+        run_id: str, covered: tuple[str | None, str | None] | None
+    ) -> tuple[str, tuple[Any, ...]]:
+        """The SQL condition (and its parameters) of the file rows that vanished: not seen
+        by `run_id`, and within the dates it `covered` (:meth:`finish`)."""
+        if covered is None:
+            return "seen_run != ?", (run_id,)
+        first, last = covered
+        return (
+            "seen_run != ? AND path IN (SELECT path FROM pacs_listed WHERE study_date "
+            "IS NOT NULL AND (? IS NULL OR study_date >= ?) AND (? IS NULL OR study_date <= ?))",
+            (run_id, first, first, last, last),
+        )
+
+    # -- a PACS as the archive ---------------------------------------------------------
+
+    def list_instances(self, listed: Iterable[tuple[str, str | None]]) -> None:
+        """Note the (path, ISO study date) of instances a PACS's query returned this run:
+        the date under which :meth:`finish` counts them within a window."""
+        self._db.executemany(
+            "INSERT OR REPLACE INTO pacs_listed (path, study_date) VALUES (?, ?)", list(listed)
+        )
+        self._maybe_commit()
+
+    def high_water(self, source: str) -> tuple[str, int] | None:
+        """The high-water mark (ISO date) of the PACS named `source` and the late-arrival
+        margin in days of the run that set it, or None before its first complete run."""
+        row = self._db.execute(
+            "SELECT high_water, margin_days FROM pacs_marks WHERE source = ?", (source,)
+        ).fetchone()
+        return None if row is None else (str(row[0]), int(row[1]))
+
+    def set_high_water(self, source: str, mark: str, margin_days: int, run_id: str) -> None:
+        """Record the high-water mark of a PACS after a complete run, and commit."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO pacs_marks (source, high_water, margin_days, run_id) "
+            "VALUES (?, ?, ?, ?)",
+            (source, mark, margin_days, run_id),
+        )
+        self.commit()
 
     def _resolve_duplicates(self) -> None:
         """One scored row per SOP Instance UID: the smallest path wins (stable across runs

@@ -13,10 +13,10 @@
 #   plus the log's last lines when it does not; the scan's `WARNING: performance` lines
 #   (monitoring against reports, reports_file in CONFIG.toml) and `WARNING: drift` line (the
 #   films themselves against a reference) are printed even on success;
-# * when the scan succeeded and CONFIG.toml names a PACS (send_to, with sr_out), sends the
-#   SRs the PACS has not acknowledged yet: `batchscan send --config CONFIG.toml`, into the
-#   same log. A PACS that is down does not fail the scan: its SRs wait in the outbox for
-#   the next night, and the wrapper prints one line saying how many;
+# * when the scan succeeded and CONFIG.toml names a PACS (send_to or send_stow, with
+#   sr_out), sends the SRs the PACS has not acknowledged yet: `batchscan send --config
+#   CONFIG.toml`, into the same log. A PACS that is down does not fail the scan: its SRs
+#   wait in the outbox for the next night, and the wrapper prints one line saying how many;
 # * exits with batchscan's own status: 0 done, 1 error (the scan's, or the send's when the
 #   scan succeeded), 2 bad arguments or config, 3 the previous run is still going
 #   (REPORT_DIR locked).
@@ -43,7 +43,7 @@ command+=("$batchscan" scan --config "$config" --no-progress)
 "${command[@]}" >>"$log" 2>&1
 status=$?
 send_status=0
-if [ $status -eq 0 ] && grep -Eq '^[[:space:]]*send_to[[:space:]]*=' "$config"; then
+if [ $status -eq 0 ] && grep -Eq '^[[:space:]]*(send_to|send_stow)[[:space:]]*=' "$config"; then
     "$batchscan" send --config "$config" >>"$log" 2>&1
     send_status=$?
 fi
