@@ -297,9 +297,15 @@ def signals_svg(
         for ax in list(axes.flat)[len(signals) :]:
             ax.set_visible(False)
         step = max(1, len(x) // 4)
-        for ax in axes[-1]:
+        # the lowest shown panel of each column carries the dates (a last row that is not
+        # full leaves them to the row above in its empty columns)
+        for column in range(columns):
+            shown = [r for r in range(rows) if r * columns + column < len(signals)]
+            if not shown:
+                continue
+            ax = axes[shown[-1]][column]
             ax.set_xticks(positions[::step], [x[i] for i in range(0, len(x), step)])
-            ax.tick_params(axis="x", labelsize=6, rotation=30)
+            ax.tick_params(axis="x", labelsize=6, rotation=30, labelbottom=True)
         if len(x):
             axes[0][0].set_xlim(-0.5, len(x) - 0.5)
         fig.suptitle(title, fontsize=9)
