@@ -5,7 +5,10 @@ state and input store it reads the stored inputs once and keeps what it made of 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from datetime import date
 from functools import partial
 from pathlib import Path
@@ -25,6 +28,8 @@ from batchscan.scoring.input_store import InputStore
 from batchscan.site import drift, monitoring
 from batchscan.synth import chest_phantom, write_shifting_archive
 from tests.test_input_store import Opened
+
+ROOT = Path(__file__).resolve().parents[1]
 
 START = pd.Timestamp("2026-03-01")  # a Sunday
 #: The first shifted day: after the default reference of day periods (four weeks).
@@ -441,6 +446,23 @@ def test_a_scan_watches_the_films_from_the_state_and_store_and_opens_no_archive_
     with Opened(archive, monkeypatch) as opened:  # a night with nothing new: all kept
         assert _scan(archive, out, "--monitor-period", "week", "--model", str(other_model)) == 0
     assert opened.beyond_pictures == set() and _manifest(out)["drift"]["vectors_made"] == 0
+
+    # as cron runs it: the wrapper prints the drift warning although the run succeeded
+    config = tmp_path / "batchscan.toml"
+    config.write_text(
+        f'archive = "{archive}"\nout = "{out}"\nworkers = 0\nmonitor_period = "week"\n'
+        f'model = "{other_model}"\n'
+    )
+    done = subprocess.run(
+        ["bash", str(ROOT / "jobs/deploy/cron/batchscan-nightly.sh"), str(config), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, BATCHSCAN=str(Path(sys.executable).with_name("batchscan"))),
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("WARNING: drift: the week from 2026-02-09 ")
+    assert done.stdout.count("\n") == 1, done.stdout
 
 
 def test_a_failing_drift_monitor_keeps_the_last_good_files_and_exits_1(
