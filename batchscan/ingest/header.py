@@ -46,7 +46,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from batchscan.ingest.decoders import DEFAULT_MIN_EDGE
@@ -412,10 +411,9 @@ def pixel_spacing_mm(ds: Dataset) -> float | None:
     neither holds a number a radiograph could have (0.01-5 mm), since a hostile or broken
     value must not become a drift monitor's category."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        try:
-            value = ds.get(keyword)
-            first = float(value[0] if isinstance(value, list | tuple | MultiValue) else value)
-        except Exception:  # absent (None), empty, malformed or not a number
+        try:  # _text: '' when absent or unreadable, the values joined by backslashes
+            first = float(_text(ds, keyword).split("\\")[0])
+        except ValueError:  # absent, empty or not a number
             continue
         if 0.01 <= first <= 5.0:
             return round(first, 4)
@@ -540,7 +538,7 @@ def classify(record: ImageRecord, ds: Dataset, options: StageOptions) -> ImageRe
         if not chest:
             return record.skip(f"body_part:{record.body_part or 'unknown'}")
 
-    photometric = token(_text(ds, "PhotometricInterpretation"))
+    photometric = record.photometric or "unknown"  # read by _fill_identity, as token() has it
     if photometric not in PHOTOMETRIC:
         return record.fail("bad_header:photometric", f"Photometric Interpretation {photometric}")
     samples = _int(ds, "SamplesPerPixel", 1)
