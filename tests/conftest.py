@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Final
 
 import pytest
 from pydicom.data import get_testdata_file
@@ -219,3 +220,19 @@ def credentials_file(folder: Path, user: str, password: str) -> Path:
     path.write_text(f"{user}:{password}\n", encoding="utf-8")
     path.chmod(0o600)
     return path
+
+
+#: The nightly wrapper that cron and the systemd unit run.
+NIGHTLY: Final = ROOT / "jobs" / "deploy" / "cron" / "batchscan-nightly.sh"
+
+
+def nightly(config: Path, logs: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """The nightly wrapper run as cron runs it (``CONFIG.toml LOG_DIR``), with this
+    environment's ``batchscan`` command and `env` added to the environment."""
+    return subprocess.run(
+        ["bash", str(NIGHTLY), str(config), str(logs)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, BATCHSCAN=str(Path(sys.executable).with_name("batchscan")), **env),
+        check=False,
+    )

@@ -5,10 +5,7 @@ state and input store it reads the stored inputs once and keeps what it made of 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from datetime import date
 from functools import partial
 from pathlib import Path
@@ -27,9 +24,8 @@ from batchscan.results.state import StateStore
 from batchscan.scoring.input_store import InputStore
 from batchscan.site import drift, monitoring
 from batchscan.synth import chest_phantom, write_shifting_archive
+from tests.conftest import nightly
 from tests.test_input_store import Opened
-
-ROOT = Path(__file__).resolve().parents[1]
 
 START = pd.Timestamp("2026-03-01")  # a Sunday
 #: The first shifted day: after the default reference of day periods (four weeks).
@@ -453,13 +449,7 @@ def test_a_scan_watches_the_films_from_the_state_and_store_and_opens_no_archive_
         f'archive = "{archive}"\nout = "{out}"\nworkers = 0\nmonitor_period = "week"\n'
         f'model = "{other_model}"\n'
     )
-    done = subprocess.run(
-        ["bash", str(ROOT / "jobs/deploy/cron/batchscan-nightly.sh"), str(config), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, BATCHSCAN=str(Path(sys.executable).with_name("batchscan"))),
-        check=False,
-    )
+    done = nightly(config, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("WARNING: drift: the week from 2026-02-09 ")
     assert done.stdout.count("\n") == 1, done.stdout

@@ -5,10 +5,7 @@ one-image studies over three months, scanned for real."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +16,9 @@ from batchscan.cli import main
 from batchscan.site import monitoring
 from batchscan.site.label_cache import LABELS_DB
 from batchscan.synth import DEMO_REPORTS, chest_phantom, write_labelled_studies, write_reports
+from tests.conftest import nightly
 from tests.test_input_store import Opened
 
-ROOT = Path(__file__).resolve().parents[1]
 MONTHS = ("202601", "202602", "202603")
 PER_MONTH = 40
 
@@ -178,18 +175,7 @@ def test_the_cron_wrapper_mails_the_performance_warning(
     config.write_text(
         f'archive = "{archive}"\nout = "{out}"\nworkers = 0\nreports_file = "{export}"\n'
     )
-    done = subprocess.run(
-        [
-            "bash",
-            str(ROOT / "jobs/deploy/cron/batchscan-nightly.sh"),
-            str(config),
-            str(tmp_path / "log"),
-        ],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, BATCHSCAN=str(Path(sys.executable).with_name("batchscan"))),
-        check=False,
-    )
+    done = nightly(config, tmp_path / "log")
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("WARNING: performance") and done.stdout.count("\n") == 1
 

@@ -20,7 +20,7 @@ from batchscan.ingest.header import StageOptions
 from batchscan.results.runlock import report_dir_lock
 from batchscan.scoring.model import load_model
 from batchscan.synth import write_demo_archive
-from tests.conftest import ROOT
+from tests.conftest import ROOT, nightly
 
 EXPECTED = {  # demo archive, default mode: per study one frontal scored, the lateral skipped
     "scored": 6,
@@ -162,17 +162,9 @@ def test_no_patient_identifiers_in_any_output(demo: Path, tmp_path: Path) -> Non
     its default INFO): no name, ID or birth date of the archive's headers reaches what the
     wrapper prints on stdout or stderr, its log (which keeps both streams of the command),
     or any file of REPORT_DIR (Parquet read as tables, since its pages are compressed)."""
-    wrapper = ROOT / "jobs" / "deploy" / "cron" / "batchscan-nightly.sh"
     out, logs, config = tmp_path / "out", tmp_path / "logs", tmp_path / "batchscan.toml"
     config.write_text(f'archive = "{demo}"\nout = "{out}"\nworkers = 2\n')
-    env = dict(
-        os.environ,
-        BATCHSCAN=str(Path(sys.executable).with_name("batchscan")),
-        PYTHONPATH=str(ROOT),
-    )
-    done = subprocess.run(
-        ["bash", str(wrapper), str(config), str(logs)], capture_output=True, text=True, env=env
-    )
+    done = nightly(config, logs, PYTHONPATH=str(ROOT))
     assert done.returncode == 0, done.stdout
     (log,) = logs.glob("batchscan-*.log")
     texts = {"stdout": done.stdout, "stderr": done.stderr, log.name: log.read_text()}

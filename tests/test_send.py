@@ -3,11 +3,8 @@ through a PACS that goes down in the middle, over DICOM TLS, and refused cleanly
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +16,7 @@ from batchscan.cli import main
 from batchscan.pacs.outbox import Outbox, Pending
 from batchscan.pacs.send import Destination, DestinationError, SendError, send_outbox
 from batchscan.synth import write_demo_archive
-from tests.conftest import ROOT, load_job
+from tests.conftest import load_job, nightly
 
 pacs_job = load_job("common/orthanc")
 needs_orthanc = pytest.mark.skipif(
@@ -219,24 +216,13 @@ def test_the_nightly_wrapper_scans_then_sends(tmp_path: Path) -> None:
         f'archive = "{archive}"\nout = "reports"\nsr_out = "outbox"\nworkers = 1\n'
         f'send_to = "{server.destination}"\n'
     )
-    wrapper = ROOT / "jobs" / "deploy" / "cron" / "batchscan-nightly.sh"
-    env = dict(os.environ, BATCHSCAN=str(Path(sys.executable).with_name("batchscan")))
-
-    def nightly() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["bash", str(wrapper), str(config), str(tmp_path / "logs")],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-
-    down = nightly()  # the PACS is down: the scan is done, the SRs wait
+    down = nightly(config, tmp_path / "logs")  # the PACS is down: the scan is done, the SRs wait
     assert down.returncode == 1
     assert "sending SRs to the PACS failed" in down.stdout
     assert "6 SRs left to send" in down.stdout
     assert len(list((tmp_path / "outbox").glob("*/*.dcm"))) == 6
     with server:
         time.sleep(1.1)  # a new log name per second
-        up = nightly()
+        up = nightly(config, tmp_path / "logs")
         assert (up.returncode, up.stdout) == (0, "")
         assert server.sop_instance_uids() == sr_uids(tmp_path / "outbox")

@@ -26,6 +26,7 @@ from batchscan.ingest.records import SKIPPED, ImageRecord
 from batchscan.results import keys
 from batchscan.results.state import StateStore
 from batchscan.scoring.model import default_model_path
+from tests.conftest import nightly
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -321,22 +322,16 @@ def test_archive_is_never_written(archive: Path, tmp_path: Path) -> None:
 
 
 def test_cron_wrapper_logs_and_passes_the_status_through(archive: Path, tmp_path: Path) -> None:
-    wrapper = ROOT / "jobs" / "deploy" / "cron" / "batchscan-nightly.sh"
     config = tmp_path / "batchscan.toml"
     config.write_text(f'archive = "{archive}"\nout = "{tmp_path / "out"}"\nworkers = 1\n')
     logs = tmp_path / "logs"
-    env = dict(os.environ, BATCHSCAN=str(Path(sys.executable).with_name("batchscan")))
-    done = subprocess.run(
-        ["bash", str(wrapper), str(config), str(logs)], capture_output=True, text=True, env=env
-    )
+    done = nightly(config, logs)
     assert done.returncode == 0 and done.stdout == "", done.stdout
     (log,) = logs.glob("batchscan-*.log")
     assert "batchscan run" in log.read_text()
     config.write_text("workers = -3\n")
     time.sleep(1.1)  # a new log name per second
-    failed = subprocess.run(
-        ["bash", str(wrapper), str(config), str(logs)], capture_output=True, text=True, env=env
-    )
+    failed = nightly(config, logs)
     assert failed.returncode == 2
     assert "status 2" in failed.stdout
     assert len(list(logs.glob("batchscan-*.log"))) == 2
